@@ -1,0 +1,116 @@
+"""The `vitkdl` command as a user meets it: exit codes, stderr, golden `explain` output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import GOLDEN, RECIPES, ROOT, check_golden, shipped_recipes
+from vitkdl.cli import main
+
+
+@pytest.fixture(autouse=True)
+def plain_terminal(monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.chdir(ROOT)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_validate_all_shipped_recipes(capsys) -> None:
+    code, out, err = run(capsys, "validate", *map(str, shipped_recipes()))
+    assert code == 0, err
+    assert out.count("ok ") == len(shipped_recipes())
+    assert "Traceback" not in err
+
+
+def test_validate_reports_every_error_and_exits_2(capsys) -> None:
+    broken = GOLDEN / "broken" / "many_errors.vkd"
+    code, out, err = run(capsys, "validate", str(broken), "recipes/quickstart.vkd")
+    assert code == 2
+    assert err.count(": error: ") >= 7 and "1 of 2 recipes failed validation" in err
+    assert "ok recipes/quickstart.vkd" in out
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("DIR", "is a directory"),
+    (b"", "is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary file"),
+    (b"# recipe\n" * 1_200_000, "MB; a recipe is at most 1 MB"),
+    ("student deit_tiny_patch16_224 # caf\xe9\n".encode("latin-1"), "not UTF-8"),
+    ("student x".encode("utf-16"), "UTF-16"),
+])
+def test_bad_files_get_one_line_errors(tmp_path, capsys, content, message) -> None:
+    path = tmp_path / "r.vkd"
+    if content == "DIR":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    code, _, err = run(capsys, "validate", str(path))
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert err.splitlines()[0].startswith(f"{path}:1:1: error: ")
+
+
+def test_bad_command_lines_exit_2_without_traceback(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["explain"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
+    assert "invalid choice" in capsys.readouterr().err
+    code, _, err = run(capsys, "explain", str(RECIPES / "quickstart.vkd"), "--set", "x")
+    assert code == 2 and "an override is PATH=VALUE" in err
+
+
+@pytest.mark.parametrize("name", ["deit_base_vitkd_kd", "quickstart"])
+def test_explain_golden(capsys, name) -> None:
+    code, out, err = run(capsys, "explain", f"recipes/{name}.vkd")
+    assert code == 0, err
+    check_golden(GOLDEN / "explain" / f"{name}.txt", out)
+
+
+def test_explain_acceptance_numbers(capsys) -> None:
+    code, out, _ = run(capsys, "explain", "recipes/deit_base_vitkd_kd.vkd")
+    assert code == 0
+    for text in ("768 x 12 blocks", "1024 x 24 blocks", "196 on a 14x14 grid",
+                 "blocks 0, 1 -> 0, 1", "blocks norm -> norm", "18.9M params",
+                 "coefficient 12.04", "coefficient 0.6021"):
+        assert text in out, text
+
+
+def test_explain_json(capsys) -> None:
+    code, out, _ = run(capsys, "explain", "recipes/deit_base_vitkd_kd.vkd", "--json",
+                       "--set", "distill.generate.mask=0.75")
+    data = json.loads(out)
+    assert code == 0 and data["student"]["width"] == 768 and data["teacher"]["depth"] == 24
+    assert data["teacher"]["tokens"] == 196 and data["terms"][1]["options"]["mask"] == 0.75
+    assert data["terms"][0]["teacher_blocks"] == [0, 1]
+
+
+def test_module_entry_point_and_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "vitkdl", "--version"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.startswith("vitkdl ")
+
+
+def test_warm_validate_does_not_import_torch(tmp_path) -> None:
+    code = ("import sys; from vitkdl.cli import main; rc = main(['validate', "
+            "'recipes/deit_base_vitkd_kd.vkd']); print('torch' in sys.modules); "
+            "sys.exit(rc)")
+    env = {**os.environ, "VITKDL_CACHE_DIR": str(tmp_path)}
+    for expected in ("True", "False"):  # cold: resolves models with torch; warm: from cache
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == expected

@@ -1,0 +1,71 @@
+"""Stage 3: a catalogue of broken recipes, one per check, with golden diagnostics.
+
+Each ``tests/golden/broken/NAME.vkd`` has its expected ``vitkdl validate`` report in
+``NAME.txt``. ``UPDATE_GOLDEN=1 pytest tests/test_checks.py`` rewrites them after a deliberate
+change; review the diff.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import vitkdl
+from tests.conftest import GOLDEN, check_golden
+from vitkdl.checks import CHECKS, resolve_tap
+from vitkdl.errors import render
+from vitkdl.spec import SliceSpec, TapSpec
+
+BROKEN = sorted((GOLDEN / "broken").glob("*.vkd"))
+
+
+def report(name: str) -> tuple[str, int]:
+    _spec, diags, sources = vitkdl.validate(name)
+    text = "\n".join(render(d, sources) for d in sorted(diags, key=lambda d: d.sort_key()))
+    return text + "\n", sum(d.is_error for d in diags)
+
+
+def test_catalogue_is_large() -> None:
+    assert len(BROKEN) >= 20
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=lambda p: p.stem)
+def test_broken_recipe_diagnostics(path, monkeypatch) -> None:
+    monkeypatch.chdir(path.parent)
+    text, errors = report(path.name)
+    check_golden(path.with_suffix(".txt"), text)
+    # Every catalogue entry but the data-root one (a warning until `run`) is an error.
+    if path.stem == "missing_data_root":
+        assert errors == 0 and "warning: data root" in text
+    else:
+        assert errors >= 1
+    for line in text.splitlines():
+        if ": error: " in line or ": warning: " in line:
+            _file, lineno, col = line.split(":")[:3]
+            assert lineno.isdigit() and col.isdigit(), line
+
+
+def test_many_errors_are_reported_in_one_run(monkeypatch) -> None:
+    monkeypatch.chdir(GOLDEN / "broken")
+    _text, errors = report("many_errors.vkd")
+    assert errors >= 7
+
+
+def test_strict_turns_missing_paths_into_errors(monkeypatch) -> None:
+    monkeypatch.chdir(GOLDEN / "broken")
+    _, diags, _ = vitkdl.validate("missing_data_root.vkd", strict=True)
+    assert [d.message for d in diags if d.is_error] == [
+        "data root no/such/imagenet does not exist"]
+
+
+def test_checks_are_small_pure_functions() -> None:
+    assert len(CHECKS) >= 10
+    assert all(callable(c) and c.__doc__ for c in CHECKS)
+
+
+def test_resolve_tap_indices() -> None:
+    tap = TapSpec(side="student", point="blocks",
+                  index=(0, -1, SliceSpec(start=2, stop=12, step=3)))
+    assert resolve_tap(tap, 12) == ([0, 11, 2, 5, 8, 11], [])
+    got, errs = resolve_tap(TapSpec(side="student", point="blocks", index=(12,)), 12)
+    assert got == [] and "out of range" in errs[0].message
+    assert resolve_tap(TapSpec(side="teacher", point="norm"), 24) == (["norm"], [])

@@ -1,0 +1,32 @@
+"""Every shipped recipe validates and explains; every header says how to run it."""
+
+from __future__ import annotations
+
+import pytest
+
+import vitkdl
+from tests.conftest import shipped_recipes
+from vitkdl.spec import load_spec
+
+
+@pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: p.stem)
+def test_shipped_recipe_validates_and_plans(path) -> None:
+    spec = vitkdl.load(path)
+    plan = vitkdl.plan(spec)
+    assert plan.recipe == path.stem
+    header = path.read_text().splitlines()[:6]
+    assert any(line.startswith("# run: vitkdl run ") for line in header), header
+
+
+@pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: p.stem)
+def test_paper_recipes_quote_the_papers_top1(path) -> None:
+    if path.stem.startswith("deit_"):
+        assert "top-1" in path.read_text().splitlines()[0]
+
+
+def test_base_recipe_parses_on_its_own() -> None:
+    from tests.conftest import RECIPES
+
+    spec, diags, _ = load_spec(RECIPES / "base" / "deit_imagenet.vkd")
+    assert [d.message for d in diags] == ["the recipe has no student"]
+    assert spec.data.mixup == 0.8 and spec.train.clip_grad == 5.0

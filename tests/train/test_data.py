@@ -1,0 +1,334 @@
+"""Tests for the trainer's data layer (vitkdl.train.data); fast, no network."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitkdl.train.data import (
+    DataConfig,
+    DataError,
+    ImageFolderDataset,
+    build_datasets,
+    build_loaders,
+    build_mixup,
+    set_epoch,
+)
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _write_png(path: Path, seed: int, size: int = 12, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+
+
+def _make_imagefolder(
+    root: Path,
+    train_classes: tuple[str, ...] = ("cat", "dog"),
+    val_classes: tuple[str, ...] | None = None,
+    per_class: int = 3,
+) -> Path:
+    val_classes = train_classes if val_classes is None else val_classes
+    seed = 0
+    for split, classes in (("train", train_classes), ("val", val_classes)):
+        for cls in classes:
+            for i in range(per_class):
+                seed += 1
+                _write_png(root / split / cls / f"img{i}.png", seed)
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return _make_imagefolder(tmp_path / "data")
+
+
+def _folder_cfg(root: Path, **kw: object) -> DataConfig:
+    base: dict[str, object] = {"source": "imagefolder", "root": str(root), "image_size": 16,
+                               "batch_size": 2}
+    base.update(kw)
+    return DataConfig(**base)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------- digits
+
+
+def test_digits_split_sizes_and_classes() -> None:
+    train, val, num_classes = build_datasets(DataConfig(source="digits", image_size=8))
+    assert (len(train), len(val), num_classes) == (1437, 360, 10)
+    # stratified: every class is present in val with roughly 36 images
+    labels = torch.tensor([val[i][1] for i in range(len(val))])
+    counts = torch.bincount(labels, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37
+
+
+def test_digits_deterministic_across_calls() -> None:
+    cfg = DataConfig(source="digits", image_size=8, in_chans=1)
+    (t1, v1, _), (t2, v2, _) = build_datasets(cfg), build_datasets(cfg)
+    seeded = build_datasets(DataConfig(source="digits", image_size=8, in_chans=1, seed=123))
+    for i in (0, 17, 359):
+        assert torch.equal(v1[i][0], v2[i][0]) and v1[i][1] == v2[i][1]
+        # the split is fixed at random_state=0 regardless of cfg.seed
+        assert torch.equal(v1[i][0], seeded[1][i][0]) and v1[i][1] == seeded[1][i][1]
+    assert torch.equal(t1[5][0], t2[5][0])
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+@pytest.mark.parametrize("image_size", [8, 16])
+def test_digits_shapes_dtypes(in_chans: int, image_size: int) -> None:
+    cfg = DataConfig(source="digits", image_size=image_size, in_chans=in_chans)
+    train, val, _ = build_datasets(cfg)
+    for ds in (train, val):
+        x, y = ds[3]
+        assert x.shape == (in_chans, image_size, image_size)
+        assert x.dtype == torch.float32
+        assert isinstance(y, int) and 0 <= y < 10
+    x, _ = val[0]
+    # default digits normalisation is (x - 0.5) / 0.5 -> values in [-1, 1]
+    assert x.min() >= -1.0 - 1e-6 and x.max() <= 1.0 + 1e-6
+    if in_chans == 3:
+        assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+
+
+def test_digits_custom_norm_is_used() -> None:
+    cfg = DataConfig(source="digits", image_size=8, in_chans=1, mean=(0.0,), std=(1.0,))
+    _, val, _ = build_datasets(cfg)
+    x, _ = val[0]
+    assert x.min() >= 0.0 and x.max() <= 1.0
+
+
+@pytest.mark.parametrize("augment", ["basic", "deit"])
+def test_digits_augment_shapes(augment: str) -> None:
+    cfg = DataConfig(source="digits", image_size=16, in_chans=3, augment=augment, batch_size=8)
+    train_loader, _, _ = build_loaders(cfg)
+    x, y = next(iter(train_loader))
+    assert x.shape == (8, 3, 16, 16) and y.shape == (8,) and y.dtype == torch.int64
+
+
+# ---------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_sizes_and_determinism() -> None:
+    cfg = DataConfig(source="synthetic", image_size=16, in_chans=3, size=40, classes=5,
+                     batch_size=16, seed=7)
+    train, val, num_classes = build_datasets(cfg)
+    assert (len(train), len(val), num_classes) == (40, 16, 5)  # val: max(40 // 4, 16)
+    train2, _, _ = build_datasets(cfg)
+    for i in (0, 39):
+        x, y = train[i]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= y < 5
+        assert torch.equal(x, train2[i][0]) and y == train2[i][1]
+    assert not torch.equal(train[0][0], val[0][0])
+    other, _, _ = build_datasets(DataConfig(source="synthetic", image_size=16, size=40, seed=8))
+    assert not torch.equal(train[0][0], other[0][0])
+    big = build_datasets(DataConfig(source="synthetic", size=400, batch_size=8, image_size=8))
+    assert len(big[1]) == 100
+
+
+# -------------------------------------------------------------------------------- imagefolder
+
+
+@pytest.mark.parametrize("augment", ["none", "basic", "deit"])
+def test_imagefolder_trains_through_loaders(folder: Path, augment: str) -> None:
+    cfg = _folder_cfg(folder, augment=augment)
+    train_loader, val_loader, num_classes = build_loaders(cfg)
+    assert num_classes == 2
+    assert train_loader.dataset.classes == ["cat", "dog"]
+    batches = list(train_loader)
+    assert len(batches) == 3
+    for x, y in batches:
+        assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32
+        assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1}
+    val_batches = list(val_loader)
+    assert sum(len(y) for _, y in val_batches) == 6
+    assert torch.cat([y for _, y in val_batches]).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_imagefolder_grayscale_and_case_insensitive_ext(tmp_path: Path) -> None:
+    root = _make_imagefolder(tmp_path / "d")
+    _write_png(root / "train" / "cat" / "UPPER.PNG", 99)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    cfg = _folder_cfg(root, in_chans=1, augment="deit")
+    train, val, _ = build_datasets(cfg)
+    assert len(train) == 7 and len(val) == 6
+    x, _ = train[0]
+    assert x.shape == (1, 16, 16)
+
+
+def test_corrupt_image_is_skipped_warned_and_counted(folder: Path) -> None:
+    bad = folder / "train" / "cat" / "x.jpg"
+    bad.write_bytes(b"\x00garbage, not a jpeg\xff" * 10)
+    train, _, _ = build_datasets(_folder_cfg(folder))
+    assert isinstance(train, ImageFolderDataset)
+    assert len(train) == 7
+    idx = [p for p, _ in train.samples].index(str(bad))
+    with pytest.warns(RuntimeWarning, match=r"x\.jpg"):
+        x, _ = train[idx]
+    assert x.shape == (3, 16, 16)
+    assert train.skipped == {str(bad)}
+    # the substitute is the next sample; the warning is emitted only once per file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train[idx][1] == train[(idx + 1) % len(train)][1]
+
+    # a full epoch through a loader does not crash, warns once and counts the file
+    loader, _, _ = build_loaders(_folder_cfg(folder))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert sum(len(y) for _, y in loader) == 6  # 7 files, batch 2, drop_last
+    assert sum("x.jpg" in str(w.message) for w in caught) == 1
+    assert loader.dataset.skipped == {str(bad)}
+
+
+def test_all_corrupt_raises(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        (root / split / "a" / "x.png").write_bytes(b"junk")
+    train, _, _ = build_datasets(_folder_cfg(root))
+    with pytest.warns(RuntimeWarning), pytest.raises(DataError, match="could be decoded"):
+        train[0]
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError) as err:
+        build_datasets(_folder_cfg(missing))
+    assert str(missing) in str(err.value) and "--set data.root=" in str(err.value)
+    with pytest.raises(DataError, match=r"--set data\.root="):
+        build_datasets(DataConfig(source="imagefolder"))
+
+
+def test_missing_val_split(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    _write_png(root / "train" / "a" / "0.png", 1)
+    with pytest.raises(DataError) as err:
+        build_datasets(_folder_cfg(root))
+    msg = str(err.value)
+    assert str(root / "val") in msg and "--set data.root=" in msg
+
+
+def test_empty_split(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    _write_png(root / "train" / "a" / "0.png", 1)
+    (root / "val" / "a").mkdir(parents=True)
+    with pytest.raises(DataError) as err:
+        build_datasets(_folder_cfg(root))
+    msg = str(err.value)
+    assert str(root / "val") in msg and "no images" in msg and "--set data.root=" in msg
+    # a train split without class folders is reported too
+    root2 = tmp_path / "e"
+    (root2 / "train").mkdir(parents=True)
+    (root2 / "val").mkdir()
+    with pytest.raises(DataError, match=r"--set data\.root="):
+        build_datasets(_folder_cfg(root2))
+
+
+def test_class_mismatch_reported(tmp_path: Path) -> None:
+    root = _make_imagefolder(tmp_path / "d", ("cat", "dog"), ("cat", "emu"), per_class=1)
+    with pytest.raises(DataError) as err:
+        build_datasets(_folder_cfg(root))
+    msg = str(err.value)
+    assert "emu" in msg and "dog" in msg and "subset" in msg
+
+
+def test_val_subset_of_train_uses_train_mapping(tmp_path: Path) -> None:
+    root = _make_imagefolder(tmp_path / "d", ("ant", "bee", "cat"), ("cat",), per_class=1)
+    _, val, num_classes = build_datasets(_folder_cfg(root))
+    assert num_classes == 3
+    assert [val[i][1] for i in range(len(val))] == [2]
+
+
+# ------------------------------------------------------------------------------ loaders/mixup
+
+
+def test_mixup_soft_targets() -> None:
+    cfg = DataConfig(source="synthetic", image_size=8, size=16, classes=4, batch_size=8,
+                     mixup=0.8, cutmix=1.0, smoothing=0.1)
+    loader, _, num_classes = build_loaders(cfg)
+    mixup = build_mixup(cfg, num_classes)
+    assert mixup is not None
+    x, y = next(iter(loader))
+    mx, soft = mixup(x, y)
+    assert mx.shape == x.shape
+    assert soft.shape == (8, 4) and soft.dtype.is_floating_point
+    assert torch.allclose(soft.sum(dim=1), torch.ones(8))
+    assert build_mixup(DataConfig(source="synthetic", smoothing=0.1), 4) is None
+    with pytest.raises(DataError, match="even batch size"):
+        build_mixup(DataConfig(source="synthetic", batch_size=7, mixup=0.8), 4)
+
+
+def test_drop_last_gives_only_full_batches() -> None:
+    cfg = DataConfig(source="synthetic", image_size=8, size=50, batch_size=16, classes=3)
+    train_loader, val_loader, _ = build_loaders(cfg)
+    sizes = [len(y) for _, y in train_loader]
+    assert sizes == [16, 16, 16]
+    assert [len(y) for _, y in val_loader] == [16]  # val: max(50 // 4, 16) = 16
+    keep, _, _ = build_loaders(cfg, drop_last=False)
+    assert [len(y) for _, y in keep] == [16, 16, 16, 2]
+    with pytest.raises(DataError, match="batch_size"):
+        build_loaders(DataConfig(source="synthetic", image_size=8, size=8, batch_size=16))
+
+
+def test_shuffle_reproducible_and_set_epoch() -> None:
+    cfg = DataConfig(source="synthetic", image_size=4, size=32, batch_size=8, seed=3)
+
+    def order(loader: torch.utils.data.DataLoader) -> list[int]:
+        return list(iter(loader.sampler))  # type: ignore[arg-type]
+
+    a, _, _ = build_loaders(cfg)
+    b, _, _ = build_loaders(cfg)
+    assert order(a) == order(b)
+    set_epoch(a, 1, seed=cfg.seed)
+    first = order(a)
+    set_epoch(a, 1, seed=cfg.seed)
+    assert order(a) == first
+    set_epoch(a, 2, seed=cfg.seed)
+    assert order(a) != first
+
+
+def test_distributed_samplers_partition() -> None:
+    cfg = DataConfig(source="synthetic", image_size=4, size=40, batch_size=4, seed=1)
+    seen: list[int] = []
+    for rank in range(2):
+        train, val, _ = build_loaders(cfg, distributed=True, rank=rank, world_size=2)
+        assert isinstance(train.sampler, torch.utils.data.DistributedSampler)
+        assert train.sampler.shuffle and not val.sampler.shuffle
+        set_epoch(train, 0, seed=cfg.seed)
+        idx = list(iter(train.sampler))
+        assert len(idx) == 20
+        seen += idx
+        assert all(len(y) == 4 for _, y in train)
+    assert sorted(seen) == list(range(40))
+
+
+def test_workers_are_seeded_deterministically() -> None:
+    cfg = DataConfig(source="digits", image_size=8, in_chans=1, augment="deit", batch_size=64,
+                     workers=2, seed=5)
+    batches = []
+    for _ in range(2):
+        loader, _, _ = build_loaders(cfg)
+        assert loader.persistent_workers
+        batches.append(next(iter(loader)))
+    assert torch.equal(batches[0][0], batches[1][0])
+    assert torch.equal(batches[0][1], batches[1][1])
+
+
+def test_invalid_config_values() -> None:
+    with pytest.raises(DataError, match=r"data\.source"):
+        DataConfig(source="mnist")
+    with pytest.raises(DataError, match=r"data\.augment"):
+        DataConfig(source="digits", augment="heavy")
+    with pytest.raises(DataError, match=r"data\.mean"):
+        DataConfig(source="digits", in_chans=2)
+    cfg = DataConfig(source="digits", mean=[0.5, 0.5, 0.5], std=[0.5] * 3)  # type: ignore[arg-type]
+    assert cfg.mean == (0.5, 0.5, 0.5)

@@ -1,0 +1,5 @@
+"""``python -m vitkdl`` is the ``vitkdl`` command."""
+
+from vitkdl.cli import main
+
+raise SystemExit(main())

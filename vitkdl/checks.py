@@ -1,0 +1,343 @@
+"""Stage 3: checks. A tuple of small pure functions over a :class:`Context`.
+
+The context holds the spec and the facts of both models, resolved on the meta device (through
+the disk cache of :mod:`vitkdl.models`, so a warm ``validate`` never imports torch). Each check
+yields diagnostics; :func:`run_checks` runs them all, so every problem is reported at once.
+``strict`` is set by ``vitkdl run``: what is only a warning in ``validate`` (a data root or a
+weights file that is not there yet) is an error there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vitkdl.errors import Diagnostic, error, one_of, warning
+from vitkdl.models import ModelError, ModelFacts, model_facts
+from vitkdl.spec import GenerateSpec, MimicSpec, ModelSpec, RecipeSpec, SliceSpec, TapSpec
+
+DATA_CLASSES = {"digits": 10}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the checks look at: the spec, both models' facts and the strictness."""
+
+    spec: RecipeSpec
+    student: ModelFacts | None = None
+    teacher: ModelFacts | None = None
+    model_errors: tuple[Diagnostic, ...] = ()
+    strict: bool = False
+    taps: dict[tuple[str, str], list[int | str]] = field(default_factory=dict)
+
+
+def default_classes(spec: RecipeSpec, model: ModelSpec) -> int | None:
+    """``num_classes`` for a model: as written, else the data's class count when it is known
+    before the data is read (digits: 10; synthetic: ``classes``), else the model's own."""
+    if model.num_classes is not None:
+        return model.num_classes
+    if spec.data.source == "synthetic" and spec.data.classes is not None:
+        return spec.data.classes
+    return DATA_CLASSES.get(spec.data.source)
+
+
+def _facts(spec: RecipeSpec, model: ModelSpec | None) -> tuple[ModelFacts | None,
+                                                                 list[Diagnostic]]:
+    if model is None or not model.model:
+        return None, []
+    kwargs = model.timm_kwargs(default_classes(spec, model))
+    try:
+        return model_facts(model.model, kwargs), []
+    except ModelError as exc:
+        span = model.at("model")
+        hint = None
+        if exc.suggestions:
+            hint = "did you mean " + " or ".join(f"'{s}'" for s in exc.suggestions[:2]) + "?"
+        if exc.kind == "bad_argument" and exc.argument:
+            name = "drop_path" if exc.argument == "drop_path_rate" else exc.argument
+            span = model.at(name)
+            return None, [error(f"{model.model} takes no argument '{name}'", span,
+                                expected=one_of(exc.expected) if exc.expected else None,
+                                hint=hint)]
+        return None, [error(exc.message, span, hint=hint)]
+
+
+def resolve_tap(tap: TapSpec, depth: int) -> tuple[list[int | str], list[Diagnostic]]:
+    """A tap's absolute block indices (or ``["norm"]``), with range errors."""
+    if tap.point == "norm":
+        return ["norm"], []
+    out: list[int | str] = []
+    diags: list[Diagnostic] = []
+    assert tap.index is not None
+    for item in tap.index:
+        if isinstance(item, SliceSpec):
+            picked = list(range(depth))[slice(item.start, item.stop, item.step)]
+            if not picked:
+                diags.append(error(f"the slice selects no blocks of {tap.side}'s {depth}",
+                                   item.span, expected=f"indices in 0..{depth - 1}"))
+            out.extend(picked)
+        elif -depth <= item < depth:
+            out.append(item % depth)
+        else:
+            diags.append(error(f"block index {item} is out of range: the {tap.side} has "
+                               f"{depth} blocks", tap.span,
+                               expected=f"0..{depth - 1}, or -{depth}..-1 from the end"))
+    return out, diags
+
+
+def make_context(spec: RecipeSpec, strict: bool = False) -> Context:
+    """Resolve both models on the meta device (cached) and every tap."""
+    student, d1 = _facts(spec, spec.student)
+    teacher, d2 = _facts(spec, spec.teacher)
+    taps: dict[tuple[str, str], list[int | str]] = {}
+    diags = [*d1, *d2]
+    for term in spec.terms:
+        if not isinstance(term, (MimicSpec, GenerateSpec)):
+            continue
+        for side, facts in (("student", student), ("teacher", teacher)):
+            if facts is None:
+                continue
+            indices: list[int | str] = []
+            for tap in getattr(term, side):
+                got, errs = resolve_tap(tap, facts.depth)
+                indices.extend(got)
+                diags.extend(errs)
+            taps[(term.name, side)] = indices
+    return Context(spec, student, teacher, tuple(diags), strict, taps)
+
+
+Check = Callable[[Context], Iterable[Diagnostic]]
+
+
+def _feature_terms(ctx: Context) -> list[MimicSpec | GenerateSpec]:
+    return [t for t in ctx.spec.terms if isinstance(t, (MimicSpec, GenerateSpec))]
+
+
+def check_models(ctx: Context) -> Iterable[Diagnostic]:
+    """Unknown timm names, tags and arguments, models that are not ViTs, taps out of range."""
+    yield from ctx.model_errors
+
+
+def check_teacher(ctx: Context) -> Iterable[Diagnostic]:
+    """Terms that need a teacher need one; a teacher that no term uses is wasted compute."""
+    needs = [t for t in ctx.spec.terms if t.kind != "labels"]
+    if ctx.spec.teacher is None:
+        for t in needs:
+            yield error(f"the {t.kind} term '{t.name}' needs a teacher, and the recipe has none",
+                        t.span, hint="add `teacher MODEL { weights = \"...\" }` or "
+                                     "`teacher from \"RECIPE\"`")
+    elif not needs:
+        yield warning("the recipe has a teacher but no distill term uses it",
+                      ctx.spec.teacher.span,
+                      hint="add terms to `distill { ... }`, e.g. kd { temperature = 1.0 }")
+
+
+def check_tap_counts(ctx: Context) -> Iterable[Diagnostic]:
+    """Both sides of ``->`` name the same number of taps; ``generate`` takes one tap a side."""
+    for t in _feature_terms(ctx):
+        s, te = ctx.taps.get((t.name, "student")), ctx.taps.get((t.name, "teacher"))
+        if s is None or te is None:
+            continue
+        if len(s) != len(te):
+            yield error(f"{t.kind} '{t.name}' pairs {len(s)} student taps with {len(te)} "
+                        f"teacher taps", t.span,
+                        expected="the same number of taps on both sides of ->")
+        elif isinstance(t, GenerateSpec) and len(s) != 1:
+            yield error(f"generate '{t.name}' takes one tap a side, got {len(s)}", t.span,
+                        hint="write one generate term per pair, e.g. "
+                             "generate student.norm -> teacher.norm")
+
+
+def check_token_grids(ctx: Context) -> Iterable[Diagnostic]:
+    """Paired taps need the same token grid on both sides."""
+    s, t = ctx.student, ctx.teacher
+    if s is None or t is None or not _feature_terms(ctx) or s.grid == t.grid:
+        return
+    yield error(f"the student's token grid {s.grid[0]}x{s.grid[1]} differs from the teacher's "
+                f"{t.grid[0]}x{t.grid[1]}", ctx.spec.student.at("model") if ctx.spec.student
+                else None,
+                expected="the same image size / patch size on both models",
+                hint=f"student: img {s.img_size[0]} / patch {s.patch_size[0]}; teacher: img "
+                     f"{t.img_size[0]} / patch {t.patch_size[0]}")
+
+
+def check_generate_grid(ctx: Context) -> Iterable[Diagnostic]:
+    """``generate`` runs 3x3 convolutions on the token grid: it must be square."""
+    t = ctx.teacher
+    if t is None:
+        return
+    for term in _feature_terms(ctx):
+        if isinstance(term, GenerateSpec) and t.grid[0] != t.grid[1]:
+            yield error(f"generate '{term.name}' needs a square token grid, the teacher's is "
+                        f"{t.grid[0]}x{t.grid[1]}", term.span)
+
+
+def check_mask(ctx: Context) -> Iterable[Diagnostic]:
+    """The masked fraction lies in (0, 1) and masks at least one token."""
+    for term in ctx.spec.terms:
+        if not isinstance(term, GenerateSpec):
+            continue
+        if not 0 < term.mask < 1:
+            yield error(f"mask must lie in (0, 1), got {term.mask}", term.at("mask"),
+                        hint="the paper masks half the tokens: mask = 0.5")
+        elif ctx.teacher is not None:
+            n = ctx.teacher.num_patches
+            if n - int(n * (1 - term.mask)) == 0:
+                yield error(f"mask = {term.mask} masks no token of {n}", term.at("mask"))
+
+
+def check_signs(ctx: Context) -> Iterable[Diagnostic]:
+    """Weights are >= 0; temperatures > 0; gamma >= 0; label smoothing in [0, 1)."""
+    for term in ctx.spec.terms:
+        if term.weight < 0:
+            yield error(f"weight must be >= 0, got {term.weight}", term.at("weight"),
+                        hint="a negative weight would push the student away from the target")
+        temperature = getattr(term, "temperature", None)
+        if temperature is not None and temperature <= 0:
+            yield error(f"temperature must be > 0, got {temperature}", term.at("temperature"))
+        gamma = getattr(term, "gamma", None)
+        if gamma is not None and gamma < 0:
+            yield error(f"gamma must be >= 0, got {gamma}", term.at("gamma"))
+        smoothing = getattr(term, "smoothing", None)
+        if smoothing is not None and not 0 <= smoothing < 1:
+            yield error(f"smoothing must lie in [0, 1), got {smoothing}", term.at("smoothing"))
+
+
+def check_align(ctx: Context) -> Iterable[Diagnostic]:
+    """``align = identity`` needs equal widths."""
+    s, t = ctx.student, ctx.teacher
+    if s is None or t is None:
+        return
+    for term in _feature_terms(ctx):
+        if term.align == "identity" and s.embed_dim != t.embed_dim:
+            yield error(f"align = identity needs equal widths, the student is {s.embed_dim} "
+                        f"and the teacher {t.embed_dim} wide", term.at("align"),
+                        hint="use align = linear")
+
+
+def check_classes(ctx: Context) -> Iterable[Diagnostic]:
+    """Logit terms compare class distributions: both heads need the same classes, and the
+    data's class count (when known now) must match the student's head."""
+    s, t, spec = ctx.student, ctx.teacher, ctx.spec
+    logit = [x for x in spec.terms if x.kind in ("kd", "nkd")]
+    if s is not None and t is not None and logit and s.num_classes != t.num_classes:
+        yield error(f"{logit[0].kind} compares logits, but the student has {s.num_classes} "
+                    f"classes and the teacher {t.num_classes}", logit[0].span,
+                    hint="set num_classes on both models")
+    known = DATA_CLASSES.get(spec.data.source)
+    if known is not None and s is not None and s.num_classes != known and spec.student:
+        yield error(f"the {spec.data.source} data has {known} classes, the student's head "
+                    f"{s.num_classes}", spec.student.at("num_classes"),
+                    hint=f"set num_classes = {known}")
+
+
+def check_image_size(ctx: Context) -> Iterable[Diagnostic]:
+    """The data's image size is what both models were built for."""
+    spec = ctx.spec
+    size = spec.data.image_size
+    if size is None:
+        return
+    for role, facts in (("student", ctx.student), ("teacher", ctx.teacher)):
+        model = getattr(spec, role)
+        if facts is not None and model is not None and facts.img_size != (size, size):
+            yield error(f"data.image_size is {size} but the {role} takes "
+                        f"{facts.img_size[0]}x{facts.img_size[1]} images",
+                        spec.data.at("image_size"),
+                        hint=f"set img_size = {size} on the {role} (timm resizes the position "
+                             "embedding) or change data.image_size")
+
+
+def check_data(ctx: Context) -> Iterable[Diagnostic]:
+    """An imagefolder root exists and has train/ and val/ (a warning until ``run``)."""
+    data = ctx.spec.data
+    report = error if ctx.strict else warning
+    if data.source != "imagefolder":
+        if data.root is not None:
+            yield warning(f"data.root is not used by the {data.source} data", data.at("root"))
+        return
+    if data.root is None:
+        yield report("data imagefolder has no root", data.at("source"),
+                     hint="pass --set data.root=/path/to/imagenet (a folder with train/ and "
+                          "val/)")
+        return
+    root = Path(data.root)
+    if not root.is_dir():
+        yield report(f"data root {data.root} does not exist", data.at("root"),
+                     hint="pass --set data.root=/path/to/imagenet")
+        return
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            yield report(f"data root {data.root} has no {split}/ folder", data.at("root"),
+                         expected=f"{data.root}/{split}/<class>/<images>")
+
+
+def check_weights(ctx: Context) -> Iterable[Diagnostic]:
+    """Local weight files exist (a warning until ``run``); a teacher without weights is
+    random."""
+    report = error if ctx.strict else warning
+    for role in ("student", "teacher"):
+        model: ModelSpec | None = getattr(ctx.spec, role)
+        if model is None:
+            continue
+        if model.weights is not None and not Path(model.weights).is_file():
+            yield report(f"weights file {model.weights} does not exist", model.at("weights"),
+                         hint="paths are relative to the working directory")
+        if (role == "teacher" and model.weights is None and model.from_recipe is None
+                and not model.pretrained):
+            yield warning("the teacher has no weights and would teach from random features",
+                          model.at("model"),
+                          hint='set weights = "path/to/teacher.safetensors"')
+
+
+def check_schedule(ctx: Context) -> Iterable[Diagnostic]:
+    """Warm-up shorter than training; mixup needs an even batch."""
+    train, data = ctx.spec.train, ctx.spec.data
+    if train.schedule.warmup_epochs >= train.epochs:
+        yield warning(f"warm-up ({train.schedule.warmup_epochs:g} epochs) is not shorter than "
+                      f"training ({train.epochs} epochs): the lr never leaves warm-up",
+                      train.schedule.at("warmup_epochs") or train.at("epochs"))
+    if (data.mixup > 0 or data.cutmix > 0) and data.batch_size % 2:
+        yield error(f"mixup/cutmix need an even batch size, got {data.batch_size}",
+                    data.at("batch_size"), hint=f"batch_size = {data.batch_size + 1}")
+    opt = train.optimizer
+    if opt.name not in ("adamw", "adam", "nadamw", "lamb", "adan", "lion", "adopt",
+                        "laprop") and "betas" in opt.kwargs:
+        yield error(f"{opt.name} takes no betas", opt.at("betas"))
+
+
+def check_unused_fields(ctx: Context) -> Iterable[Diagnostic]:
+    """Fields that the chosen data source ignores."""
+    data = ctx.spec.data
+    if data.source != "synthetic":
+        for name in ("size", "classes"):
+            if name in data.spans:
+                yield warning(f"data.{name} only applies to synthetic data", data.at(name))
+
+
+CHECKS: tuple[Check, ...] = (
+    check_models,
+    check_teacher,
+    check_tap_counts,
+    check_token_grids,
+    check_generate_grid,
+    check_mask,
+    check_signs,
+    check_align,
+    check_classes,
+    check_image_size,
+    check_data,
+    check_weights,
+    check_schedule,
+    check_unused_fields,
+)
+
+
+def run_checks(spec: RecipeSpec, strict: bool = False,
+               checks: tuple[Check, ...] = CHECKS) -> tuple[Context, list[Diagnostic]]:
+    """Run every check; returns the context (with model facts) and all diagnostics."""
+    ctx = make_context(spec, strict)
+    diags: list[Diagnostic] = []
+    for check in checks:
+        diags.extend(check(ctx))
+    return ctx, diags

@@ -1,0 +1,158 @@
+"""``vitkdl explain RECIPE``: the resolved plan, as tables or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
+from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan
+
+HELP = """Print what the compiler will build after `extends`, overrides and defaults: models
+(width, depth, heads, token grid, prefix tokens, parameters), each term with its absolute block
+indices, tensor shapes, adapter modules and parameter counts, weight and per-element coefficient,
+the total loss, data pipeline, optimizer and schedule, precision, compile mode and the FLOPs per
+training image."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="print the resolved plan of a recipe", description=HELP,
+                       epilog="examples:\n  vitkdl explain recipes/deit_base_vitkd_kd.vkd\n"
+                              "  vitkdl explain recipes/quickstart.vkd --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", metavar="RECIPE", help="a .vkd file")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_recipe_options(p)
+    p.set_defaults(func=run)
+
+
+def _n(x: float) -> str:
+    """A count in words a reader can scan: 18.9M, 123.1G."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:g}"
+
+
+def render_plan(plan: Plan, out: Console) -> None:
+    """Print a plan as tables (what ``vitkdl explain`` shows)."""
+    out.print(f"[bold]recipe {escape(plan.recipe)}[/]  {escape(plan.file)}  hash {plan.hash}")
+    if plan.extends:
+        out.print(f"  extends: {escape(' -> '.join(plan.extends))}")
+    for o in plan.overrides:
+        out.print(f"  --set {escape(o)}")
+
+    models = Table(title="models", title_justify="left", show_edge=False)
+    models.add_column("")
+    shown = [m for m in (plan.teacher, plan.student) if m is not None]
+    for m in shown:
+        models.add_column(m.role)
+    rows: list[tuple[str, Callable[[ModelPlan], str]]] = [
+        ("model", lambda m: m.name),
+        ("family", lambda m: m.family),
+        ("width x depth", lambda m: f"{m.width} x {m.depth} blocks, {m.heads} heads"),
+        ("tokens", lambda m: f"{m.tokens} on a {m.grid[0]}x{m.grid[1]} grid "
+                             f"(+{m.prefix_tokens} prefix)"),
+        ("input", lambda m: f"{m.img_size}x{m.img_size}x{m.in_chans}, patch {m.patch_size}"),
+        ("classes", lambda m: str(m.num_classes)),
+        ("parameters", lambda m: f"{_n(m.params)} ({m.params:,})"),
+        ("forward FLOPs", lambda m: f"{_n(m.forward_flops)} per image"),
+        ("weights", lambda m: (f"final student of {m.from_recipe}" if m.from_recipe else
+                               m.weights or "random init")),
+        ("trains", lambda m: "yes" if m.trainable else "no (frozen, eval mode, no grad)"),
+    ]
+    for label, get in rows:
+        models.add_row(label, *(escape(get(m)) for m in shown))
+    out.print(models)
+
+    out.print("[bold]distill terms[/]")
+    for t in plan.terms:
+        out.print(f" [bold]{escape(t.name)}[/] ({t.kind})  weight {t.weight:g}, "
+                  f"coefficient {t.coefficient:.4g}")
+        if t.kind in ("mimic", "generate"):
+            out.print(f"   {escape(', '.join(t.student_taps))} -> "
+                      f"{escape(', '.join(t.teacher_taps))}: blocks "
+                      f"{', '.join(map(str, t.student_blocks))} -> "
+                      f"{', '.join(map(str, t.teacher_blocks))}, "
+                      f"{'x'.join(map(str, t.student_shape))} -> "
+                      f"{'x'.join(map(str, t.teacher_shape))} per image per tap")
+        for a in t.adapters:
+            out.print(f"   {escape(a.name)}: {escape(a.module)}  {_n(a.params)} params")
+        if t.options:
+            opts = ", ".join(f"{k} {v}" for k, v in t.options.items())
+            out.print(f"   {escape(opts)}")
+        out.print(f"   {escape(t.formula)}  [dim]({escape(t.reduction)})[/]")
+    out.print("   [dim]coefficient: weight x the elements a sum-reduced term sums over per "
+              "image, i.e. its weight on the mean-reduced loss[/]")
+    out.print(f"[bold]loss[/] = {' + '.join(t.name for t in plan.terms)}  "
+              f"[dim](adapters: {_n(sum(t.adapter_params for t in plan.terms))} params)[/]")
+
+    d = plan.data
+    setup = Table(title="data and training", title_justify="left", show_edge=False,
+                  show_header=False)
+    setup.add_column("what")
+    setup.add_column("value")
+    sizes = (f", {d.train_images} train / {d.val_images} val images"
+             if d.train_images is not None else "")
+    setup.add_row("data", escape(f"{d.source}{' ' + d.root if d.root else ''}{sizes}, "
+                                 f"{d.num_classes} classes"))
+    setup.add_row("images", f"{d.image_size}x{d.image_size}, {d.in_chans} channel"
+                            f"{'s' * (d.in_chans != 1)}, augment: {escape(d.augment)}")
+    setup.add_row("batch", f"{d.batch_size} per device x {plan.world_size} device"
+                           f"{'s' * (plan.world_size != 1)} = {d.global_batch} global, "
+                           f"{d.workers} workers")
+    setup.add_row("mixing", f"mixup {d.mixup:g}, cutmix {d.cutmix:g}, label smoothing "
+                            f"{d.smoothing:g}")
+    o = plan.optimizer
+    kwargs = "".join(f", {k} = {v}" for k, v in o.kwargs.items())
+    setup.add_row("optimizer", f"{o.name}(lr = {o.lr:g}, weight_decay = {o.weight_decay:g}"
+                               f"{escape(kwargs)}), no decay on {o.no_weight_decay}; "
+                               f"{_n(o.trainable_params)} trainable parameters")
+    s = plan.schedule
+    setup.add_row("schedule", f"{s.name} per {s.per} over {s.epochs} epochs, warm-up "
+                              f"{s.warmup_epochs:g} epochs from {s.warmup_lr:g}, min lr "
+                              f"{s.min_lr:g}")
+    setup.add_row("training", f"clip_grad {plan.clip_grad if plan.clip_grad else 'off'}, "
+                              f"ema {plan.ema if plan.ema else 'off'}, seed {plan.seed}, eval "
+                              f"every {plan.eval_every}, checkpoint every "
+                              f"{plan.checkpoint_every} epoch(s)")
+    setup.add_row("precision", PRECISION[plan.precision])
+    setup.add_row("compile", COMPILE[plan.compile])
+    out.print(setup)
+
+    c = plan.cost
+    cost = Table(title="cost per training image (FLOPs)", title_justify="left",
+                 show_edge=False, show_header=False)
+    cost.add_column("part")
+    cost.add_column("FLOPs", justify="right")
+    cost.add_row("teacher forward", _n(c.teacher_forward))
+    cost.add_row("student forward + backward", _n(c.student_forward_backward))
+    cost.add_row("adapters forward + backward", _n(c.adapters_forward_backward))
+    cost.add_row("total", _n(c.total))
+    cost.add_row("per global batch", _n(c.total * d.global_batch))
+    out.print(cost)
+
+
+def run(args: argparse.Namespace) -> int:
+    import vitkdl
+    from vitkdl.errors import VkdError
+
+    out, err = consoles()
+    spec, diags, sources = vitkdl.validate(args.recipe, args.overrides)
+    print_diagnostics(err, diags, sources)
+    if spec is None or any(d.is_error for d in diags):
+        return 2
+    try:
+        plan = vitkdl.plan(spec)
+    except VkdError as exc:
+        print_diagnostics(err, exc.diagnostics, exc.sources)
+        return 2
+    if args.json:
+        out.print_json(plan.model_dump_json())
+    else:
+        render_plan(plan, out)
+    return 0

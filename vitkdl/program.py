@@ -1,0 +1,336 @@
+"""Stage 5: plan -> :class:`Program`: real modules and one compiled distillation step.
+
+``program.forward(images, targets)`` runs the teacher (no grad, eval mode) and the student once
+each through timm's ``forward_intermediates`` (taps and logits from one pass, no hooks), feeds
+the taps to the strategy modules and returns the total loss plus one detached value per term.
+``program.step`` is the same function under ``torch.compile(fullgraph=True)`` when the plan's
+compile mode asks for it; backward, the optimizer step and mixup stay outside the graph.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vitkdl.errors import VkdError, error
+from vitkdl.planner import ModelPlan, Plan, TermPlan
+from vitkdl.strategies import KD, NKD, Generate, LabelLoss, Mimic
+
+# --------------------------------------------------------------------------------------------
+# Devices, precision, compile mode
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` picks CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. ``auto``: bf16 on CUDA with bf16, else fp32."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def resolve_compile(mode: str, device: torch.device) -> str | None:
+    """The torch.compile mode, or None for eager. ``auto``: compile on CUDA, eager on CPU
+    (where inductor costs a minute per graph and gains a few percent)."""
+    if mode == "auto":
+        return "default" if device.type == "cuda" else None
+    return None if mode == "off" else mode
+
+
+# --------------------------------------------------------------------------------------------
+# Models and weights
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("model_ema", "state_dict_ema", "model", "state_dict", "student"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and key != "state_dict_ema":
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise ValueError("the file holds no state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+def load_weights(model: nn.Module, path: str | Path, role: str) -> None:
+    """Load a local timm- or original-format checkpoint (timm's own filter converts the
+    original DeiT III layout and resizes position embeddings); a mismatch becomes a
+    :class:`VkdError` that lists the keys and shapes that do not fit."""
+    path = Path(path)
+    where = f"{role} weights {path}"
+    if not path.is_file():
+        raise VkdError([error(f"{where}: no such file")])
+    try:
+        state = _read_state_dict(path)
+    except Exception as exc:  # a corrupt or foreign file: one clear line
+        raise VkdError([error(f"{where}: cannot read: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}")]) from None
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        with suppress(Exception):
+            state = filter_fn(state, model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:6])}"
+                         f"{', ...' if len(missing) > 6 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:6])}"
+                         f"{', ...' if len(unexpected) > 6 else ''})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:4])}"
+                         f"{'; ...' if len(shapes) > 4 else ''})")
+        raise VkdError([error(f"{where} do not fit {type(model).__name__}: "
+                              + ", ".join(parts),
+                              hint="check the model name, num_classes, img_size and "
+                                   "patch_size against the checkpoint")])
+    model.load_state_dict(state, strict=True)
+
+
+def create_model(m: ModelPlan, device: torch.device | str = "cpu") -> nn.Module:
+    """The timm model of a plan, randomly initialised (weights are loaded separately)."""
+    import timm
+
+    return timm.create_model(m.name, pretrained=False, **m.timm_kwargs).to(device)
+
+
+def teacher_weights_path(m: ModelPlan, runs_dir: str | Path) -> Path | None:
+    """Where the teacher's weights come from: its file, or the exported student of the
+    recipe it is taken ``from``."""
+    if m.weights is not None:
+        return Path(m.weights)
+    if m.from_name is not None:
+        return Path(runs_dir) / m.from_name / "student.safetensors"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies from the plan
+
+
+def make_term(t: TermPlan, student: ModelPlan, teacher: ModelPlan | None) -> nn.Module:
+    """The strategy module of one planned term."""
+    o = t.options
+    if t.kind == "mimic":
+        assert teacher is not None
+        n = len(t.student_blocks)
+        return Mimic([student.width] * n, [teacher.width] * n, align=o["align"],
+                     loss=o["loss"], weight=t.weight)
+    if t.kind == "generate":
+        assert teacher is not None
+        return Generate(student.width, teacher.width, mask=o["mask"], generator=o["generator"],
+                        weight=t.weight, align=o["align"])
+    if t.kind == "kd":
+        return KD(temperature=o["temperature"], weight=t.weight)
+    if t.kind == "nkd":
+        return NKD(temperature=o["temperature"], gamma=o["gamma"], weight=t.weight)
+    return LabelLoss(smoothing=o["smoothing"], weight=t.weight)
+
+
+# --------------------------------------------------------------------------------------------
+# The program
+
+
+def _block_taps(terms: list[TermPlan], side: str) -> list[int]:
+    out: set[int] = set()
+    for t in terms:
+        for b in (t.student_blocks if side == "student" else t.teacher_blocks):
+            if isinstance(b, int):
+                out.add(b)
+    return sorted(out)
+
+
+@dataclass
+class CompileReport:
+    """What torch.compile made of the step."""
+
+    mode: str | None
+    graphs: int
+    breaks: int
+    break_reasons: list[str]
+    recompiles: int
+    seconds: float
+
+    def lines(self) -> list[str]:
+        out = [f"mode: {self.mode or 'eager (not compiled)'}",
+               f"graphs: {self.graphs}, graph breaks: {self.breaks}, recompiles: "
+               f"{self.recompiles}",
+               f"trace time: {self.seconds:.2f} s"]
+        out += [f"break: {r}" for r in self.break_reasons]
+        return out
+
+
+class Program(nn.Module):
+    """Teacher, student and distillation terms, with one forward that returns every loss.
+
+    ``forward(images, targets) -> {"loss": total, term: detached value, ...}``; ``targets``
+    are class indices ``[B]`` or mixed soft labels ``[B, C]``. The teacher is frozen: no
+    gradients, eval mode, and ``.train()`` never switches it to training mode.
+    """
+
+    def __init__(self, plan: Plan, student: nn.Module, teacher: nn.Module | None,
+                 terms: nn.ModuleDict, autocast_dtype: torch.dtype | None = None,
+                 compile_mode: str | None = None) -> None:
+        super().__init__()
+        self.plan = plan
+        self.student = student
+        self.teacher = teacher
+        self.terms = terms
+        self.autocast_dtype = autocast_dtype
+        self.compile_mode = compile_mode
+        self._student_blocks = _block_taps(plan.terms, "student")
+        self._teacher_blocks = _block_taps(plan.terms, "teacher")
+        self._student_prefix = plan.student.prefix_tokens
+        self._teacher_prefix = plan.teacher.prefix_tokens if plan.teacher else 0
+        self._needs_teacher = teacher is not None and any(t.kind != "labels"
+                                                          for t in plan.terms)
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.step: Callable[[Tensor, Tensor], dict[str, Tensor]] = self.forward
+        self.predict: Callable[[Tensor], Tensor] = self.student_logits
+        if compile_mode is not None:
+            self.step = torch.compile(self.forward, fullgraph=True, mode=compile_mode)
+            # Evaluation runs the student in eval mode: a graph of its own, so switching
+            # between training and evaluation never recompiles the training step.
+            self.predict = torch.compile(self.student_logits, fullgraph=True,
+                                         mode=compile_mode)
+
+    def train(self, mode: bool = True) -> Program:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher always runs as in inference
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student and adapter parameters (what the optimizer updates)."""
+        return [p for p in [*self.student.parameters(), *self.terms.parameters()]
+                if p.requires_grad]
+
+    def _autocast(self, device_type: str) -> Any:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    @staticmethod
+    def _run(model: nn.Module, images: Tensor, blocks: list[int], prefix: int
+             ) -> tuple[Tensor, dict[int | str, Tensor]]:
+        """One pass: logits and the requested taps (patch tokens only)."""
+        if blocks:
+            final, feats = model.forward_intermediates(images, indices=blocks,
+                                                       output_fmt="NLC")
+            taps: dict[int | str, Tensor] = dict(zip(blocks, feats, strict=False))
+        else:
+            final = model.forward_features(images)
+            taps = {}
+        taps["norm"] = final[:, prefix:]
+        return model.forward_head(final), taps
+
+    def student_logits(self, images: Tensor) -> Tensor:
+        """The student's logits (for evaluation)."""
+        with self._autocast(images.device.type):
+            return self.student(images)
+
+    def teacher_logits(self, images: Tensor) -> Tensor:
+        """The teacher's logits (for its accuracy at start)."""
+        assert self.teacher is not None
+        with torch.no_grad(), self._autocast(images.device.type):
+            return self.teacher(images)
+
+    def forward(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        with self._autocast(images.device.type):
+            s_logits, s_taps = self._run(self.student, images, self._student_blocks,
+                                         self._student_prefix)
+            t_logits: Tensor | None = None
+            t_taps: dict[int | str, Tensor] = {}
+            if self._needs_teacher:
+                assert self.teacher is not None
+                with torch.no_grad():
+                    t_logits, t_taps = self._run(self.teacher, images, self._teacher_blocks,
+                                                 self._teacher_prefix)
+        out: dict[str, Tensor] = {}
+        total = s_logits.new_zeros((), dtype=torch.float32)
+        for t in self.plan.terms:
+            module = self.terms[t.name]
+            if t.kind in ("mimic", "generate"):
+                value = module([s_taps[b] for b in t.student_blocks],
+                               [t_taps[b] for b in t.teacher_blocks])
+            elif t.kind == "labels":
+                value = module(s_logits, targets)
+            else:
+                value = module(s_logits, t_logits, targets)
+            total = total + value
+            out[t.name] = value.detach()
+        out["loss"] = total
+        return out
+
+    def compile_report(self, images: Tensor, targets: Tensor) -> CompileReport:
+        """Trace the step with ``torch._dynamo.explain`` (graphs and breaks, no inductor)."""
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        explanation = torch._dynamo.explain(self.forward)(images, targets)
+        seconds = time.perf_counter() - start
+        reasons = [str(getattr(b, "reason", b)).splitlines()[0]
+                   for b in explanation.break_reasons]
+        torch._dynamo.reset()
+        return CompileReport(mode=self.compile_mode, graphs=explanation.graph_count,
+                             breaks=explanation.graph_break_count, break_reasons=reasons,
+                             recompiles=0, seconds=seconds)
+
+
+def build(plan: Plan, device: str | torch.device | None = None, *, load: bool = True,
+          runs_dir: str | Path = "runs", compile: str | None = None) -> Program:
+    """Build the :class:`Program` of a plan on ``device``.
+
+    ``load`` reads the weight files the plan names (the teacher's, or the exported student of
+    the recipe it is taken ``from`` under ``runs_dir``); ``compile`` overrides the plan's
+    compile mode (``"off"``, ``"default"``, ``"max-autotune"``, ``"auto"``).
+    """
+    dev = resolve_device(device)
+    student = create_model(plan.student, dev)
+    if load and plan.student.weights:
+        load_weights(student, plan.student.weights, "student")
+    teacher = None
+    if plan.teacher is not None:
+        teacher = create_model(plan.teacher, dev)
+        path = teacher_weights_path(plan.teacher, runs_dir)
+        if load and path is not None:
+            if not path.is_file() and plan.teacher.from_recipe is not None:
+                raise VkdError([error(
+                    f"the teacher is the final student of {plan.teacher.from_recipe}, and "
+                    f"{path} does not exist yet",
+                    hint=f"vitkdl run {plan.teacher.from_recipe} (or `vitkdl run` this recipe, "
+                         "which trains it first)")])
+            load_weights(teacher, path, "teacher")
+    terms = nn.ModuleDict({t.name: make_term(t, plan.student, plan.teacher)
+                           for t in plan.terms}).to(dev)
+    mode = resolve_compile(compile or plan.compile, dev)
+    return Program(plan, student, teacher, terms,
+                   autocast_dtype=resolve_precision(plan.precision, dev),
+                   compile_mode=mode).to(dev)

@@ -1,0 +1,844 @@
+"""Stage 2: syntax tree -> :class:`RecipeSpec` (pydantic, frozen, unknown fields forbidden).
+
+This stage resolves ``extends`` (field by field; paths relative to the including file; cycles
+reported), loads the recipe a ``teacher from "PATH"`` names, applies ``--set PATH=VALUE``
+overrides, and validates every field's type and choice. Every node keeps the span of the text
+it came from, so later stages can point at it. Problems are collected, never raised one by one:
+a field that fails is dropped (its default stands in) and loading goes on, so one run reports
+everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vitkdl import syntax as syn
+from vitkdl.errors import Diagnostic, Sources, Span, VkdError, did_you_mean, error, one_of
+
+# --------------------------------------------------------------------------------------------
+# Spec models
+
+
+class Node(BaseModel):
+    """Base of every spec node: frozen, strict, unknown fields forbidden, spans attached.
+
+    ``span`` covers the node's text; ``spans`` maps each field written in the source to the
+    span of its ``name = value`` (fields left at their defaults have none).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    span: Span | None = Field(default=None, exclude=True, repr=False)
+    spans: dict[str, Span] = Field(default_factory=dict, exclude=True, repr=False)
+
+    def at(self, name: str | None = None) -> Span | None:
+        """The span of field ``name`` when it was written, else of the node."""
+        if name is not None and name in self.spans:
+            return self.spans[name]
+        return self.span
+
+
+# Model fields with a type; any other field is passed to timm's create_model as written.
+MODEL_FIELDS = ("weights", "pretrained", "num_classes", "img_size", "patch_size", "drop_path",
+                "depth", "embed_dim", "num_heads", "in_chans", "mlp_ratio", "drop_rate")
+
+
+class ModelSpec(Node):
+    """A timm model: ``student NAME { ... }`` or ``teacher NAME { ... }``."""
+
+    role: Literal["teacher", "student"]
+    model: str
+    weights: str | None = None
+    pretrained: bool = False
+    num_classes: Annotated[int, Field(gt=0)] | None = None
+    img_size: Annotated[int, Field(gt=0)] | list[Annotated[int, Field(gt=0)]] | None = None
+    patch_size: Annotated[int, Field(gt=0)] | None = None
+    drop_path: Annotated[float, Field(ge=0, lt=1)] | None = None
+    depth: Annotated[int, Field(gt=0)] | None = None
+    embed_dim: Annotated[int, Field(gt=0)] | None = None
+    num_heads: Annotated[int, Field(gt=0)] | None = None
+    in_chans: Annotated[int, Field(gt=0)] | None = None
+    mlp_ratio: Annotated[float, Field(gt=0)] | None = None
+    drop_rate: Annotated[float, Field(ge=0, lt=1)] | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+    # `teacher from "PATH"`: the recipe whose final student this teacher is.
+    from_recipe: str | None = None
+    from_name: str | None = None
+    from_hash: str | None = None
+
+    def timm_kwargs(self, num_classes: int | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``timm.create_model`` (``drop_path`` is ``drop_path_rate``)."""
+        out: dict[str, Any] = {}
+        for name in ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "in_chans",
+                     "mlp_ratio", "drop_rate"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.drop_path is not None:
+            out["drop_path_rate"] = self.drop_path
+        classes = self.num_classes if self.num_classes is not None else num_classes
+        if classes is not None:
+            out["num_classes"] = classes
+        out.update(self.extra)
+        return out
+
+
+class SliceSpec(Node):
+    """``start:stop:step`` in a tap index (Python slice semantics over the blocks)."""
+
+    start: int | None = None
+    stop: int | None = None
+    step: int | None = None
+
+
+class TapSpec(Node):
+    """``student.blocks[0, 1]`` or ``teacher.norm``."""
+
+    side: Literal["student", "teacher"]
+    point: Literal["blocks", "norm"]
+    index: tuple[int | SliceSpec, ...] | None = None
+
+    def text(self) -> str:
+        if self.index is None:
+            return f"{self.side}.{self.point}"
+        items = []
+        for i in self.index:
+            if isinstance(i, SliceSpec):
+                parts = ["" if v is None else str(v) for v in (i.start, i.stop, i.step)]
+                items.append(":".join(parts[:2] if i.step is None else parts))
+            else:
+                items.append(str(i))
+        return f"{self.side}.{self.point}[{', '.join(items)}]"
+
+
+class MimicSpec(Node):
+    """``mimic S -> T { align, loss, weight }``: shallow feature mimicking."""
+
+    kind: Literal["mimic"] = "mimic"
+    name: str
+    student: tuple[TapSpec, ...]
+    teacher: tuple[TapSpec, ...]
+    align: Literal["linear", "identity", "mlp"] = "linear"
+    loss: Literal["mse", "mse_mean"] = "mse"
+    weight: float = 3e-5
+
+
+class GenerateSpec(Node):
+    """``generate S -> T { mask, generator, align, weight }``: masked deep feature generation."""
+
+    kind: Literal["generate"] = "generate"
+    name: str
+    student: tuple[TapSpec, ...]
+    teacher: tuple[TapSpec, ...]
+    mask: float = 0.5
+    generator: Literal["conv"] = "conv"
+    align: Literal["linear", "identity"] = "linear"
+    weight: float = 3e-6
+
+
+class KDSpec(Node):
+    """``kd { temperature, weight }``: T^2 * KL(teacher || student)."""
+
+    kind: Literal["kd"] = "kd"
+    name: str
+    temperature: float = 1.0
+    weight: float = 1.0
+
+
+class NKDSpec(Node):
+    """``nkd { temperature, gamma, weight }``: normalized KD."""
+
+    kind: Literal["nkd"] = "nkd"
+    name: str
+    temperature: float = 1.0
+    gamma: float = 1.0
+    weight: float = 1.0
+
+
+class LabelsSpec(Node):
+    """``labels { smoothing, weight }``: the student's own cross-entropy (on by default).
+    ``smoothing`` defaults to ``data.smoothing``."""
+
+    kind: Literal["labels"] = "labels"
+    name: str
+    smoothing: float | None = None
+    weight: float = 1.0
+
+
+TermSpec = Annotated[MimicSpec | GenerateSpec | KDSpec | NKDSpec | LabelsSpec,
+                     Field(discriminator="kind")]
+TERM_MODELS: dict[str, type[Node]] = {"mimic": MimicSpec, "generate": GenerateSpec,
+                                      "kd": KDSpec, "nkd": NKDSpec, "labels": LabelsSpec}
+
+
+class DataSpec(Node):
+    """``data SOURCE { ... }``; the embedded ``digits`` data when a recipe names none."""
+
+    source: Literal["imagefolder", "digits", "synthetic"] = "digits"
+    root: str | None = None
+    image_size: Annotated[int, Field(gt=0)] | None = None
+    batch_size: Annotated[int, Field(gt=0)] = 64
+    workers: Annotated[int, Field(ge=0)] | None = None
+    augment: Literal["deit", "basic", "none"] = "none"
+    mixup: Annotated[float, Field(ge=0)] = 0.0
+    cutmix: Annotated[float, Field(ge=0)] = 0.0
+    smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    size: Annotated[int, Field(gt=0)] = 1024
+    classes: Annotated[int, Field(gt=1)] | None = None
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "lamb", "lars", "lion", "adan",
+              "nadamw", "rmsprop", "rmsproptf", "adafactor", "adopt", "laprop")
+SCHEDULES = ("cosine", "step", "multistep", "poly", "tanh", "constant")
+
+
+class OptimizerSpec(Node):
+    """``optimizer = adamw(lr = 1e-3, weight_decay = 0.05, ...)`` (timm's optimizer names)."""
+
+    name: Literal[OPTIMIZERS] = "adamw"  # type: ignore[valid-type]
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleSpec(Node):
+    """``schedule = cosine(warmup_epochs = 20, min_lr = 1e-5, warmup_lr = 1e-6)``."""
+
+    name: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+    warmup_lr: Annotated[float, Field(ge=0)] = 1e-6
+    decay_epochs: Annotated[float, Field(gt=0)] | None = None
+    decay_rate: Annotated[float, Field(gt=0)] = 0.1
+
+
+class TrainSpec(Node):
+    """``train { ... }``: the optimisation, precision and compile settings."""
+
+    epochs: Annotated[int, Field(gt=0)] = 300
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    clip_grad: Annotated[float, Field(gt=0)] | None = None
+    ema: Annotated[float, Field(gt=0, lt=1)] | None = None
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: Literal["auto", "off", "default", "max-autotune"] = "auto"
+    seed: Annotated[int, Field(ge=0)] = 0
+    eval_every: Annotated[int, Field(gt=0)] = 1
+    checkpoint_every: Annotated[int, Field(gt=0)] = 1
+    log_every: Annotated[int, Field(gt=0)] = 50
+
+
+class RecipeSpec(Node):
+    """A whole recipe after ``extends``, ``teacher from`` and overrides are resolved."""
+
+    name: str
+    file: str
+    student: ModelSpec | None = None
+    teacher: ModelSpec | None = None
+    data: DataSpec = Field(default_factory=DataSpec)
+    terms: tuple[TermSpec, ...] = ()
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    extends: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+
+    def term(self, name: str) -> Node | None:
+        """The term called ``name``, or None."""
+        return next((t for t in self.terms if t.name == name), None)
+
+    def canonical(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (no spans, no file names)."""
+        data = self.model_dump(mode="json", exclude={"file", "extends", "overrides"})
+        return data
+
+    def hash(self) -> str:
+        """A short hash of the resolved recipe: what decides whether a run is stale."""
+        text = json.dumps(self.canonical(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Raw recipe: statements merged across `extends`, before typing
+
+
+@dataclass
+class RawBlock:
+    kind: str
+    arg: str | None
+    arg_span: Span | None
+    span: Span
+    fields: dict[str, syn.Field] = field(default_factory=dict)
+    from_path: bool = False
+    file: str = ""
+
+
+@dataclass
+class RawTerm:
+    name: str
+    term: syn.Term
+    fields: dict[str, syn.Field]
+
+
+@dataclass
+class RawRecipe:
+    file: str
+    name: str | None = None
+    name_span: Span | None = None
+    blocks: dict[str, RawBlock] = field(default_factory=dict)
+    terms: dict[str, RawTerm] = field(default_factory=dict)
+    extends: list[str] = field(default_factory=list)
+
+
+BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
+    "data": tuple(n for n in DataSpec.model_fields if n not in ("source", "span", "spans")),
+    "train": tuple(n for n in TrainSpec.model_fields if n not in ("span", "spans")),
+}
+
+
+def _fields(block: Iterable[syn.Field], where: str, diags: list[Diagnostic]) -> dict[str,
+                                                                                   syn.Field]:
+    out: dict[str, syn.Field] = {}
+    for f in block:
+        if f.name in out:
+            first = out[f.name].name_span
+            diags.append(error(f"'{f.name}' is set twice in {where}", f.name_span,
+                               hint=f"first set at {first.line}:{first.column}; keep one"))
+        out[f.name] = f
+    return out
+
+
+def _term_names(terms: Sequence[syn.Term], diags: list[Diagnostic]) -> list[tuple[str, syn.Term]]:
+    named: list[tuple[str, syn.Term]] = []
+    seen: dict[str, syn.Term] = {}
+    counts: dict[str, int] = {}
+    for t in terms:
+        if t.alias is not None:
+            name = t.alias
+            if name in seen:
+                diags.append(error(f"two distill terms are named '{name}'", t.alias_span,
+                                   hint="give each term its own name with `as NAME`"))
+                continue
+        else:
+            counts[t.kind] = counts.get(t.kind, 0) + 1
+            name = t.kind if counts[t.kind] == 1 else f"{t.kind}_{counts[t.kind]}"
+            while name in seen:
+                counts[t.kind] += 1
+                name = f"{t.kind}_{counts[t.kind]}"
+        seen[name] = t
+        named.append((name, t))
+    return named
+
+
+def _merge_tree(raw: RawRecipe, tree: syn.SyntaxTree, diags: list[Diagnostic]) -> None:
+    """Lay one file's statements over ``raw`` (the resolved bases): field by field for blocks,
+    whole terms by name for ``distill``."""
+    seen: dict[str, Span] = {}
+    for st in tree.statements:
+        if st.kind == "extends":
+            continue
+        if st.kind in seen:
+            first = seen[st.kind]
+            diags.append(error(f"a second '{st.kind}' statement", st.span,
+                               hint=f"the first is at {first.line}:{first.column}; "
+                                    "merge them into one"))
+            continue
+        seen[st.kind] = st.span
+        if st.kind == "recipe":
+            raw.name, raw.name_span = st.arg, st.arg_span
+        elif st.kind == "distill":
+            for name, term in _term_names(st.terms, diags):
+                raw.terms[name] = RawTerm(name, term,
+                                          _fields(term.fields, f"{term.kind} term", diags))
+        else:
+            base = raw.blocks.get(st.kind)
+            fields = _fields(st.fields, f"the {st.kind} block", diags)
+            block = RawBlock(st.kind, st.arg, st.arg_span, st.span, from_path=st.from_path,
+                             file=tree.file)
+            if base is not None:
+                if st.arg is None:
+                    block.arg, block.arg_span, block.from_path = (base.arg, base.arg_span,
+                                                                  base.from_path)
+                block.fields = {**base.fields, **fields}
+            else:
+                block.fields = fields
+            raw.blocks[st.kind] = block
+
+
+def _load_raw(path: Path, sources: Sources, diags: list[Diagnostic], stack: tuple[Path, ...],
+              at: Span | None) -> RawRecipe | None:
+    """Read, parse and resolve ``extends`` for one recipe file."""
+    name = _display(path)
+    resolved = path.resolve()
+    if resolved in stack:
+        chain = " -> ".join(_display(p) for p in (*stack, resolved))
+        diags.append(error(f"extends cycle: {chain}", at,
+                           hint="a recipe cannot extend itself, directly or through another"))
+        return None
+    try:
+        text = syn.read_source(path, sources, at)
+        sources.add(name, text)
+        tree = syn.parse(text, name)
+    except VkdError as exc:
+        for key, value in exc.sources.texts.items():
+            sources.add(key, value)
+        diags.extend(exc.diagnostics)
+        return None
+    raw = RawRecipe(file=name)
+    extends = [st for st in tree.statements if st.kind == "extends"]
+    for st in extends[1:]:
+        diags.append(error("a recipe extends at most one base", st.span,
+                           hint="make the base extend the other one instead"))
+    if extends:
+        st = extends[0]
+        assert st.arg is not None
+        base = _load_raw(path.parent / st.arg, sources, diags, (*stack, resolved), st.arg_span)
+        if base is not None:
+            raw.blocks, raw.terms = base.blocks, base.terms
+            raw.extends = [base.file, *base.extends]
+    _merge_tree(raw, tree, diags)
+    return raw
+
+
+def _display(path: Path) -> str:
+    """A path as the user would write it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides: --set PATH=VALUE
+
+
+def _override_span(index: int, column: int, length: int) -> Span:
+    return Span(file="--set", line=index + 1, column=column, end_line=index + 1,
+                end_column=column + max(1, length))
+
+
+def _apply_overrides(raw: RawRecipe, overrides: Sequence[str], sources: Sources,
+                     diags: list[Diagnostic]) -> None:
+    """Apply ``PATH=VALUE`` overrides to the merged raw recipe."""
+    sources.add("--set", "\n".join(overrides))
+    for i, text in enumerate(overrides):
+        if "=" not in text:
+            diags.append(error(f"an override is PATH=VALUE, got '{text}'",
+                               _override_span(i, 1, len(text)),
+                               hint="e.g. --set train.epochs=1"))
+            continue
+        path, value_text = text.split("=", 1)
+        path_span = _override_span(i, 1, len(path))
+        try:
+            value = _relocate(syn.parse_value(value_text, "--set", column=len(path) + 2), i + 1)
+        except VkdError:
+            # Not a recipe value: take the text as written, as a shell user expects for paths
+            # (--set data.root=/data/imagenet). A field that wants a number still says so.
+            value = syn.String(value_text, _override_span(i, len(path) + 2, len(value_text)))
+        parts = path.strip().split(".")
+        _set_path(raw, parts, value, path_span, diags)
+
+
+def _relocate(value: Any, line: int) -> Any:
+    import dataclasses
+
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(value):
+        v = getattr(value, f.name)
+        if isinstance(v, Span):
+            changes[f.name] = v.model_copy(update={"line": line, "end_line": line})
+        elif isinstance(v, tuple):
+            changes[f.name] = tuple(_relocate(x, line) if dataclasses.is_dataclass(x) else x
+                                    for x in v)
+        elif dataclasses.is_dataclass(v):
+            changes[f.name] = _relocate(v, line)
+    return dataclasses.replace(value, **changes)
+
+
+def _as_field(name: str, value: syn.Value, span: Span) -> syn.Field:
+    return syn.Field(name, value, span, span.model_copy(update={"end_column":
+                                                                 value.span.end_column}))
+
+
+_OVERRIDE_ROOTS = ("teacher", "student", "data", "train", "distill", "recipe")
+
+
+def _set_path(raw: RawRecipe, parts: list[str], value: syn.Value, span: Span,
+              diags: list[Diagnostic]) -> None:
+    root = parts[0]
+    if root not in _OVERRIDE_ROOTS:
+        diags.append(error(f"unknown override path '{'.'.join(parts)}'", span,
+                           expected=one_of(_OVERRIDE_ROOTS), hint=did_you_mean(root,
+                                                                               _OVERRIDE_ROOTS)))
+        return
+    if root == "recipe":
+        if parts[1:] == ["name"] and isinstance(value, (syn.Word, syn.String)):
+            raw.name, raw.name_span = value.value, value.span
+        else:
+            diags.append(error("only recipe.name can be overridden", span))
+        return
+    if root == "distill":
+        if len(parts) != 3:
+            diags.append(error(f"a distill override is distill.TERM.FIELD, got "
+                               f"'{'.'.join(parts)}'", span, hint="e.g. distill.generate.mask"))
+            return
+        _, term_name, fname = parts
+        term = raw.terms.get(term_name)
+        if term is None:
+            if term_name in ("kd", "nkd", "labels"):
+                t = syn.Term(term_name, (), (), None, None, (), span, span)
+                term = raw.terms[term_name] = RawTerm(term_name, t, {})
+            else:
+                diags.append(error(f"no distill term named '{term_name}'", span,
+                                   expected=one_of(raw.terms) or "(no terms)",
+                                   hint=did_you_mean(term_name, raw.terms)))
+                return
+        term.fields[fname] = _as_field(fname, value, span)
+        return
+    if len(parts) < 2:
+        diags.append(error(f"an override names a field: {root}.FIELD", span,
+                           hint=f"e.g. --set {root}.{'epochs' if root == 'train' else 'root'}"
+                                f"=..."))
+        return
+    block = raw.blocks.get(root)
+    if block is None:
+        if root in ("teacher", "student"):
+            diags.append(error(f"the recipe has no {root} to override", span,
+                               hint=f"add `{root} MODEL {{ ... }}` to the recipe"))
+            return
+        block = raw.blocks[root] = RawBlock(root, "digits" if root == "data" else None, None,
+                                            span, file="--set")
+    fname = parts[1]
+    if (root in ("teacher", "student") and fname == "model") or (root == "data" and
+                                                                 fname == "source"):
+        if len(parts) == 2 and isinstance(value, (syn.Word, syn.String)):
+            block.arg, block.arg_span, block.from_path = value.value, value.span, False
+        else:
+            diags.append(error(f"{root}.{fname} takes a name", value.span))
+        return
+    if len(parts) == 2:
+        block.fields[fname] = _as_field(fname, value, span)
+        return
+    if len(parts) == 3 and root == "train" and fname in ("optimizer", "schedule"):
+        old = block.fields.get(fname)
+        default = "adamw" if fname == "optimizer" else "cosine"
+        if old is not None and isinstance(old.value, syn.Call):
+            call = old.value
+        elif old is not None and isinstance(old.value, syn.Word):
+            call = syn.Call(old.value.value, (), old.value.span, old.value.span)
+        else:
+            call = syn.Call(default, (), span, span)
+        kwargs = [k for k in call.kwargs if k.name != parts[2]]
+        kwargs.append(_as_field(parts[2], value, span))
+        block.fields[fname] = _as_field(fname, syn.Call(call.name, tuple(kwargs), call.span,
+                                                        call.name_span), span)
+        return
+    diags.append(error(f"unknown override path '{'.'.join(parts)}'", span,
+                       hint="paths are BLOCK.FIELD, train.optimizer.ARG or "
+                            "distill.TERM.FIELD"))
+
+
+# --------------------------------------------------------------------------------------------
+# Typing: raw values -> pydantic nodes, every problem collected
+
+
+def _plain(value: syn.Value) -> Any:
+    if isinstance(value, (syn.Number, syn.String, syn.Bool, syn.Word)):
+        return value.value
+    if isinstance(value, syn.List):
+        return [_plain(v) for v in value.items]
+    if isinstance(value, syn.Call):
+        return {"name": value.name, **{k.name: _plain(k.value) for k in value.kwargs}}
+    raise TypeError(value)
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"'{value}'"
+    if isinstance(value, dict):
+        return f"{value.get('name', '?')}(...)"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _choices_of(model: type[BaseModel], name: str) -> tuple[str, ...]:
+    import typing
+
+    ann = model.model_fields[name].annotation
+    out: list[str] = []
+    stack = [ann]
+    while stack:
+        a = stack.pop()
+        if typing.get_origin(a) is Literal:
+            out.extend(str(x) for x in typing.get_args(a))
+        else:
+            stack.extend(typing.get_args(a))
+    return tuple(out)
+
+
+def _translate(err: dict[str, Any], model: type[BaseModel], where: str, value: Any,
+               span: Span | None) -> Diagnostic:
+    """A pydantic error in the words of a recipe author."""
+    kind = err["type"]
+    loc = err["loc"]
+    name = str(loc[0]) if loc else where
+    ctx = err.get("ctx") or {}
+    fields = [n for n in model.model_fields if n not in ("span", "spans", "kind", "name",
+                                                            "role", "model", "student",
+                                                            "teacher", "extra", "kwargs")]
+    if kind == "extra_forbidden":
+        return error(f"unknown field '{name}' in {where}", span, expected=one_of(fields),
+                     hint=did_you_mean(name, fields))
+    if kind == "literal_error":
+        choices = _choices_of(model, name)
+        got = value if isinstance(value, str) else _describe_value(value)
+        return error(f"unknown choice '{got}' for {name}", span, expected=one_of(choices),
+                     hint=did_you_mean(str(got), choices))
+    shown = _describe_value(value)
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return error(f"{name} must be a whole number, got {shown}", span)
+    if kind in ("float_type", "float_parsing"):
+        return error(f"{name} must be a number, got {shown}", span)
+    if kind in ("bool_type", "bool_parsing"):
+        return error(f"{name} must be true or false, got {shown}", span)
+    if kind in ("string_type",):
+        return error(f"{name} must be a string, got {shown}", span,
+                     hint='write it in double quotes: "..."')
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+              "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values())) if ctx else "?"
+        return error(f"{name} must be {bounds[kind]} {limit}, got {shown}", span)
+    return error(f"{name}: {err['msg']}", span)
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], spans: dict[str, Span],
+              where: str, at: Span | None, diags: list[Diagnostic]) -> Any:
+    """Validate ``data`` as ``model``; report each failing field at its span and retry
+    without it, so the node still exists with defaults."""
+    data = dict(data)
+    for _ in range(len(data) + 1):
+        try:
+            return model.model_validate({**data, "spans": spans, "span": at})
+        except ValidationError as exc:
+            bad: set[str] = set()
+            for err in exc.errors():
+                loc = err["loc"]
+                name = str(loc[0]) if loc else ""
+                if name in bad:
+                    continue
+                bad.add(name)
+                span = spans.get(name, at)
+                diags.append(_translate(err, model, where, data.get(name), span))
+            remaining = {k: v for k, v in data.items() if k not in bad}
+            if remaining == data:
+                return None
+            data = remaining
+    return None
+
+
+def _call_spec(model: type[BaseModel], f: syn.Field, diags: list[Diagnostic]) -> Any:
+    """``adamw(lr = 1e-3)`` or a bare ``adamw`` as an optimizer/schedule node."""
+    v = f.value
+    if isinstance(v, (syn.Word, syn.String)):
+        name, kwargs, name_span = v.value, (), v.span
+    elif isinstance(v, syn.Call):
+        name, kwargs, name_span = v.name, v.kwargs, v.name_span
+    else:
+        diags.append(error(f"{f.name} must be a name or a call like "
+                           f"{'adamw(lr = 1e-3)' if f.name == 'optimizer' else 'cosine()'}, "
+                           f"got {_describe_value(_plain(v))}", v.span))
+        return None
+    data: dict[str, Any] = {"name": name}
+    spans = {"name": name_span}
+    known = set(model.model_fields) - {"span", "spans", "kwargs"}
+    extra: dict[str, Any] = {}
+    for k in _fields(kwargs, f"{f.name}(...)", diags).values():
+        if k.name in known or "kwargs" not in model.model_fields:
+            data[k.name] = _plain(k.value)
+        else:
+            extra[k.name] = _plain(k.value)
+        spans[k.name] = k.span
+    if "kwargs" in model.model_fields:
+        data["kwargs"] = extra
+    return _validate(model, data, spans, f"{f.name} {name}(...)", f.span, diags)
+
+
+def _block_data(block: RawBlock) -> tuple[dict[str, Any], dict[str, Span]]:
+    return ({n: _plain(f.value) for n, f in block.fields.items()},
+            {n: f.span for n, f in block.fields.items()})
+
+
+def _model_spec(block: RawBlock, diags: list[Diagnostic]) -> ModelSpec | None:
+    data, spans = _block_data(block)
+    extra = {k: data.pop(k) for k in list(data) if k not in MODEL_FIELDS}
+    data.update(role=block.kind, model=block.arg or "", extra=extra)
+    spans["model"] = block.arg_span or block.span
+    return _validate(ModelSpec, data, spans, f"the {block.kind} block", block.span, diags)
+
+
+def _tap_spec(tap: syn.Tap, diags: list[Diagnostic]) -> TapSpec | None:
+    index: tuple[int | SliceSpec, ...] | None = None
+    if tap.index is not None:
+        items: list[int | SliceSpec] = []
+        for i in tap.index:
+            if isinstance(i, syn.Slice):
+                if i.step == 0:
+                    diags.append(error("a slice step cannot be 0", i.span))
+                    return None
+                items.append(SliceSpec(start=i.start, stop=i.stop, step=i.step, span=i.span))
+            else:
+                items.append(i.value)
+        index = tuple(items)
+    points = ("blocks", "norm")
+    if tap.point not in points:
+        diags.append(error(f"unknown tap point '{tap.point}'", tap.point_span,
+                           expected="blocks[...] or norm", hint=did_you_mean(tap.point, points)))
+        return None
+    if tap.point == "norm" and index is not None:
+        diags.append(error("norm is one tap and takes no index", tap.span,
+                           hint=f"write {tap.side}.norm"))
+        return None
+    if tap.point == "blocks" and index is None:
+        diags.append(error("blocks needs an index", tap.span,
+                           expected="blocks[0, 1], blocks[0:2], blocks[-1]"))
+        return None
+    return TapSpec(side=tap.side, point=tap.point, index=index, span=tap.span,
+                   spans={"point": tap.point_span})
+
+
+def _term_spec(raw: RawTerm, diags: list[Diagnostic]) -> Node | None:
+    t = raw.term
+    model = TERM_MODELS[t.kind]
+    data = {n: _plain(f.value) for n, f in raw.fields.items()}
+    spans = {n: f.span for n, f in raw.fields.items()}
+    data.update(kind=t.kind, name=raw.name)
+    if t.kind in ("mimic", "generate"):
+        taps = {}
+        ok = True
+        for side, items in (("student", t.students), ("teacher", t.teachers)):
+            specs = []
+            for tap in items:
+                if tap.side != side:
+                    where = "left" if side == "student" else "right"
+                    diags.append(error(f"the {where} side of -> names {side} taps, not "
+                                       f"{tap.side}", tap.span,
+                                       hint=f"write {t.kind} student.... -> teacher...."))
+                    ok = False
+                    continue
+                spec = _tap_spec(tap, diags)
+                ok = ok and spec is not None
+                specs.append(spec)
+            taps[side] = tuple(specs)
+        if not ok:
+            return None
+        data.update(taps)
+    return _validate(model, data, spans, f"{t.kind} term", t.span, diags)
+
+
+def _build_spec(raw: RawRecipe, file: str, overrides: Sequence[str], sources: Sources,
+                diags: list[Diagnostic], stack: tuple[Path, ...]) -> RecipeSpec:
+    student = teacher = None
+    if "student" in raw.blocks:
+        student = _model_spec(raw.blocks["student"], diags)
+    else:
+        diags.append(error("the recipe has no student", Span.point(file),
+                           hint="add `student MODEL { ... }`, e.g. student "
+                                "deit_tiny_patch16_224"))
+    if "teacher" in raw.blocks:
+        block = raw.blocks["teacher"]
+        if block.from_path:
+            teacher = _teacher_from(block, sources, diags, stack)
+        else:
+            teacher = _model_spec(block, diags)
+    data = DataSpec()
+    if "data" in raw.blocks:
+        block = raw.blocks["data"]
+        values, spans = _block_data(block)
+        values["source"] = block.arg or "digits"
+        spans["source"] = block.arg_span or block.span
+        data = _validate(DataSpec, values, spans, "the data block", block.span, diags) or data
+    train = TrainSpec()
+    if "train" in raw.blocks:
+        block = raw.blocks["train"]
+        values, spans = _block_data(block)
+        for name, model in (("optimizer", OptimizerSpec), ("schedule", ScheduleSpec)):
+            if name in block.fields:
+                node = _call_spec(model, block.fields[name], diags)
+                values.pop(name)
+                if node is not None:
+                    values[name] = node
+        train = _validate(TrainSpec, values, spans, "the train block", block.span,
+                          diags) or train
+    terms = [s for s in (_term_spec(t, diags) for t in raw.terms.values()) if s is not None]
+    if not any(t.kind == "labels" for t in terms):
+        terms.append(LabelsSpec(name="labels"))
+    name = raw.name or Path(file).stem
+    return RecipeSpec(name=name, file=file, student=student, teacher=teacher, data=data,
+                      terms=tuple(terms), train=train, extends=tuple(raw.extends),
+                      overrides=tuple(overrides), span=Span.point(file),
+                      spans={"name": raw.name_span} if raw.name_span else {})
+
+
+def _teacher_from(block: RawBlock, sources: Sources, diags: list[Diagnostic],
+                  stack: tuple[Path, ...]) -> ModelSpec | None:
+    """``teacher from "PATH"``: the final student of that recipe, loaded as written there."""
+    assert block.arg is not None
+    path = Path(block.file).parent / block.arg
+    if path.resolve() in stack:
+        chain = " -> ".join(_display(p) for p in (*stack, path.resolve()))
+        diags.append(error(f"teacher from cycle: {chain}", block.arg_span))
+        return None
+    if not path.exists():
+        diags.append(error(f"no such recipe: {_display(path)}", block.arg_span,
+                           hint="the path is relative to the recipe that names it"))
+        return None
+    before = len([d for d in diags if d.is_error])
+    dep = _load_spec(path, (), sources, diags, stack)
+    if len([d for d in diags if d.is_error]) > before or dep is None or dep.student is None:
+        diags.append(error(f"the teacher recipe {_display(path)} has errors (above)",
+                           block.arg_span))
+        return None
+    data, spans = _block_data(block)
+    extra = {k: data.pop(k) for k in list(data) if k not in MODEL_FIELDS}
+    base = dep.student.model_dump(exclude={"role", "extra", "from_recipe", "from_name",
+                                           "from_hash"})
+    classes = base.get("num_classes")
+    merged = {**base, **data, "role": "teacher", "extra": {**dep.student.extra, **extra},
+              "from_recipe": _display(path), "from_name": dep.name, "from_hash": dep.hash()}
+    if classes is None and dep.data.source in ("digits", "synthetic"):
+        merged["num_classes"] = dep.data.classes or 10
+    spans["model"] = block.arg_span or block.span
+    return _validate(ModelSpec, merged, spans, "the teacher block", block.span, diags)
+
+
+def _load_spec(path: Path, overrides: Sequence[str], sources: Sources,
+               diags: list[Diagnostic], stack: tuple[Path, ...] = ()) -> RecipeSpec | None:
+    raw = _load_raw(path, sources, diags, stack, None)
+    if raw is None:
+        return None
+    if overrides:
+        _apply_overrides(raw, overrides, sources, diags)
+    return _build_spec(raw, raw.file, overrides, sources, diags, (*stack, path.resolve()))
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = (),
+              sources: Sources | None = None) -> tuple[RecipeSpec | None, list[Diagnostic],
+                                                       Sources]:
+    """Load a recipe into a :class:`RecipeSpec`, collecting every diagnostic.
+
+    Returns ``(spec, diagnostics, sources)``; ``spec`` is None only when the file could not be
+    read or parsed. Nothing here imports torch or timm.
+    """
+    sources = sources or Sources()
+    diags: list[Diagnostic] = []
+    spec = _load_spec(Path(path), list(overrides), sources, diags)
+    return spec, diags, sources

@@ -1,0 +1,644 @@
+"""Data layer of the ViTKD trainer: datasets, loaders and mixup/cutmix.
+
+Three sources are supported (``DataConfig.source``):
+
+``"digits"``
+    scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes, no download),
+    held fully in memory.  The train/val split is an 80/20 stratified split fixed at
+    ``random_state=0`` (1437 train / 360 val images), independent of ``DataConfig.seed``.
+``"synthetic"``
+    Deterministic random images (a per-class low-frequency pattern plus Gaussian noise, so
+    the task is learnable) for smoke tests and benchmarks.
+``"imagefolder"``
+    ImageNet layout ``root/train/<class>/<image>`` and ``root/val/<class>/<image>``,
+    decoded with PIL and transformed with timm's ``create_transform`` (DeiT recipe:
+    RandAugment ``rand-m9-mstd0.5-inc1`` + random erasing 0.25).
+
+Everything here takes plain values; the caller maps the resolved plan onto
+:class:`DataConfig`.  Errors a user can fix are raised as :class:`DataError` whose message
+names the offending path or value and the ``--set data.<key>=...`` override that fixes it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = [
+    "DEIT_AUTO_AUGMENT",
+    "DEIT_RE_MODE",
+    "DEIT_RE_PROB",
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+    "IMAGE_EXTENSIONS",
+    "DataConfig",
+    "DataError",
+    "DigitsDataset",
+    "ImageFolderDataset",
+    "SyntheticDataset",
+    "build_datasets",
+    "build_loaders",
+    "build_mixup",
+    "build_transforms",
+    "resolve_norm",
+    "set_epoch",
+]
+
+SOURCES: tuple[str, ...] = ("digits", "synthetic", "imagefolder")
+AUGMENTS: tuple[str, ...] = ("deit", "basic", "none")
+
+#: DeiT's training augmentation (Touvron et al. 2021), as used by the ViTKD paper.
+DEIT_AUTO_AUGMENT: str = "rand-m9-mstd0.5-inc1"
+DEIT_RE_PROB: float = 0.25
+DEIT_RE_MODE: str = "pixel"
+
+#: Normalisation used for ``digits`` unless the config overrides ImageNet's defaults.
+DIGITS_MEAN: float = 0.5
+DIGITS_STD: float = 0.5
+
+#: Image file extensions recognised by ``imagefolder`` (compared case-insensitively).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+DIGITS_TRAIN_SIZE: int = 1437
+DIGITS_VAL_SIZE: int = 360
+DIGITS_CLASSES: int = 10
+
+
+class DataError(Exception):
+    """A data problem the user can fix; the message names the path/value and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Everything the data layer needs, as plain values.
+
+    Attributes:
+        source: ``"digits"``, ``"synthetic"`` or ``"imagefolder"``.
+        root: ``imagefolder`` root holding ``train/<class>/*`` and ``val/<class>/*``.
+        image_size: Square side length fed to the model.
+        in_chans: Channels fed to the model (``imagefolder`` supports 1 or 3).
+        batch_size: Batch size per device.
+        workers: ``DataLoader`` worker processes per device (0 = load in the main process).
+        augment: ``"deit"`` (RandAugment + random erasing), ``"basic"`` (random resized crop,
+            flip, colour jitter) or ``"none"`` (the eval transform is used for training too).
+        mixup: Mixup alpha (0 disables).
+        cutmix: CutMix alpha (0 disables).
+        smoothing: Label smoothing applied to the mixed targets.
+        size: ``synthetic`` train split size (val gets ``max(size // 4, batch_size)``).
+        classes: ``synthetic`` number of classes.
+        mean: Normalisation mean; one value (broadcast) or one per channel.
+        std: Normalisation std; one value (broadcast) or one per channel.
+        interpolation: Resize interpolation for ``imagefolder`` (timm name, e.g. ``bicubic``).
+        crop_pct: Eval centre-crop fraction for ``imagefolder``.
+        seed: Seed for shuffling, sampler and worker seeding, and ``synthetic`` content.
+    """
+
+    source: str
+    root: str | None = None
+    image_size: int = 224
+    in_chans: int = 3
+    batch_size: int = 32
+    workers: int = 0
+    augment: str = "none"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    smoothing: float = 0.0
+    size: int = 256
+    classes: int = 10
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from a parsed plan) but store hashable tuples.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        _validate(self)
+
+
+def _validate(cfg: DataConfig) -> None:
+    def bad(key: str, value: Any, want: str) -> DataError:
+        return DataError(f"data.{key}={value!r} is invalid: {want}; pass --set data.{key}=...")
+
+    if cfg.source not in SOURCES:
+        raise bad("source", cfg.source, f"expected one of {', '.join(SOURCES)}")
+    if cfg.augment not in AUGMENTS:
+        raise bad("augment", cfg.augment, f"expected one of {', '.join(AUGMENTS)}")
+    for key in ("image_size", "in_chans", "batch_size", "size", "classes"):
+        if int(getattr(cfg, key)) < 1:
+            raise bad(key, getattr(cfg, key), "expected a positive integer")
+    if cfg.workers < 0:
+        raise bad("workers", cfg.workers, "expected an integer >= 0")
+    for key in ("mixup", "cutmix"):
+        if getattr(cfg, key) < 0:
+            raise bad(key, getattr(cfg, key), "expected an alpha >= 0 (0 disables)")
+    if not 0.0 <= cfg.smoothing < 1.0:
+        raise bad("smoothing", cfg.smoothing, "expected a value in [0, 1)")
+    if not 0.0 < cfg.crop_pct <= 1.0:
+        raise bad("crop_pct", cfg.crop_pct, "expected a value in (0, 1]")
+    if any(s <= 0 for s in cfg.std):
+        raise bad("std", cfg.std, "expected positive values")
+    if cfg.source == "imagefolder" and cfg.in_chans not in (1, 3):
+        raise bad("in_chans", cfg.in_chans, "imagefolder supports 1 (grayscale) or 3 (RGB)")
+    resolve_norm(cfg.mean, cfg.std, cfg.in_chans)
+
+
+def resolve_norm(
+    mean: Sequence[float], std: Sequence[float], in_chans: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Match ``mean``/``std`` to ``in_chans`` the way timm's ``resolve_data_config`` does.
+
+    A single value is broadcast to every channel; a per-channel tuple must have ``in_chans``
+    entries, except that a 3-value (RGB) tuple used with ``in_chans == 1`` is averaged to a
+    single grayscale value (so the ImageNet defaults work for grayscale models).
+    """
+
+    def one(values: Sequence[float], key: str) -> tuple[float, ...]:
+        values = tuple(float(v) for v in values)
+        if len(values) == 1:
+            return values * in_chans
+        if len(values) == in_chans:
+            return values
+        if in_chans == 1 and len(values) == 3:
+            return (sum(values) / 3.0,)
+        raise DataError(
+            f"data.{key} has {len(values)} values but in_chans={in_chans}; "
+            f"pass --set data.{key}=... with 1 or {in_chans} values"
+        )
+
+    return one(mean, "mean"), one(std, "std")
+
+
+# ---------------------------------------------------------------------------------------------
+# digits
+
+
+@lru_cache(maxsize=1)
+def _digits_split() -> tuple[Any, Any, Any, Any]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype("float32") / 16.0  # [N, 8, 8] in [0, 1]
+    y = digits.target.astype("int64")
+    # Fixed random_state (NOT cfg.seed): every run evaluates on the same 360 images.
+    x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    for arr in (x_tr, x_va, y_tr, y_va):
+        arr.setflags(write=False)
+    return x_tr, x_va, y_tr, y_va
+
+
+class DigitsDataset(Dataset):
+    """In-memory 8x8 digits as normalised float tensors ``[in_chans, image_size, image_size]``.
+
+    Images are stored at 8x8 (values in [0, 1]) and, per item, optionally translated by up to
+    one pixel (``augment`` in ``basic``/``deit``: zero-pad by 1 then random 8x8 crop; ``deit``
+    additionally applies timm ``RandomErasing`` with p=0.25), resized with bilinear
+    interpolation when ``image_size != 8``, repeated to ``in_chans`` channels and normalised
+    with ``(x - mean) / std``.  Randomness uses torch's global RNG, which DataLoader workers
+    seed deterministically.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        image_size: int,
+        in_chans: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: str = "none",
+    ) -> None:
+        self.images = images  # [N, 1, 8, 8] float32 in [0, 1]
+        self.targets = targets  # [N] int64
+        self.image_size = image_size
+        self.in_chans = in_chans
+        self.augment = augment
+        self.classes = [str(i) for i in range(DIGITS_CLASSES)]
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self._erase = (
+            RandomErasing(probability=DEIT_RE_PROB, mode=DEIT_RE_MODE, device="cpu")
+            if augment == "deit"
+            else None
+        )
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index]  # [1, 8, 8]
+        if self.augment != "none":
+            dy, dx = torch.randint(0, 3, (2,)).tolist()
+            x = F.pad(x, (1, 1, 1, 1))[:, dy : dy + 8, dx : dx + 8]
+        if self.image_size != x.shape[-1]:
+            x = F.interpolate(
+                x.unsqueeze(0), size=(self.image_size, self.image_size), mode="bilinear",
+                align_corners=False,
+            ).squeeze(0)
+        x = x.expand(self.in_chans, -1, -1)
+        x = (x - self._mean) / self._std
+        if self._erase is not None:
+            x = self._erase(x)
+        return x.contiguous(), int(self.targets[index])
+
+
+def _build_digits(cfg: DataConfig) -> tuple[DigitsDataset, DigitsDataset, int]:
+    x_tr, x_va, y_tr, y_va = _digits_split()
+    if cfg.mean == tuple(IMAGENET_DEFAULT_MEAN) and cfg.std == tuple(IMAGENET_DEFAULT_STD):
+        mean, std = (DIGITS_MEAN,) * cfg.in_chans, (DIGITS_STD,) * cfg.in_chans
+    else:
+        mean, std = resolve_norm(cfg.mean, cfg.std, cfg.in_chans)
+
+    def make(x: Any, y: Any, augment: str) -> DigitsDataset:
+        return DigitsDataset(
+            torch.tensor(x).unsqueeze(1), torch.tensor(y), image_size=cfg.image_size,
+            in_chans=cfg.in_chans, mean=mean, std=std, augment=augment,
+        )
+
+    return make(x_tr, y_tr, cfg.augment), make(x_va, y_va, "none"), DIGITS_CLASSES
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic
+
+_SPLIT_IDS = {"train": 0, "val": 1}
+
+
+class SyntheticDataset(Dataset):
+    """Deterministic random images ``[in_chans, image_size, image_size]`` and labels.
+
+    Item ``i`` of a split is generated from a ``torch.Generator`` seeded with
+    ``(seed, split, i)``, so it is identical across calls, processes and workers.  Each image is
+    its class's pattern (4x4 Gaussian noise seeded by ``(seed, label)``, nearest-upsampled)
+    plus unit Gaussian noise, so train and val share the classes' patterns and a model can
+    learn the task.  Values are roughly zero-mean, i.e. already "normalised"; no augmentation.
+    """
+
+    def __init__(
+        self, length: int, *, image_size: int, in_chans: int, classes: int, seed: int,
+        split: str = "train",
+    ) -> None:
+        self.length = length
+        self.image_size = image_size
+        self.in_chans = in_chans
+        self.num_classes = classes
+        self.seed = seed
+        self.split = split
+        self.classes = [str(i) for i in range(classes)]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _pattern(self, label: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_mix_seed(self.seed, 2, label))
+        small = torch.randn(1, self.in_chans, 4, 4, generator=g)
+        return F.interpolate(small, size=(self.image_size, self.image_size), mode="nearest")[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        g = torch.Generator().manual_seed(_mix_seed(self.seed, _SPLIT_IDS[self.split], index))
+        label = int(torch.randint(0, self.num_classes, (1,), generator=g))
+        size = (self.in_chans, self.image_size, self.image_size)
+        noise = torch.randn(size, generator=g)
+        return self._pattern(label) + noise, label
+
+
+def _mix_seed(*parts: int) -> int:
+    """Combine integers into one 63-bit seed (stable across processes, unlike ``hash``)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h * 0x100000001B3 ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _build_synthetic(cfg: DataConfig) -> tuple[SyntheticDataset, SyntheticDataset, int]:
+    common = {
+        "image_size": cfg.image_size, "in_chans": cfg.in_chans, "classes": cfg.classes,
+        "seed": cfg.seed,
+    }
+    train = SyntheticDataset(cfg.size, split="train", **common)
+    val = SyntheticDataset(max(cfg.size // 4, cfg.batch_size), split="val", **common)
+    return train, val, cfg.classes
+
+
+# ---------------------------------------------------------------------------------------------
+# imagefolder
+
+
+def build_transforms(cfg: DataConfig) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """timm ``(train, eval)`` transforms for ``imagefolder`` according to ``cfg.augment``.
+
+    ``deit``: random resized crop, flip, RandAugment ``rand-m9-mstd0.5-inc1`` and random
+    erasing (p=0.25, per-pixel noise, as in DeiT).  ``basic``: the same without RandAugment
+    and random erasing (so colour jitter 0.4 is on).  ``none``: the eval transform (resize to
+    ``image_size / crop_pct``, centre crop) for training too.
+    """
+    mean, std = resolve_norm(cfg.mean, cfg.std, cfg.in_chans)
+    common: dict[str, Any] = {
+        "input_size": (cfg.in_chans, cfg.image_size, cfg.image_size),
+        "interpolation": cfg.interpolation, "mean": mean, "std": std, "crop_pct": cfg.crop_pct,
+    }
+    eval_tf = create_transform(is_training=False, **common)
+    if cfg.augment == "deit":
+        train_tf = create_transform(
+            is_training=True, auto_augment=DEIT_AUTO_AUGMENT, re_prob=DEIT_RE_PROB,
+            re_mode=DEIT_RE_MODE, **common,
+        )
+    elif cfg.augment == "basic":
+        train_tf = create_transform(is_training=True, auto_augment=None, re_prob=0.0, **common)
+    else:
+        train_tf = eval_tf
+    return train_tf, eval_tf
+
+
+def _root_error(path: str, problem: str) -> DataError:
+    return DataError(
+        f"data root {path} {problem}; pass --set data.root=/path/to/imagenet "
+        "(expected layout: <root>/train/<class>/<image> and <root>/val/<class>/<image>)"
+    )
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _class_dirs(split_dir: str) -> list[str]:
+    return sorted(
+        e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
+    )
+
+
+def _scan_class(class_dir: str) -> list[str]:
+    files: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(
+            os.path.join(dirpath, f) for f in sorted(filenames)
+            if _is_image(f) and not f.startswith(".")
+        )
+    return files
+
+
+class ImageFolderDataset(Dataset):
+    """``split_dir/<class>/<image>`` with a given class->index map, robust to corrupt files.
+
+    An image that fails to open/decode does not crash the run: the dataset emits a
+    ``RuntimeWarning`` naming the file (once per file), records it in :attr:`skipped` and
+    returns the next readable sample (index ``i + 1``, wrapping around) instead.  Only when no
+    file of the split can be decoded is :class:`DataError` raised.  Errors raised by the
+    transform are not caught.  With ``workers > 0`` each worker process holds its own copy of
+    :attr:`skipped` (the warnings still reach stderr); read it with ``workers=0`` for an exact
+    count.
+    """
+
+    def __init__(
+        self, split_dir: str, class_to_idx: dict[str, int], *,
+        transform: Callable[[Any], Any] | None = None, in_chans: int = 3,
+    ) -> None:
+        self.root = split_dir
+        self.class_to_idx = dict(class_to_idx)
+        self.classes = sorted(self.class_to_idx, key=self.class_to_idx.__getitem__)
+        self.transform = transform
+        self.mode = "L" if in_chans == 1 else "RGB"
+        self.samples: list[tuple[str, int]] = []
+        for name in _class_dirs(split_dir):
+            if name in self.class_to_idx:
+                idx = self.class_to_idx[name]
+                files = _scan_class(os.path.join(split_dir, name))
+                self.samples.extend((path, idx) for path in files)
+        self.targets = [t for _, t in self.samples]
+        #: Paths of files that failed to decode and were skipped (in this process).
+        self.skipped: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, path: str) -> Any:
+        from PIL import Image
+
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert(self.mode)  # convert() forces the full decode
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        n = len(self.samples)
+        for attempt in range(n):
+            path, target = self.samples[(index + attempt) % n]
+            if path in self.skipped:
+                continue
+            try:
+                img = self._load(path)
+            except Exception as exc:  # corrupt/truncated/unreadable file: skip, never crash
+                self.skipped.add(path)
+                warnings.warn(
+                    f"skipping unreadable image {path}: {type(exc).__name__}: {exc}",
+                    RuntimeWarning, stacklevel=2,
+                )
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, target
+        raise DataError(
+            f"none of the {n} images under {self.root} could be decoded; "
+            "fix the files or pass --set data.root=/path/to/imagenet"
+        )
+
+
+def _build_imagefolder(cfg: DataConfig) -> tuple[ImageFolderDataset, ImageFolderDataset, int]:
+    if not cfg.root:
+        raise DataError(
+            "data.source=imagefolder needs a data root; pass --set data.root=/path/to/imagenet"
+        )
+    root = os.path.abspath(os.path.expanduser(cfg.root))
+    if not os.path.isdir(root):
+        raise _root_error(root, "does not exist" if not os.path.exists(root) else "is not a dir")
+    split_dirs = {s: os.path.join(root, s) for s in ("train", "val")}
+    for split, path in split_dirs.items():
+        if not os.path.isdir(path):
+            raise _root_error(root, f"has no {split} split: {path} does not exist")
+
+    classes = _class_dirs(split_dirs["train"])
+    if not classes:
+        raise _root_error(root, f"has no class folders in {split_dirs['train']}")
+    val_classes = _class_dirs(split_dirs["val"])
+    extra = sorted(set(val_classes) - set(classes))
+    if extra:
+        missing = sorted(set(classes) - set(val_classes))
+        raise DataError(
+            f"class mismatch in data root {root}: {split_dirs['val']} has classes not in "
+            f"{split_dirs['train']}: {_short(extra)}"
+            + (f" (train classes missing from val: {_short(missing)})" if missing else "")
+            + "; val classes must be a subset of train classes; fix the folders or pass "
+            "--set data.root=/path/to/imagenet"
+        )
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    train_tf, eval_tf = build_transforms(cfg)
+    train = ImageFolderDataset(
+        split_dirs["train"], class_to_idx, transform=train_tf, in_chans=cfg.in_chans
+    )
+    val = ImageFolderDataset(
+        split_dirs["val"], class_to_idx, transform=eval_tf, in_chans=cfg.in_chans
+    )
+    for split, ds in (("train", train), ("val", val)):
+        if len(ds) == 0:
+            raise _root_error(
+                root,
+                f"has no images in its {split} split {split_dirs[split]} "
+                f"(extensions: {', '.join(IMAGE_EXTENSIONS)})",
+            )
+    empty = sorted(set(classes) - set(train.classes[t] for t in set(train.targets)))
+    if empty:
+        warnings.warn(
+            f"{split_dirs['train']}: class folders without images: {_short(empty)}",
+            RuntimeWarning, stacklevel=3,
+        )
+    return train, val, len(classes)
+
+
+def _short(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in total)" if len(names) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# public builders
+
+
+def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
+    """Build ``(train, val, num_classes)`` for ``cfg.source``.
+
+    Every dataset yields ``(image, label)`` with ``image`` a float32 tensor
+    ``[in_chans, image_size, image_size]`` and ``label`` an ``int`` in ``[0, num_classes)``.
+    The val split is never augmented.  Raises :class:`DataError` for a missing/empty root or
+    split, or val classes that are not a subset of train classes (``imagefolder``).
+    """
+    if cfg.source == "digits":
+        return _build_digits(cfg)
+    if cfg.source == "synthetic":
+        return _build_synthetic(cfg)
+    return _build_imagefolder(cfg)
+
+
+def build_loaders(
+    cfg: DataConfig,
+    *,
+    distributed: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = True,
+) -> tuple[DataLoader, DataLoader, int]:
+    """Build ``(train_loader, val_loader, num_classes)``.
+
+    Train: shuffled by a ``torch.Generator`` seeded with ``cfg.seed`` (or, when
+    ``distributed``, a ``DistributedSampler(shuffle=True, seed=cfg.seed)``) and
+    ``drop_last`` so every step sees exactly ``cfg.batch_size`` samples.  Val: in order,
+    incomplete last batch kept; with ``distributed`` a ``DistributedSampler(shuffle=False)``,
+    which pads the split with repeated samples to a multiple of ``world_size``.  Call
+    :func:`set_epoch` at the start of every epoch for a per-epoch order that is reproducible
+    and resumable.  Worker RNGs (torch, ``random``, numpy) are seeded by torch from the
+    loader's generator, seeded with ``cfg.seed + rank``; with ``workers=0`` augmentation draws
+    from the global RNGs, which the trainer seeds.
+
+    Raises :class:`DataError` when ``drop_last`` would leave the train loader without a
+    single batch.
+    """
+    if distributed and not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside [0, world_size={world_size})")
+    train_ds, val_ds, num_classes = build_datasets(cfg)
+
+    train_sampler: DistributedSampler | None = None
+    val_sampler: DistributedSampler | None = None
+    per_replica = len(train_ds)
+    if distributed:
+        train_sampler = DistributedSampler(
+            train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
+            drop_last=drop_last,
+        )
+        val_sampler = DistributedSampler(
+            val_ds, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False
+        )
+        per_replica = train_sampler.num_samples
+    if drop_last and per_replica < cfg.batch_size:
+        raise DataError(
+            f"train split has {per_replica} images per device, fewer than "
+            f"data.batch_size={cfg.batch_size}, so drop_last leaves no batch; pass "
+            f"--set data.batch_size=<n <= {per_replica}> or use more data"
+        )
+
+    common: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": cfg.workers > 0,
+    }
+    train_gen = torch.Generator().manual_seed(cfg.seed + rank)
+    val_gen = torch.Generator().manual_seed(cfg.seed + rank)
+    train_loader = DataLoader(
+        train_ds, sampler=train_sampler, shuffle=train_sampler is None, drop_last=drop_last,
+        generator=train_gen, **common,
+    )
+    val_loader = DataLoader(
+        val_ds, sampler=val_sampler, shuffle=False, drop_last=False, generator=val_gen,
+        **common,
+    )
+    return train_loader, val_loader, num_classes
+
+
+def set_epoch(loader: DataLoader, epoch: int, *, seed: int) -> None:
+    """Make ``loader``'s shuffle order a function of ``(seed, epoch)``; call once per epoch.
+
+    Calls ``DistributedSampler.set_epoch`` when the loader has one, otherwise reseeds the
+    loader's generator with ``seed + epoch`` so a resumed run replays the same order.  Pass
+    the ``seed`` the loader was built with (``cfg.seed``; add ``rank`` when distributed).
+    """
+    sampler = loader.sampler
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    elif loader.generator is not None:
+        loader.generator.manual_seed(seed + epoch)
+
+
+def build_mixup(cfg: DataConfig, num_classes: int) -> Callable[..., Any] | None:
+    """timm ``Mixup`` for ``cfg.mixup``/``cfg.cutmix`` alphas, or ``None`` when both are 0.
+
+    Configured as in DeiT: ``switch_prob=0.5``, ``mode="batch"``, ``prob=1.0``,
+    ``label_smoothing=cfg.smoothing``.  Call it as ``images, soft_targets = mixup(images,
+    labels)`` on each train batch (before teacher and student see it); ``soft_targets`` is a
+    float ``[B, num_classes]`` tensor.  timm requires an even batch size, so an odd
+    ``cfg.batch_size`` raises :class:`DataError` (train loaders use ``drop_last``, so every
+    batch has ``cfg.batch_size`` samples).
+    """
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    if cfg.batch_size % 2:
+        raise DataError(
+            f"mixup/cutmix needs an even batch size but data.batch_size={cfg.batch_size}; "
+            f"pass --set data.batch_size={cfg.batch_size + 1} (or disable with "
+            "--set data.mixup=0 --set data.cutmix=0)"
+        )
+    if num_classes < 1:
+        raise DataError(f"mixup needs num_classes >= 1, got {num_classes}")
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=1.0,
+        switch_prob=0.5,
+        mode="batch",
+        label_smoothing=cfg.smoothing,
+        num_classes=num_classes,
+    )
