@@ -9,6 +9,7 @@ here allocates a tensor.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -302,7 +303,7 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
                                                                   data.batch_size))}
     train_images, val_images = sizes.get(data.source, (None, None))
     workers = data.workers if data.workers is not None else (
-        8 if data.source == "imagefolder" else 0)
+        min(8, os.cpu_count() or 1) if data.source == "imagefolder" else 0)
     adapters = sum(t.adapter_params for t in terms)
     opt = spec.train.optimizer
     sched = spec.train.schedule

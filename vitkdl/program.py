@@ -9,6 +9,8 @@ compile mode asks for it; backward, the optimizer step and mixup stay outside th
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import sys
 import time
 from collections.abc import Callable
@@ -61,7 +63,11 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    # Checkpoints written by the original DeiT / DeiT III training scripts also pickle the
+    # command line (an argparse.Namespace): harmless, so allow it under weights_only.
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    with allow([argparse.Namespace]) if allow is not None else nullcontext():
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
     for key in ("model_ema", "state_dict_ema", "model", "state_dict", "student"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and key != "state_dict_ema":
             obj = obj[key]
@@ -69,6 +75,19 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict):
         raise ValueError("the file holds no state dict")
     return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+def _read_failure(exc: Exception) -> str:
+    """One line saying why a weights file could not be read (torch's weights-only unpickler
+    buries the reason under a paragraph about ``weights_only``)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = next((line.strip() for line in text.split(marker, 1)[1].splitlines()
+                       if line.strip()), "")
+        return f"not a PyTorch checkpoint of plain tensors ({reason.split('. ')[0]})"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def load_weights(model: nn.Module, path: str | Path, role: str) -> None:
@@ -82,12 +101,16 @@ def load_weights(model: nn.Module, path: str | Path, role: str) -> None:
     try:
         state = _read_state_dict(path)
     except Exception as exc:  # a corrupt or foreign file: one clear line
-        raise VkdError([error(f"{where}: cannot read: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}")]) from None
+        raise VkdError([error(f"{where}: cannot read: {_read_failure(exc)}")]) from None
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
+        kwargs: dict[str, Any] = {}
         with suppress(Exception):
-            state = filter_fn(state, model)
+            if (any(".gamma_" in k for k in state)
+                    and "adapt_layer_scale" in inspect.signature(filter_fn).parameters):
+                kwargs["adapt_layer_scale"] = True  # original DeiT III: gamma_1 -> ls1.gamma
+        with suppress(Exception):
+            state = filter_fn(state, model, **kwargs)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -162,6 +185,14 @@ def _block_taps(terms: list[TermPlan], side: str) -> list[int]:
             if isinstance(b, int):
                 out.add(b)
     return sorted(out)
+
+
+def _single_logits(logits: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """One ``[B, C]`` tensor: a distilled DeiT with ``distilled_training`` on returns its class
+    and distillation heads separately in train mode; average them as timm does at inference."""
+    if isinstance(logits, (tuple, list)):
+        return sum(logits[1:], logits[0]) / len(logits)
+    return logits
 
 
 @dataclass
@@ -248,18 +279,18 @@ class Program(nn.Module):
             final = model.forward_features(images)
             taps = {}
         taps["norm"] = final[:, prefix:]
-        return model.forward_head(final), taps
+        return _single_logits(model.forward_head(final)), taps
 
     def student_logits(self, images: Tensor) -> Tensor:
         """The student's logits (for evaluation)."""
         with self._autocast(images.device.type):
-            return self.student(images)
+            return _single_logits(self.student(images))
 
     def teacher_logits(self, images: Tensor) -> Tensor:
         """The teacher's logits (for its accuracy at start)."""
         assert self.teacher is not None
         with torch.no_grad(), self._autocast(images.device.type):
-            return self.teacher(images)
+            return _single_logits(self.teacher(images))
 
     def forward(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         with self._autocast(images.device.type):
@@ -289,7 +320,11 @@ class Program(nn.Module):
         return out
 
     def compile_report(self, images: Tensor, targets: Tensor) -> CompileReport:
-        """Trace the step with ``torch._dynamo.explain`` (graphs and breaks, no inductor)."""
+        """Trace the step with ``torch._dynamo.explain`` (graphs and breaks, no inductor).
+
+        ``explain`` resets dynamo before and after tracing, so a step compiled earlier
+        compiles again on its next call: report before training, not in the middle of it.
+        """
         import torch._dynamo
 
         torch._dynamo.reset()

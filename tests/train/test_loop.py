@@ -1,0 +1,244 @@
+"""`vitkdl run` end to end on tiny recipes: outputs, exact resume, faults, dependencies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from vitkdl.cli import main
+
+TINY = """
+recipe {name}
+student vit_tiny_patch16_224 {{
+    img_size = 8
+    patch_size = 2
+    in_chans = 1
+    depth = 1
+    embed_dim = 16
+    num_heads = 2
+    num_classes = 10
+}}
+data digits {{ batch_size = 32 }}
+train {{
+    epochs = {epochs}
+    optimizer = adamw(lr = 2e-3, weight_decay = 0.05)
+    schedule = cosine(warmup_epochs = 1, min_lr = 1e-5)
+    eval_every = 1
+    log_every = {log_every}
+    ema = 0.99
+    clip_grad = 1.0
+}}
+"""
+
+STUDENT = """
+recipe {name}
+teacher from "teacher.vkd"
+student vit_tiny_patch16_224 {{
+    img_size = 8
+    patch_size = 2
+    in_chans = 1
+    depth = 1
+    embed_dim = 8
+    num_heads = 2
+    num_classes = 10
+}}
+data digits {{ batch_size = 32 }}
+distill {{
+    mimic student.blocks[0] -> teacher.blocks[0] {{ weight = 1e-3 }}
+    generate student.norm -> teacher.norm {{ weight = 1e-4 }}
+    nkd
+}}
+train {{ epochs = 1 log_every = 10 }}
+"""
+
+
+def write(tmp: Path, name: str, text: str) -> Path:
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+def run(*argv: str) -> int:
+    return main(["run", *argv, "--quiet"])
+
+
+def test_tiny_run_writes_every_output_and_exports_a_timm_student(tmp_path, capsys) -> None:
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=2, log_every=10))
+    assert run(str(recipe), "--out", str(tmp_path / "runs")) == 0
+    out = tmp_path / "runs" / "tiny"
+    for name in ("recipe.json", "plan.json", "metrics.jsonl", "curves.png", "last.pt",
+                 "best.pt", "student.safetensors", "student_ema.safetensors", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("recipe", "top1", "top5", "best_top1", "teacher_top1", "epochs", "steps",
+                "images_per_second", "wall_seconds", "peak_memory_mb", "world_size",
+                "compile"):
+        assert key in summary, key
+    assert summary["epochs"] == 2 and summary["steps"] == 2 * (1437 // 32)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]  # it learns
+    assert {"loss", "labels", "lr", "images_per_second"} <= set(train[0])
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [0, 1]
+
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=True, img_size=8,
+                              patch_size=2, in_chans=1, depth=1, embed_dim=16, num_heads=2,
+                              num_classes=10,
+                              pretrained_cfg_overlay={"file": str(out / "student.safetensors"),
+                                                      "num_classes": 10})
+    assert summary["timm"]["kwargs"]["embed_dim"] == 16
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "student.safetensors"))
+    assert torch.equal(model.head.weight, saved["head.weight"])
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path) -> None:
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=3, log_every=1))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "vitkdl", "run", str(recipe), "--quiet"]
+    subprocess.run([*cmd, "--out", str(tmp_path / "whole")], check=True, env=env, cwd=ROOT,
+                   capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "tiny" / "metrics.jsonl"
+    steps_per_epoch = 1437 // 32
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the run is a few steps into epoch 1
+        if metrics.exists() and (killed / "tiny" / "last.pt").exists():
+            lines = metrics.read_text().splitlines()
+            steps = [json.loads(x)["step"] for x in lines[-3:] if x.strip().endswith("}")]
+            if steps and max(steps) >= steps_per_epoch + 5:
+                break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "tiny" / "summary.json").exists()
+
+    subprocess.run([*cmd, "--out", str(killed), "--resume"], check=True, env=env, cwd=ROOT,
+                   capture_output=True)
+    a, b = _summary(tmp_path / "whole" / "tiny"), _summary(killed / "tiny")
+    for key in ("top1", "top5", "best_top1", "ema_top1", "epochs", "steps"):
+        assert a[key] == b[key], key
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "whole" / "tiny" / "student.safetensors"))
+    wb = load_file(str(killed / "tiny" / "student.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, capsys) -> None:
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
+    out = str(tmp_path / "runs")
+    assert run(str(recipe), "--out", out, "--max-steps", "3") == 0
+    capsys.readouterr()
+    assert run(str(recipe), "--out", out, "--resume", "--set", "train.epochs=2") == 1
+    assert "different version of the recipe" in " ".join(capsys.readouterr().err.split())
+    assert run(str(recipe), "--out", out, "--resume", "--force",
+               "--set", "train.epochs=2") == 0
+
+
+def test_corrupt_checkpoint_and_missing_checkpoint(tmp_path, capsys) -> None:
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
+    out = tmp_path / "runs"
+    assert run(str(recipe), "--out", str(out), "--resume") == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+    (out / "tiny").mkdir(parents=True, exist_ok=True)
+    (out / "tiny" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert run(str(recipe), "--out", str(out), "--resume") == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot be read" in err and "Traceback" not in err
+
+
+def test_nan_loss_names_the_term_and_keeps_the_checkpoint(tmp_path, capsys) -> None:
+    write(tmp_path, "teacher.vkd", TINY.format(name="teacher", epochs=1, log_every=10))
+    student = write(tmp_path, "student.vkd", STUDENT.format(name="student"))
+    code = run(str(student), "--out", str(tmp_path / "runs"),
+               "--set", "distill.mimic.weight=1e38", "--set", "train.epochs=2")
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1
+    assert "in term mimic" in err and "stopped" in err
+
+
+def test_teacher_from_trains_the_dependency_first_then_reuses_it(tmp_path, capsys) -> None:
+    write(tmp_path, "teacher.vkd", TINY.format(name="teacher", epochs=1, log_every=10))
+    student = write(tmp_path, "student.vkd", STUDENT.format(name="student"))
+    runs = tmp_path / "runs"
+    assert main(["run", str(student), "--out", str(runs)]) == 0
+    assert "training it first" in " ".join(capsys.readouterr().err.split())
+    teacher_summary = _summary(runs / "teacher")
+    student_summary = _summary(runs / "student")
+    assert student_summary["teacher_top1"] == teacher_summary["top1"]
+    assert main(["run", str(student), "--out", str(runs), "--set", "train.epochs=1"]) == 0
+    assert "is up to date" in " ".join(capsys.readouterr().err.split())
+
+
+def test_several_recipes_end_with_a_comparison(tmp_path, capsys) -> None:
+    a = write(tmp_path, "a.vkd", TINY.format(name="a", epochs=1, log_every=10))
+    b = write(tmp_path, "b.vkd", TINY.format(name="b", epochs=1, log_every=10))
+    assert main(["run", str(a), str(b), "--out", str(tmp_path / "runs"),
+                 "--max-steps", "5"]) == 0
+    assert "comparison" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "comparison.png").is_file()
+
+
+def test_missing_data_root_and_unwritable_output(tmp_path, capsys) -> None:
+    recipe = write(tmp_path, "img.vkd", TINY.format(name="img", epochs=1, log_every=10)
+                   .replace("data digits", 'data imagefolder { root = "nowhere" } #'))
+    assert run(str(recipe), "--out", str(tmp_path / "runs")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "data root nowhere does not exist" in err and "--set data.root=" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    ok = write(tmp_path, "ok.vkd", TINY.format(name="ok", epochs=1, log_every=10))
+    assert run(str(ok), "--out", str(blocker / "runs")) == 1
+    assert "cannot write to the output folder" in " ".join(capsys.readouterr().err.split())
+
+
+def test_imagefolder_of_your_own_images_trains(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.new("RGB", (20, 20), colour).save(folder / f"{i}.png")
+    (root / "train" / "class0" / "broken.jpg").write_bytes(b"not an image")
+    recipe = write(tmp_path, "folder.vkd", f"""
+        student vit_tiny_patch16_224 {{
+            img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  num_heads = 2
+            num_classes = 2
+        }}
+        data imagefolder {{ root = "{root}" batch_size = 4 augment = basic workers = 0 }}
+        train {{ epochs = 2 }}""")
+    with pytest.warns(RuntimeWarning, match="broken.jpg"):
+        assert run(str(recipe), "--out", str(tmp_path / "runs")) == 0
+    assert _summary(tmp_path / "runs" / "folder")["top1"] is not None
+
+
+def test_smoke_runs_a_paper_recipe_without_its_data(tmp_path, capsys) -> None:
+    code = run(str(ROOT / "recipes" / "deit_tiny_vitkd_kd.vkd"), "--smoke",
+               "--out", str(tmp_path / "runs"), "--set", "student.depth=2",
+               "--set", "teacher.depth=2")
+    assert code == 0, capsys.readouterr().err
+    summary = _summary(tmp_path / "runs" / "deit_tiny_vitkd_kd")
+    assert summary["steps"] == 3

@@ -1,0 +1,67 @@
+"""``vitkdl run RECIPE...``: train, evaluate, checkpoint and compare."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
+
+HELP = """Train each recipe's student: the teacher first when it is `from` another recipe whose
+exported student is missing or stale, then the recipe itself, then (for a recipe that extends a
+student-only baseline recipe, like the quickstart) the baseline, and a comparison table.
+Outputs go to OUT/NAME/: recipe.json, plan.json, metrics.jsonl, curves.png, last.pt, best.pt,
+student.safetensors, summary.json."""
+
+EPILOG = """examples:
+  vitkdl run recipes/quickstart.vkd                      the main job: teacher, student, baseline
+  vitkdl run recipes/deit_tiny_vitkd_kd.vkd --set data.root=/data/imagenet
+  vitkdl run recipes/deit_base_vitkd_kd.vkd --smoke      a few steps on synthetic data
+  vitkdl run recipes/quickstart.vkd --resume             continue a killed run
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="train recipes", description=HELP, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipes", nargs="+", metavar="RECIPE", help=".vkd files")
+    add_recipe_options(p)
+    p.add_argument("--out", type=Path, default=Path("runs"), metavar="OUT",
+                   help="output root (default: runs)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/NAME/last.pt")
+    p.add_argument("--force", action="store_true",
+                   help="resume even though the recipe changed since the checkpoint")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop after N optimizer steps")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few steps of the recipe's real models on synthetic data")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="do not train the baseline a recipe extends for comparison")
+    p.add_argument("--quiet", action="store_true", help="only the final tables")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitkdl.errors import VkdError
+    from vitkdl.train.checkpoint import CheckpointError
+    from vitkdl.train.data import DataError
+    from vitkdl.train.loop import TrainError
+    from vitkdl.train.runner import RunRequest, run_many
+
+    _, err = consoles()
+    if args.max_steps is not None and args.max_steps < 1:
+        err.print("vitkdl run: error: --max-steps must be at least 1")
+        return 2
+    req = RunRequest(out_root=args.out, overrides=tuple(args.overrides), resume=args.resume,
+                     force=args.force, max_steps=args.max_steps, smoke=args.smoke,
+                     quiet=args.quiet, device=args.device, baseline=args.baseline)
+    try:
+        run_many(args.recipes, req, err)
+    except VkdError as exc:
+        print_diagnostics(err, exc.diagnostics, exc.sources)
+        return 2
+    except (TrainError, DataError, CheckpointError) as exc:
+        err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
+        return 1
+    return 0
