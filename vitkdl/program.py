@@ -68,8 +68,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     with allow([argparse.Namespace]) if allow is not None else nullcontext():
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("model_ema", "state_dict_ema", "model", "state_dict", "student"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and key != "state_dict_ema":
+    # The EMA weights first when a training checkpoint has them (timm's use_ema default).
+    for key in ("model_ema", "model", "state_dict", "student"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict):

@@ -435,29 +435,14 @@ def _apply_overrides(raw: RawRecipe, overrides: Sequence[str], sources: Sources,
         path, value_text = text.split("=", 1)
         path_span = _override_span(i, 1, len(path))
         try:
-            value = _relocate(syn.parse_value(value_text, "--set", column=len(path) + 2), i + 1)
+            value = syn.move(syn.parse_value(value_text, "--set", column=len(path) + 2),
+                             line=i + 1)
         except VkdError:
             # Not a recipe value: take the text as written, as a shell user expects for paths
             # (--set data.root=/data/imagenet). A field that wants a number still says so.
             value = syn.String(value_text, _override_span(i, len(path) + 2, len(value_text)))
         parts = path.strip().split(".")
         _set_path(raw, parts, value, path_span, diags)
-
-
-def _relocate(value: Any, line: int) -> Any:
-    import dataclasses
-
-    changes: dict[str, Any] = {}
-    for f in dataclasses.fields(value):
-        v = getattr(value, f.name)
-        if isinstance(v, Span):
-            changes[f.name] = v.model_copy(update={"line": line, "end_line": line})
-        elif isinstance(v, tuple):
-            changes[f.name] = tuple(_relocate(x, line) if dataclasses.is_dataclass(x) else x
-                                    for x in v)
-        elif dataclasses.is_dataclass(v):
-            changes[f.name] = _relocate(v, line)
-    return dataclasses.replace(value, **changes)
 
 
 def _as_field(name: str, value: syn.Value, span: Span) -> syn.Field:

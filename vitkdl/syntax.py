@@ -523,23 +523,29 @@ def parse_value(text: str, file: str = "<--set>", column: int = 1) -> Value:
                               diag.expected, diag.hint)
         raise VkdError([diag]) from None
     value = _Build(file).transform(tree)
-    return _shift(value, column - 1)
+    return move(value, columns=column - 1)
 
 
-def _shift(value: Any, by: int) -> Any:
-    """Move every span of a value right by ``by`` columns (values parsed out of ``--set``)."""
-    if by == 0:
-        return value
+def move(value: Any, *, line: int | None = None, columns: int = 0) -> Any:
+    """A copy of a syntax node with every span put on ``line`` and shifted right by
+    ``columns`` (values parsed out of ``--set`` arguments)."""
     import dataclasses
+
+    def span(v: Span) -> Span:
+        update: dict[str, int] = {"column": v.column + columns,
+                                  "end_column": v.end_column + columns}
+        if line is not None:
+            update.update(line=line, end_line=line)
+        return v.model_copy(update=update)
 
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(value):
         v = getattr(value, f.name)
         if isinstance(v, Span):
-            changes[f.name] = v.model_copy(update={"column": v.column + by,
-                                                   "end_column": v.end_column + by})
+            changes[f.name] = span(v)
         elif isinstance(v, tuple):
-            changes[f.name] = tuple(_shift(x, by) for x in v)
+            changes[f.name] = tuple(move(x, line=line, columns=columns)
+                                    if dataclasses.is_dataclass(x) else x for x in v)
         elif dataclasses.is_dataclass(v):
-            changes[f.name] = _shift(v, by)
+            changes[f.name] = move(v, line=line, columns=columns)
     return dataclasses.replace(value, **changes)

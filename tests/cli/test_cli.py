@@ -114,3 +114,20 @@ def test_warm_validate_does_not_import_torch(tmp_path) -> None:
                               env=env, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip().splitlines()[-1] == expected
+
+
+def test_explain_compile_report(capsys) -> None:
+    code, out, err = run(capsys, "explain", "recipes/quickstart.vkd", "--compile")
+    assert code == 0, err
+    assert "graphs: 1, graph breaks: 0" in out
+    code, out, _ = run(capsys, "explain", "recipes/quickstart.vkd", "--compile", "--json")
+    report = json.loads(out)["compile_report"]
+    assert report["graphs"] == 1 and report["breaks"] == 0
+
+
+def test_run_help_lists_examples(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--resume" in out and "--smoke" in out and "vitkdl run recipes/quickstart.vkd" in out

@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", metavar="RECIPE", help="a .vkd file")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--compile", action="store_true",
+                   help="also build the models (random weights) and trace the training step "
+                        "with torch._dynamo.explain: graphs, graph breaks, trace time")
     add_recipe_options(p)
     p.set_defaults(func=run)
 
@@ -151,8 +154,34 @@ def run(args: argparse.Namespace) -> int:
     except VkdError as exc:
         print_diagnostics(err, exc.diagnostics, exc.sources)
         return 2
+    report = compile_report(plan) if args.compile else None
     if args.json:
-        out.print_json(plan.model_dump_json())
+        data = plan.model_dump(mode="json")
+        if report is not None:
+            data["compile_report"] = report
+        out.print_json(data=data)
     else:
         render_plan(plan, out)
+        if report is not None:
+            out.print("[bold]compile report[/] (torch._dynamo.explain of the training step, "
+                      f"batch {report['batch']}, random weights)")
+            for line in report["lines"]:
+                out.print(f"  {escape(line)}")
     return 0
+
+
+def compile_report(plan: Plan) -> dict[str, object]:
+    """Build the program with random weights and trace one step (imports torch)."""
+    import dataclasses
+
+    import torch
+
+    from vitkdl.program import build
+
+    program = build(plan, "cpu", load=False)  # the step is traced, never run compiled
+    batch = 2
+    images = torch.randn(batch, plan.student.in_chans, plan.data.image_size,
+                         plan.data.image_size)
+    targets = torch.randint(0, plan.student.num_classes, (batch,))
+    report = program.compile_report(images, targets)
+    return {"batch": batch, "lines": report.lines(), **dataclasses.asdict(report)}
