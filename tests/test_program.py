@@ -18,6 +18,7 @@ from torch import nn
 
 import vitkdl
 from tests.conftest import RECIPES, shipped_recipes
+from vitkdl import program as program_module
 from vitkdl.errors import VkdError
 from vitkdl.program import Program, resolve_compile, resolve_precision
 from vitkdl.spec import load_spec
@@ -146,7 +147,7 @@ def taps(program: Program, images: torch.Tensor, side: str) -> dict[int | str, t
     plan = program.plan.student if side == "student" else program.plan.teacher
     blocks = list(range(plan.depth))
     with torch.no_grad():
-        logits, out = program._run(model, images, blocks, plan.prefix_tokens)
+        logits, out = program_module._run(model, images, blocks, plan.prefix_tokens)
     assert logits.shape == (images.shape[0], plan.num_classes)
     return out
 
@@ -249,7 +250,7 @@ def test_taps_anywhere_and_several_terms(tmp_path: Path) -> None:
     blocks = {t.name: (t.student_blocks, t.teacher_blocks) for t in program.plan.terms}
     assert blocks["mimic"] == ([0, 1], [0, 2]) and blocks["deep_mimic"] == ([2], [3])
     assert blocks["generate"] == (["norm"], ["norm"]) and blocks["gen2"] == ([1], [3])
-    assert program._student_blocks == [0, 1, 2] and program._teacher_blocks == [0, 2, 3]
+    assert program.core.blocks == [0, 1, 2] and program._teacher_blocks == [0, 2, 3]
     names = ["mimic", "deep_mimic", "generate", "gen2", "kd", "nkd", "labels"]
     for soft in (False, True):
         images, targets = batch(program, soft=soft)

@@ -216,6 +216,64 @@ class CompileReport:
         return out
 
 
+def _run(model: nn.Module, images: Tensor, blocks: list[int], prefix: int
+         ) -> tuple[Tensor, dict[int | str, Tensor]]:
+    """One pass of a timm ViT: logits and the requested taps (patch tokens only)."""
+    if blocks:
+        final, feats = model.forward_intermediates(images, indices=blocks, output_fmt="NLC")
+        taps: dict[int | str, Tensor] = dict(zip(blocks, feats, strict=True))
+    else:
+        final = model.forward_features(images)
+        taps = {}
+    taps["norm"] = final[:, prefix:]
+    return _single_logits(model.forward_head(final)), taps
+
+
+class StudentSide(nn.Module):
+    """The trainable half of a program: the student, the adapters and every loss.
+
+    ``forward(images, targets, teacher_logits, teacher_taps)`` runs the student once and
+    returns ``{"loss": total, term: detached value}``. Under DDP this module, and only this
+    one, is wrapped: the teacher is never wrapped, synced or given gradients.
+    """
+
+    def __init__(self, plan: Plan, student: nn.Module, terms: nn.ModuleDict,
+                 autocast_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.student = student
+        self.terms = terms
+        self.plan_terms = plan.terms
+        self.autocast_dtype = autocast_dtype
+        self.blocks = _block_taps(plan.terms, "student")
+        self.prefix = plan.student.prefix_tokens
+
+    def forward(self, images: Tensor, targets: Tensor, t_logits: Tensor | None,
+                t_taps: dict[int | str, Tensor]) -> dict[str, Tensor]:
+        with _autocast(images.device.type, self.autocast_dtype):
+            s_logits, s_taps = _run(self.student, images, self.blocks, self.prefix)
+        out: dict[str, Tensor] = {}
+        total = s_logits.new_zeros((), dtype=torch.float32)
+        for t in self.plan_terms:
+            module = self.terms[t.name]
+            if t.kind in ("mimic", "generate"):
+                value = module([s_taps[b] for b in t.student_blocks],
+                               [t_taps[b] for b in t.teacher_blocks])
+            elif t.kind == "labels":
+                value = module(s_logits, targets)
+            else:
+                value = module(s_logits, t_logits, targets)
+            total = total + value
+            out[t.name] = value.detach()
+        out["loss"] = total
+        return out
+
+
+def _autocast(device_type: str, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
 class Program(nn.Module):
     """Teacher, student and distillation terms, with one forward that returns every loss.
 
@@ -229,17 +287,17 @@ class Program(nn.Module):
                  compile_mode: str | None = None) -> None:
         super().__init__()
         self.plan = plan
-        self.student = student
+        self.core = StudentSide(plan, student, terms, autocast_dtype)
         self.teacher = teacher
-        self.terms = terms
         self.autocast_dtype = autocast_dtype
         self.compile_mode = compile_mode
-        self._student_blocks = _block_taps(plan.terms, "student")
         self._teacher_blocks = _block_taps(plan.terms, "teacher")
-        self._student_prefix = plan.student.prefix_tokens
         self._teacher_prefix = plan.teacher.prefix_tokens if plan.teacher else 0
         self._needs_teacher = teacher is not None and any(t.kind != "labels"
                                                           for t in plan.terms)
+        # The DDP wrapper of `core` when distributed; kept out of the module tree so that
+        # state dicts and parameters() stay those of the plain modules.
+        self.__dict__["_ddp"] = None
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -252,6 +310,37 @@ class Program(nn.Module):
             self.predict = torch.compile(self.student_logits, fullgraph=True,
                                          mode=compile_mode)
 
+    @property
+    def student(self) -> nn.Module:
+        return self.core.student
+
+    @property
+    def terms(self) -> nn.ModuleDict:
+        return self.core.terms
+
+    def distribute(self, device_ids: list[int] | None = None) -> None:
+        """Wrap the student side (student and adapters, never the teacher) in DDP.
+
+        Compiled, the step becomes two compiled regions: the teacher pass (one graph) and
+        the DDP-wrapped student side, which dynamo's DDP optimizer splits at gradient-bucket
+        boundaries so all-reduce overlaps the backward pass.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(self.core, device_ids=device_ids)
+        self.__dict__["_ddp"] = ddp
+        if self.compile_mode is None:
+            self.step = self.forward
+            return
+        core = torch.compile(ddp, mode=self.compile_mode)
+        teacher = torch.compile(self.teacher_pass, fullgraph=True, mode=self.compile_mode)
+
+        def step(images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+            t_logits, t_taps = teacher(images)
+            return core(images, targets, t_logits, t_taps)
+
+        self.step = step
+
     def train(self, mode: bool = True) -> Program:
         super().train(mode)
         if self.teacher is not None:
@@ -260,27 +349,10 @@ class Program(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Student and adapter parameters (what the optimizer updates)."""
-        return [p for p in [*self.student.parameters(), *self.terms.parameters()]
-                if p.requires_grad]
+        return [p for p in self.core.parameters() if p.requires_grad]
 
     def _autocast(self, device_type: str) -> Any:
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type, dtype=self.autocast_dtype)
-
-    @staticmethod
-    def _run(model: nn.Module, images: Tensor, blocks: list[int], prefix: int
-             ) -> tuple[Tensor, dict[int | str, Tensor]]:
-        """One pass: logits and the requested taps (patch tokens only)."""
-        if blocks:
-            final, feats = model.forward_intermediates(images, indices=blocks,
-                                                       output_fmt="NLC")
-            taps: dict[int | str, Tensor] = dict(zip(blocks, feats, strict=False))
-        else:
-            final = model.forward_features(images)
-            taps = {}
-        taps["norm"] = final[:, prefix:]
-        return _single_logits(model.forward_head(final)), taps
+        return _autocast(device_type, self.autocast_dtype)
 
     def student_logits(self, images: Tensor) -> Tensor:
         """The student's logits (for evaluation)."""
@@ -293,32 +365,19 @@ class Program(nn.Module):
         with torch.no_grad(), self._autocast(images.device.type):
             return _single_logits(self.teacher(images))
 
+    def teacher_pass(self, images: Tensor) -> tuple[Tensor | None, dict[int | str, Tensor]]:
+        """The teacher's logits and taps for a batch (no gradients), or ``(None, {})`` when
+        no term needs them."""
+        if not self._needs_teacher:
+            return None, {}
+        assert self.teacher is not None
+        with torch.no_grad(), self._autocast(images.device.type):
+            return _run(self.teacher, images, self._teacher_blocks, self._teacher_prefix)
+
     def forward(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        with self._autocast(images.device.type):
-            s_logits, s_taps = self._run(self.student, images, self._student_blocks,
-                                         self._student_prefix)
-            t_logits: Tensor | None = None
-            t_taps: dict[int | str, Tensor] = {}
-            if self._needs_teacher:
-                assert self.teacher is not None
-                with torch.no_grad():
-                    t_logits, t_taps = self._run(self.teacher, images, self._teacher_blocks,
-                                                 self._teacher_prefix)
-        out: dict[str, Tensor] = {}
-        total = s_logits.new_zeros((), dtype=torch.float32)
-        for t in self.plan.terms:
-            module = self.terms[t.name]
-            if t.kind in ("mimic", "generate"):
-                value = module([s_taps[b] for b in t.student_blocks],
-                               [t_taps[b] for b in t.teacher_blocks])
-            elif t.kind == "labels":
-                value = module(s_logits, targets)
-            else:
-                value = module(s_logits, t_logits, targets)
-            total = total + value
-            out[t.name] = value.detach()
-        out["loss"] = total
-        return out
+        t_logits, t_taps = self.teacher_pass(images)
+        core = self._ddp if self._ddp is not None else self.core
+        return core(images, targets, t_logits, t_taps)
 
     def compile_report(self, images: Tensor, targets: Tensor) -> CompileReport:
         """Trace the step with ``torch._dynamo.explain`` (graphs and breaks, no inductor).

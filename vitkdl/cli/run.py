@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
@@ -39,7 +43,47 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="do not train the baseline a recipe extends for comparison")
     p.add_argument("--quiet", action="store_true", help="only the final tables")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="train on N processes of this machine (launches torchrun; one GPU "
+                        "each, or gloo on CPU). For several machines call torchrun yourself: "
+                        "torchrun --nnodes ... -m vitkdl run RECIPE")
     p.set_defaults(func=run)
+
+
+_LAUNCHER_NOISE = re.compile(r"^(E|W)\d{4} .*(elastic|distributed)|^\*{5,}|^Setting OMP_NUM")
+
+
+def launch_torchrun(nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
+    argv = sys.argv[1:]
+    rest: list[str] = []
+    skip = False
+    for a in argv:  # drop --nproc-per-node N / --nproc-per-node=N
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "vitkdl", *rest]
+    # The workers report their own errors; what the launcher prints after a failure (its
+    # traceback and failure table) adds nothing for a user, so it is held back.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    hiding = False
+    for line in proc.stderr:
+        hiding = hiding or line.startswith(("Traceback (most recent call last):", "====="))
+        if not hiding and not _LAUNCHER_NOISE.match(line):
+            sys.stderr.write(line)
+    code = proc.wait()
+    if code != 0:
+        sys.stderr.write(f"vitkdl run: a worker process failed (exit status {code}); its "
+                         "message is above\n")
+    return 2 if code == 2 else (1 if code else 0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         err.print("vitkdl run: error: --max-steps must be at least 1")
         return 2
+    if args.nproc_per_node is not None:
+        if args.nproc_per_node < 1:
+            err.print("vitkdl run: error: --nproc-per-node must be at least 1")
+            return 2
+        if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+            return launch_torchrun(args.nproc_per_node)
     req = RunRequest(out_root=args.out, overrides=tuple(args.overrides), resume=args.resume,
                      force=args.force, max_steps=args.max_steps, smoke=args.smoke,
                      quiet=args.quiet, device=args.device, baseline=args.baseline)

@@ -544,8 +544,8 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader, int]:
     """Build ``(train_loader, val_loader, num_classes)``.
 
-    Train: shuffled by a ``torch.Generator`` seeded with ``cfg.seed`` (or, when
-    ``distributed``, a ``DistributedSampler(shuffle=True, seed=cfg.seed)``) and
+    Train: shuffled by a ``DistributedSampler(shuffle=True, seed=cfg.seed)`` (one replica
+    when not ``distributed``) and
     ``drop_last`` so every step sees exactly ``cfg.batch_size`` samples.  Val: in order,
     incomplete last batch kept; with ``distributed`` a ``DistributedSampler(shuffle=False)``,
     which pads the split with repeated samples to a multiple of ``world_size``.  Call
@@ -561,18 +561,19 @@ def build_loaders(
         raise DataError(f"rank {rank} is outside [0, world_size={world_size})")
     train_ds, val_ds, num_classes = build_datasets(cfg)
 
-    train_sampler: DistributedSampler | None = None
+    # The train order is DistributedSampler's even on one process: the permutation of epoch e
+    # is randperm(n, seed + e) whatever the world size, so N processes at batch B / N see the
+    # same global batches as one process at batch B (and a resumed run replays the order).
+    train_sampler = DistributedSampler(
+        train_ds, num_replicas=world_size if distributed else 1,
+        rank=rank if distributed else 0, shuffle=True, seed=cfg.seed, drop_last=drop_last,
+    )
     val_sampler: DistributedSampler | None = None
-    per_replica = len(train_ds)
     if distributed:
-        train_sampler = DistributedSampler(
-            train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
-            drop_last=drop_last,
-        )
         val_sampler = DistributedSampler(
             val_ds, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False
         )
-        per_replica = train_sampler.num_samples
+    per_replica = train_sampler.num_samples
     if drop_last and per_replica < cfg.batch_size:
         raise DataError(
             f"train split has {per_replica} images per device, fewer than "
@@ -589,7 +590,7 @@ def build_loaders(
     train_gen = torch.Generator().manual_seed(cfg.seed + rank)
     val_gen = torch.Generator().manual_seed(cfg.seed + rank)
     train_loader = DataLoader(
-        train_ds, sampler=train_sampler, shuffle=train_sampler is None, drop_last=drop_last,
+        train_ds, sampler=train_sampler, shuffle=False, drop_last=drop_last,
         generator=train_gen, **common,
     )
     val_loader = DataLoader(

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from vitkdl.planner import Plan
 from vitkdl.program import Program, build, resolve_device
+from vitkdl.train import distributed
 from vitkdl.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -114,6 +115,8 @@ def evaluate(predict: Any, loader: Any, device: torch.device,
         correct1 += int(hits[:, 0].sum())
         correct5 += int(hits.any(dim=-1).sum())
         total += labels.numel()
+    # Each rank evaluates its own shard; the counts add up over ranks.
+    correct1, correct5, total = distributed.all_reduce_sum([correct1, correct5, total], device)
     return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
 
 
@@ -160,9 +163,13 @@ class Progress:
 def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[str, Any]:
     """Train the plan's student; returns the summary (also written to ``summary.json``)."""
     console = console or Console(stderr=True)
+    job = distributed.current()
     out = opts.out_dir
-    check_writable(out)
+    if job.is_main:
+        check_writable(out)
     device = resolve_device(opts.device)
+    if job.enabled and device.type == "cuda":
+        device = torch.device("cuda", job.local_rank)
     ckpt_path = out / "last.pt"
     checkpoint = _resume_point(plan, opts, ckpt_path)
 
@@ -173,7 +180,18 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
         torch.set_num_threads(1)
     program = build(plan, device, load=opts.load_weights, runs_dir=opts.runs_dir)
     cfg = data_config(plan)
-    train_loader, val_loader, num_classes = build_loaders(cfg)
+    train_loader, val_loader, num_classes = build_loaders(
+        cfg, distributed=job.enabled, rank=job.rank, world_size=job.world_size)
+    if job.enabled:
+        # Exact evaluation: every rank takes every world_size-th image, nothing padded.
+        from torch.utils.data import DataLoader, Subset
+
+        val_set = val_loader.dataset
+        val_loader = DataLoader(Subset(val_set, range(job.rank, len(val_set), job.world_size)),
+                                batch_size=cfg.batch_size, shuffle=False,
+                                num_workers=cfg.workers)
+        program.distribute([job.local_rank] if device.type == "cuda" else None)
+        torch.manual_seed(plan.seed + job.rank)  # masks and drop path differ across ranks
     if num_classes != plan.student.num_classes:
         raise TrainError(f"the data has {num_classes} classes but the student's head has "
                          f"{plan.student.num_classes}; set num_classes = {num_classes} on the "
@@ -190,7 +208,7 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
                                                weight_decay=opt.weight_decay, **opt.kwargs)
     steps_per_epoch = len(train_loader)
     sched = plan.schedule
-    scheduler = None
+    scheduler: Any = None
     if sched.name != "constant":
         scheduler, _ = timm.scheduler.create_scheduler_v2(
             optimizer, sched=sched.name, num_epochs=plan.epochs,
@@ -202,31 +220,35 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     scaler = torch.amp.GradScaler(device.type, enabled=program.autocast_dtype == torch.float16)
 
     start_epoch, skip_batches, step, best_top1 = 0, 0, 0, 0.0
+    global_batch = plan.data.batch_size * job.world_size
     teacher_top1: float | None = None
     history: list[dict[str, Any]] = []
     if checkpoint is not None:
         program.student.load_state_dict(checkpoint["student"])
         program.terms.load_state_dict(checkpoint["terms"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None and checkpoint.get("scheduler"):
-            scheduler.load_state_dict(checkpoint["scheduler"])
         if ema is not None and checkpoint.get("ema"):
             ema.load_state_dict(checkpoint["ema"])
         scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, skip_batches = checkpoint["epoch"], checkpoint["batch"]
-        step, best_top1 = checkpoint["step"], checkpoint["best_top1"]
+        # Positions are kept in images, so a run resumes on another number of devices.
+        start_epoch, best_top1 = checkpoint["epoch"], checkpoint["best_top1"]
+        skip_batches = checkpoint["batch"] * checkpoint["global_batch"] // global_batch
+        step = checkpoint["step"] * checkpoint["global_batch"] // global_batch
         teacher_top1, history = checkpoint["teacher_top1"], checkpoint["history"]
+        if scheduler is not None:  # timm's schedules are a function of the step alone
+            scheduler.step_update(num_updates=step)
 
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if checkpoint else None)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if checkpoint else None) \
+        if job.is_main else None
     total_steps = plan.epochs * steps_per_epoch
     if opts.max_steps is not None:
         total_steps = min(total_steps, opts.max_steps)
-    progress = Progress(console, opts.quiet, total_steps)
+    progress = Progress(console, opts.quiet or not job.is_main, total_steps)
     trainable = sum(p.numel() for p in program.trainable_parameters())
     progress.note(
         f"[bold]{plan.recipe}[/]: {plan.student.name} <- "
         f"{plan.teacher.name if plan.teacher else 'no teacher'} on {device.type}\n"
-        f"  batch {plan.data.batch_size} x {plan.world_size} = {plan.data.global_batch}, "
+        f"  batch {plan.data.batch_size} x {job.world_size} = {global_batch}, "
         f"{steps_per_epoch} steps/epoch, {plan.epochs} epochs ({total_steps} steps), lr "
         f"{opt.lr:g} ({opt.name}), {trainable:,} trainable params, precision "
         f"{program.autocast_dtype or 'fp32'}, compile {program.compile_mode or 'off'}"
@@ -234,9 +256,12 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
         + (f"\n  resuming at epoch {start_epoch} step {step}" if checkpoint else ""))
 
     def save(epoch: int, batch: int, name: str = "last.pt") -> None:
+        if not job.is_main:
+            return
         state = {
             "vitkdl_checkpoint": 1, "recipe": opts.recipe, "hash": plan.hash,
             "epoch": epoch, "batch": batch, "step": step, "best_top1": best_top1,
+            "global_batch": global_batch, "world_size": job.world_size,
             "teacher_top1": teacher_top1, "history": history,
             "student": program.student.state_dict(), "terms": program.terms.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -254,7 +279,7 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     # ---- the loop ----------------------------------------------------------------------
     start = time.perf_counter()
     images_seen, stop, last_log = 0, False, time.perf_counter()
-    epoch = start_epoch
+    epoch, batch_in_epoch = start_epoch, 0
     program.train()
     try:
         for epoch in range(start_epoch, plan.epochs):
@@ -273,7 +298,10 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
                     images, targets = mixup(images, targets)
                 result = program.step(images, targets)
                 loss = result["loss"]
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if job.enabled:  # every rank stops together
+                    finite = distributed.all_reduce_sum([float(not finite)], device)[0] == 0
+                if not finite:
                     bad = [k for k, v in result.items() if k != "loss"
                            and not torch.isfinite(v)]
                     raise TrainError(
@@ -291,7 +319,7 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
                 scaler.update()
                 step += 1
                 batch_in_epoch += 1
-                images_seen += images.shape[0]
+                images_seen += images.shape[0] * job.world_size
                 if scheduler is not None:
                     scheduler.step_update(num_updates=step)
                 if ema is not None:
@@ -302,9 +330,10 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
                               **{k: round(float(v.detach()), 6) for k, v in result.items()},
                               "lr": optimizer.param_groups[0]["lr"],
                               "images_per_second": round(
-                                  plan.log_every * plan.data.batch_size / (now - last_log), 2)}
+                                  plan.log_every * global_batch / (now - last_log), 2)}
                     last_log = now
-                    log.write(record)
+                    if log is not None:
+                        log.write(record)
                     info = " ".join(f"{k} {float(v.detach()):.4g}" for k, v in result.items())
                     progress.update(step, epoch, info, log_line=True)
                 elif progress.live:
@@ -314,6 +343,10 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
                     stop = True
                     break
             last_epoch = stop or epoch == plan.epochs - 1
+            # Where a resumed run picks up: the next epoch, or this one's next batch when
+            # --max-steps stopped it part-way.
+            done = batch_in_epoch >= steps_per_epoch
+            position = (epoch + 1, 0) if done else (epoch, batch_in_epoch)
             if last_epoch or (epoch + 1) % plan.eval_every == 0:
                 program.eval()
                 top1, top5 = evaluate(program.predict, val_loader, device,
@@ -327,25 +360,32 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
                 record = {"kind": "eval", "step": step, "epoch": epoch, "top1": top1,
                           "top5": top5, "ema_top1": ema_top1}
                 history.append(record)
-                log.write(record)
+                if log is not None:
+                    log.write(record)
                 progress.note(f"  epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}%"
                               + (f" (EMA {ema_top1:.2f}%)" if ema_top1 is not None else ""))
                 if top1 >= best_top1:
-                    save(epoch + 1, 0, "best.pt")
+                    save(*position, "best.pt")
             if last_epoch or (epoch + 1) % plan.checkpoint_every == 0:
-                save(epoch + 1, 0)
+                save(*position)
             if stop:
                 break
     except KeyboardInterrupt:
         progress.close()
         save(epoch, batch_in_epoch)
-        log.close()
+        if log is not None:
+            log.close()
         raise TrainError(f"interrupted at step {step}; saved {ckpt_path}. Continue with "
                          "--resume.") from None
     finally:
         progress.close()
     wall = time.perf_counter() - start
-    log.close()
+    in_sync = distributed.params_in_sync(program.trainable_parameters(), device)
+    if not job.is_main:
+        distributed.barrier()  # wait for rank 0's files
+        return {"recipe": plan.recipe, "hash": plan.hash, "rank": job.rank}
+    if log is not None:
+        log.close()
 
     # ---- the end -----------------------------------------------------------------------
     _export(program, ema, out)
@@ -357,7 +397,8 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
         "epochs": epoch + 1, "steps": step,
         "images_per_second": round(images_seen / wall, 2) if wall > 0 else None,
         "wall_seconds": round(wall, 2), "peak_memory_mb": _peak_memory_mb(device),
-        "world_size": plan.world_size, "device": device.type,
+        "world_size": job.world_size, "global_batch": global_batch,
+        "ranks_in_sync": in_sync, "device": device.type,
         "compile": {"mode": program.compile_mode, "recompiles": _recompiles()},
         "student_weights": str(out / "student.safetensors"),
         # How to load the export with timm (num_classes in the overlay keeps the head when it
@@ -368,6 +409,7 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_curves(out / "metrics.jsonl", out / "curves.png", plan.recipe)
+    distributed.barrier()
     return summary
 
 

@@ -21,6 +21,7 @@ from rich.console import Console
 import vitkdl
 from vitkdl.errors import VkdError
 from vitkdl.spec import RecipeSpec, load_spec
+from vitkdl.train import distributed
 from vitkdl.train.loop import RunOptions, check_writable, train
 
 SMOKE_STEPS = 3
@@ -74,7 +75,10 @@ def run_recipe(path: str | Path, req: RunRequest, console: Console,
             raise VkdError(diags, sources)
         overrides = smoke_overrides(probe) + overrides
     spec = vitkdl.load(path, overrides, strict=not req.smoke)
-    check_writable(req.out_root / spec.name)  # before any training, dependencies included
+    job = distributed.current()
+    if job.is_main:
+        check_writable(req.out_root / spec.name)  # before any training, dependencies included
+    distributed.barrier()
     summaries: list[dict[str, Any]] = []
 
     teacher = spec.teacher
@@ -93,7 +97,7 @@ def run_recipe(path: str | Path, req: RunRequest, console: Console,
             console.print(f"[bold]{spec.name}[/]: teacher {dep_out / 'student.safetensors'} is "
                           "up to date", highlight=False)
 
-    plan = vitkdl.plan(spec)
+    plan = vitkdl.plan(spec, world_size=job.world_size)
     out = req.out_root / spec.name
     opts = RunOptions(out_dir=out, device=req.device, resume=req.resume, force=req.force,
                       max_steps=SMOKE_STEPS if req.smoke and req.max_steps is None
@@ -101,8 +105,9 @@ def run_recipe(path: str | Path, req: RunRequest, console: Console,
                       max_eval_batches=2 if req.smoke else None, quiet=req.quiet,
                       load_weights=not req.smoke, runs_dir=req.out_root,
                       recipe=spec.canonical())
-    (out / "recipe.json").write_text(json.dumps(spec.canonical(), indent=2) + "\n")
-    (out / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
+    if job.is_main:
+        (out / "recipe.json").write_text(json.dumps(spec.canonical(), indent=2) + "\n")
+        (out / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
     summary = train(plan, opts, console)
     summaries.append(summary)
 
@@ -140,9 +145,14 @@ def run_many(paths: Sequence[str | Path], req: RunRequest, console: Console
     """Run each recipe; with several (or a recipe and its baseline), a comparison at the end."""
     from vitkdl.train.report import comparison_table, print_summary, write_comparison
 
+    job = distributed.init_from_env()
+    if not job.is_main:
+        console = Console(quiet=True)  # rank 0 alone reports
     shown: dict[str, dict[str, Any]] = {}
     for path in paths:
         summaries = run_recipe(path, req, console)
+        if not job.is_main:
+            continue
         print_summary(console, summaries[-1] if not _baseline_tail(summaries) else
                       summaries[-2])
         for s in summaries:

@@ -1,0 +1,171 @@
+"""`vitkdl bench`: the four figures and the ratios on a tiny recipe (never inductor here), the
+hand-written hook implementation computing the same losses as the strategies, CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+
+import vitkdl
+from tests.conftest import ROOT
+from vitkdl.bench import (
+    BenchError,
+    HandWrittenLoss,
+    _tap_pass,
+    bench_plan,
+    register_feature_hooks,
+    run_bench,
+)
+from vitkdl.cli import main
+
+TINY = """recipe tiny_bench
+
+teacher vit_tiny_patch16_224 {
+    img_size = 16
+    patch_size = 4
+    depth = 1
+    embed_dim = 48
+    num_heads = 2
+    num_classes = 10
+}
+student vit_tiny_patch16_224 {
+    img_size = 16
+    patch_size = 4
+    depth = 1
+    embed_dim = 32
+    num_heads = 2
+    num_classes = 10
+}
+distill {
+    mimic student.blocks[0] -> teacher.blocks[0] { weight = 1e-3 }
+    generate student.norm -> teacher.norm { mask = 0.5  weight = 1e-4 }
+    nkd { temperature = 1.0  gamma = 1.0 }
+}
+data synthetic { batch_size = 8  size = 32 }
+train { epochs = 1  precision = fp32  compile = off }
+"""
+
+CONFIGS = ("compiled", "eager", "hooks", "floor")
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.vkd"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh() -> None:
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+
+
+def test_python_api_four_figures_and_ratios(tiny: Path) -> None:
+    threads = torch.get_num_threads()
+    result = run_bench(tiny, steps=2, warmup=1, device="cpu", compile_backend="aot_eager")
+    assert torch.get_num_threads() == threads  # restored
+    assert set(result.configs) == set(CONFIGS)
+    for name in CONFIGS:
+        c = result.configs[name]
+        assert c.images_per_second > 0 and c.ms_per_step > 0, name
+        assert len(c.ms_steps) == 2 and c.peak_memory_mb > 0
+    assert result.configs["compiled"].compile_seconds is not None
+    assert result.configs["eager"].compile_seconds is None
+    for key in ("compiled_vs_eager", "compiled_vs_hooks", "overhead_vs_floor"):
+        assert result.ratios[key] is not None and result.ratios[key] > -1
+    a, b = result.configs["compiled"], result.configs["eager"]
+    assert result.ratios["compiled_vs_eager"] == pytest.approx(b.ms_per_step / a.ms_per_step)
+    floor = result.configs["floor"]
+    assert floor.ms_per_step == pytest.approx(floor.details["student_step_ms"]
+                                              + floor.details["teacher_inference_ms"])
+    parts = result.breakdown
+    assert parts is not None
+    for key in ("teacher_forward_ms", "student_forward_backward_ms", "adapters_losses_ms",
+                "optimizer_ms"):
+        assert parts[key] > 0
+    assert result.loader is not None and result.loader["images_per_second"] > 0
+    assert result.batch == 8 and result.precision == "fp32" and result.threads == 1
+    assert result.configs["compiled"].mfu is None  # CPU: no MFU
+    json.dumps(result.to_dict())  # JSON-able
+
+
+def test_cli_json(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", str(tiny), "--json", "--steps", "2", "--warmup", "1",
+                 "--backend", "eager", "--no-breakdown", "--batch", "4", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["batch"] == 4 and data["backend"] == "eager" and data["breakdown"] is None
+    for name in CONFIGS:
+        assert data["configs"][name]["images_per_second"] > 0
+    assert data["ratios"]["compiled_vs_hooks"] > 0
+    assert data["loader"]["source"] == "synthetic"
+
+
+def test_hand_written_loss_matches_the_strategies(tiny: Path) -> None:
+    """(c) is written independently of vitkdl.strategies but computes the same terms."""
+    plan = vitkdl.plan(vitkdl.load(tiny))
+    program = vitkdl.build(plan, "cpu", load=False, compile="off")
+    hand = HandWrittenLoss(plan)
+    hand.losses["mimic"].proj.load_state_dict(program.terms["mimic"].align.state_dict())
+    gen, hgen = program.terms["generate"], hand.losses["generate"]
+    hgen.proj.load_state_dict(gen.align.state_dict())
+    hgen.generation.load_state_dict(gen.generator.state_dict())
+    with torch.no_grad():
+        gen.mask_token.normal_()
+        hgen.mask_token.copy_(gen.mask_token)
+    images = torch.randn(4, 3, 16, 16)
+    targets = torch.tensor([1, 2, 3, 4])
+
+    feats: dict[int | str, torch.Tensor] = {}
+    handles = register_feature_hooks(program.student, [0, "norm"], 1, feats)
+    s_logits = program.student(images)
+    for h in handles:
+        h.remove()
+    ref_logits, ref_taps = _tap_pass(program.student, images, [0], 1)
+    torch.testing.assert_close(s_logits, ref_logits)
+    for key in (0, "norm"):
+        torch.testing.assert_close(feats[key], ref_taps[key])
+
+    t_logits, t_taps = _tap_pass(program.teacher, images, [0], 1)
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, ::2] = True
+    torch.testing.assert_close(hgen(feats["norm"], t_taps["norm"], mask=mask),
+                               gen([feats["norm"]], [t_taps["norm"]], mask=mask))
+    out = hand(feats, t_taps, s_logits, t_logits, targets)
+    torch.testing.assert_close(out["mimic"], program.terms["mimic"]([feats[0]], [t_taps[0]]))
+    for name in ("nkd", "labels"):
+        want = program.terms[name](s_logits, t_logits, targets) if name == "nkd" else \
+            program.terms[name](s_logits, targets)
+        torch.testing.assert_close(out[name], want)
+    soft = torch.softmax(torch.randn(4, 10), dim=1)
+    torch.testing.assert_close(hand.losses["nkd"](s_logits, t_logits, soft),
+                               program.terms["nkd"](s_logits, t_logits, soft))
+
+
+def test_bad_recipe_exits_2_without_traceback(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.vkd"
+    bad.write_text(TINY.replace("vit_tiny_patch16_224 {\n    img_size = 16\n    patch_size = 4"
+                                "\n    depth = 1\n    embed_dim = 32",
+                                "vit_tiny_patch16_22 {\n    img_size = 16\n    patch_size = 4"
+                                "\n    depth = 1\n    embed_dim = 32"))
+    code = main(["bench", str(bad), "--backend", "eager"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "error" in err and "Traceback" not in err
+    code = main(["bench", str(ROOT / "recipes" / "quickstart.vkd"), "--device", "nosuch"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "nosuch" in err and "Traceback" not in err
+
+
+def test_bad_options_raise_bench_error(tiny: Path) -> None:
+    plan = vitkdl.plan(vitkdl.load(tiny))
+    with pytest.raises(BenchError, match="at least 1"):
+        bench_plan(plan, steps=0)
+    with pytest.raises(BenchError, match="backend"):
+        bench_plan(plan, compile_backend="tvm")
