@@ -1,8 +1,10 @@
 """``vitkdl bench``: how fast the compiled distillation step is, against what it replaces.
 
 One process, the recipe's real models (random weights), synthetic batches of the recipe's shapes
-already on the device. Four training configurations are timed, one after the other, each on
-freshly built modules (same seed, so the same weights) with its own peak memory:
+already on the device. Four training configurations, each on its own freshly built modules (same
+seed, so the same weights), are built and warmed up in turn (peak memory is measured then), and
+then timed in interleaved rounds, one step of each per round, so that load from elsewhere on the
+machine hits all of them alike:
 
 ``compiled``  (a) vitkdl's step: ``Program.forward`` (teacher, student, adapters, losses) under
               ``torch.compile(fullgraph=True)``; backward, gradient clipping and the optimizer
@@ -24,9 +26,10 @@ optimizer (clipping, AdamW, zeroing). The data loader of the recipe is timed on 
 compared with the step's images/s. Warm-up steps are excluded (the first one's extra time is
 reported as compile time); every figure is the median of ``steps`` timed steps.
 
-Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (reset per configuration); on CPU the
-process's peak resident set size, reset per configuration through ``/proc/self/clear_refs``
-(Linux), else ``getrusage`` peak since the process started. ``BenchResult.memory_kind`` says
+Peak memory: what a configuration adds while it is built and warmed up: on CUDA
+``torch.cuda.max_memory_allocated`` less what was allocated before; on CPU the process's peak
+resident set size (reset through ``/proc/self/clear_refs`` on Linux) less the RSS before, an
+approximation (the allocator reuses memory freed earlier). ``BenchResult.memory_kind`` says
 which. Model FLOPs utilisation (MFU) is reported on CUDA cards with a known bf16/fp16 peak, for
 bf16/fp16 precision only.
 
@@ -136,6 +139,7 @@ class BenchResult:
     breakdown: dict[str, Any] | None
     loader: dict[str, Any] | None
     peak_device_flops: float | None
+    load_average: list[float | None]
     wall_seconds: float
     notes: list[str] = field(default_factory=list)
 
@@ -173,32 +177,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int
-                ) -> tuple[list[float], float]:
-    """``(timed seconds per call, seconds of the first warm-up call)``, synchronised."""
-    first = 0.0
-    for i in range(warmup):
+@dataclass
+class _Timer:
+    """One timed callable. ``fn`` may return ``{part: seconds}`` (the breakdown's parts)."""
+
+    name: str
+    fn: Callable[[], Any]
+    compiled: bool
+    first: float = 0.0
+    first_parts: dict[str, float] = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)
+    parts: list[dict[str, float]] = field(default_factory=list)
+
+    def call(self, device: torch.device) -> tuple[float, dict[str, float] | None]:
         _sync(device)
         start = time.perf_counter()
-        fn()
+        out = self.fn()
         _sync(device)
-        if i == 0:
-            first = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times, first
+        return time.perf_counter() - start, out if isinstance(out, dict) else None
+
+    def warm(self, device: torch.device, warmup: int) -> None:
+        """Untimed calls; the first one's time is kept (it compiles)."""
+        for i in range(warmup):
+            seconds, parts = self.call(device)
+            if i == 0:
+                self.first, self.first_parts = seconds, parts or {}
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    def compile_seconds(self) -> float | None:
+        """The first call's time over a normal one: tracing and code generation."""
+        return max(0.0, self.first - self.median) if self.compiled else None
 
 
-def _compile_seconds(first: float, times: Sequence[float], compiled: bool) -> float | None:
-    """The first call's time over a normal step: tracing and code generation."""
-    if not compiled:
-        return None
-    return max(0.0, first - statistics.median(times))
+def _rounds(timers: Sequence[_Timer], device: torch.device, steps: int) -> None:
+    """``steps`` rounds, each calling every timer once (the starting one rotates), so that
+    every configuration sees the same machine: on a shared machine the load changes from
+    minute to minute, and timing one configuration after the other would compare loads."""
+    for r in range(steps):
+        k = r % len(timers)
+        for timer in [*timers[k:], *timers[:k]]:
+            seconds, parts = timer.call(device)
+            timer.times.append(seconds)
+            if parts:
+                timer.parts.append(parts)
 
 
 class _Memory:
@@ -208,14 +232,16 @@ class _Memory:
         self.device = device
         self.resettable = False
         if device.type == "cuda":
-            self.kind = "torch.cuda.max_memory_allocated (reset per configuration)"
+            self.kind = ("torch.cuda.max_memory_allocated while the configuration is built and "
+                         "warmed up, less what was allocated before (the other configurations)")
         else:
             self.resettable = self._clear_refs()
-            self.kind = ("process peak RSS (VmHWM, reset per configuration via "
-                         "/proc/self/clear_refs; includes the Python and torch runtime)"
+            self.kind = ("process peak RSS (VmHWM, reset through /proc/self/clear_refs) while "
+                         "the configuration is built and warmed up, less the RSS before; "
+                         "approximate: the allocator reuses memory freed earlier"
                          if self.resettable else
-                         "process peak RSS since start (getrusage ru_maxrss; not reset "
-                         "between configurations, so later figures are upper bounds)")
+                         "process peak RSS since start (getrusage ru_maxrss) less the RSS "
+                         "before the configuration: a rough upper bound")
 
     @staticmethod
     def _clear_refs() -> bool:
@@ -233,6 +259,12 @@ class _Memory:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.resettable:
             self._clear_refs()
+
+    def current_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        value = _proc_status_mb("VmRSS")
+        return value if value is not None else 0.0
 
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
@@ -580,8 +612,6 @@ class _Setup:
     warmup: int
     images: Tensor
     targets: Tensor
-    memory: _Memory
-    say: Progress
 
     @property
     def batch(self) -> int:
@@ -590,60 +620,46 @@ class _Setup:
     def compile(self, fn: Callable[..., Any]) -> Any:
         return _compiler(self.backend, self.mode)(fn)
 
-    def result(self, name: str, times: list[float], first: float, compiled: bool,
-               flops: int, peak: float | None, **details: Any) -> ConfigResult:
-        ms = statistics.median(times) * 1e3
-        ips = self.batch / (ms / 1e3)
-        mfu = flops * ips / peak if peak and self.dtype in (torch.bfloat16, torch.float16) \
-            else None
-        return ConfigResult(name=name, images_per_second=ips, ms_per_step=ms,
-                            ms_steps=[t * 1e3 for t in times],
-                            peak_memory_mb=self.memory.peak_mb(),
-                            compile_seconds=_compile_seconds(first, times, compiled), mfu=mfu,
-                            details=details)
 
+def _program_timer(s: _Setup, compiled: bool) -> tuple[_Timer, Program, _Updater]:
+    """(a) or (b): vitkdl's step, compiled or eager, then backward and the optimizer step."""
+    from vitkdl.train.loop import param_groups
 
-def _build(s: _Setup, compiled: bool) -> tuple[Program, Callable[..., Any]]:
     torch.manual_seed(s.plan.seed)
     if compiled and s.backend == "inductor":
         program = vitkdl.build(s.plan, s.device, load=False, compile=s.mode or "default")
-        return program, program.step
-    program = vitkdl.build(s.plan, s.device, load=False, compile="off")
-    return program, s.compile(program.forward) if compiled else program.forward
-
-
-def _program_config(s: _Setup, compiled: bool, peak: float | None
-                    ) -> tuple[ConfigResult, Program, _Updater]:
-    """(a) or (b): vitkdl's step, compiled or eager."""
-    from vitkdl.train.loop import param_groups
-
-    s.memory.reset()
-    program, step = _build(s, compiled)
+        step = program.step
+    else:
+        program = vitkdl.build(s.plan, s.device, load=False, compile="off")
+        step = s.compile(program.forward) if compiled else program.forward
     program.train()
-    updater = _Updater(s.plan, _optimizer(s.plan, param_groups(program,
-                                                               s.plan.optimizer.weight_decay)),
-                       program.trainable_parameters(), s.device, s.dtype)
+    groups = param_groups(program, s.plan.optimizer.weight_decay)
+    updater = _Updater(s.plan, _optimizer(s.plan, groups), program.trainable_parameters(),
+                       s.device, s.dtype)
 
     def train_step() -> None:
         out = step(s.images, s.targets)
         updater.backward(out["loss"])
         updater.step()
 
-    times, first = _time_calls(train_step, s.device, s.warmup, s.steps)
-    name = "compiled" if compiled else "eager"
-    return s.result(name, times, first, compiled, s.plan.cost.total, peak), program, updater
+    return _Timer("compiled" if compiled else "eager", train_step, compiled), program, updater
 
 
-def _breakdown(s: _Setup, program: Program, updater: _Updater, step_ms: float) -> dict[str, Any]:
-    """Teacher forward, student forward + backward, adapters + losses, optimizer: each part
-    compiled on its own (as in the step) and timed between synchronisations."""
-    plan = program.plan
+_PARTS = ("teacher_forward", "student_forward_backward", "adapters_losses", "optimizer")
+
+
+def _breakdown_timer(s: _Setup, program: Program, updater: _Updater) -> _Timer:
+    """The compiled step's parts, each compiled on its own and timed between
+    synchronisations: teacher forward, student forward + backward, adapters + losses (forward
+    and backward), optimizer (clipping, AdamW, zeroing)."""
+    plan = s.plan
     s_blocks, t_blocks = _block_taps(plan.terms, "student"), _block_taps(plan.terms, "teacher")
     s_keys: list[int | str] = [*s_blocks, "norm"]
     t_keys: list[int | str] = [*t_blocks, "norm"]
     s_prefix = plan.student.prefix_tokens
     t_prefix = plan.teacher.prefix_tokens if plan.teacher else 0
     teacher = program.teacher if any(t.kind != "labels" for t in plan.terms) else None
+    student, terms = program.student, program.terms
 
     def teacher_fwd(images: Tensor) -> tuple[Tensor, list[Tensor]]:
         assert teacher is not None
@@ -653,7 +669,7 @@ def _breakdown(s: _Setup, program: Program, updater: _Updater, step_ms: float) -
 
     def student_fwd(images: Tensor) -> tuple[Tensor, list[Tensor]]:
         with _autocast(s.device, s.dtype):
-            logits, taps = _tap_pass(program.student, images, s_blocks, s_prefix)
+            logits, taps = _tap_pass(student, images, s_blocks, s_prefix)
         return logits, [taps[k] for k in s_keys]
 
     def losses(s_logits: Tensor, s_taps: list[Tensor], t_logits: Tensor | None,
@@ -662,7 +678,7 @@ def _breakdown(s: _Setup, program: Program, updater: _Updater, step_ms: float) -
         t_map = dict(zip(t_keys, t_taps, strict=False))
         total = s_logits.new_zeros((), dtype=torch.float32)
         for t in plan.terms:
-            module = program.terms[t.name]
+            module = terms[t.name]
             if t.kind in ("mimic", "generate"):
                 value = module([s_map[b] for b in t.student_blocks],
                                [t_map[b] for b in t.teacher_blocks])
@@ -675,61 +691,41 @@ def _breakdown(s: _Setup, program: Program, updater: _Updater, step_ms: float) -
 
     t_fn = s.compile(teacher_fwd) if teacher is not None else None
     s_fn, l_fn = s.compile(student_fwd), s.compile(losses)
-    parts: dict[str, list[float]] = {"teacher_forward": [], "student_forward_backward": [],
-                                     "adapters_losses": [], "optimizer": []}
-    firsts: dict[str, float] = {}
 
-    def one(record: bool) -> None:
-        marks = [time.perf_counter()]
+    def parts() -> dict[str, float]:
+        marks: list[float] = []
 
         def mark() -> None:
             _sync(s.device)
             marks.append(time.perf_counter())
 
-        _sync(s.device)
-        marks[0] = time.perf_counter()
+        mark()
         t_logits, t_taps = t_fn(s.images) if t_fn is not None else (None, [])
-        mark()  # 1: teacher
+        mark()  # teacher forward
         s_logits, s_taps = s_fn(s.images)
-        mark()  # 2: student forward
+        mark()  # student forward
         leaves = [x.detach().requires_grad_() for x in (s_logits, *s_taps)]
         total = l_fn(leaves[0], leaves[1:], t_logits, t_taps, s.targets)
         updater.backward(total)
-        mark()  # 3: losses forward + backward (adapters' gradients, features' gradients)
+        mark()  # losses forward + backward: the adapters' and the features' gradients
         pairs = [(out, leaf.grad) for out, leaf in zip((s_logits, *s_taps), leaves, strict=True)
                  if leaf.grad is not None]
         if pairs:
             torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
-        mark()  # 4: student backward
+        mark()  # student backward
         updater.step()
         updater.optimizer.zero_grad(set_to_none=True)
-        mark()  # 5: optimizer
+        mark()  # optimizer
         d = [b - a for a, b in itertools.pairwise(marks)]
-        values = {"teacher_forward": d[0], "student_forward_backward": d[1] + d[3],
-                  "adapters_losses": d[2], "optimizer": d[4]}
-        if record:
-            for k, v in values.items():
-                parts[k].append(v)
-        elif not firsts:
-            firsts.update(values)
+        return {"teacher_forward": d[0], "student_forward_backward": d[1] + d[3],
+                "adapters_losses": d[2], "optimizer": d[4]}
 
-    for _ in range(s.warmup):
-        one(record=False)
-    for _ in range(s.steps):
-        one(record=True)
-    ms = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in parts.items()}
-    total_ms = sum(ms.values())
-    compile_s = sum(max(0.0, firsts.get(k, 0.0) - statistics.median(v))
-                    for k, v in parts.items())
-    return {**ms, "sum_of_parts_ms": total_ms, "step_ms": step_ms,
-            "fusion_gain_ms": total_ms - step_ms, "compile_seconds": compile_s,
-            "share": {k: v / total_ms if total_ms else None for k, v in ms.items()}}
+    return _Timer("breakdown", parts, True)
 
 
-def _hooks_config(s: _Setup, peak: float | None) -> ConfigResult:
-    """(c) hooks, two full forwards, a hand-written loss module; eager."""
+def _hooks_timer(s: _Setup) -> _Timer:
+    """(c) forward hooks, two full forwards, a hand-written loss module; eager."""
     plan = s.plan
-    s.memory.reset()
     torch.manual_seed(plan.seed)
     student = create_model(plan.student, s.device)
     needs_teacher = plan.teacher is not None and any(t.kind != "labels" for t in plan.terms)
@@ -742,19 +738,17 @@ def _hooks_config(s: _Setup, peak: float | None) -> ConfigResult:
     student.train()
     s_feats: dict[int | str, Tensor] = {}
     t_feats: dict[int | str, Tensor] = {}
-    handles = register_feature_hooks(student, _feature_taps(plan.terms, "student"),
-                                     plan.student.prefix_tokens, s_feats)
+    register_feature_hooks(student, _feature_taps(plan.terms, "student"),
+                           plan.student.prefix_tokens, s_feats)
     if teacher is not None and needs_teacher:
-        handles += register_feature_hooks(teacher, _feature_taps(plan.terms, "teacher"),
-                                          plan.teacher.prefix_tokens if plan.teacher else 0,
-                                          t_feats)
+        register_feature_hooks(teacher, _feature_taps(plan.terms, "teacher"),
+                               plan.teacher.prefix_tokens if plan.teacher else 0, t_feats)
     skip = {f"student.{n}" for n in getattr(student, "no_weight_decay", lambda: set())()}
     named = [(f"student.{n}", p) for n, p in student.named_parameters()]
     named += [(f"criterion.{n}", p) for n, p in criterion.named_parameters()]
-    params = [p for _, p in named]
     updater = _Updater(plan, _optimizer(plan, _no_decay(named, skip,
                                                         plan.optimizer.weight_decay)),
-                       params, s.device, s.dtype)
+                       [p for _, p in named], s.device, s.dtype)
 
     def train_step() -> None:
         t_logits = None
@@ -767,18 +761,13 @@ def _hooks_config(s: _Setup, peak: float | None) -> ConfigResult:
         updater.backward(out["loss"])
         updater.step()
 
-    try:
-        times, first = _time_calls(train_step, s.device, s.warmup, s.steps)
-    finally:
-        for h in handles:
-            h.remove()
-    return s.result("hooks", times, first, False, plan.cost.total, peak)
+    return _Timer("hooks", train_step, False)
 
 
-def _floor_config(s: _Setup, floor: str, peak: float | None) -> ConfigResult:
-    """(d) a student-only training step plus teacher inference, each at its best."""
+def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
+    """(d) a student-only training step on the labels and a teacher inference forward, timed
+    separately, in each of ``modes`` (``eager``, ``compiled``)."""
     plan = s.plan
-    s.memory.reset()
     torch.manual_seed(plan.seed)
     student = create_model(plan.student, s.device)
     teacher = create_model(plan.teacher, s.device) if plan.teacher is not None else None
@@ -804,53 +793,21 @@ def _floor_config(s: _Setup, floor: str, peak: float | None) -> ConfigResult:
         with torch.no_grad(), _autocast(s.device, s.dtype):
             return _single_logits(teacher(images))
 
-    if floor == "auto":
-        modes = ["compiled"] if s.device.type == "cuda" else ["eager"]
-    elif floor == "best":
-        modes = ["eager", "compiled"]
-    else:
-        modes = [floor]
-    student_runs: dict[str, tuple[list[float], float]] = {}
-    teacher_runs: dict[str, tuple[list[float], float]] = {}
+    timers = []
     for mode in modes:
-        fwd = s.compile(forward_loss) if mode == "compiled" else forward_loss
+        compiled = mode == "compiled"
+        fwd = s.compile(forward_loss) if compiled else forward_loss
 
         def student_step(fwd: Callable[..., Tensor] = fwd) -> None:
             updater.backward(fwd(s.images, s.targets))
             updater.step()
 
-        student_runs[mode] = _time_calls(student_step, s.device, s.warmup, s.steps)
+        timers.append(_Timer(f"floor.student.{mode}", student_step, compiled))
         if teacher is not None:
-            inf = s.compile(infer) if mode == "compiled" else infer
-            teacher_runs[mode] = _time_calls(lambda inf=inf: inf(s.images), s.device,
-                                             s.warmup, s.steps)
-
-    def best(runs: dict[str, tuple[list[float], float]]) -> str:
-        return min(runs, key=lambda m: statistics.median(runs[m][0]))
-
-    s_mode = best(student_runs)
-    s_times, s_first = student_runs[s_mode]
-    t_mode = best(teacher_runs) if teacher_runs else None
-    t_times = teacher_runs[t_mode][0] if t_mode else [0.0] * len(s_times)
-    t_first = teacher_runs[t_mode][1] if t_mode else 0.0
-    s_ms, t_ms = statistics.median(s_times) * 1e3, statistics.median(t_times) * 1e3
-    # The floor step is the sum of the two medians; per-step figures pair the timed runs.
-    times = [a + b for a, b in zip(s_times, t_times, strict=True)]
-    flops = plan.cost.teacher_forward + plan.cost.student_forward_backward
-    result = s.result("floor", times, s_first + t_first, "compiled" in (s_mode, t_mode), flops,
-                      peak, student_step_ms=s_ms, teacher_inference_ms=t_ms,
-                      student_mode=s_mode, teacher_mode=t_mode,
-                      measured={m: {"student_step_ms": statistics.median(student_runs[m][0])
-                                    * 1e3,
-                                    "teacher_inference_ms":
-                                        statistics.median(teacher_runs[m][0]) * 1e3
-                                        if m in teacher_runs else None}
-                                for m in modes})
-    result.ms_per_step = s_ms + t_ms
-    result.images_per_second = s.batch / (result.ms_per_step / 1e3)
-    if result.mfu is not None and peak:
-        result.mfu = flops * result.images_per_second / peak
-    return result
+            inf = s.compile(infer) if compiled else infer
+            timers.append(_Timer(f"floor.teacher.{mode}", lambda inf=inf: inf(s.images),
+                                 compiled))
+    return timers
 
 
 def _loader(plan: Plan, images: int, step_ips: float | None) -> dict[str, Any]:
@@ -888,11 +845,22 @@ def _loader(plan: Plan, images: int, step_ips: float | None) -> dict[str, Any]:
     return info
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | None = None,
                compile_backend: str = "inductor", compile_mode: str | None = "default",
                floor: str = "auto", breakdown: bool = True, loader: bool = True,
                threads: int | None = None, progress: Progress | None = None) -> BenchResult:
     """Benchmark a resolved plan (see the module docstring for what is measured).
+
+    Every configuration is built and warmed up in turn (its peak memory measured then); all
+    stay alive, and the timed steps run in ``steps`` interleaved rounds (one step of each
+    configuration per round), so that load from elsewhere on the machine hits them alike.
 
     Args:
         plan: the resolved plan (its ``data.batch_size`` is the batch).
@@ -920,6 +888,8 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
         raise BenchError(f"unknown backend {compile_backend!r}; one of {', '.join(BACKENDS)}")
     if floor not in FLOOR_MODES:
         raise BenchError(f"unknown floor mode {floor!r}; one of {', '.join(FLOOR_MODES)}")
+    if threads is not None and threads < 1:
+        raise BenchError("--threads must be at least 1")
     try:
         dev = resolve_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -929,6 +899,7 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
         raise BenchError(f"device {device!r}: {str(exc).splitlines()[0]}") from None
     say = progress or (lambda _: None)
     start_all = time.perf_counter()
+    load_before = _load_average()
     threads_before = torch.get_num_threads()
     used_threads: int | None = None
     if dev.type == "cpu":
@@ -940,33 +911,98 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
     memory = _Memory(dev)
     s = _Setup(plan=plan, device=dev, dtype=dtype, backend=compile_backend,
                mode=compile_mode if compile_backend == "inductor" else None, steps=steps,
-               warmup=warmup, images=images, targets=targets, memory=memory, say=say)
-    peak = peak_flops(dev)
-    notes: list[str] = []
-    if dev.type == "cuda" and peak is None:
-        notes.append(f"MFU omitted: no known peak for {torch.cuda.get_device_name(dev)}")
-    elif peak is not None and dtype not in (torch.bfloat16, torch.float16):
-        notes.append("MFU omitted: the peak table is for bf16/fp16 and precision is fp32")
+               warmup=warmup, images=images, targets=targets)
+    if floor == "auto":
+        floor_modes = ["compiled"] if dev.type == "cuda" else ["eager"]
+    else:
+        floor_modes = ["eager", "compiled"] if floor == "best" else [floor]
+
+    timers: dict[str, _Timer] = {}
+    peak_mb: dict[str, float] = {}
+
+    def warm(name: str, new: Sequence[_Timer], before: float | None) -> None:
+        for t in new:
+            t.warm(dev, warmup)
+            timers[t.name] = t
+        if before is not None:
+            peak_mb[name] = max(0.0, memory.peak_mb() - before)
+
     torch._dynamo.reset()
-    configs: dict[str, ConfigResult] = {}
-    parts: dict[str, Any] | None = None
     try:
-        say(f"compiled step ({compile_backend}), {warmup} warm-up + {steps} timed steps")
-        configs["compiled"], program, updater = _program_config(s, True, peak)
+        say(f"build and warm up: compiled step ({compile_backend}; the first step compiles)")
+        memory.reset()
+        before = memory.current_mb()
+        timer, program, updater = _program_timer(s, True)
+        warm("compiled", [timer], before)
         if breakdown:
-            say("breakdown of the compiled step")
-            parts = _breakdown(s, program, updater, configs["compiled"].ms_per_step)
+            say("build and warm up: the compiled step's parts, each compiled alone")
+            warm("breakdown", [_breakdown_timer(s, program, updater)], None)
         del program, updater
-        torch._dynamo.reset()  # frees the compiled graphs (and what they hold)
-        say("eager step")
-        configs["eager"] = _program_config(s, False, peak)[0]
-        say("hook-based step (hand-written loss, two full forwards)")
-        configs["hooks"] = _hooks_config(s, peak)
-        say("floor: student-only step + teacher inference")
-        configs["floor"] = _floor_config(s, floor, peak)
+        for name, make in (("eager", lambda: [_program_timer(s, False)[0]]),
+                           ("hooks", lambda: [_hooks_timer(s)]),
+                           ("floor", lambda: _floor_timers(s, floor_modes))):
+            say(f"build and warm up: {name}")
+            memory.reset()
+            before = memory.current_mb()
+            warm(name, make(), before)
+        say(f"timing: {steps} rounds of {len(timers)} interleaved steps")
+        _rounds(list(timers.values()), dev, steps)
     finally:
-        torch._dynamo.reset()
         torch.set_num_threads(threads_before)
+
+    peak = peak_flops(dev)
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+
+    def result(name: str, ms: float, flops: int, compile_s: float | None,
+               ms_steps: list[float], **details: Any) -> ConfigResult:
+        ips = s.batch / (ms / 1e3)
+        return ConfigResult(name=name, images_per_second=ips, ms_per_step=ms,
+                            ms_steps=ms_steps, peak_memory_mb=peak_mb[name],
+                            compile_seconds=compile_s,
+                            mfu=flops * ips / peak if peak and low_precision else None,
+                            details=details)
+
+    configs: dict[str, ConfigResult] = {}
+    for name in ("compiled", "eager", "hooks"):
+        t = timers[name]
+        configs[name] = result(name, t.median * 1e3, plan.cost.total, t.compile_seconds(),
+                               [x * 1e3 for x in t.times])
+
+    def best(role: str) -> _Timer | None:
+        found = [timers[f"floor.{role}.{m}"] for m in floor_modes
+                 if f"floor.{role}.{m}" in timers]
+        return min(found, key=lambda t: t.median) if found else None
+
+    fs, ft = best("student"), best("teacher")
+    assert fs is not None
+    s_ms = fs.median * 1e3
+    t_ms = ft.median * 1e3 if ft is not None else 0.0
+    measured = {name.removeprefix("floor."): t.median * 1e3 for name, t in timers.items()
+                if name.startswith("floor.")}
+    floor_compile = sum(t.compile_seconds() or 0.0 for t in (fs, ft) if t is not None)
+    configs["floor"] = result(
+        "floor", s_ms + t_ms, plan.cost.teacher_forward + plan.cost.student_forward_backward,
+        floor_compile if (fs.compiled or (ft is not None and ft.compiled)) else None,
+        [(a + b) * 1e3 for a, b in zip(fs.times, ft.times if ft else [0.0] * len(fs.times),
+                                       strict=True)],
+        student_step_ms=s_ms, teacher_inference_ms=t_ms if ft else None,
+        student_mode=fs.name.rsplit(".", 1)[1],
+        teacher_mode=ft.name.rsplit(".", 1)[1] if ft else None, measured_ms=measured)
+
+    parts: dict[str, Any] | None = None
+    if breakdown:
+        bt = timers["breakdown"]
+        ms = {f"{k}_ms": statistics.median(p[k] for p in bt.parts) * 1e3 for k in _PARTS}
+        total_ms = sum(ms.values())
+        step_ms = configs["compiled"].ms_per_step
+        compile_s = sum(max(0.0, bt.first_parts.get(k, 0.0) - ms[f"{k}_ms"] / 1e3)
+                        for k in _PARTS)
+        parts = {**ms, "sum_of_parts_ms": total_ms, "step_ms": step_ms,
+                 "parts_minus_step_ms": total_ms - step_ms, "compile_seconds": compile_s,
+                 "share": {k: v / total_ms if total_ms else None for k, v in ms.items()}}
+
+    timers.clear()  # frees the configurations' modules before the loader runs
+    torch._dynamo.reset()
     gc.collect()
     loader_info = None
     if loader:
@@ -981,13 +1017,23 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
         "overhead_vs_floor": a.ms_per_step / d.ms_per_step - 1,
         "eager_vs_hooks": c.ms_per_step / b.ms_per_step,
         # The floor leaves out the adapters' work (ViTKD's generator can be a large part of the
-        # FLOPs at small widths): the overhead over the floor is at least this share.
+        # FLOPs at small widths): the overhead over the floor is at least about this share.
         "adapter_flops_share": plan.cost.adapters_forward_backward / plan.cost.total
         if plan.cost.total else None,
     }
+    notes: list[str] = []
+    if dev.type == "cuda" and peak is None:
+        notes.append(f"MFU omitted: no known peak for {torch.cuda.get_device_name(dev)}")
+    elif peak is not None and not low_precision:
+        notes.append("MFU omitted: the peak table is for bf16/fp16 and precision is fp32")
     if dev.type == "cpu":
-        notes.append(f"CPU: {used_threads} thread(s), fp32 unless the recipe says otherwise; "
-                     "the floor runs eager unless --floor best/compiled")
+        notes.append(f"CPU: {used_threads} thread(s); the floor runs "
+                     f"{' and '.join(floor_modes)}")
+    load_after = _load_average()
+    if load_before is not None and load_after is not None:
+        notes.append(f"load average {load_before:.2f} before, {load_after:.2f} after "
+                     f"({os.cpu_count()} CPUs): a load above the CPU count means other "
+                     "processes shared them")
     return BenchResult(
         recipe=plan.recipe, student=plan.student.name,
         teacher=plan.teacher.name if plan.teacher else None, device=str(dev),
@@ -997,7 +1043,8 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
         backend=compile_backend, compile_mode=s.mode, steps=steps, warmup=warmup,
         flops_per_image=plan.cost.total, memory_kind=memory.kind, configs=configs,
         ratios=ratios, breakdown=parts, loader=loader_info, peak_device_flops=peak,
-        wall_seconds=time.perf_counter() - start_all, notes=notes)
+        load_average=[load_before, load_after], wall_seconds=time.perf_counter() - start_all,
+        notes=notes)
 
 
 def _cpu_name() -> str:

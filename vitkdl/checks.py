@@ -300,6 +300,9 @@ def check_schedule(ctx: Context) -> Iterable[Diagnostic]:
     if (data.mixup > 0 or data.cutmix > 0) and data.batch_size % 2:
         yield error(f"mixup/cutmix need an even batch size, got {data.batch_size}",
                     data.at("batch_size"), hint=f"batch_size = {data.batch_size + 1}")
+    if train.shard == "fsdp" and train.ema is not None:
+        yield error("ema is not supported with shard = fsdp yet", train.at("ema"),
+                    hint="remove ema, or shard = none (DDP)")
     opt = train.optimizer
     if opt.name not in ("adamw", "adam", "nadamw", "lamb", "adan", "lion", "adopt",
                         "laprop") and "betas" in opt.kwargs:

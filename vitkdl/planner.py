@@ -157,6 +157,7 @@ class Plan(_Plain):
     ema: float | None
     precision: str
     compile: str
+    shard: str
     seed: int
     eval_every: int
     checkpoint_every: int
@@ -334,7 +335,7 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
                               warmup_lr=sched.warmup_lr, per="iteration",
                               decay_epochs=sched.decay_epochs, decay_rate=sched.decay_rate),
         epochs=spec.train.epochs, clip_grad=spec.train.clip_grad, ema=spec.train.ema,
-        precision=spec.train.precision, compile=spec.train.compile,
+        precision=spec.train.precision, compile=spec.train.compile, shard=spec.train.shard,
         seed=spec.train.seed, eval_every=spec.train.eval_every,
         checkpoint_every=spec.train.checkpoint_every, log_every=spec.train.log_every,
         world_size=world_size, cost=cost)

@@ -247,6 +247,11 @@ class StudentSide(nn.Module):
         self.blocks = _block_taps(plan.terms, "student")
         self.prefix = plan.student.prefix_tokens
 
+    def logits(self, images: Tensor) -> Tensor:
+        """The student's logits (evaluation of a sharded student goes through here)."""
+        with _autocast(images.device.type, self.autocast_dtype):
+            return _single_logits(self.student(images))
+
     def forward(self, images: Tensor, targets: Tensor, t_logits: Tensor | None,
                 t_taps: dict[int | str, Tensor]) -> dict[str, Tensor]:
         with _autocast(images.device.type, self.autocast_dtype):
@@ -340,6 +345,31 @@ class Program(nn.Module):
             return core(images, targets, t_logits, t_taps)
 
         self.step = step
+
+    def shard(self) -> None:
+        """Shard the student side and the teacher across the process group with FSDP2
+        (``fully_shard`` per transformer block, then the rest), for pairs whose replicas do
+        not fit one device. The step runs eager: per-block all-gathers are FSDP's own."""
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        for block in self.core.student.blocks:
+            fully_shard(block)
+        fully_shard(self.core)
+        # Methods other than forward must gather the shards too.
+        register_fsdp_forward_method(self.core, "logits")
+        if self.teacher is not None:
+            for block in self.teacher.blocks:
+                fully_shard(block)
+            fully_shard(self.teacher)
+            register_fsdp_forward_method(self.teacher, "forward_intermediates")
+            register_fsdp_forward_method(self.teacher, "forward_features")
+        self.__dict__["_sharded"] = True
+        self.step = self.forward
+        self.predict = self.core.logits
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.__dict__.get("_sharded"))
 
     def train(self, mode: bool = True) -> Program:
         super().train(mode)

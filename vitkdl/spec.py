@@ -229,6 +229,7 @@ class TrainSpec(Node):
     ema: Annotated[float, Field(gt=0, lt=1)] | None = None
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: Literal["auto", "off", "default", "max-autotune"] = "auto"
+    shard: Literal["none", "fsdp"] = "none"
     seed: Annotated[int, Field(ge=0)] = 0
     eval_every: Annotated[int, Field(gt=0)] = 1
     checkpoint_every: Annotated[int, Field(gt=0)] = 1

@@ -82,3 +82,25 @@ def test_resume_on_another_world_size(tmp_path) -> None:
     # 10 steps at global batch 16 are 5 at 32; then the rest of two epochs of 44 steps
     assert summary["world_size"] == 2 and summary["epochs"] == 2
     assert summary["steps"] == 2 * ((1437 // 2) // 16)
+
+
+def test_fsdp_checkpoints_load_on_one_device(tmp_path) -> None:
+    (tmp_path / "teacher.vkd").write_text(TEACHER)
+    student = tmp_path / "student.vkd"
+    student.write_text(STUDENT.replace("epochs = 1", "epochs = 2  shard = fsdp").replace(
+        "depth = 1  embed_dim = 16  num_heads = 2\n    num_classes = 10  drop_path = 0",
+        "depth = 2  embed_dim = 16  num_heads = 2\n    num_classes = 10  drop_path = 0"))
+    runs = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitkdl", "run", str(student), "--nproc-per-node", "2",
+         "--out", str(runs), "--max-steps", "6", "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((runs / "pair" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is None  # shards differ
+    exported = load_file(str(runs / "pair" / "student.safetensors"))
+    assert exported["blocks.1.attn.qkv.weight"].shape == (48, 16)  # full, not a shard
+    # The sharded run's checkpoint continues in one process.
+    assert main(["run", str(student), "--out", str(runs), "--resume", "--quiet",
+                 "--max-steps", "16"]) == 0
+    assert json.loads((runs / "pair" / "summary.json").read_text())["steps"] == 16

@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", metavar="RECIPE", help="a .vkd file")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="plan for N devices (global batch = batch_size x N)")
     p.add_argument("--compile", action="store_true",
                    help="also build the models (random weights) and trace the training step "
                         "with torch._dynamo.explain: graphs, graph breaks, trace time")
@@ -113,7 +115,9 @@ def render_plan(plan: Plan, out: Console) -> None:
     o = plan.optimizer
     kwargs = "".join(f", {k} = {v}" for k, v in o.kwargs.items())
     setup.add_row("optimizer", f"{o.name}(lr = {o.lr:g}, weight_decay = {o.weight_decay:g}"
-                               f"{escape(kwargs)}), no decay on {o.no_weight_decay}; "
+                               f"{escape(kwargs)}) as written for global batch "
+                               f"{d.global_batch} (no automatic lr scaling), no decay on "
+                               f"{o.no_weight_decay}; "
                                f"{_n(o.trainable_params)} trainable parameters")
     s = plan.schedule
     setup.add_row("schedule", f"{s.name} per {s.per} over {s.epochs} epochs, warm-up "
@@ -125,6 +129,9 @@ def render_plan(plan: Plan, out: Console) -> None:
                               f"{plan.checkpoint_every} epoch(s)")
     setup.add_row("precision", PRECISION[plan.precision])
     setup.add_row("compile", COMPILE[plan.compile])
+    setup.add_row("sharding", "fsdp: student, adapters and teacher sharded per block "
+                              "(fully_shard) across devices" if plan.shard == "fsdp" else
+                  "none: DDP replicas of the student and adapters when on several devices")
     out.print(setup)
 
     c = plan.cost
@@ -150,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
     if spec is None or any(d.is_error for d in diags):
         return 2
     try:
-        plan = vitkdl.plan(spec)
+        if args.world_size < 1:
+            err.print("vitkdl explain: error: --world-size must be at least 1")
+            return 2
+        plan = vitkdl.plan(spec, world_size=args.world_size)
     except VkdError as exc:
         print_diagnostics(err, exc.diagnostics, exc.sources)
         return 2

@@ -190,7 +190,10 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
         val_loader = DataLoader(Subset(val_set, range(job.rank, len(val_set), job.world_size)),
                                 batch_size=cfg.batch_size, shuffle=False,
                                 num_workers=cfg.workers)
-        program.distribute([job.local_rank] if device.type == "cuda" else None)
+        if plan.shard == "fsdp":
+            program.shard()
+        else:
+            program.distribute([job.local_rank] if device.type == "cuda" else None)
         torch.manual_seed(plan.seed + job.rank)  # masks and drop path differ across ranks
     if num_classes != plan.student.num_classes:
         raise TrainError(f"the data has {num_classes} classes but the student's head has "
@@ -224,9 +227,7 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     teacher_top1: float | None = None
     history: list[dict[str, Any]] = []
     if checkpoint is not None:
-        program.student.load_state_dict(checkpoint["student"])
-        program.terms.load_state_dict(checkpoint["terms"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        _load_states(program, optimizer, checkpoint)
         if ema is not None and checkpoint.get("ema"):
             ema.load_state_dict(checkpoint["ema"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -256,6 +257,7 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
         + (f"\n  resuming at epoch {start_epoch} step {step}" if checkpoint else ""))
 
     def save(epoch: int, batch: int, name: str = "last.pt") -> None:
+        student_sd, terms_sd, optim_sd = _states(program, optimizer)  # collective when sharded
         if not job.is_main:
             return
         state = {
@@ -263,8 +265,8 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
             "epoch": epoch, "batch": batch, "step": step, "best_top1": best_top1,
             "global_batch": global_batch, "world_size": job.world_size,
             "teacher_top1": teacher_top1, "history": history,
-            "student": program.student.state_dict(), "terms": program.terms.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "student": student_sd, "terms": terms_sd, "optimizer": optim_sd,
+            "optimizer_format": "fqn" if program.sharded else "torch",
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
             "scaler": scaler.state_dict(), "rng": rng_state()}
@@ -292,6 +294,9 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
                 batch_in_epoch = skip_batches
                 set_rng_state(checkpoint["rng"])  # after skipping: exactly where it stopped
             for images, labels in batches:
+                if opts.max_steps is not None and step >= opts.max_steps:
+                    stop = True
+                    break
                 images = images.to(device, non_blocking=True)
                 targets = labels.to(device, non_blocking=True)
                 if mixup is not None:  # teacher and student see the same mixed batch
@@ -380,7 +385,10 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     finally:
         progress.close()
     wall = time.perf_counter() - start
-    in_sync = distributed.params_in_sync(program.trainable_parameters(), device)
+    # Replicas must agree; shards differ by design.
+    in_sync = None if program.sharded else distributed.params_in_sync(
+        program.trainable_parameters(), device)
+    student_sd = _states(program, optimizer)[0]  # gathered on rank 0 when sharded
     if not job.is_main:
         distributed.barrier()  # wait for rank 0's files
         return {"recipe": plan.recipe, "hash": plan.hash, "rank": job.rank}
@@ -388,7 +396,7 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
         log.close()
 
     # ---- the end -----------------------------------------------------------------------
-    _export(program, ema, out)
+    _export(student_sd, ema, out)
     last = history[-1] if history else {}
     summary = {
         "recipe": plan.recipe, "hash": plan.hash, "top1": last.get("top1"),
@@ -440,16 +448,64 @@ def _resume_point(plan: Plan, opts: RunOptions, path: Path) -> dict[str, Any] | 
     return ckpt
 
 
-def _export(program: Program, ema: Any, out: Path) -> None:
+def _export(student: dict[str, torch.Tensor], ema: Any, out: Path) -> None:
     """``student.safetensors`` (and ``student_ema.safetensors``): plain timm state dicts."""
     from safetensors.torch import save_file
 
-    def tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    def plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
-    save_file(tensors(program.student), str(out / "student.safetensors"))
+    save_file(plain(student), str(out / "student.safetensors"))
     if ema is not None:
-        save_file(tensors(ema.module), str(out / "student_ema.safetensors"))
+        save_file(plain(ema.module.state_dict()), str(out / "student_ema.safetensors"))
+
+
+def _states(program: Program, optimizer: torch.optim.Optimizer
+            ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Student, adapter and optimizer state as full (unsharded) state dicts, so checkpoints
+    load on one device whatever the run was sharded over. Collective under FSDP: every rank
+    calls it, rank 0 receives the tensors."""
+    if not program.sharded:
+        return program.student.state_dict(), program.terms.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(program.core, options=options)
+    optim = get_optimizer_state_dict(program.core, optimizer, options=options)
+    student = {k.removeprefix("student."): v for k, v in full.items()
+               if k.startswith("student.")}
+    terms = {k.removeprefix("terms."): v for k, v in full.items() if k.startswith("terms.")}
+    return student, terms, optim
+
+
+def _load_states(program: Program, optimizer: torch.optim.Optimizer,
+                 checkpoint: dict[str, Any]) -> None:
+    """The inverse of :func:`_states`, from any checkpoint onto this run's layout."""
+    fqn_optim = checkpoint.get("optimizer_format") == "fqn"
+    if not program.sharded and not fqn_optim:
+        program.student.load_state_dict(checkpoint["student"])
+        program.terms.load_state_dict(checkpoint["terms"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    full = {**{f"student.{k}": v for k, v in checkpoint["student"].items()},
+            **{f"terms.{k}": v for k, v in checkpoint["terms"].items()}}
+    set_model_state_dict(program.core, full, options=options)
+    if fqn_optim:
+        set_optimizer_state_dict(program.core, optimizer, checkpoint["optimizer"],
+                                 options=options)
+    else:  # a replicated run's optimizer state onto a sharded run: start it afresh
+        pass
 
 
 def _peak_memory_mb(device: torch.device) -> float:
