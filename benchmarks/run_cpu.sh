@@ -3,6 +3,9 @@
 # 224 px, fewer blocks, small batches), results in benchmarks/results/cpu_*.json and a Markdown
 # summary on stdout. About 10-15 minutes on a 2-core machine with a cold inductor cache.
 #
+# One CPU thread throughout (--threads 1; the trainer would take both cores for the DeiT pairs):
+# on a machine shared with other work, two OpenMP threads stall at every parallel region whose
+# other thread lost its core, which swamps the differences measured here (see the README).
 #   bash benchmarks/run_cpu.sh
 #
 # The imagefolder loader is timed on a small generated folder of ImageNet-sized JPEGs (set
@@ -17,7 +20,7 @@ IMAGES="${VITKDL_BENCH_IMAGES:-${TMPDIR:-/tmp}/vitkdl_bench_images}"
 bench() {  # NAME RECIPE ARGS...
     local name=$1; shift
     echo "== $name: vitkdl bench $*" >&2
-    vitkdl bench "$@" --device cpu --floor best --json > "$OUT/$name.json"
+    vitkdl bench "$@" --device cpu --threads 1 --floor best --json > "$OUT/$name.json"
 }
 
 bench cpu_quickstart recipes/quickstart.vkd

@@ -42,7 +42,7 @@ def test_deit_tiny_coefficient_is_the_facts_4_5x() -> None:
 def test_plan_is_json_with_plain_numbers() -> None:
     plan = vitkdl.plan(vitkdl.load(RECIPES / "quickstart.vkd"))
     data = json.loads(plan.model_dump_json())
-    assert data["student"]["width"] == 32 and data["teacher"]["width"] == 128
+    assert data["student"]["width"] == 16 and data["teacher"]["width"] == 128
     assert data["student"]["grid"] == [4, 4] and data["student"]["tokens"] == 16
     assert data["teacher"]["from_recipe"].endswith("quickstart_teacher.vkd")
     assert data["data"]["train_images"] == 1437 and data["data"]["num_classes"] == 10

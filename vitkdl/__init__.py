@@ -2,13 +2,14 @@
 
 The pipeline, one stage per module, each importing only earlier ones::
 
-    source text --syntax--> syntax tree --spec--> RecipeSpec --check--> diagnostics
-                --plan--> Plan --program--> Program (compiled step) --train--> runs/NAME/
+    source text --syntax--> syntax tree --spec--> RecipeSpec --checks--> diagnostics
+                --planner--> Plan --program--> Program (compiled step) --train--> runs/NAME/
 
 Python API (every stage can be driven on its own as well)::
 
     spec = vitkdl.load("recipes/deit_tiny_vitkd_kd.vkd", overrides={"train.epochs": 1})
     plan = vitkdl.plan(spec)          # resolved, printable (what `vitkdl explain` shows)
+    program = vitkdl.build(plan)      # real modules; program.step(images, labels) -> losses
 """
 
 from __future__ import annotations

@@ -259,8 +259,14 @@ class RecipeSpec(Node):
         return data
 
     def hash(self) -> str:
-        """A short hash of the resolved recipe: what decides whether a run is stale."""
-        text = json.dumps(self.canonical(), sort_keys=True)
+        """A short hash of the resolved recipe: what decides whether a run is stale. Fields at
+        their defaults are left out, so a new field in a later vitkdl keeps old runs fresh."""
+        data = self.model_dump(mode="json", exclude={"file", "extends", "overrides"},
+                               exclude_defaults=True)
+        if "terms" in data:  # a term's kind is a default of its class, but it matters
+            data["terms"] = [{**d, "kind": t.kind}
+                             for t, d in zip(self.terms, data["terms"], strict=True)]
+        text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

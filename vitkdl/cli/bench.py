@@ -18,9 +18,10 @@ batches of its shapes: (a) vitkdl's compiled step, (b) the same step eager, (c) 
 implementation with forward hooks, two full forwards and a hand-written loss module, (d) the
 floor: a student-only training step plus teacher inference. Prints images/s, ms/step, peak
 memory, the ratios a/b, a/c and the overhead of a over d, a breakdown of the compiled step and
-the data loader's own images/s. Medians of --steps timed steps after --warmup untimed ones (the
-first compiles: its extra time is shown as compile time). Weight files and the data root are
-not needed (a missing root only skips the loader measurement)."""
+the data loader's own images/s. Each configuration is warmed up (--warmup steps; the first
+compiles, its extra time is shown as compile time), then all are timed in --steps interleaved
+rounds, one step of each per round; medians are shown. Weight files and the data root are not
+needed (a missing root only skips the loader measurement)."""
 
 EPILOG = """examples:
   vitkdl bench recipes/quickstart.vkd
