@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU suite: `vitkdl bench` on the quickstart pair and on reduced DeiT pairs (real widths,
 # 224 px, fewer blocks, small batches), results in benchmarks/results/cpu_*.json and a Markdown
-# summary on stdout. About 10-15 minutes on a 2-core machine with a cold inductor cache.
+# summary on stdout. About 7 minutes on a 2-core machine with a warm inductor cache, a few more cold.
 #
 # One CPU thread throughout (--threads 1; the trainer would take both cores for the DeiT pairs):
 # on a machine shared with other work, two OpenMP threads stall at every parallel region whose

@@ -15,6 +15,10 @@ def _f(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.0f}%"
+
+
 def _pair(r: dict[str, Any]) -> str:
     teacher = r["teacher"] or "-"
     return f"{r['student']} <- {teacher}"
@@ -23,18 +27,26 @@ def _pair(r: dict[str, Any]) -> str:
 def tables(results: list[tuple[str, dict[str, Any]]]) -> str:
     """Throughput, ratios, breakdown and loader tables, one row per result file."""
     lines = ["| run | pair | batch | (a) compiled | (b) eager | (c) hooks | (d) floor | a/b | a/c "
-             "| a over d | adapter FLOPs | MFU (a) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| a over d | adapters' FLOPs over d | a over d + losses | MFU (a) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results:
-        c, q = r["configs"], r["ratios"]
+        c, q, b = r["configs"], r["ratios"], r["breakdown"]
         mfu = c["compiled"].get("mfu")
+        flops_over = q.get("overhead_vs_floor_from_flops")
+        if flops_over is None and q.get("adapter_flops_share") is not None:
+            share = q["adapter_flops_share"]  # older files: adapters / total
+            flops_over = share / (1 - share) if share < 1 else None
+        plus_losses = q.get("overhead_vs_floor_plus_losses")
+        if plus_losses is None and b:
+            plus_losses = c["compiled"]["ms_per_step"] / (c["floor"]["ms_per_step"]
+                                                          + b["adapters_losses_ms"]) - 1
         lines.append(
             f"| {name} | {_pair(r)} | {r['batch']} | "
             + " | ".join(f"{_f(c[k]['images_per_second'])} img/s ({_f(c[k]['ms_per_step'])} ms)"
                          for k in ("compiled", "eager", "hooks", "floor"))
             + f" | {_f(q['compiled_vs_eager'], '.2f')}x | {_f(q['compiled_vs_hooks'], '.2f')}x | "
-            f"{_f(100 * q['overhead_vs_floor'], '+.0f')}% | "
-            f"{_f(100 * (q.get('adapter_flops_share') or 0), '.0f')}% | "
+            f"{_pct(q['overhead_vs_floor'])} | "
+            f"{_pct(flops_over)} | {_pct(plus_losses)} | "
             f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} |")
     lines += ["", "| run | teacher fwd | student fwd+bwd | adapters+losses | optimizer | sum "
               "| step | compile (a) | peak MiB a / b / c / d | loader |",

@@ -73,7 +73,8 @@ def test_python_api_four_figures_and_ratios(tiny: Path) -> None:
     for name in CONFIGS:
         c = result.configs[name]
         assert c.images_per_second > 0 and c.ms_per_step > 0, name
-        assert len(c.ms_steps) == 2 and c.peak_memory_mb > 0
+        # peak memory on CPU is RSS growth: 0 when the process was already at its peak
+        assert len(c.ms_steps) == 2 and c.peak_memory_mb >= 0
     assert result.configs["compiled"].compile_seconds is not None
     assert result.configs["eager"].compile_seconds is None
     for key in ("compiled_vs_eager", "compiled_vs_hooks", "overhead_vs_floor"):
@@ -161,6 +162,14 @@ def test_bad_recipe_exits_2_without_traceback(tmp_path: Path,
     code = main(["bench", str(ROOT / "recipes" / "quickstart.vkd"), "--device", "nosuch"])
     _, err = capsys.readouterr()
     assert code == 2 and "nosuch" in err and "Traceback" not in err
+
+
+def test_cli_choices_match_the_module() -> None:
+    from vitkdl import bench
+    from vitkdl.cli import bench as cli_bench
+
+    assert cli_bench.BACKENDS == bench.BACKENDS
+    assert cli_bench.FLOOR_MODES == bench.FLOOR_MODES
 
 
 def test_bad_options_raise_bench_error(tiny: Path) -> None:

@@ -77,6 +77,7 @@ __all__ = [
     "HandWrittenLoss",
     "bench_plan",
     "peak_flops",
+    "register_feature_hooks",
     "run_bench",
 ]
 
@@ -1011,15 +1012,24 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
                               configs["compiled"].images_per_second)
     a, b = configs["compiled"], configs["eager"]
     c, d = configs["hooks"], configs["floor"]
+    floor_flops = plan.cost.teacher_forward + plan.cost.student_forward_backward
     ratios: dict[str, float | None] = {
         "compiled_vs_eager": b.ms_per_step / a.ms_per_step,
         "compiled_vs_hooks": c.ms_per_step / a.ms_per_step,
         "overhead_vs_floor": a.ms_per_step / d.ms_per_step - 1,
         "eager_vs_hooks": c.ms_per_step / b.ms_per_step,
-        # The floor leaves out the adapters' work (ViTKD's generator can be a large part of the
-        # FLOPs at small widths): the overhead over the floor is at least about this share.
+        # The floor leaves out the adapters' work (ViTKD's generator: 10-18 % of the FLOPs of
+        # the paper's pairs, more at reduced depth), so by FLOPs alone the step costs this much
+        # more than the floor ...
+        "overhead_vs_floor_from_flops": plan.cost.adapters_forward_backward / floor_flops
+        if floor_flops else None,
         "adapter_flops_share": plan.cost.adapters_forward_backward / plan.cost.total
         if plan.cost.total else None,
+        # ... and what is left once the adapters' and losses' measured time is added to the
+        # floor is the price of running them together in one step.
+        "overhead_vs_floor_plus_losses": a.ms_per_step / (d.ms_per_step
+                                                          + parts["adapters_losses_ms"]) - 1
+        if parts else None,
     }
     notes: list[str] = []
     if dev.type == "cuda" and peak is None:

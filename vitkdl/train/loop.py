@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -61,7 +62,7 @@ def data_config(plan: Plan) -> DataConfig:
     """The data layer's view of the plan."""
     d, s = plan.data, plan.student
     return DataConfig(source=d.source, root=d.root, image_size=d.image_size, in_chans=d.in_chans,
-                      batch_size=d.batch_size, workers=d.workers,
+                      batch_size=d.batch_size, workers=min(d.workers, os.cpu_count() or 1),
                       augment=_augment_key(d.augment), mixup=d.mixup, cutmix=d.cutmix,
                       smoothing=d.smoothing, size=d.train_images or 1024,
                       classes=d.num_classes, mean=s.mean, std=s.std,
@@ -206,9 +207,12 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     import timm.utils
 
     opt = plan.optimizer
+    extra = dict(opt.kwargs)
+    if opt.name in ("adamw", "adam") and not program.sharded:
+        extra.setdefault("fused", True)  # one kernel for all parameters (3-4x on CPU too)
     optimizer = timm.optim.create_optimizer_v2(param_groups(program, opt.weight_decay),
                                                opt=opt.name, lr=opt.lr,
-                                               weight_decay=opt.weight_decay, **opt.kwargs)
+                                               weight_decay=opt.weight_decay, **extra)
     steps_per_epoch = len(train_loader)
     sched = plan.schedule
     scheduler: Any = None
@@ -281,6 +285,8 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     # ---- the loop ----------------------------------------------------------------------
     start = time.perf_counter()
     images_seen, stop, last_log = 0, False, time.perf_counter()
+    bad_terms: torch.Tensor | None = None
+    term_names = [t.name for t in plan.terms] + ["loss"]
     epoch, batch_in_epoch = start_epoch, 0
     program.train()
     try:
@@ -303,17 +309,10 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
                     images, targets = mixup(images, targets)
                 result = program.step(images, targets)
                 loss = result["loss"]
-                finite = bool(torch.isfinite(loss))
-                if job.enabled:  # every rank stops together
-                    finite = distributed.all_reduce_sum([float(not finite)], device)[0] == 0
-                if not finite:
-                    bad = [k for k, v in result.items() if k != "loss"
-                           and not torch.isfinite(v)]
-                    raise TrainError(
-                        f"the loss became {float(loss.detach())} at step {step} (epoch {epoch}) in "
-                        f"term {', '.join(bad) or 'loss'}; stopped. The last good checkpoint "
-                        f"is {ckpt_path if ckpt_path.exists() else 'not written yet'}. Lower "
-                        "the learning rate or that term's weight.")
+                # Non-finite terms are remembered on the device (no sync per step) and checked
+                # at every log line and before anything is evaluated or saved.
+                flags = torch.stack([~torch.isfinite(v.detach()) for v in result.values()])
+                bad_terms = flags if bad_terms is None else bad_terms | flags
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if plan.clip_grad:
@@ -330,6 +329,8 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
                 if ema is not None:
                     ema.update(program.student, step=step)
                 if step % plan.log_every == 0 or step == total_steps:
+                    _stop_if_not_finite(bad_terms, list(result), step, epoch, ckpt_path, job,
+                                        device)
                     now = time.perf_counter()
                     record = {"kind": "train", "step": step, "epoch": epoch,
                               **{k: round(float(v.detach()), 6) for k, v in result.items()},
@@ -347,6 +348,7 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
                 if opts.max_steps is not None and step >= opts.max_steps:
                     stop = True
                     break
+            _stop_if_not_finite(bad_terms, term_names, step, epoch, ckpt_path, job, device)
             last_epoch = stop or epoch == plan.epochs - 1
             # Where a resumed run picks up: the next epoch, or this one's next batch when
             # --max-steps stopped it part-way.
@@ -419,6 +421,22 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     write_curves(out / "metrics.jsonl", out / "curves.png", plan.recipe)
     distributed.barrier()
     return summary
+
+
+def _stop_if_not_finite(flags: torch.Tensor | None, names: list[str], step: int, epoch: int,
+                        ckpt: Path, job: distributed.Dist, device: torch.device) -> None:
+    """Stop the run, naming the terms, once any loss term was NaN/Inf (on any rank)."""
+    if flags is None:
+        return
+    counts = distributed.all_reduce_sum([float(f) for f in flags.tolist()], device)
+    bad = [n for n, c in zip(names, counts, strict=True) if c > 0 and n != "loss"]
+    if not any(counts):
+        return
+    raise TrainError(
+        f"the loss became NaN or infinite by step {step} (epoch {epoch}) in term "
+        f"{', '.join(bad) or 'loss'}; stopped without saving. The last good checkpoint is "
+        f"{ckpt if ckpt.exists() else 'not written yet'}. Lower the learning rate or that "
+        "term's weight.")
 
 
 def check_writable(out: Path) -> None:
