@@ -341,10 +341,12 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
                     if log is not None:
                         log.write(record)
                     info = " ".join(f"{k} {float(v.detach()):.4g}" for k, v in result.items())
+                    info += f", lr {record['lr']:.3g}, {record['images_per_second']:.0f} img/s"
                     progress.update(step, epoch, info, log_line=True)
                 elif progress.live:
-                    progress.update(step, epoch, f"loss {float(loss.detach()):.4g}",
-                                    log_line=False)
+                    rate = images_seen / max(time.perf_counter() - start, 1e-9)
+                    progress.update(step, epoch, f"loss {float(loss.detach()):.4g}, "
+                                    f"{rate:.0f} img/s", log_line=False)
                 if opts.max_steps is not None and step >= opts.max_steps:
                     stop = True
                     break
