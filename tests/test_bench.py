@@ -15,12 +15,12 @@ from tests.conftest import ROOT
 from vitkdl.bench import (
     BenchError,
     HandWrittenLoss,
-    _tap_pass,
     bench_plan,
     register_feature_hooks,
     run_bench,
 )
 from vitkdl.cli import main
+from vitkdl.program import tap_pass
 
 TINY = """recipe tiny_bench
 
@@ -128,12 +128,12 @@ def test_hand_written_loss_matches_the_strategies(tiny: Path) -> None:
     s_logits = program.student(images)
     for h in handles:
         h.remove()
-    ref_logits, ref_taps = _tap_pass(program.student, images, [0], 1)
+    ref_logits, ref_taps = tap_pass(program.student, images, [0], 1)
     torch.testing.assert_close(s_logits, ref_logits)
     for key in (0, "norm"):
         torch.testing.assert_close(feats[key], ref_taps[key])
 
-    t_logits, t_taps = _tap_pass(program.teacher, images, [0], 1)
+    t_logits, t_taps = tap_pass(program.teacher, images, [0], 1)
     mask = torch.zeros(4, 16, dtype=torch.bool)
     mask[:, ::2] = True
     torch.testing.assert_close(hgen(feats["norm"], t_taps["norm"], mask=mask),

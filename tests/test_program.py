@@ -147,7 +147,7 @@ def taps(program: Program, images: torch.Tensor, side: str) -> dict[int | str, t
     plan = program.plan.student if side == "student" else program.plan.teacher
     blocks = list(range(plan.depth))
     with torch.no_grad():
-        logits, out = program_module._run(model, images, blocks, plan.prefix_tokens)
+        logits, out = program_module.tap_pass(model, images, blocks, plan.prefix_tokens)
     assert logits.shape == (images.shape[0], plan.num_classes)
     return out
 

@@ -65,7 +65,15 @@ from torch import Tensor, nn
 
 import vitkdl
 from vitkdl.planner import Plan, TermPlan
-from vitkdl.program import Program, create_model, resolve_device, resolve_precision
+from vitkdl.program import (
+    Program,
+    block_taps,
+    create_model,
+    resolve_device,
+    resolve_precision,
+    single_logits,
+    tap_pass,
+)
 
 __all__ = [
     "BACKENDS",
@@ -376,33 +384,6 @@ def _batch(plan: Plan, device: torch.device) -> tuple[Tensor, Tensor]:
     return images.to(device), labels.to(device)
 
 
-def _single_logits(logits: Tensor | tuple[Tensor, ...]) -> Tensor:
-    """One ``[B, C]`` tensor (a distilled DeiT in train mode returns two heads: averaged)."""
-    if isinstance(logits, (tuple, list)):
-        return sum(logits[1:], logits[0]) / len(logits)
-    return logits
-
-
-def _block_taps(terms: Sequence[TermPlan], side: str) -> list[int]:
-    """The block indices one side's terms tap (sorted, no duplicates)."""
-    out = {b for t in terms for b in (t.student_blocks if side == "student" else
-                                      t.teacher_blocks) if isinstance(b, int)}
-    return sorted(out)
-
-
-def _tap_pass(model: nn.Module, images: Tensor, blocks: list[int], prefix: int
-              ) -> tuple[Tensor, dict[int | str, Tensor]]:
-    """One timm pass: logits and the taps (patch tokens), as the compiled step takes them."""
-    if blocks:
-        final, feats = model.forward_intermediates(images, indices=blocks, output_fmt="NLC")
-        taps: dict[int | str, Tensor] = dict(zip(blocks, feats, strict=True))
-    else:
-        final = model.forward_features(images)
-        taps = {}
-    taps["norm"] = final[:, prefix:]
-    return _single_logits(model.forward_head(final)), taps
-
-
 def _label_smoothing(plan: Plan) -> float:
     for t in plan.terms:
         if t.kind == "labels":
@@ -654,7 +635,7 @@ def _breakdown_timer(s: _Setup, program: Program, updater: _Updater) -> _Timer:
     synchronisations: teacher forward, student forward + backward, adapters + losses (forward
     and backward), optimizer (clipping, AdamW, zeroing)."""
     plan = s.plan
-    s_blocks, t_blocks = _block_taps(plan.terms, "student"), _block_taps(plan.terms, "teacher")
+    s_blocks, t_blocks = block_taps(plan.terms, "student"), block_taps(plan.terms, "teacher")
     s_keys: list[int | str] = [*s_blocks, "norm"]
     t_keys: list[int | str] = [*t_blocks, "norm"]
     s_prefix = plan.student.prefix_tokens
@@ -665,12 +646,12 @@ def _breakdown_timer(s: _Setup, program: Program, updater: _Updater) -> _Timer:
     def teacher_fwd(images: Tensor) -> tuple[Tensor, list[Tensor]]:
         assert teacher is not None
         with torch.no_grad(), _autocast(s.device, s.dtype):
-            logits, taps = _tap_pass(teacher, images, t_blocks, t_prefix)
+            logits, taps = tap_pass(teacher, images, t_blocks, t_prefix)
         return logits, [taps[k] for k in t_keys]
 
     def student_fwd(images: Tensor) -> tuple[Tensor, list[Tensor]]:
         with _autocast(s.device, s.dtype):
-            logits, taps = _tap_pass(student, images, s_blocks, s_prefix)
+            logits, taps = tap_pass(student, images, s_blocks, s_prefix)
         return logits, [taps[k] for k in s_keys]
 
     def losses(s_logits: Tensor, s_taps: list[Tensor], t_logits: Tensor | None,
@@ -756,8 +737,8 @@ def _hooks_timer(s: _Setup) -> _Timer:
         with _autocast(s.device, s.dtype):
             if teacher is not None and needs_teacher:
                 with torch.no_grad():
-                    t_logits = _single_logits(teacher(s.images))
-            s_logits = _single_logits(student(s.images))
+                    t_logits = single_logits(teacher(s.images))
+            s_logits = single_logits(student(s.images))
         out = criterion(s_feats, t_feats, s_logits, t_logits, s.targets)
         updater.backward(out["loss"])
         updater.step()
@@ -784,7 +765,7 @@ def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
 
     def forward_loss(images: Tensor, targets: Tensor) -> Tensor:
         with _autocast(s.device, s.dtype):
-            logits = _single_logits(student(images)).float()
+            logits = single_logits(student(images)).float()
         if targets.dim() > 1:
             return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits, targets, label_smoothing=smoothing)
@@ -792,7 +773,7 @@ def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
     def infer(images: Tensor) -> Tensor:
         assert teacher is not None
         with torch.no_grad(), _autocast(s.device, s.dtype):
-            return _single_logits(teacher(images))
+            return single_logits(teacher(images))
 
     timers = []
     for mode in modes:

@@ -179,7 +179,7 @@ def make_term(t: TermPlan, student: ModelPlan, teacher: ModelPlan | None) -> nn.
 # The program
 
 
-def _block_taps(terms: list[TermPlan], side: str) -> list[int]:
+def block_taps(terms: list[TermPlan], side: str) -> list[int]:
     out: set[int] = set()
     for t in terms:
         for b in (t.student_blocks if side == "student" else t.teacher_blocks):
@@ -188,7 +188,7 @@ def _block_taps(terms: list[TermPlan], side: str) -> list[int]:
     return sorted(out)
 
 
-def _single_logits(logits: Tensor | tuple[Tensor, ...]) -> Tensor:
+def single_logits(logits: Tensor | tuple[Tensor, ...]) -> Tensor:
     """One ``[B, C]`` tensor: a distilled DeiT with ``distilled_training`` on returns its class
     and distillation heads separately in train mode; average them as timm does at inference."""
     if isinstance(logits, (tuple, list)):
@@ -216,8 +216,8 @@ class CompileReport:
         return out
 
 
-def _run(model: nn.Module, images: Tensor, blocks: list[int], prefix: int
-         ) -> tuple[Tensor, dict[int | str, Tensor]]:
+def tap_pass(model: nn.Module, images: Tensor, blocks: list[int], prefix: int
+             ) -> tuple[Tensor, dict[int | str, Tensor]]:
     """One pass of a timm ViT: logits and the requested taps (patch tokens only)."""
     if blocks:
         final, feats = model.forward_intermediates(images, indices=blocks, output_fmt="NLC")
@@ -226,7 +226,7 @@ def _run(model: nn.Module, images: Tensor, blocks: list[int], prefix: int
         final = model.forward_features(images)
         taps = {}
     taps["norm"] = final[:, prefix:]
-    return _single_logits(model.forward_head(final)), taps
+    return single_logits(model.forward_head(final)), taps
 
 
 class StudentSide(nn.Module):
@@ -244,18 +244,18 @@ class StudentSide(nn.Module):
         self.terms = terms
         self.plan_terms = plan.terms
         self.autocast_dtype = autocast_dtype
-        self.blocks = _block_taps(plan.terms, "student")
+        self.blocks = block_taps(plan.terms, "student")
         self.prefix = plan.student.prefix_tokens
 
     def logits(self, images: Tensor) -> Tensor:
         """The student's logits (evaluation of a sharded student goes through here)."""
         with _autocast(images.device.type, self.autocast_dtype):
-            return _single_logits(self.student(images))
+            return single_logits(self.student(images))
 
     def forward(self, images: Tensor, targets: Tensor, t_logits: Tensor | None,
                 t_taps: dict[int | str, Tensor]) -> dict[str, Tensor]:
         with _autocast(images.device.type, self.autocast_dtype):
-            s_logits, s_taps = _run(self.student, images, self.blocks, self.prefix)
+            s_logits, s_taps = tap_pass(self.student, images, self.blocks, self.prefix)
         out: dict[str, Tensor] = {}
         total = s_logits.new_zeros((), dtype=torch.float32)
         for t in self.plan_terms:
@@ -296,7 +296,7 @@ class Program(nn.Module):
         self.teacher = teacher
         self.autocast_dtype = autocast_dtype
         self.compile_mode = compile_mode
-        self._teacher_blocks = _block_taps(plan.terms, "teacher")
+        self._teacher_blocks = block_taps(plan.terms, "teacher")
         self._teacher_prefix = plan.teacher.prefix_tokens if plan.teacher else 0
         self._needs_teacher = teacher is not None and any(t.kind != "labels"
                                                           for t in plan.terms)
@@ -387,13 +387,13 @@ class Program(nn.Module):
     def student_logits(self, images: Tensor) -> Tensor:
         """The student's logits (for evaluation)."""
         with self._autocast(images.device.type):
-            return _single_logits(self.student(images))
+            return single_logits(self.student(images))
 
     def teacher_logits(self, images: Tensor) -> Tensor:
         """The teacher's logits (for its accuracy at start)."""
         assert self.teacher is not None
         with torch.no_grad(), self._autocast(images.device.type):
-            return _single_logits(self.teacher(images))
+            return single_logits(self.teacher(images))
 
     def teacher_pass(self, images: Tensor) -> tuple[Tensor | None, dict[int | str, Tensor]]:
         """The teacher's logits and taps for a batch (no gradients), or ``(None, {})`` when
@@ -402,7 +402,7 @@ class Program(nn.Module):
             return None, {}
         assert self.teacher is not None
         with torch.no_grad(), self._autocast(images.device.type):
-            return _run(self.teacher, images, self._teacher_blocks, self._teacher_prefix)
+            return tap_pass(self.teacher, images, self._teacher_blocks, self._teacher_prefix)
 
     def forward(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         t_logits, t_taps = self.teacher_pass(images)
