@@ -73,6 +73,7 @@ from vitkdl.program import (
     resolve_precision,
     single_logits,
     tap_pass,
+    term_losses,
 )
 
 __all__ = [
@@ -658,18 +659,8 @@ def _breakdown_timer(s: _Setup, program: Program, updater: _Updater) -> _Timer:
                t_taps: list[Tensor], targets: Tensor) -> Tensor:
         s_map = dict(zip(s_keys, s_taps, strict=True))
         t_map = dict(zip(t_keys, t_taps, strict=False))
-        total = s_logits.new_zeros((), dtype=torch.float32)
-        for t in plan.terms:
-            module = terms[t.name]
-            if t.kind in ("mimic", "generate"):
-                value = module([s_map[b] for b in t.student_blocks],
-                               [t_map[b] for b in t.teacher_blocks])
-            elif t.kind == "labels":
-                value = module(s_logits, targets)
-            else:
-                value = module(s_logits, t_logits, targets)
-            total = total + value
-        return total
+        return term_losses(plan.terms, terms, s_logits, s_map, t_logits, t_map,
+                           targets)["loss"]
 
     t_fn = s.compile(teacher_fwd) if teacher is not None else None
     s_fn, l_fn = s.compile(student_fwd), s.compile(losses)

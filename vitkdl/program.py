@@ -229,6 +229,27 @@ def tap_pass(model: nn.Module, images: Tensor, blocks: list[int], prefix: int
     return single_logits(model.forward_head(final)), taps
 
 
+def term_losses(plan_terms: list[TermPlan], terms: nn.ModuleDict, s_logits: Tensor,
+                s_taps: dict[int | str, Tensor], t_logits: Tensor | None,
+                t_taps: dict[int | str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+    """Every term on one batch's taps and logits: ``{"loss": total, term: detached value}``."""
+    out: dict[str, Tensor] = {}
+    total = s_logits.new_zeros((), dtype=torch.float32)
+    for t in plan_terms:
+        module = terms[t.name]
+        if t.kind in ("mimic", "generate"):
+            value = module([s_taps[b] for b in t.student_blocks],
+                           [t_taps[b] for b in t.teacher_blocks])
+        elif t.kind == "labels":
+            value = module(s_logits, targets)
+        else:
+            value = module(s_logits, t_logits, targets)
+        total = total + value
+        out[t.name] = value.detach()
+    out["loss"] = total
+    return out
+
+
 class StudentSide(nn.Module):
     """The trainable half of a program: the student, the adapters and every loss.
 
@@ -256,21 +277,8 @@ class StudentSide(nn.Module):
                 t_taps: dict[int | str, Tensor]) -> dict[str, Tensor]:
         with _autocast(images.device.type, self.autocast_dtype):
             s_logits, s_taps = tap_pass(self.student, images, self.blocks, self.prefix)
-        out: dict[str, Tensor] = {}
-        total = s_logits.new_zeros((), dtype=torch.float32)
-        for t in self.plan_terms:
-            module = self.terms[t.name]
-            if t.kind in ("mimic", "generate"):
-                value = module([s_taps[b] for b in t.student_blocks],
-                               [t_taps[b] for b in t.teacher_blocks])
-            elif t.kind == "labels":
-                value = module(s_logits, targets)
-            else:
-                value = module(s_logits, t_logits, targets)
-            total = total + value
-            out[t.name] = value.detach()
-        out["loss"] = total
-        return out
+        return term_losses(self.plan_terms, self.terms, s_logits, s_taps, t_logits, t_taps,
+                           targets)
 
 
 def _autocast(device_type: str, dtype: torch.dtype | None) -> Any:
