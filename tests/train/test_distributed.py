@@ -39,15 +39,20 @@ train { epochs = 1  log_every = 5 }
 """
 
 
+def run_two(student, runs, *args: str) -> subprocess.CompletedProcess[str]:
+    """`vitkdl run ... --nproc-per-node 2` as a user types it (torchrun under the hood)."""
+    return subprocess.run(
+        [sys.executable, "-m", "vitkdl", "run", str(student), "--nproc-per-node", "2",
+         "--out", str(runs), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path, capsys) -> None:
     (tmp_path / "teacher.vkd").write_text(TEACHER)
     student = tmp_path / "student.vkd"
     student.write_text(STUDENT)
     runs = tmp_path / "runs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitkdl", "run", str(student), "--nproc-per-node", "2",
-         "--out", str(runs), "--max-steps", "12", "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_two(student, runs, "--max-steps", "12", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     two = json.loads((runs / "pair" / "summary.json").read_text())
@@ -73,10 +78,7 @@ def test_resume_on_another_world_size(tmp_path) -> None:
     runs = tmp_path / "runs"
     assert main(["run", str(student), "--out", str(runs), "--max-steps", "10",
                  "--quiet"]) == 0
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitkdl", "run", str(student), "--nproc-per-node", "2",
-         "--out", str(runs), "--resume", "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_two(student, runs, "--resume", "--quiet")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((runs / "pair" / "summary.json").read_text())
     # 10 steps at global batch 16 are 5 at 32; then the rest of two epochs of 44 steps
@@ -91,10 +93,7 @@ def test_fsdp_checkpoints_load_on_one_device(tmp_path) -> None:
         "depth = 1  embed_dim = 16  num_heads = 2\n    num_classes = 10  drop_path = 0",
         "depth = 2  embed_dim = 16  num_heads = 2\n    num_classes = 10  drop_path = 0"))
     runs = tmp_path / "runs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitkdl", "run", str(student), "--nproc-per-node", "2",
-         "--out", str(runs), "--max-steps", "6", "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_two(student, runs, "--max-steps", "6", "--quiet")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((runs / "pair" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is None  # shards differ

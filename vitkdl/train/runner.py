@@ -63,10 +63,26 @@ def _fresh(out: Path, recipe_hash: str) -> bool:
             and (out / "student.safetensors").is_file())
 
 
-def run_recipe(path: str | Path, req: RunRequest, console: Console,
-               _stack: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
-    """Run one recipe (and what it depends on); returns the summaries of every run made or
-    reused, the requested recipe's last."""
+def _ensure(path: str, req: RunRequest, console: Console, why: str) -> list[dict[str, Any]]:
+    """The summaries of a run of ``path`` as written: reused when ``OUT/<name>/`` holds an
+    export of exactly that recipe (same hash), else trained now (command-line overrides do
+    not apply to it)."""
+    spec = vitkdl.load(path)
+    out = req.out_root / spec.name
+    if _fresh(out, spec.hash()):
+        reused = _previous_summary(out)
+        assert reused is not None
+        console.print(f"{why}: {out / 'student.safetensors'} is up to date", highlight=False)
+        return [reused]
+    console.print(f"{why}: missing or stale, training it first", highlight=False)
+    dep_req = replace(req, overrides=(), resume=False, max_steps=None, baseline=False)
+    return run_recipe(path, dep_req, console)[1]
+
+
+def run_recipe(path: str | Path, req: RunRequest, console: Console
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run one recipe and what it depends on. Returns its own summary and the summaries of
+    every run made or reused, in order (teacher, recipe, baseline)."""
     path = Path(path)
     overrides = list(req.overrides)
     if req.smoke:
@@ -83,49 +99,29 @@ def run_recipe(path: str | Path, req: RunRequest, console: Console,
 
     teacher = spec.teacher
     if teacher is not None and teacher.from_recipe is not None and not req.smoke:
-        dep_out = req.out_root / str(teacher.from_name)
-        if not _fresh(dep_out, str(teacher.from_hash)):
-            console.print(f"[bold]{spec.name}[/]: its teacher is the final student of "
-                          f"{teacher.from_recipe}, which is missing or stale: training it first",
-                          highlight=False)
-            dep_req = replace(req, overrides=(), resume=False, max_steps=None)
-            summaries += run_recipe(teacher.from_recipe, dep_req, console, (*_stack, path))
-        else:
-            reused = _previous_summary(dep_out)
-            assert reused is not None
-            summaries.append(reused)
-            console.print(f"[bold]{spec.name}[/]: teacher {dep_out / 'student.safetensors'} is "
-                          "up to date", highlight=False)
+        summaries += _ensure(teacher.from_recipe, req, console,
+                             f"[bold]{spec.name}[/]: its teacher, the final student of "
+                             f"{teacher.from_recipe}")
 
     plan = vitkdl.plan(spec, world_size=job.world_size)
     out = req.out_root / spec.name
+    resolved = spec.canonical()
     opts = RunOptions(out_dir=out, device=req.device, resume=req.resume, force=req.force,
                       max_steps=SMOKE_STEPS if req.smoke and req.max_steps is None
                       else req.max_steps,
                       max_eval_batches=2 if req.smoke else None, quiet=req.quiet,
-                      load_weights=not req.smoke, runs_dir=req.out_root,
-                      recipe=spec.canonical())
+                      load_weights=not req.smoke, runs_dir=req.out_root, recipe=resolved)
     if job.is_main:
-        (out / "recipe.json").write_text(json.dumps(spec.canonical(), indent=2) + "\n")
+        (out / "recipe.json").write_text(json.dumps(resolved, indent=2) + "\n")
         (out / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
     summary = train(plan, opts, console)
     summaries.append(summary)
 
     baseline = _baseline_of(spec) if req.baseline and not req.smoke else None
     if baseline is not None:
-        base_spec = vitkdl.load(baseline)
-        base_out = req.out_root / base_spec.name
-        if _fresh(base_out, base_spec.hash()):
-            reused = _previous_summary(base_out)
-            assert reused is not None
-            summaries.append(reused)
-        else:
-            console.print(f"[bold]{spec.name}[/]: training its baseline {baseline} to compare",
-                          highlight=False)
-            summaries += run_recipe(baseline, replace(req, overrides=(), resume=False,
-                                                      max_steps=None, baseline=False),
-                                    console, (*_stack, path))
-    return summaries
+        summaries += _ensure(baseline, req, console,
+                             f"[bold]{spec.name}[/]: its baseline {baseline}")
+    return summary, summaries
 
 
 def _baseline_of(spec: RecipeSpec) -> str | None:
@@ -150,11 +146,10 @@ def run_many(paths: Sequence[str | Path], req: RunRequest, console: Console
         console = Console(quiet=True)  # rank 0 alone reports
     shown: dict[str, dict[str, Any]] = {}
     for path in paths:
-        summaries = run_recipe(path, req, console)
+        own, summaries = run_recipe(path, req, console)
         if not job.is_main:
             continue
-        print_summary(console, summaries[-1] if not _baseline_tail(summaries) else
-                      summaries[-2])
+        print_summary(console, own)
         for s in summaries:
             shown[s["recipe"]] = s
     if len(shown) > 1:
@@ -164,8 +159,3 @@ def run_many(paths: Sequence[str | Path], req: RunRequest, console: Console
         write_comparison(rows, req.out_root / "comparison.png")
         (req.out_root / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
     return list(shown.values())
-
-
-def _baseline_tail(summaries: list[dict[str, Any]]) -> bool:
-    return len(summaries) >= 2 and summaries[-1].get("teacher_top1") is None and \
-        summaries[-2].get("teacher_top1") is not None
