@@ -573,3 +573,62 @@ def test_teacher_from_recipe_needs_its_run(tmp_path: Path) -> None:
     assert _same(program.teacher, trained)
     assert not program.teacher.training
     check_out(program.forward(*batch(program)), ["mimic", "generate", "nkd", "labels"])
+
+
+# --------------------------------------------------------------------------------------------
+# Each model sees its own normalisation
+
+
+def _own_norm_program(tmp_path: Path, teacher: str) -> Program:
+    path = write(tmp_path, "norm", tiny_recipe(
+        tiny_model(teacher, width=32, depth=2),
+        tiny_model("deit_tiny_patch16_224", width=32, depth=2),
+        "mimic student.blocks[0] -> teacher.blocks[1] { weight = 1e-3 }\n"
+        "kd { temperature = 2.0 }"))
+    return build(path)
+
+
+def test_a_teacher_with_other_statistics_sees_its_own_normalisation(tmp_path: Path) -> None:
+    # DeiT student (ImageNet mean/std), augreg ViT teacher (0.5 / 0.5).
+    program = _own_norm_program(tmp_path, "vit_tiny_patch16_224.augreg_in21k_ft_in1k")
+    s, t = program.plan.student, program.plan.teacher
+    assert t is not None and (s.mean, s.std) != (t.mean, t.std)
+    assert t.mean == (0.5, 0.5, 0.5) and t.std == (0.5, 0.5, 0.5)
+    pixels = torch.rand(2, 3, 32, 32)
+    as_student = (pixels - torch.tensor(s.mean).view(1, 3, 1, 1)) / torch.tensor(s.std).view(
+        1, 3, 1, 1)
+    as_teacher = (pixels - 0.5) / 0.5
+    program.eval()
+    with torch.no_grad():
+        t_logits, t_taps = program.teacher_pass(as_student)
+        alone, feats = program.teacher.forward_intermediates(as_teacher, indices=[1],
+                                                             output_fmt="NLC")
+        wrong = program.teacher.forward_head(program.teacher.forward_features(as_student))
+        assert torch.allclose(t_logits, program.teacher.forward_head(alone), atol=1e-5)
+        assert torch.allclose(t_taps[1], feats[0], atol=1e-5)
+        assert not torch.allclose(t_logits, wrong, atol=1e-3)  # it matters
+        assert torch.allclose(program.teacher_logits(as_student),
+                              program.teacher(as_teacher), atol=1e-5)
+        # The KD term equals KD between each model run alone on its own input.
+        targets = torch.randint(0, 10, (2,))
+        out = program.forward(as_student, targets)
+        s_logits = program.student(as_student)
+        expected = 4.0 * torch.nn.functional.kl_div(
+            torch.log_softmax(s_logits / 2, -1), torch.softmax(program.teacher(as_teacher) / 2,
+                                                                 -1),
+            reduction="batchmean")
+        assert torch.allclose(out["kd"], expected, atol=1e-5)
+    one_graph(program, as_student, targets)  # the affine is inside the one graph
+
+
+def test_a_pair_with_equal_statistics_is_unchanged(tmp_path: Path) -> None:
+    program = _own_norm_program(tmp_path, "deit_small_patch16_224")
+    assert program.teacher_scale is None and program.teacher_shift is None
+    images = torch.randn(2, 3, 32, 32)
+    assert program.teacher_input(images) is images
+    with torch.no_grad():
+        logits, _ = program.teacher_pass(images)
+        assert torch.equal(logits, program.teacher.forward_head(
+            program.teacher.forward_features(images)))
+    # Buffers of the affine never reach a state dict (checkpoints are unchanged).
+    assert not any("teacher_scale" in k for k in program.state_dict())

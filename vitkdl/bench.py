@@ -640,14 +640,13 @@ def _breakdown_timer(s: _Setup, program: Program, updater: _Updater) -> _Timer:
     s_keys: list[int | str] = [*s_blocks, "norm"]
     t_keys: list[int | str] = [*t_blocks, "norm"]
     s_prefix = plan.student.prefix_tokens
-    t_prefix = plan.teacher.prefix_tokens if plan.teacher else 0
     teacher = program.teacher if any(t.kind != "labels" for t in plan.terms) else None
     student, terms = program.student, program.terms
 
     def teacher_fwd(images: Tensor) -> tuple[Tensor, list[Tensor]]:
         assert teacher is not None
-        with torch.no_grad(), _autocast(s.device, s.dtype):
-            logits, taps = tap_pass(teacher, images, t_blocks, t_prefix)
+        logits, taps = program.teacher_pass(images)  # the step's own teacher half
+        assert logits is not None
         return logits, [taps[k] for k in t_keys]
 
     def student_fwd(images: Tensor) -> tuple[Tensor, list[Tensor]]:

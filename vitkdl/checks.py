@@ -15,9 +15,8 @@ from pathlib import Path
 
 from vitkdl.errors import Diagnostic, error, one_of, warning
 from vitkdl.models import ModelError, ModelFacts, model_facts
+from vitkdl.sources import known_classes
 from vitkdl.spec import GenerateSpec, MimicSpec, ModelSpec, RecipeSpec, SliceSpec, TapSpec
-
-DATA_CLASSES = {"digits": 10}
 
 
 @dataclass(frozen=True)
@@ -37,9 +36,7 @@ def default_classes(spec: RecipeSpec, model: ModelSpec) -> int | None:
     before the data is read (digits: 10; synthetic: ``classes``), else the model's own."""
     if model.num_classes is not None:
         return model.num_classes
-    if spec.data.source == "synthetic" and spec.data.classes is not None:
-        return spec.data.classes
-    return DATA_CLASSES.get(spec.data.source)
+    return known_classes(spec.data.source, spec.data.classes)
 
 
 def _facts(spec: RecipeSpec, model: ModelSpec | None) -> tuple[ModelFacts | None,
@@ -225,7 +222,7 @@ def check_classes(ctx: Context) -> Iterable[Diagnostic]:
         yield error(f"{logit[0].kind} compares logits, but the student has {s.num_classes} "
                     f"classes and the teacher {t.num_classes}", logit[0].span,
                     hint="set num_classes on both models")
-    known = DATA_CLASSES.get(spec.data.source)
+    known = known_classes(spec.data.source, spec.data.classes)
     if known is not None and s is not None and s.num_classes != known and spec.student:
         yield error(f"the {spec.data.source} data has {known} classes, the student's head "
                     f"{s.num_classes}", spec.student.at("num_classes"),
@@ -246,6 +243,17 @@ def check_image_size(ctx: Context) -> Iterable[Diagnostic]:
                         spec.data.at("image_size"),
                         hint=f"set img_size = {size} on the {role} (timm resizes the position "
                              "embedding) or change data.image_size")
+
+
+def check_channels(ctx: Context) -> Iterable[Diagnostic]:
+    """Teacher and student read the same images: the same number of channels."""
+    s, t, spec = ctx.student, ctx.teacher, ctx.spec
+    if s is None or t is None or spec.teacher is None or s.in_chans == t.in_chans:
+        return
+    yield error(f"the teacher reads {t.in_chans}-channel images and the student "
+                f"{s.in_chans}-channel ones; both see the same batch",
+                spec.teacher.at("in_chans"),
+                hint=f"set in_chans = {s.in_chans} on the teacher")
 
 
 def check_data(ctx: Context) -> Iterable[Diagnostic]:
@@ -329,6 +337,7 @@ CHECKS: tuple[Check, ...] = (
     check_align,
     check_classes,
     check_image_size,
+    check_channels,
     check_data,
     check_weights,
     check_schedule,

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from vitkdl.checks import Context, default_classes
 from vitkdl.models import ModelFacts
+from vitkdl.sources import input_norm, split_sizes
 from vitkdl.spec import (
     GenerateSpec,
     KDSpec,
@@ -55,7 +56,10 @@ class ModelPlan(_Plain):
     weights: str | None
     from_recipe: str | None
     from_name: str | None
+    from_hash: str | None
     trainable: bool
+    # The per-channel statistics this model's input is normalised with (its own pretrained
+    # config, matched to its channels and the data source; see vitkdl.sources.input_norm).
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str
@@ -170,13 +174,11 @@ PRECISION = {"auto": "auto (bf16 autocast on CUDA with bf16 support, fp32 otherw
               "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}
 COMPILE = {"auto": "auto (torch.compile on CUDA, eager on CPU)", "off": "eager",
             "default": "torch.compile", "max-autotune": "torch.compile mode=max-autotune"}
-_AUGMENT = {"deit": "RandAugment m9-mstd0.5-inc1 + random erasing 0.25",
-            "basic": "random resized crop + flip + colour jitter", "none": "none"}
-_DIGITS_AUGMENT = {"deit": "random 1-pixel shift + random erasing 0.25",
-                   "basic": "random 1-pixel shift", "none": "none"}
 
 
-def _model_plan(spec: ModelSpec, facts: ModelFacts, num_classes: int | None) -> ModelPlan:
+def _model_plan(spec: ModelSpec, facts: ModelFacts, num_classes: int | None,
+                source: str) -> ModelPlan:
+    mean, std = input_norm(source, facts.mean, facts.std, facts.in_chans)
     return ModelPlan(
         role=spec.role, name=facts.name, arch=facts.arch, tag=facts.tag, family=facts.family,
         timm_kwargs=spec.timm_kwargs(num_classes), width=facts.embed_dim, depth=facts.depth,
@@ -184,8 +186,8 @@ def _model_plan(spec: ModelSpec, facts: ModelFacts, num_classes: int | None) -> 
         tokens=facts.num_patches, img_size=facts.img_size[0], patch_size=facts.patch_size[0],
         in_chans=facts.in_chans, num_classes=facts.num_classes, params=facts.params,
         forward_flops=facts.flops, weights=spec.weights, from_recipe=spec.from_recipe,
-        from_name=spec.from_name, trainable=spec.role == "student", mean=facts.mean,
-        std=facts.std, interpolation=facts.interpolation, crop_pct=facts.crop_pct)
+        from_name=spec.from_name, from_hash=spec.from_hash, trainable=spec.role == "student",
+        mean=mean, std=std, interpolation=facts.interpolation, crop_pct=facts.crop_pct)
 
 
 def _linear(name: str, d_in: int, d_out: int) -> AdapterPlan:
@@ -286,11 +288,13 @@ def _logit_term(term: KDSpec | NKDSpec | LabelsSpec, ctx: Context, smoothing: fl
 def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
     """Resolve a checked spec into a :class:`Plan` (call after the checks found no error)."""
     assert spec.student is not None and ctx.student is not None
-    student = _model_plan(spec.student, ctx.student, default_classes(spec, spec.student))
+    data = spec.data
+    student = _model_plan(spec.student, ctx.student, default_classes(spec, spec.student),
+                          data.source)
     teacher = None
     if spec.teacher is not None and ctx.teacher is not None:
-        teacher = _model_plan(spec.teacher, ctx.teacher, default_classes(spec, spec.teacher))
-    data = spec.data
+        teacher = _model_plan(spec.teacher, ctx.teacher, default_classes(spec, spec.teacher),
+                              data.source)
     terms: list[TermPlan] = []
     for term in spec.terms:
         if isinstance(term, (MimicSpec, GenerateSpec)):
@@ -300,9 +304,7 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
     terms = [t for t in terms if t.weight > 0 or t.kind != "labels"]
     loss = " + ".join(f"[{t.name}] {t.formula}" for t in terms) or "0"
     image_size = data.image_size or student.img_size
-    sizes = {"digits": (1437, 360), "synthetic": (data.size, max(data.size // 4,
-                                                                  data.batch_size))}
-    train_images, val_images = sizes.get(data.source, (None, None))
+    train_images, val_images = split_sizes(data.source, data.size, data.batch_size)
     workers = data.workers if data.workers is not None else (
         min(8, os.cpu_count() or 1) if data.source == "imagefolder" else 0)
     adapters = sum(t.adapter_params for t in terms)
@@ -321,8 +323,7 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
         data=DataPlan(source=data.source, root=data.root, image_size=image_size,
                       in_chans=student.in_chans, batch_size=data.batch_size,
                       global_batch=data.batch_size * world_size, workers=workers,
-                      augment=(_DIGITS_AUGMENT if data.source == "digits" else
-                               _AUGMENT)[data.augment], mixup=data.mixup, cutmix=data.cutmix,
+                      augment=data.augment, mixup=data.mixup, cutmix=data.cutmix,
                       smoothing=data.smoothing, num_classes=student.num_classes,
                       train_images=train_images, val_images=val_images),
         optimizer=OptimizerPlan(name=opt.name, lr=opt.lr, weight_decay=opt.weight_decay,

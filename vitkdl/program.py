@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from vitkdl.errors import VkdError, error
 from vitkdl.planner import ModelPlan, Plan, TermPlan
+from vitkdl.sources import teacher_affine
 from vitkdl.strategies import KD, NKD, Generate, LabelLoss, Mimic
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +315,18 @@ class Program(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+        # The loader normalises for the student; a teacher with other statistics gets its own
+        # input from the same tensor through a per-channel affine inside the step (no second
+        # decode, no host work). None when both models normalise alike.
+        affine = (teacher_affine((plan.student.mean, plan.student.std),
+                                 (plan.teacher.mean, plan.teacher.std))
+                  if plan.teacher is not None else None)
+        self.teacher_scale: Tensor | None
+        self.teacher_shift: Tensor | None
+        for name, values in zip(("teacher_scale", "teacher_shift"), affine or (None, None),
+                                strict=True):
+            buffer = None if values is None else torch.tensor(values).view(1, -1, 1, 1)
+            self.register_buffer(name, buffer, persistent=False)
         self.step: Callable[[Tensor, Tensor], dict[str, Tensor]] = self.forward
         self.predict: Callable[[Tensor], Tensor] = self.student_logits
         if compile_mode is not None:
@@ -397,11 +410,17 @@ class Program(nn.Module):
         with self._autocast(images.device.type):
             return single_logits(self.student(images))
 
+    def teacher_input(self, images: Tensor) -> Tensor:
+        """The student's input batch normalised as the teacher's pretrained config wants."""
+        if self.teacher_scale is None or self.teacher_shift is None:
+            return images
+        return images * self.teacher_scale + self.teacher_shift
+
     def teacher_logits(self, images: Tensor) -> Tensor:
-        """The teacher's logits (for its accuracy at start)."""
+        """The teacher's logits for a batch of student inputs (its accuracy at start)."""
         assert self.teacher is not None
         with torch.no_grad(), self._autocast(images.device.type):
-            return single_logits(self.teacher(images))
+            return single_logits(self.teacher(self.teacher_input(images)))
 
     def teacher_pass(self, images: Tensor) -> tuple[Tensor | None, dict[int | str, Tensor]]:
         """The teacher's logits and taps for a batch (no gradients), or ``(None, {})`` when
@@ -410,7 +429,8 @@ class Program(nn.Module):
             return None, {}
         assert self.teacher is not None
         with torch.no_grad(), self._autocast(images.device.type):
-            return tap_pass(self.teacher, images, self._teacher_blocks, self._teacher_prefix)
+            return tap_pass(self.teacher, self.teacher_input(images), self._teacher_blocks,
+                            self._teacher_prefix)
 
     def forward(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         t_logits, t_taps = self.teacher_pass(images)

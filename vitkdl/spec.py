@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vitkdl import syntax as syn
 from vitkdl.errors import Diagnostic, Sources, Span, VkdError, did_you_mean, error, one_of
+from vitkdl.sources import known_classes
 
 # --------------------------------------------------------------------------------------------
 # Spec models
@@ -803,11 +804,10 @@ def _teacher_from(block: RawBlock, sources: Sources, diags: list[Diagnostic],
     extra = {k: data.pop(k) for k in list(data) if k not in MODEL_FIELDS}
     base = dep.student.model_dump(exclude={"role", "extra", "from_recipe", "from_name",
                                            "from_hash"})
-    classes = base.get("num_classes")
     merged = {**base, **data, "role": "teacher", "extra": {**dep.student.extra, **extra},
               "from_recipe": _display(path), "from_name": dep.name, "from_hash": dep.hash()}
-    if classes is None and dep.data.source in ("digits", "synthetic"):
-        merged["num_classes"] = dep.data.classes or 10
+    if base.get("num_classes") is None:  # the head the dependency's data gave its student
+        merged["num_classes"] = known_classes(dep.data.source, dep.data.classes)
     spans["model"] = block.arg_span or block.span
     return _validate(ModelSpec, merged, spans, "the teacher block", block.span, diags)
 

@@ -131,3 +131,17 @@ def test_run_help_lists_examples(capsys) -> None:
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--resume" in out and "--smoke" in out and "vitkdl run recipes/quickstart.vkd" in out
+
+
+def test_explain_shows_each_models_normalisation(capsys) -> None:
+    code, out, err = run(capsys, "explain", "recipes/deit_tiny_vitkd_kd.vkd", "--set",
+                         "teacher.model=vit_small_patch16_224.augreg_in21k_ft_in1k")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "input mean │ (0.5, 0.5, 0.5) │ (0.485, 0.456, 0.406)" in text
+    assert "re-normalises the teacher's input in-graph" in text
+    code, out, _ = run(capsys, "explain", "recipes/deit_tiny_vitkd_kd.vkd", "--json")
+    plan = json.loads(out)
+    assert plan["teacher"]["mean"] == plan["student"]["mean"] == [0.485, 0.456, 0.406]
+    code, out, _ = run(capsys, "explain", "recipes/deit_tiny_vitkd_kd.vkd")
+    assert "re-normalises" not in out  # the paper's pairs share ImageNet's statistics

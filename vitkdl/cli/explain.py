@@ -11,6 +11,7 @@ from rich.table import Table
 
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
 from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan
+from vitkdl.sources import source, teacher_affine
 
 HELP = """Print what the compiler will build after `extends`, overrides and defaults: models
 (width, depth, heads, token grid, prefix tokens, parameters), each term with its absolute block
@@ -43,6 +44,10 @@ def _n(x: float) -> str:
     return f"{x:g}"
 
 
+def _stats(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
 def render_plan(plan: Plan, out: Console) -> None:
     """Print a plan as tables (what ``vitkdl explain`` shows)."""
     out.print(f"[bold]recipe {escape(plan.recipe)}[/]  {escape(plan.file)}  hash {plan.hash}")
@@ -63,6 +68,8 @@ def render_plan(plan: Plan, out: Console) -> None:
         ("tokens", lambda m: f"{m.tokens} on a {m.grid[0]}x{m.grid[1]} grid "
                              f"(+{m.prefix_tokens} prefix)"),
         ("input", lambda m: f"{m.img_size}x{m.img_size}x{m.in_chans}, patch {m.patch_size}"),
+        ("input mean", lambda m: _stats(m.mean)),
+        ("input std", lambda m: _stats(m.std)),
         ("classes", lambda m: str(m.num_classes)),
         ("parameters", lambda m: f"{_n(m.params)} ({m.params:,})"),
         ("forward FLOPs", lambda m: f"{_n(m.forward_flops)} per image"),
@@ -73,6 +80,13 @@ def render_plan(plan: Plan, out: Console) -> None:
     for label, get in rows:
         models.add_row(label, *(escape(get(m)) for m in shown))
     out.print(models)
+    if plan.teacher is not None:
+        affine = teacher_affine((plan.student.mean, plan.student.std),
+                                (plan.teacher.mean, plan.teacher.std))
+        if affine is not None:
+            out.print(f"  the loader normalises for the student; the step re-normalises the "
+                      f"teacher's input in-graph: x * {_stats(affine[0])} + "
+                      f"{_stats(affine[1])}")
 
     out.print("[bold]distill terms[/]")
     for t in plan.terms:
@@ -106,7 +120,8 @@ def render_plan(plan: Plan, out: Console) -> None:
     setup.add_row("data", escape(f"{d.source}{' ' + d.root if d.root else ''}{sizes}, "
                                  f"{d.num_classes} classes"))
     setup.add_row("images", f"{d.image_size}x{d.image_size}, {d.in_chans} channel"
-                            f"{'s' * (d.in_chans != 1)}, augment: {escape(d.augment)}")
+                            f"{'s' * (d.in_chans != 1)}, augment: "
+                            f"{escape(source(d.source).augment[d.augment])}")
     setup.add_row("batch", f"{d.batch_size} per device x {plan.world_size} device"
                            f"{'s' * (plan.world_size != 1)} = {d.global_batch} global, "
                            f"{d.workers} workers")

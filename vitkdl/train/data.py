@@ -34,6 +34,19 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from vitkdl.sources import (
+    DEIT_AUTO_AUGMENT,
+    DEIT_RE_PROB,
+    DIGITS_MEAN,
+    DIGITS_STD,
+    input_norm,
+    match_channels,
+    source,
+)
+from vitkdl.sources import (
+    SOURCES as SOURCE_FACTS,
+)
+
 __all__ = [
     "DEIT_AUTO_AUGMENT",
     "DEIT_RE_MODE",
@@ -54,24 +67,17 @@ __all__ = [
     "set_epoch",
 ]
 
-SOURCES: tuple[str, ...] = ("digits", "synthetic", "imagefolder")
+SOURCES: tuple[str, ...] = tuple(SOURCE_FACTS)
 AUGMENTS: tuple[str, ...] = ("deit", "basic", "none")
 
-#: DeiT's training augmentation (Touvron et al. 2021), as used by the ViTKD paper.
-DEIT_AUTO_AUGMENT: str = "rand-m9-mstd0.5-inc1"
-DEIT_RE_PROB: float = 0.25
 DEIT_RE_MODE: str = "pixel"
-
-#: Normalisation used for ``digits`` unless the config overrides ImageNet's defaults.
-DIGITS_MEAN: float = 0.5
-DIGITS_STD: float = 0.5
 
 #: Image file extensions recognised by ``imagefolder`` (compared case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
-DIGITS_TRAIN_SIZE: int = 1437
-DIGITS_VAL_SIZE: int = 360
-DIGITS_CLASSES: int = 10
+DIGITS_TRAIN_SIZE: int = source("digits").train_images or 0
+DIGITS_VAL_SIZE: int = source("digits").val_images or 0
+DIGITS_CLASSES: int = source("digits").classes or 0
 
 
 class DataError(Exception):
@@ -158,27 +164,16 @@ def _validate(cfg: DataConfig) -> None:
 def resolve_norm(
     mean: Sequence[float], std: Sequence[float], in_chans: int
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Match ``mean``/``std`` to ``in_chans`` the way timm's ``resolve_data_config`` does.
-
-    A single value is broadcast to every channel; a per-channel tuple must have ``in_chans``
-    entries, except that a 3-value (RGB) tuple used with ``in_chans == 1`` is averaged to a
-    single grayscale value (so the ImageNet defaults work for grayscale models).
-    """
-
-    def one(values: Sequence[float], key: str) -> tuple[float, ...]:
-        values = tuple(float(v) for v in values)
-        if len(values) == 1:
-            return values * in_chans
-        if len(values) == in_chans:
-            return values
-        if in_chans == 1 and len(values) == 3:
-            return (sum(values) / 3.0,)
+    """Match ``mean``/``std`` to ``in_chans`` the way timm's ``resolve_data_config`` does
+    (:func:`vitkdl.sources.match_channels`): a single value is broadcast to every channel; a
+    3-value (RGB) tuple used with ``in_chans == 1`` is averaged to one grey value."""
+    try:
+        return match_channels(mean, std, in_chans)
+    except ValueError as exc:
+        key = str(exc).split(" ", 1)[0]
         raise DataError(
-            f"data.{key} has {len(values)} values but in_chans={in_chans}; "
-            f"pass --set data.{key}=... with 1 or {in_chans} values"
-        )
-
-    return one(mean, "mean"), one(std, "std")
+            f"data.{exc}; pass --set data.{key}=... with 1 or {in_chans} values"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,10 +253,7 @@ class DigitsDataset(Dataset):
 
 def _build_digits(cfg: DataConfig) -> tuple[DigitsDataset, DigitsDataset, int]:
     x_tr, x_va, y_tr, y_va = _digits_split()
-    if cfg.mean == tuple(IMAGENET_DEFAULT_MEAN) and cfg.std == tuple(IMAGENET_DEFAULT_STD):
-        mean, std = (DIGITS_MEAN,) * cfg.in_chans, (DIGITS_STD,) * cfg.in_chans
-    else:
-        mean, std = resolve_norm(cfg.mean, cfg.std, cfg.in_chans)
+    mean, std = input_norm("digits", cfg.mean, cfg.std, cfg.in_chans)
 
     def make(x: Any, y: Any, augment: str) -> DigitsDataset:
         return DigitsDataset(

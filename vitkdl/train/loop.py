@@ -63,16 +63,10 @@ def data_config(plan: Plan) -> DataConfig:
     d, s = plan.data, plan.student
     return DataConfig(source=d.source, root=d.root, image_size=d.image_size, in_chans=d.in_chans,
                       batch_size=d.batch_size, workers=min(d.workers, os.cpu_count() or 1),
-                      augment=_augment_key(d.augment), mixup=d.mixup, cutmix=d.cutmix,
+                      augment=d.augment, mixup=d.mixup, cutmix=d.cutmix,
                       smoothing=d.smoothing, size=d.train_images or 1024,
                       classes=d.num_classes, mean=s.mean, std=s.std,
                       interpolation=s.interpolation, crop_pct=s.crop_pct, seed=plan.seed)
-
-
-def _augment_key(described: str) -> str:
-    if described.startswith(("RandAugment", "random 1-pixel shift + random erasing")):
-        return "deit"
-    return "none" if described == "none" else "basic"
 
 
 def param_groups(program: Program, weight_decay: float) -> list[dict[str, Any]]:
