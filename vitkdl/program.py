@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from vitkdl.errors import VkdError, error
 from vitkdl.planner import ModelPlan, Plan, TermPlan
+from vitkdl.runs import run_dir
 from vitkdl.sources import teacher_affine
 from vitkdl.strategies import KD, NKD, Generate, LabelLoss, Mimic
 
@@ -148,8 +149,8 @@ def teacher_weights_path(m: ModelPlan, runs_dir: str | Path) -> Path | None:
     recipe it is taken ``from``."""
     if m.weights is not None:
         return Path(m.weights)
-    if m.from_name is not None:
-        return Path(runs_dir) / m.from_name / "student.safetensors"
+    if m.from_name is not None and m.from_hash is not None:
+        return run_dir(Path(runs_dir), m.from_name, m.from_hash) / "student.safetensors"
     return None
 
 

@@ -297,18 +297,34 @@ def test_shuffle_reproducible_and_set_epoch() -> None:
 
 
 def test_distributed_samplers_partition() -> None:
-    cfg = DataConfig(source="synthetic", image_size=4, size=40, batch_size=4, seed=1)
+    cfg = DataConfig(source="synthetic", image_size=4, size=42, batch_size=4, seed=1)
     seen: list[int] = []
+    val_seen: list[int] = []
     for rank in range(2):
         train, val, _ = build_loaders(cfg, distributed=True, rank=rank, world_size=2)
         assert isinstance(train.sampler, torch.utils.data.DistributedSampler)
-        assert train.sampler.shuffle and not val.sampler.shuffle
-        set_epoch(train, 0, seed=cfg.seed)
+        assert train.sampler.shuffle
+        set_epoch(train, 0, seed=cfg.seed, rank=rank)
         idx = list(iter(train.sampler))
-        assert len(idx) == 20
+        assert len(idx) == 21
         seen += idx
         assert all(len(y) == 4 for _, y in train)
-    assert sorted(seen) == list(range(40))
+        val_seen += list(val.dataset.indices)  # exact shards of the 10 val images, no padding
+    assert sorted(seen) == list(range(42))
+    assert sorted(val_seen) == list(range(10))
+
+
+def test_loaders_never_draw_from_the_global_rng() -> None:
+    """Iterating a loader (evaluation included) leaves the training's random streams alone."""
+    cfg = DataConfig(source="synthetic", image_size=4, size=16, batch_size=4, seed=1)
+    for distributed in (False, True):
+        train, val, _ = build_loaders(cfg, distributed=distributed, rank=0,
+                                      world_size=2 if distributed else 1)
+        before = torch.get_rng_state()
+        list(val)
+        set_epoch(train, 0, seed=cfg.seed)
+        list(train)
+        assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_workers_are_seeded_deterministically() -> None:

@@ -71,6 +71,11 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path, caps
     assert abs(one["top1"] - two["top1"]) < 0.3  # at most one of 360 images apart
 
 
+def rank_rng(folder) -> list[dict]:
+    """The per-rank RNG states in a run's last checkpoint."""
+    return torch.load(folder / "last.pt", weights_only=True)["rng"]
+
+
 def test_resume_on_another_world_size(tmp_path) -> None:
     (tmp_path / "teacher.vkd").write_text(TEACHER)
     student = tmp_path / "student.vkd"
@@ -78,12 +83,41 @@ def test_resume_on_another_world_size(tmp_path) -> None:
     runs = tmp_path / "runs"
     assert main(["run", str(student), "--out", str(runs), "--max-steps", "10",
                  "--quiet"]) == 0
-    proc = run_two(student, runs, "--resume", "--quiet")
+    assert len(rank_rng(runs / "pair")) == 1
+    proc = run_two(student, runs, "--resume")
     assert proc.returncode == 0, proc.stderr
+    # One process's streams do not map onto two ranks: fresh ones, per rank, and it says so.
+    assert "fresh per-rank random states" in " ".join(proc.stderr.split())
     summary = json.loads((runs / "pair" / "summary.json").read_text())
     # 10 steps at global batch 16 are 5 at 32; then the rest of two epochs of 44 steps
     assert summary["world_size"] == 2 and summary["epochs"] == 2
     assert summary["steps"] == 2 * ((1437 // 2) // 16)
+    states = rank_rng(runs / "pair")
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+
+RANDOM = STUDENT.replace("drop_path = 0", "drop_path = 0.2").replace(
+    "nkd\n", "generate student.norm -> teacher.norm { mask = 0.5  weight = 1e-3 }\n    nkd\n")
+
+
+def test_two_process_resume_is_bit_exact_and_ranks_keep_their_own_streams(tmp_path) -> None:
+    (tmp_path / "teacher.vkd").write_text(TEACHER)
+    student = tmp_path / "student.vkd"
+    student.write_text(RANDOM)  # generation masks and drop path draw from each rank's RNG
+    runs = tmp_path / "runs"
+    whole = run_two(student, runs, "--quiet", "--set", "recipe.name=whole")
+    assert whole.returncode == 0, whole.stderr
+    cut = run_two(student, runs, "--quiet", "--max-steps", "10")  # mid-epoch
+    assert cut.returncode == 0, cut.stderr
+    before = rank_rng(runs / "pair")
+    assert len(before) == 2 and not torch.equal(before[0]["torch"], before[1]["torch"])
+    resumed = run_two(student, runs, "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(runs / "whole" / "student.safetensors"))
+    b = load_file(str(runs / "pair" / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-exact, not merely close
+    after = rank_rng(runs / "pair")
+    assert not torch.equal(after[0]["torch"], after[1]["torch"])
 
 
 def test_fsdp_checkpoints_load_on_one_device(tmp_path) -> None:

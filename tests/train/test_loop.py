@@ -160,8 +160,8 @@ def test_corrupt_checkpoint_and_missing_checkpoint(tmp_path, capsys) -> None:
     out = tmp_path / "runs"
     assert run(str(recipe), "--out", str(out), "--resume") == 1
     assert "no checkpoint at" in capsys.readouterr().err
-    (out / "tiny").mkdir(parents=True, exist_ok=True)
-    (out / "tiny" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert run(str(recipe), "--out", str(out), "--max-steps", "2") == 0
+    (out / "tiny" / "last.pt").write_bytes(b"PK\x03\x04 truncated")  # runs/tiny: the latest
     assert run(str(recipe), "--out", str(out), "--resume") == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "cannot be read" in err and "Traceback" not in err

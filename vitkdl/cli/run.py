@@ -14,8 +14,10 @@ from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
 HELP = """Train each recipe's student: the teacher first when it is `from` another recipe whose
 exported student is missing or stale, then the recipe itself, then (for a recipe that extends a
 student-only baseline recipe, like the quickstart) the baseline, and a comparison table.
-Outputs go to OUT/NAME/: recipe.json, plan.json, metrics.jsonl, curves.png, last.pt, best.pt,
-student.safetensors, summary.json."""
+Each run has its own folder OUT/NAME-HASH/ (HASH: the resolved recipe's, overrides and seed
+included; OUT/NAME links to the latest): recipe.json, plan.json, metrics.jsonl, curves.png,
+last.pt, best.pt, student.safetensors, summary.json. A finished run is reused, never replaced
+without --force; the baseline runs under the same student/data/train overrides."""
 
 EPILOG = """examples:
   vitkdl run recipes/quickstart.vkd                      the main job: teacher, student, baseline
@@ -34,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="output root (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/NAME/last.pt")
     p.add_argument("--force", action="store_true",
-                   help="resume even though the recipe changed since the checkpoint")
+                   help="train a finished run again, start an unfinished one over, or (with "
+                        "--resume) continue a run of an earlier version of the recipe")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop after N optimizer steps")
     p.add_argument("--smoke", action="store_true",

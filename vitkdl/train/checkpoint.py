@@ -56,8 +56,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states as plain data."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's python, numpy and torch RNG states as plain data: the CPU generator and,
+    on a GPU, the generator of this process's own device only (a checkpoint must load on a
+    machine with another number of GPUs)."""
     py = random.getstate()
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -65,17 +67,28 @@ def rng_state() -> dict[str, Any]:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what :func:`rng_state` captured (onto ``device``'s generator on a GPU)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # written by vitkdl <= 0.1: one state per visible GPU
+        index = (device.index or 0) if device is not None else 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def rank_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The RNG states of every rank a checkpoint was written by (one per rank; checkpoints of
+    vitkdl <= 0.1 kept rank 0's alone)."""
+    rng = checkpoint["rng"]
+    return list(rng) if isinstance(rng, list) else [rng]

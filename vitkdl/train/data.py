@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from vitkdl.sources import (
     DEIT_AUTO_AUGMENT,
@@ -63,6 +63,7 @@ __all__ = [
     "build_loaders",
     "build_mixup",
     "build_transforms",
+    "mix_seed",
     "resolve_norm",
     "set_epoch",
 ]
@@ -296,21 +297,21 @@ class SyntheticDataset(Dataset):
         return self.length
 
     def _pattern(self, label: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, 2, label))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, 2, label))
         small = torch.randn(1, self.in_chans, 4, 4, generator=g)
         return F.interpolate(small, size=(self.image_size, self.image_size), mode="nearest")[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, _SPLIT_IDS[self.split], index))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, _SPLIT_IDS[self.split], index))
         label = int(torch.randint(0, self.num_classes, (1,), generator=g))
         size = (self.in_chans, self.image_size, self.image_size)
         noise = torch.randn(size, generator=g)
         return self._pattern(label) + noise, label
 
 
-def _mix_seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """Combine integers into one 63-bit seed (stable across processes, unlike ``hash``)."""
     h = 0x9E3779B97F4A7C15
     for p in parts:
@@ -539,12 +540,12 @@ def build_loaders(
     Train: shuffled by a ``DistributedSampler(shuffle=True, seed=cfg.seed)`` (one replica
     when not ``distributed``) and
     ``drop_last`` so every step sees exactly ``cfg.batch_size`` samples.  Val: in order,
-    incomplete last batch kept; with ``distributed`` a ``DistributedSampler(shuffle=False)``,
-    which pads the split with repeated samples to a multiple of ``world_size``.  Call
-    :func:`set_epoch` at the start of every epoch for a per-epoch order that is reproducible
-    and resumable.  Worker RNGs (torch, ``random``, numpy) are seeded by torch from the
-    loader's generator, seeded with ``cfg.seed + rank``; with ``workers=0`` augmentation draws
-    from the global RNGs, which the trainer seeds.
+    incomplete last batch kept; with ``distributed`` each rank takes every ``world_size``-th
+    image (nothing padded, so counts summed over ranks are exact).  Call :func:`set_epoch` at
+    the start of every epoch for a per-epoch order that is reproducible and resumable.
+    Worker RNGs (torch, ``random``, numpy) are seeded by torch from the loader's generator
+    (per rank and epoch); with ``workers=0`` augmentation draws from the global RNGs, which
+    the trainer seeds and checkpoints.
 
     Raises :class:`DataError` when ``drop_last`` would leave the train loader without a
     single batch.
@@ -560,11 +561,10 @@ def build_loaders(
         train_ds, num_replicas=world_size if distributed else 1,
         rank=rank if distributed else 0, shuffle=True, seed=cfg.seed, drop_last=drop_last,
     )
-    val_sampler: DistributedSampler | None = None
     if distributed:
-        val_sampler = DistributedSampler(
-            val_ds, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False
-        )
+        # Exact evaluation: every rank takes every world_size-th image, nothing padded (the
+        # counts are summed over ranks).
+        val_ds = Subset(val_ds, range(rank, len(val_ds), world_size))
     per_replica = train_sampler.num_samples
     if drop_last and per_replica < cfg.batch_size:
         raise DataError(
@@ -585,25 +585,28 @@ def build_loaders(
         train_ds, sampler=train_sampler, shuffle=False, drop_last=drop_last,
         generator=train_gen, **common,
     )
+    # Each loader draws its workers' base seed from its own generator, never from the global
+    # RNG, so evaluating never shifts the training's random streams (exact resume).
     val_loader = DataLoader(
-        val_ds, sampler=val_sampler, shuffle=False, drop_last=False, generator=val_gen,
-        **common,
+        val_ds, shuffle=False, drop_last=False, generator=val_gen, **common,
     )
     return train_loader, val_loader, num_classes
 
 
-def set_epoch(loader: DataLoader, epoch: int, *, seed: int) -> None:
-    """Make ``loader``'s shuffle order a function of ``(seed, epoch)``; call once per epoch.
+def set_epoch(loader: DataLoader, epoch: int, *, seed: int, rank: int = 0) -> None:
+    """Make ``loader``'s order and its workers' random streams a function of
+    ``(seed, rank, epoch)``; call once per epoch, before ``iter(loader)``.
 
-    Calls ``DistributedSampler.set_epoch`` when the loader has one, otherwise reseeds the
-    loader's generator with ``seed + epoch`` so a resumed run replays the same order.  Pass
-    the ``seed`` the loader was built with (``cfg.seed``; add ``rank`` when distributed).
+    Calls ``DistributedSampler.set_epoch`` when the loader has one, and reseeds the loader's
+    generator, from which every ``iter(loader)`` draws its workers' base seed: so a run
+    resumed in epoch ``e`` gives its workers the augmentation streams the uninterrupted run
+    gave them, and each rank's workers draw their own.
     """
     sampler = loader.sampler
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
-    elif loader.generator is not None:
-        loader.generator.manual_seed(seed + epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(mix_seed(seed, rank, epoch))
 
 
 def build_mixup(cfg: DataConfig, num_classes: int) -> Callable[..., Any] | None:

@@ -4,8 +4,10 @@ writes files."""
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,6 +54,19 @@ def current() -> Dist:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def all_gather_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``state`` (plain data and CPU tensors), in rank order; ``[state]`` in a
+    single process. Sent as ``torch.save`` bytes: collective pickling of tensors is not
+    supported by every backend."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, buffer.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -28,11 +28,12 @@ from vitkdl.train import distributed
 from vitkdl.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    rank_states,
     rng_state,
     save_atomic,
     set_rng_state,
 )
-from vitkdl.train.data import DataConfig, build_loaders, build_mixup, set_epoch
+from vitkdl.train.data import DataConfig, build_loaders, build_mixup, mix_seed, set_epoch
 from vitkdl.train.report import MetricsLog, write_curves
 
 SMALL_STEP_FLOPS = 5e9  # below this per step, one CPU thread beats several
@@ -56,6 +57,9 @@ class RunOptions:
     load_weights: bool = True
     runs_dir: Path = Path("runs")
     recipe: dict[str, Any] = field(default_factory=dict)
+    # Resume from this checkpoint instead of OUT/last.pt (a run of an earlier version of the
+    # recipe, continued under --force into this run's own folder).
+    resume_from: Path | None = None
 
 
 def data_config(plan: Plan) -> DataConfig:
@@ -90,7 +94,7 @@ def param_groups(program: Program, weight_decay: float) -> list[dict[str, Any]]:
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -166,7 +170,7 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     if job.enabled and device.type == "cuda":
         device = torch.device("cuda", job.local_rank)
     ckpt_path = out / "last.pt"
-    checkpoint = _resume_point(plan, opts, ckpt_path)
+    checkpoint = _resume_point(plan, opts, opts.resume_from or ckpt_path)
 
     # ---- set-up ------------------------------------------------------------------------
     _seed_everything(plan.seed)
@@ -178,13 +182,6 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     train_loader, val_loader, num_classes = build_loaders(
         cfg, distributed=job.enabled, rank=job.rank, world_size=job.world_size)
     if job.enabled:
-        # Exact evaluation: every rank takes every world_size-th image, nothing padded.
-        from torch.utils.data import DataLoader, Subset
-
-        val_set = val_loader.dataset
-        val_loader = DataLoader(Subset(val_set, range(job.rank, len(val_set), job.world_size)),
-                                batch_size=cfg.batch_size, shuffle=False,
-                                num_workers=cfg.workers)
         if plan.shard == "fsdp":
             program.shard()
         else:
@@ -256,6 +253,7 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
 
     def save(epoch: int, batch: int, name: str = "last.pt") -> None:
         student_sd, terms_sd, optim_sd = _states(program, optimizer)  # collective when sharded
+        rng = distributed.all_gather_states(rng_state(device))  # every rank's own streams
         if not job.is_main:
             return
         state = {
@@ -267,7 +265,7 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
             "optimizer_format": "fqn" if program.sharded else "torch",
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
-            "scaler": scaler.state_dict(), "rng": rng_state()}
+            "scaler": scaler.state_dict(), "rng": rng}
         save_atomic(state, out / name)
 
     if program.teacher is not None and teacher_top1 is None and any(
@@ -285,14 +283,14 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     program.train()
     try:
         for epoch in range(start_epoch, plan.epochs):
-            set_epoch(train_loader, epoch, seed=cfg.seed)
+            set_epoch(train_loader, epoch, seed=cfg.seed, rank=job.rank)
             batches = iter(train_loader)
             batch_in_epoch = 0
             if checkpoint is not None and epoch == start_epoch:
                 for _ in range(skip_batches):  # a checkpoint from the middle of an epoch
                     next(batches)
                 batch_in_epoch = skip_batches
-                set_rng_state(checkpoint["rng"])  # after skipping: exactly where it stopped
+                _restore_rng(checkpoint, plan.seed, step, job, device, progress)
             for images, labels in batches:
                 if opts.max_steps is not None and step >= opts.max_steps:
                     stop = True
@@ -397,7 +395,9 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     _export(student_sd, ema, out)
     last = history[-1] if history else {}
     summary = {
-        "recipe": plan.recipe, "hash": plan.hash, "top1": last.get("top1"),
+        "recipe": plan.recipe, "hash": plan.hash, "overrides": list(plan.overrides),
+        # Finished: every epoch trained (a --max-steps run is not, and --resume continues it).
+        "complete": step >= plan.epochs * steps_per_epoch, "top1": last.get("top1"),
         "top5": last.get("top5"), "best_top1": best_top1 if history else None,
         "ema_top1": last.get("ema_top1"), "teacher_top1": teacher_top1,
         "epochs": epoch + 1, "steps": step,
@@ -417,6 +417,22 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     write_curves(out / "metrics.jsonl", out / "curves.png", plan.recipe)
     distributed.barrier()
     return summary
+
+
+def _restore_rng(checkpoint: dict[str, Any], seed: int, step: int, job: distributed.Dist,
+                 device: torch.device, progress: Progress) -> None:
+    """Each rank continues its own random streams (generation masks, drop path, CPU-side
+    augmentation), restored after the skipped batches: exactly where it stopped. Resumed on
+    another number of processes, the saved streams do not map onto the ranks: each rank then
+    starts a fresh stream derived from the seed, the step and its rank."""
+    states = rank_states(checkpoint)
+    if len(states) == job.world_size:
+        set_rng_state(states[job.rank], device)
+        return
+    _seed_everything(mix_seed(seed, step, job.rank))
+    progress.note(f"  the checkpoint was written by {len(states)} process(es), this run has "
+                  f"{job.world_size}: fresh per-rank random states from the seed and step "
+                  f"{step} (masks and drop path do not replay the original run's)")
 
 
 def _stop_if_not_finite(flags: torch.Tensor | None, names: list[str], step: int, epoch: int,

@@ -118,18 +118,28 @@ def summary_table(summary: dict[str, Any]) -> Table:
 
 def comparison_table(summaries: Sequence[dict[str, Any]]) -> Table:
     """Several runs side by side."""
-    table = Table(title="comparison", title_justify="left")
-    for col in ("recipe", "teacher top-1", "top-1", "top-5", "best top-1", "images/s",
-                "wall s"):
-        table.add_column(col, justify="left" if col == "recipe" else "right")
+    sets = [tuple(s.get("overrides") or ()) for s in summaries]
+    shared = set(sets[0]).intersection(*sets[1:]) if sets else set()
+    caption = ("every run with --set " + " --set ".join(o for o in sets[0] if o in shared)
+               if shared else None)
+    table = Table(title="comparison", title_justify="left", caption=caption,
+                  caption_justify="left")
+    columns = ["recipe", "teacher top-1", "top-1", "top-5", "best top-1", "images/s", "wall s"]
+    own = [[o for o in s if o not in shared] for s in sets]
+    if any(own):  # what each run was given beyond what all share
+        columns.append("--set")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("recipe", "--set") else "right")
 
     def f(x: Any) -> str:
         return "-" if x is None else f"{x:.2f}"
 
-    for s in summaries:
-        table.add_row(s["recipe"], f(s.get("teacher_top1")), f(s.get("top1")),
-                      f(s.get("top5")), f(s.get("best_top1")), f(s.get("images_per_second")),
-                      f(s.get("wall_seconds")))
+    for s, extra in zip(summaries, own, strict=True):
+        row = [s["recipe"], f(s.get("teacher_top1")), f(s.get("top1")), f(s.get("top5")),
+               f(s.get("best_top1")), f(s.get("images_per_second")), f(s.get("wall_seconds"))]
+        if any(own):
+            row.append(" ".join(extra) or "-")
+        table.add_row(*row)
     return table
 
 

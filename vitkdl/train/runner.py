@@ -1,11 +1,16 @@
 """Running recipes: dependencies first (``teacher from``), then the recipe, then comparisons.
 
-A recipe whose teacher is the final student of another recipe needs that recipe's exported
-``student.safetensors`` under ``OUT/<its name>/``, written by a run of exactly the recipe it
-names (checked by the hash in its ``summary.json``); when it is missing or stale, that recipe is
-trained first, as written (command-line overrides do not reach it). A recipe that extends a
-complete student-only recipe (its baseline, like ``quickstart.vkd`` extends
-``quickstart_baseline.vkd``) is compared with it at the end.
+Every run has its own folder, ``OUT/NAME-HASH/`` (:mod:`vitkdl.runs`), keyed by the hash of
+the resolved recipe, overrides and seed included; ``OUT/NAME`` links to the latest. A finished
+run is reused, never trained again or replaced, unless ``--force``; an unfinished one is
+continued with ``--resume`` (or started over with ``--force``), never overwritten silently.
+
+A recipe whose teacher is the final student of another recipe needs that recipe's finished run
+(as written there: command-line overrides do not reach a dependency); when it is missing, that
+recipe is trained first. A recipe that extends a complete student-only recipe (its baseline,
+like ``quickstart.vkd`` extends ``quickstart_baseline.vkd``) is compared with it at the end,
+the baseline run under the same student, data and training overrides, so the two sides differ
+only in what the recipe adds.
 """
 
 from __future__ import annotations
@@ -20,11 +25,17 @@ from rich.console import Console
 
 import vitkdl
 from vitkdl.errors import VkdError
+from vitkdl.runs import finished, latest_link, point_latest, run_dir
 from vitkdl.spec import RecipeSpec, load_spec
 from vitkdl.train import distributed
-from vitkdl.train.loop import RunOptions, check_writable, train
+from vitkdl.train.loop import RunOptions, TrainError, check_writable, train
 
 SMOKE_STEPS = 3
+
+#: Override roots that carry over to a recipe's student-only baseline. Overrides of the
+#: teacher and the distill terms have nothing to act on there, and ``recipe.name`` would give
+#: the baseline the recipe's own name.
+BASELINE_ROOTS = ("student", "data", "train")
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,9 @@ class RunRequest:
     quiet: bool = False
     device: str | None = None
     baseline: bool = True
+    # Continue an unfinished run of the same recipe instead of refusing to start over (how
+    # dependencies and baselines are run: the user did not ask for them by name).
+    continue_unfinished: bool = False
 
 
 def smoke_overrides(spec: RecipeSpec) -> list[str]:
@@ -49,34 +63,55 @@ def smoke_overrides(spec: RecipeSpec) -> list[str]:
             "data.workers=0", "train.epochs=1", "train.eval_every=1"]
 
 
-def _previous_summary(out: Path) -> dict[str, Any] | None:
-    path = out / "summary.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def baseline_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
+    """The overrides given for a run that apply to its baseline as well (same seed, epochs,
+    data root, student settings), so that the comparison is like with like."""
+    return tuple(o for o in overrides if o.split("=", 1)[0].strip().split(".")[0]
+                 in BASELINE_ROOTS)
 
 
-def _fresh(out: Path, recipe_hash: str) -> bool:
-    summary = _previous_summary(out)
-    return (summary is not None and summary.get("hash") == recipe_hash
-            and (out / "student.safetensors").is_file())
-
-
-def _ensure(path: str, req: RunRequest, console: Console, why: str) -> list[dict[str, Any]]:
-    """The summaries of a run of ``path`` as written: reused when ``OUT/<name>/`` holds an
-    export of exactly that recipe (same hash), else trained now (command-line overrides do
-    not apply to it)."""
-    spec = vitkdl.load(path)
-    out = req.out_root / spec.name
-    if _fresh(out, spec.hash()):
-        reused = _previous_summary(out)
-        assert reused is not None
+def _ensure(path: str, overrides: Sequence[str], req: RunRequest, console: Console,
+            why: str) -> list[dict[str, Any]]:
+    """The summaries of a run of ``path`` under ``overrides`` and ``req.max_steps``: a
+    finished one is reused, else it is trained now (an unfinished run of it is continued)."""
+    spec = vitkdl.load(path, list(overrides), strict=True)
+    out = run_dir(req.out_root, spec.name, spec.hash())
+    done = finished(out, spec.hash())
+    if done is not None:
         console.print(f"{why}: {out / 'student.safetensors'} is up to date", highlight=False)
-        return [reused]
-    console.print(f"{why}: missing or stale, training it first", highlight=False)
-    dep_req = replace(req, overrides=(), resume=False, max_steps=None, baseline=False)
+        return [done]
+    console.print(f"{why}: missing or unfinished, training it first", highlight=False)
+    dep_req = replace(req, overrides=tuple(overrides), resume=False, force=False,
+                      baseline=False, continue_unfinished=True)
     return run_recipe(path, dep_req, console)[1]
+
+
+def _start(spec: RecipeSpec, out: Path, req: RunRequest) -> tuple[str, Path | None]:
+    """How a run starts: ``("reuse", None)`` for a finished run, ``("resume", checkpoint)``,
+    or ``("fresh", None)``; refuses (TrainError) where going on would lose or mix work."""
+    ckpt = out / "last.pt"
+    if finished(out, spec.hash()) is not None and not req.force:
+        return "reuse", None
+    if req.resume:
+        if ckpt.exists():
+            return "resume", ckpt
+        latest = latest_link(req.out_root, spec.name)
+        other = latest.resolve() / "last.pt" if latest.is_symlink() else None
+        if other is not None and other.exists() and other.parent != out.resolve():
+            if req.force:  # continue that run under the changed recipe, in this run's folder
+                return "resume", other
+            raise TrainError(
+                f"--resume: {out} holds no checkpoint of this recipe; the latest run of "
+                f"{spec.name}, {other.parent}, is of a different version of the recipe "
+                "(resuming it would mix two recipes). Pass --force to continue it under the "
+                "recipe as it is now, or start without --resume.")
+        raise TrainError(f"--resume: no checkpoint at {ckpt}; start without --resume")
+    if ckpt.exists() and not req.force and not req.smoke:
+        if req.continue_unfinished:
+            return "resume", ckpt
+        raise TrainError(f"{out} holds an unfinished run of this recipe ({ckpt.name}); "
+                         "--resume continues it, --force starts it over")
+    return "fresh", None
 
 
 def run_recipe(path: str | Path, req: RunRequest, console: Console
@@ -92,21 +127,45 @@ def run_recipe(path: str | Path, req: RunRequest, console: Console
         overrides = smoke_overrides(probe) + overrides
     spec = vitkdl.load(path, overrides, strict=not req.smoke)
     job = distributed.current()
+    out = run_dir(req.out_root, spec.name, spec.hash())
     if job.is_main:
-        check_writable(req.out_root / spec.name)  # before any training, dependencies included
+        check_writable(out)  # before any training, dependencies included
     distributed.barrier()
     summaries: list[dict[str, Any]] = []
 
     teacher = spec.teacher
     if teacher is not None and teacher.from_recipe is not None and not req.smoke:
-        summaries += _ensure(teacher.from_recipe, req, console,
+        # A teacher is a finished run, whatever --max-steps says for this one.
+        summaries += _ensure(teacher.from_recipe, (), replace(req, max_steps=None), console,
                              f"[bold]{spec.name}[/]: its teacher, the final student of "
                              f"{teacher.from_recipe}")
 
+    how, checkpoint = _start(spec, out, req)
+    if how == "reuse":
+        summary = finished(out, spec.hash())
+        assert summary is not None
+        console.print(f"[bold]{spec.name}[/]: {out} is finished; reusing it (--force trains "
+                      "it again)", highlight=False)
+    else:
+        summary = _train(spec, out, how, checkpoint, req, console)
+    summaries.append(summary)
+
+    # The baseline runs as far as this run did (--max-steps too): like is compared with like.
+    baseline = _baseline_of(spec) if req.baseline and not req.smoke else None
+    if baseline is not None:
+        summaries += _ensure(baseline, baseline_overrides(overrides), req, console,
+                             f"[bold]{spec.name}[/]: its baseline {baseline}")
+    return summary, summaries
+
+
+def _train(spec: RecipeSpec, out: Path, how: str, checkpoint: Path | None, req: RunRequest,
+           console: Console) -> dict[str, Any]:
+    job = distributed.current()
     plan = vitkdl.plan(spec, world_size=job.world_size)
-    out = req.out_root / spec.name
     resolved = spec.canonical()
-    opts = RunOptions(out_dir=out, device=req.device, resume=req.resume, force=req.force,
+    opts = RunOptions(out_dir=out, device=req.device, resume=how == "resume",
+                      resume_from=checkpoint if checkpoint != out / "last.pt" else None,
+                      force=req.force,
                       max_steps=SMOKE_STEPS if req.smoke and req.max_steps is None
                       else req.max_steps,
                       max_eval_batches=2 if req.smoke else None, quiet=req.quiet,
@@ -114,14 +173,10 @@ def run_recipe(path: str | Path, req: RunRequest, console: Console
     if job.is_main:
         (out / "recipe.json").write_text(json.dumps(resolved, indent=2) + "\n")
         (out / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
-    summary = train(plan, opts, console)
-    summaries.append(summary)
-
-    baseline = _baseline_of(spec) if req.baseline and not req.smoke else None
-    if baseline is not None:
-        summaries += _ensure(baseline, req, console,
-                             f"[bold]{spec.name}[/]: its baseline {baseline}")
-    return summary, summaries
+        note = point_latest(req.out_root, spec.name, out)
+        if note is not None and not req.quiet:
+            console.print(note, highlight=False)
+    return train(plan, opts, console)
 
 
 def _baseline_of(spec: RecipeSpec) -> str | None:
@@ -151,7 +206,7 @@ def run_many(paths: Sequence[str | Path], req: RunRequest, console: Console
             continue
         print_summary(console, own)
         for s in summaries:
-            shown[s["recipe"]] = s
+            shown[f"{s['recipe']}-{s.get('hash')}"] = s  # one row per run folder
     if len(shown) > 1:
         rows = list(shown.values())
         console.print(comparison_table(rows))

@@ -1,0 +1,126 @@
+"""Runs as a researcher meets them: one folder per resolved recipe, overrides carried to the
+baseline, finished runs reused and never replaced without --force."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vitkdl.cli import main
+from vitkdl.runs import run_dir
+from vitkdl.train import runner
+
+MODEL = """student vit_tiny_patch16_224 {
+    img_size = 8  patch_size = 2  in_chans = 1  depth = 1  embed_dim = 8  num_heads = 2
+    num_classes = 10
+}"""
+
+BASE = f"""recipe base
+{MODEL}
+data digits {{ batch_size = 64 }}
+train {{ epochs = 1  log_every = 50  precision = fp32  compile = off }}
+"""
+
+TEACHER = BASE.replace("recipe base", "recipe teacher").replace("embed_dim = 8",
+                                                                  "embed_dim = 16")
+
+STUDENT = """recipe student
+extends "base.vkd"
+teacher from "teacher.vkd"
+distill { nkd }
+"""
+
+
+@pytest.fixture
+def recipes(tmp_path: Path) -> Path:
+    for name, text in (("base", BASE), ("teacher", TEACHER), ("student", STUDENT)):
+        (tmp_path / f"{name}.vkd").write_text(text)
+    return tmp_path
+
+
+@pytest.fixture
+def trained(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Every training that actually happens: (recipe, hash, overrides)."""
+    calls: list[tuple[str, str, tuple[str, ...]]] = []
+    real = runner.train
+
+    def counting(plan, opts, console):  # type: ignore[no-untyped-def]
+        calls.append((plan.recipe, plan.hash, tuple(plan.overrides)))
+        return real(plan, opts, console)
+
+    monkeypatch.setattr(runner, "train", counting)
+    return calls
+
+
+def summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+def test_overrides_reach_the_baseline_and_each_run_trains_once(recipes: Path, trained,
+                                                                capsys) -> None:
+    runs = recipes / "runs"
+    code = main(["run", str(recipes / "base.vkd"), str(recipes / "student.vkd"), "--out",
+                 str(runs), "--set", "train.seed=1", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    names = [name for name, _, _ in trained]
+    assert sorted(names) == ["base", "student", "teacher"]  # the baseline is not retrained
+    base = next(c for c in trained if c[0] == "base")
+    assert base[2] == ("train.seed=1",)
+    teacher = next(c for c in trained if c[0] == "teacher")
+    assert teacher[2] == ()  # a dependency runs as written
+    # The comparison: the student and the baseline it was compared with ran with seed 1.
+    rows = json.loads((runs / "comparison.json").read_text())
+    assert {r["recipe"] for r in rows} == {"base", "student", "teacher"}
+    assert all(r["overrides"] == ["train.seed=1"] for r in rows if r["recipe"] != "teacher")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "its baseline" in err and "is up to date" in err
+
+    # Seed 0 is another run in another folder; the seed-1 runs stay as they were.
+    seed1 = summary(run_dir(runs, "base", base[1]))
+    trained.clear()
+    assert main(["run", str(recipes / "student.vkd"), "--out", str(runs), "--quiet"]) == 0
+    assert sorted(name for name, _, _ in trained) == ["base", "student"]
+    assert summary(run_dir(runs, "base", base[1])) == seed1
+    seed0 = next(c for c in trained if c[0] == "base")
+    assert seed0[1] != base[1] and seed0[2] == ()
+    assert (runs / "base").resolve() == run_dir(runs, "base", seed0[1]).resolve()  # latest
+
+
+def test_distill_overrides_do_not_reach_the_baseline(recipes: Path, trained) -> None:
+    runs = recipes / "runs"
+    assert main(["run", str(recipes / "student.vkd"), "--out", str(runs), "--quiet",
+                 "--set", "distill.nkd.gamma=2", "--set", "data.batch_size=32"]) == 0
+    base = next(c for c in trained if c[0] == "base")
+    assert base[2] == ("data.batch_size=32",)
+
+
+def test_a_finished_run_is_reused_and_replaced_only_with_force(recipes: Path, trained,
+                                                               capsys) -> None:
+    runs = recipes / "runs"
+    args = ["run", str(recipes / "base.vkd"), "--out", str(runs), "--quiet"]
+    assert main(args) == 0
+    folder = run_dir(runs, "base", trained[0][1])
+    first = summary(folder)
+    assert first["complete"] and (runs / "base" / "summary.json").is_file()
+    capsys.readouterr()
+    assert main(args) == 0  # reused: nothing trained, nothing written
+    assert len(trained) == 1 and summary(folder) == first
+    assert "reusing it" in " ".join(capsys.readouterr().err.split())
+    assert main([*args, "--force"]) == 0
+    assert len(trained) == 2 and summary(folder)["wall_seconds"] != first["wall_seconds"]
+
+
+def test_an_unfinished_run_is_never_overwritten(recipes: Path, trained, capsys) -> None:
+    runs = recipes / "runs"
+    args = ["run", str(recipes / "base.vkd"), "--out", str(runs), "--quiet"]
+    assert main([*args, "--max-steps", "3"]) == 0
+    folder = run_dir(runs, "base", trained[0][1])
+    assert not summary(folder)["complete"]
+    capsys.readouterr()
+    assert main(args) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds an unfinished run" in err and "--resume" in err and "--force" in err
+    assert main([*args, "--resume"]) == 0  # continues to the end of the epoch
+    assert summary(folder)["complete"] and summary(folder)["steps"] == 1437 // 64

@@ -1,0 +1,60 @@
+"""Where runs live: one folder per resolved recipe, never shared, never silently replaced.
+
+``OUT/NAME-HASH/`` holds the run of the recipe called NAME whose resolved form (after
+``extends``, ``--set`` and defaults; seed included) hashes to HASH, so two different recipes,
+or one recipe under different overrides, never write into the same folder. ``OUT/NAME`` is a
+symbolic link to the latest of them, so ``runs/quickstart/summary.json`` is the newest run of
+the quickstart. A run is *finished* when its ``summary.json`` carries its hash, says it
+completed every epoch, and its exported student exists. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def run_dir(root: Path, name: str, recipe_hash: str) -> Path:
+    """The folder of the run of recipe ``name`` with hash ``recipe_hash`` under ``root``."""
+    return Path(root) / f"{name}-{recipe_hash}"
+
+
+def latest_link(root: Path, name: str) -> Path:
+    """``OUT/NAME``: the link to the newest run of recipe ``name``."""
+    return Path(root) / name
+
+
+def read_summary(folder: Path) -> dict[str, Any] | None:
+    """A run folder's ``summary.json``, or None when it is missing or unreadable."""
+    try:
+        data = json.loads((Path(folder) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def finished(folder: Path, recipe_hash: str) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly this recipe in ``folder``, else None."""
+    summary = read_summary(folder)
+    if summary is None or summary.get("hash") != recipe_hash or not summary.get("complete"):
+        return None
+    if not (Path(folder) / "student.safetensors").is_file():
+        return None
+    return summary
+
+
+def point_latest(root: Path, name: str, folder: Path) -> str | None:
+    """Point ``OUT/NAME`` at ``folder`` (relative link, replaced atomically). Returns a note
+    for the user when ``OUT/NAME`` is a real folder (an earlier layout), which is left
+    untouched."""
+    link = latest_link(root, name)
+    if link.exists() and not link.is_symlink():
+        return (f"{link} is a folder from an earlier vitkdl (left as it is); this run is in "
+                f"{folder}")
+    tmp = link.with_name(f".{name}.link-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(Path(folder).name, tmp)
+    os.replace(tmp, link)
+    return None
