@@ -21,6 +21,7 @@ from tests.conftest import RECIPES, shipped_recipes
 from vitkdl import program as program_module
 from vitkdl.errors import VkdError
 from vitkdl.program import Program, resolve_compile, resolve_precision
+from vitkdl.runs import run_dir
 from vitkdl.spec import load_spec
 from vitkdl.strategies import Generate
 
@@ -562,13 +563,14 @@ def test_teacher_from_recipe_needs_its_run(tmp_path: Path) -> None:
     assert plan.teacher.from_name == "first" and plan.teacher.depth == 3
     with pytest.raises(VkdError, match="vitkdl run") as info:
         vitkdl.build(plan, device="cpu", load=True, runs_dir=runs)
-    assert str(runs / "first" / "student.safetensors") in str(info.value)
+    folder = run_dir(runs, "first", plan.teacher.from_hash)  # that recipe's own run
+    assert str(folder / "student.safetensors") in str(info.value)
     vitkdl.build(plan, device="cpu", load=False, runs_dir=runs)  # nothing read without load
 
     first = build(tmp_path / "first.vkd")
-    (runs / "first").mkdir(parents=True)
+    folder.mkdir(parents=True)
     trained = _state(first.student)
-    save_file(trained, str(runs / "first" / "student.safetensors"))
+    save_file(trained, str(folder / "student.safetensors"))
     program = vitkdl.build(plan, device="cpu", load=True, runs_dir=runs)
     assert _same(program.teacher, trained)
     assert not program.teacher.training

@@ -108,8 +108,9 @@ def test_a_finished_run_is_reused_and_replaced_only_with_force(recipes: Path, tr
     assert main(args) == 0  # reused: nothing trained, nothing written
     assert len(trained) == 1 and summary(folder) == first
     assert "reusing it" in " ".join(capsys.readouterr().err.split())
+    (folder / "summary.json").write_text(json.dumps({**first, "top1": -1.0}))  # marked
     assert main([*args, "--force"]) == 0
-    assert len(trained) == 2 and summary(folder)["wall_seconds"] != first["wall_seconds"]
+    assert len(trained) == 2 and summary(folder)["top1"] == first["top1"]  # trained again
 
 
 def test_an_unfinished_run_is_never_overwritten(recipes: Path, trained, capsys) -> None:
