@@ -20,7 +20,9 @@ from vitkdl.bench import (
     run_bench,
 )
 from vitkdl.cli import main
+from vitkdl.planner import TapPoint
 from vitkdl.program import tap_pass
+from vitkdl.terms import StepInputs
 
 TINY = """recipe tiny_bench
 
@@ -123,23 +125,25 @@ def test_hand_written_loss_matches_the_strategies(tiny: Path) -> None:
     images = torch.randn(4, 3, 16, 16)
     targets = torch.tensor([1, 2, 3, 4])
 
-    feats: dict[int | str, torch.Tensor] = {}
-    handles = register_feature_hooks(program.student, [0, "norm"], 1, feats)
+    feats: dict[str, torch.Tensor] = {}
+    points = [TapPoint(block=0, point="out"), TapPoint(point="norm")]
+    handles = register_feature_hooks(program.student, points, 1, feats)
     s_logits = program.student(images)
     for h in handles:
         h.remove()
-    ref_logits, ref_taps = tap_pass(program.student, images, [0], 1)
+    ref_logits, ref_taps = tap_pass(program.student, images, points[:1], 1)
     torch.testing.assert_close(s_logits, ref_logits)
-    for key in (0, "norm"):
+    for key in ("blocks.0", "norm"):
         torch.testing.assert_close(feats[key], ref_taps[key])
 
-    t_logits, t_taps = tap_pass(program.teacher, images, [0], 1)
+    t_logits, t_taps = tap_pass(program.teacher, images, points[:1], 1)
     mask = torch.zeros(4, 16, dtype=torch.bool)
     mask[:, ::2] = True
-    torch.testing.assert_close(hgen(feats["norm"], t_taps["norm"], mask=mask),
+    torch.testing.assert_close(hgen([feats["norm"]], [t_taps["norm"]], mask=mask),
                                gen([feats["norm"]], [t_taps["norm"]], mask=mask))
-    out = hand(feats, t_taps, s_logits, t_logits, targets)
-    torch.testing.assert_close(out["mimic"], program.terms["mimic"]([feats[0]], [t_taps[0]]))
+    out = hand(StepInputs(s_logits, feats, t_logits, t_taps, targets))
+    torch.testing.assert_close(out["mimic"], program.terms["mimic"]([feats["blocks.0"]],
+                                                                     [t_taps["blocks.0"]]))
     for name in ("nkd", "labels"):
         want = program.terms[name](s_logits, t_logits, targets) if name == "nkd" else \
             program.terms[name](s_logits, targets)

@@ -15,12 +15,13 @@ def test_deit_base_plan_matches_the_paper_setting() -> None:
     assert (t.width, t.depth, t.heads, t.tokens, t.grid) == (1024, 24, 16, 196, (14, 14))
     assert t.params == 304_374_760 and not t.trainable and s.trainable
     mimic, generate, nkd, labels = plan.terms
-    assert mimic.student_blocks == [0, 1] and mimic.teacher_blocks == [0, 1]
+    assert [p.key for p in mimic.student] == ["blocks.0", "blocks.1"]
+    assert [p.key for p in mimic.teacher] == ["blocks.0", "blocks.1"]
     assert mimic.student_shape == [196, 768] and mimic.teacher_shape == [196, 1024]
     assert [a.params for a in mimic.adapters] == [768 * 1024 + 1024] * 2
     # per-element coefficient: 3e-5 x (2 layers x 196 tokens x 1024 channels)
     assert abs(mimic.coefficient - 3e-5 * 2 * 196 * 1024) < 1e-9
-    assert generate.student_blocks == ["norm"] and generate.teacher_blocks == ["norm"]
+    assert [p.key for p in generate.student] == [p.key for p in generate.teacher] == ["norm"]
     generator = next(a for a in generate.adapters if a.name == "generator")
     assert generator.params == 2 * (9 * 1024 * 1024 + 1024)  # 18.9 M
     assert generate.options["masked_tokens"] == 98
@@ -32,6 +33,12 @@ def test_deit_base_plan_matches_the_paper_setting() -> None:
     assert plan.cost.total == (plan.cost.teacher_forward + plan.cost.student_forward_backward
                                + plan.cost.adapters_forward_backward)
     assert plan.cost.student_forward_backward == 3 * s.forward_flops
+    # The plan is data: adapters as numbers (forward FLOPs per image), no prose.
+    assert generator.module == "conv3x3_pair" and generator.flops == 2 * 2 * 9 * 1024**2 * 196
+    assert all(a.module == "linear" and a.dims == (768, 1024) for a in mimic.adapters)
+    assert mimic.adapter_flops == 3 * 2 * 2 * 768 * 1024 * 196
+    assert plan.optimizer.no_weight_decay[:3] == ("pos_embed", "cls_token", "dist_token")
+    assert plan.teacher_used
 
 
 def test_deit_tiny_coefficient_is_the_facts_4_5x() -> None:

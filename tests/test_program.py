@@ -20,6 +20,7 @@ import vitkdl
 from tests.conftest import RECIPES, shipped_recipes
 from vitkdl import program as program_module
 from vitkdl.errors import VkdError
+from vitkdl.planner import TapPoint
 from vitkdl.program import Program, resolve_compile, resolve_precision
 from vitkdl.runs import run_dir
 from vitkdl.spec import load_spec
@@ -146,11 +147,11 @@ def check_out(out: dict[str, torch.Tensor], names: list[str]) -> None:
 def taps(program: Program, images: torch.Tensor, side: str) -> dict[int | str, torch.Tensor]:
     model = program.student if side == "student" else program.teacher
     plan = program.plan.student if side == "student" else program.plan.teacher
-    blocks = list(range(plan.depth))
+    points = [TapPoint(block=b, point="out") for b in range(plan.depth)]
     with torch.no_grad():
-        logits, out = program_module.tap_pass(model, images, blocks, plan.prefix_tokens)
+        logits, out = program_module.tap_pass(model, images, points, plan.prefix_tokens)
     assert logits.shape == (images.shape[0], plan.num_classes)
-    return out
+    return {int(k.split(".")[1]) if k.startswith("blocks.") else k: v for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,10 +249,14 @@ def test_equal_widths_identity_align(tmp_path: Path) -> None:
 
 def test_taps_anywhere_and_several_terms(tmp_path: Path) -> None:
     program = many_terms_program(tmp_path)
-    blocks = {t.name: (t.student_blocks, t.teacher_blocks) for t in program.plan.terms}
-    assert blocks["mimic"] == ([0, 1], [0, 2]) and blocks["deep_mimic"] == ([2], [3])
-    assert blocks["generate"] == (["norm"], ["norm"]) and blocks["gen2"] == ([1], [3])
-    assert program.core.blocks == [0, 1, 2] and program._teacher_blocks == [0, 2, 3]
+    blocks = {t.name: ([p.key for p in t.student], [p.key for p in t.teacher])
+              for t in program.plan.terms}
+    assert blocks["mimic"] == (["blocks.0", "blocks.1"], ["blocks.0", "blocks.2"])
+    assert blocks["deep_mimic"] == (["blocks.2"], ["blocks.3"])
+    assert blocks["generate"] == (["norm"], ["norm"])
+    assert blocks["gen2"] == (["blocks.1"], ["blocks.3"])
+    assert [p.key for p in program.core.points] == ["blocks.0", "blocks.1", "blocks.2", "norm"]
+    assert [p.block for p in program._teacher_points] == [0, 2, 3, None]
     names = ["mimic", "deep_mimic", "generate", "gen2", "kd", "nkd", "labels"]
     for soft in (False, True):
         images, targets = batch(program, soft=soft)
@@ -607,7 +612,7 @@ def test_a_teacher_with_other_statistics_sees_its_own_normalisation(tmp_path: Pa
                                                              output_fmt="NLC")
         wrong = program.teacher.forward_head(program.teacher.forward_features(as_student))
         assert torch.allclose(t_logits, program.teacher.forward_head(alone), atol=1e-5)
-        assert torch.allclose(t_taps[1], feats[0], atol=1e-5)
+        assert torch.allclose(t_taps["blocks.1"], feats[0], atol=1e-5)
         assert not torch.allclose(t_logits, wrong, atol=1e-3)  # it matters
         assert torch.allclose(program.teacher_logits(as_student),
                               program.teacher(as_teacher), atol=1e-5)
@@ -634,3 +639,68 @@ def test_a_pair_with_equal_statistics_is_unchanged(tmp_path: Path) -> None:
             program.teacher.forward_features(images)))
     # Buffers of the affine never reach a state dict (checkpoints are unchanged).
     assert not any("teacher_scale" in k for k in program.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# Taps inside blocks (the paper's MHA-out vs FFN-out) and attention maps
+
+
+def test_sub_block_taps_equal_what_timms_blocks_compute() -> None:
+    model = timm.create_model("deit3_small_patch16_224", img_size=32, patch_size=8, depth=3,
+                              embed_dim=32, num_heads=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    points = [TapPoint(block=1, point="attn"), TapPoint(block=1, point="out"),
+              TapPoint(block=2, point="attn_map"), TapPoint(block=2, point="out")]
+    block_in: dict[int, torch.Tensor] = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: block_in.__setitem__(i, a[0]))
+             for i, b in enumerate(model.blocks)]
+    with torch.no_grad():
+        reference = model(x)  # timm's own forward: every block's input recorded
+        for h in hooks:
+            h.remove()
+        logits, taps = program_module.tap_pass(model, x, points, 1)
+        torch.testing.assert_close(logits, reference)  # the pass is the model's forward
+        blk, xin = model.blocks[1], block_in[1]
+        mha = xin + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(xin))))  # MHA-out (DeiT III: ls)
+        torch.testing.assert_close(taps["blocks.1.attn"], mha[:, 1:])
+        torch.testing.assert_close(taps["blocks.1"], blk(xin)[:, 1:])  # FFN-out: the block
+        _, feats = model.forward_intermediates(x, indices=[1, 2], output_fmt="NLC")
+        torch.testing.assert_close(taps["blocks.1"], feats[0])
+        torch.testing.assert_close(taps["blocks.2"], feats[1])
+        # attention probabilities, as timm's unfused path computes them
+        attn = model.blocks[2].attn
+        attn.fused_attn = False
+        seen: list[torch.Tensor] = []
+        h = attn.attn_drop.register_forward_hook(lambda m, a, o: seen.append(a[0]))
+        model.blocks[2](block_in[2])
+        h.remove()
+        torch.testing.assert_close(taps["blocks.2.attn_map"], seen[0][:, :, 1:, 1:])
+        assert taps["blocks.2.attn_map"].shape == (2, 2, 16, 16)
+
+
+SUB_BLOCK_TERMS = """
+    mimic student.blocks[0:2].attn -> teacher.blocks[0:2].attn { weight = 1e-3 }
+    mimic student.blocks[1].mlp -> teacher.blocks[2].mlp as ffn { loss = relation }
+    mimic student.blocks[0].attn_map -> teacher.blocks[1].attn_map as maps {
+        loss = kl  heads = mean }
+    generate student.norm -> teacher.norm { generator = attention  weight = 1e-4 }
+    generate student.blocks[1] -> teacher.blocks[2] as lin { generator = linear }
+    nkd { }
+"""
+
+
+def test_sub_block_taps_relation_maps_and_generators_are_one_graph(tmp_path: Path) -> None:
+    path = write(tmp_path, "sub", tiny_recipe(
+        tiny_model("deit3_small_patch16_224", width=48, depth=3),
+        tiny_model("deit_tiny_patch16_224", width=32, depth=2), SUB_BLOCK_TERMS))
+    program = build(path)
+    names = ["mimic", "ffn", "maps", "generate", "lin", "nkd", "labels"]
+    for soft in (False, True):
+        images, targets = batch(program, soft=soft)
+        check_out(one_graph(program, images, targets), names)
+    out = program.forward(*batch(program))
+    out["loss"].backward()
+    assert program.terms["generate"].generator.attn.qkv.weight.grad is not None
+    assert all(p.grad is None for p in program.teacher.parameters())
+    report = program.compile_report(*batch(program))
+    assert (report.graphs, report.breaks, report.recompiles) == (1, 0, 0)

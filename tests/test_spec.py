@@ -9,7 +9,9 @@ import pytest
 import vitkdl
 from tests.conftest import RECIPES
 from vitkdl.errors import VkdError
-from vitkdl.spec import GenerateSpec, MimicSpec, load_spec
+from vitkdl.spec import load_spec
+from vitkdl.terms.generate import GenerateSpec
+from vitkdl.terms.mimic import MimicSpec
 
 
 def write(tmp: Path, name: str, text: str) -> Path:
@@ -123,3 +125,13 @@ def test_specs_are_frozen_and_forbid_unknown_fields() -> None:
         spec.train.epochs = 3  # type: ignore[misc]
     with pytest.raises(Exception):  # noqa: B017
         MimicSpec(name="m", student=(), teacher=(), bogus=1)  # type: ignore[call-arg]
+
+
+def test_misspelt_term_kinds_get_the_registrys_suggestion(tmp_path) -> None:
+    path = tmp_path / "r.vkd"
+    path.write_text("student deit_tiny_patch16_224\n"
+                    "distill {\n  generat student.norm -> teacher.norm\n  mimick\n}\n")
+    _, diags, _ = load_spec(path)
+    errors = [(d.span.line, d.message, d.hint) for d in diags if d.is_error]
+    assert errors == [(3, "unknown distill term 'generat'", "did you mean 'generate'?"),
+                      (4, "unknown distill term 'mimick'", "did you mean 'mimic'?")]

@@ -64,17 +64,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vitkdl
-from vitkdl.planner import Plan, TermPlan
+from vitkdl.planner import Plan, TapPoint
 from vitkdl.program import (
     Program,
-    block_taps,
     create_model,
+    model_taps,
     resolve_device,
     resolve_precision,
     single_logits,
     tap_pass,
     term_losses,
 )
+from vitkdl.sources import teacher_affine
+from vitkdl.terms import KINDS, StepInputs
+from vitkdl.train.step import Update, configure_optimizer, model_param_groups, train_step
 
 __all__ = [
     "BACKENDS",
@@ -321,50 +324,15 @@ def _compiler(backend: str, mode: str | None) -> Callable[[Callable[..., Any]], 
     return compile_fn
 
 
-def _no_decay(named: Iterable[tuple[str, nn.Parameter]], skip: set[str],
-              weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in named:
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name in skip or name.endswith(("pos_embed", "cls_token", "dist_token",
-                                                          "mask_token")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _optimizer(plan: Plan, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    import timm.optim
-
-    opt = plan.optimizer
-    return timm.optim.create_optimizer_v2(groups, opt=opt.name, lr=opt.lr,
-                                          weight_decay=opt.weight_decay, **opt.kwargs)
-
-
-class _Updater:
-    """Backward, clipping and the optimizer step, as the trainer runs them."""
-
-    def __init__(self, plan: Plan, optimizer: torch.optim.Optimizer,
-                 params: list[nn.Parameter], device: torch.device,
-                 dtype: torch.dtype | None) -> None:
-        self.optimizer = optimizer
-        self.params = params
-        self.clip = plan.clip_grad
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    def backward(self, loss: Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-
-    def step(self) -> None:
-        if self.clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+def _update(plan: Plan, named: Iterable[tuple[str, nn.Parameter]], student: nn.Module,
+            s: _Setup) -> Update:
+    """The trainer's update over a student and further named parameters: the same optimizer
+    (one decay rule, fused AdamW), clipping and loss scaling as ``vitkdl run``."""
+    extra = list(named)
+    groups = model_param_groups(student, extra, plan.optimizer.weight_decay)
+    params = [p for p in student.parameters() if p.requires_grad]
+    params += [p for _, p in extra if p.requires_grad]
+    return Update(configure_optimizer(plan, groups), params, plan.clip_grad, s.device, s.dtype)
 
 
 def _batch(plan: Plan, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -385,199 +353,52 @@ def _batch(plan: Plan, device: torch.device) -> tuple[Tensor, Tensor]:
     return images.to(device), labels.to(device)
 
 
-def _label_smoothing(plan: Plan) -> float:
-    for t in plan.terms:
-        if t.kind == "labels":
-            return float(t.options["smoothing"])
-    return plan.data.smoothing
-
-
 # --------------------------------------------------------------------------------------------
 # (c) What users write today: hooks and a hand-written loss module
 
 
-def _adapter(kind: str, d_in: int, d_out: int) -> nn.Module:
-    if kind == "auto":
-        kind = "identity" if d_in == d_out else "linear"
-    if kind == "identity":
-        return nn.Identity()
-    if kind == "mlp":
-        return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
-    return nn.Linear(d_in, d_out)
-
-
-class HandMimic(nn.Module):
-    """Shallow mimicking as in the authors' code: a projection per layer and sum-MSE / B."""
-
-    def __init__(self, layers: int, d_s: int, d_t: int, align: str = "linear",
-                 loss: str = "mse", weight: float = 3e-5) -> None:
-        super().__init__()
-        self.proj = nn.ModuleList(_adapter(align, d_s, d_t) for _ in range(layers))
-        self.loss, self.weight = loss, weight
-
-    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        total = 0.0
-        for proj, s, t in zip(self.proj, student, teacher, strict=True):
-            pred = proj(s.float())
-            if self.loss == "mse":
-                total = total + F.mse_loss(pred, t.float(), reduction="sum") / s.shape[0]
-            else:
-                total = total + F.mse_loss(pred, t.float())
-        return self.weight * total
-
-
-class HandGenerate(nn.Module):
-    """Deep generation: MAE-style random masking with a mask token, a conv generator, MSE on
-    the masked tokens, summed, / (B x ratio)."""
-
-    def __init__(self, d_s: int, d_t: int, ratio: float = 0.5, align: str = "linear",
-                 weight: float = 3e-6) -> None:
-        super().__init__()
-        self.proj = _adapter(align, d_s, d_t)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, d_t))
-        self.generation = nn.Sequential(nn.Conv2d(d_t, d_t, 3, padding=1), nn.ReLU(),
-                                        nn.Conv2d(d_t, d_t, 3, padding=1))
-        self.ratio, self.weight = ratio, weight
-
-    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = self.proj(student.float())
-        b, n, d = x.shape
-        side = int(n ** 0.5)
-        if mask is None:
-            n_mask = n - int(n * (1 - self.ratio))
-            ids = torch.rand(b, n, device=x.device).argsort(dim=1)
-            mask = torch.zeros(b, n, device=x.device).scatter_(1, ids[:, :n_mask], 1.0)
-        m = mask.float().unsqueeze(-1)
-        x = x * (1 - m) + self.mask_token * m
-        x = x.transpose(1, 2).reshape(b, d, side, side)
-        y = self.generation(x).flatten(2).transpose(1, 2)
-        loss = (F.mse_loss(y, teacher.float(), reduction="none") * m).sum()
-        return self.weight * loss / (b * self.ratio)
-
-
-class HandKD(nn.Module):
-    """Hinton KD: KL(teacher || student) at temperature T, batch mean, x T^2."""
-
-    def __init__(self, temperature: float = 1.0, weight: float = 1.0) -> None:
-        super().__init__()
-        self.t, self.weight = temperature, weight
-
-    def forward(self, s: Tensor, t: Tensor, target: Tensor) -> Tensor:
-        kl = F.kl_div(F.log_softmax(s.float() / self.t, dim=1),
-                      F.softmax(t.float() / self.t, dim=1), reduction="batchmean")
-        return self.weight * kl * self.t ** 2
-
-
-class HandNKD(nn.Module):
-    """NKD as in its authors' code (boolean-mask indexing drops the target column)."""
-
-    def __init__(self, temperature: float = 1.0, gamma: float = 1.0,
-                 weight: float = 1.0) -> None:
-        super().__init__()
-        self.t, self.gamma, self.weight = temperature, gamma, weight
-
-    def forward(self, s: Tensor, t: Tensor, target: Tensor) -> Tensor:
-        s, t = s.float(), t.float()
-        label = target.argmax(1, keepdim=True) if target.dim() > 1 else target.view(-1, 1)
-        n = s.shape[0]
-        s_t = torch.gather(F.log_softmax(s, dim=1), 1, label)
-        t_t = torch.gather(F.softmax(t, dim=1), 1, label).detach()
-        loss_t = -(t_t * s_t).mean()
-        keep = torch.ones_like(s).scatter_(1, label, 0).bool()
-        s_non = F.log_softmax(s[keep].reshape(n, -1) / self.t, dim=1)
-        t_non = F.softmax(t[keep].reshape(n, -1) / self.t, dim=1)
-        loss_non = -self.gamma * self.t ** 2 * (t_non * s_non).sum(dim=1).mean()
-        return self.weight * (loss_t + loss_non)
-
-
-class HandLabels(nn.Module):
-    """Cross-entropy on hard labels (smoothed) or on soft mixup targets."""
-
-    def __init__(self, smoothing: float = 0.1, weight: float = 1.0) -> None:
-        super().__init__()
-        self.smoothing, self.weight = smoothing, weight
-
-    def forward(self, s: Tensor, target: Tensor) -> Tensor:
-        if target.dim() > 1:
-            loss = torch.sum(-target * F.log_softmax(s.float(), dim=-1), dim=-1).mean()
-        else:
-            loss = F.cross_entropy(s.float(), target, label_smoothing=self.smoothing)
-        return self.weight * loss
-
-
 class HandWrittenLoss(nn.Module):
-    """A ViTKD criterion as users write it: one module per term, fed by features that forward
-    hooks captured (``{tap: [B, N, D]}`` patch tokens) and by the two models' logits."""
+    """A ViTKD criterion as users write it: one module per term (each kind's independent
+    hand-written reference, :meth:`vitkdl.terms.base.Kind.reference`), fed by features that
+    forward hooks captured and by the two models' logits."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
-        s, t = plan.student, plan.teacher
-        self.plan_terms = [(term.name, term.kind, list(term.student_blocks),
-                            list(term.teacher_blocks)) for term in plan.terms]
-        self.losses = nn.ModuleDict()
-        for term in plan.terms:
-            o = term.options
-            if term.kind == "mimic":
-                assert t is not None
-                self.losses[term.name] = HandMimic(len(term.student_blocks), s.width, t.width,
-                                                   o["align"], o["loss"], term.weight)
-            elif term.kind == "generate":
-                assert t is not None
-                self.losses[term.name] = HandGenerate(s.width, t.width, o["mask"], o["align"],
-                                                      term.weight)
-            elif term.kind == "kd":
-                self.losses[term.name] = HandKD(o["temperature"], term.weight)
-            elif term.kind == "nkd":
-                self.losses[term.name] = HandNKD(o["temperature"], o["gamma"], term.weight)
-            else:
-                self.losses[term.name] = HandLabels(o["smoothing"], term.weight)
+        self.plan_terms = plan.terms
+        losses = {t.name: KINDS[t.kind].reference(t, plan) for t in plan.terms}
+        missing = [f"{t.name} ({t.kind})" for t in plan.terms if losses[t.name] is None]
+        if missing:
+            raise BenchError(f"no hand-written reference for {', '.join(missing)}")
+        self.losses = nn.ModuleDict({k: v for k, v in losses.items() if v is not None})
 
-    def forward(self, s_feats: Mapping[int | str, Tensor], t_feats: Mapping[int | str, Tensor],
-                s_logits: Tensor, t_logits: Tensor | None, target: Tensor
-                ) -> dict[str, Tensor]:
+    def forward(self, inputs: StepInputs) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        total = torch.zeros((), device=s_logits.device)
-        for name, kind, s_blocks, t_blocks in self.plan_terms:
-            loss = self.losses[name]
-            if kind == "mimic":
-                value = loss([s_feats[b] for b in s_blocks], [t_feats[b] for b in t_blocks])
-            elif kind == "generate":
-                value = loss(s_feats[s_blocks[0]], t_feats[t_blocks[0]])
-            elif kind == "labels":
-                value = loss(s_logits, target)
-            else:
-                assert t_logits is not None
-                value = loss(s_logits, t_logits, target)
-            out[name] = value.detach()
+        total = torch.zeros((), device=inputs.s_logits.device)
+        for t in self.plan_terms:
+            value = KINDS[t.kind].loss(self.losses[t.name], t, inputs)
+            out[t.name] = value.detach()
             total = total + value
         out["loss"] = total
         return out
 
 
-def register_feature_hooks(model: nn.Module, taps: Iterable[int | str], prefix: int,
-                           store: dict[int | str, Tensor]) -> list[Any]:
-    """Forward hooks that put the patch tokens (prefix tokens dropped) of ``blocks[i]`` and of
-    ``norm`` into ``store``; returns the handles (``.remove()`` them)."""
-    def capture(key: int | str) -> Callable[..., None]:
+def register_feature_hooks(model: nn.Module, taps: Iterable[TapPoint], prefix: int,
+                           store: dict[str, Tensor]) -> list[Any]:
+    """Forward hooks that put the patch tokens (prefix tokens dropped) of block outputs and of
+    ``norm`` into ``store`` under the taps' keys; returns the handles (``.remove()`` them)."""
+    def capture(key: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
             store[key] = output[:, prefix:]
         return hook
 
     handles = []
     for tap in taps:
-        module = model.norm if tap == "norm" else model.blocks[int(tap)]
-        handles.append(module.register_forward_hook(capture(tap)))
+        if tap.point not in ("out", "norm"):
+            raise BenchError(f"the hook-based reference taps block outputs and norm, not "
+                             f"{tap.key}")
+        module = model.norm if tap.point == "norm" else model.blocks[int(tap.block or 0)]
+        handles.append(module.register_forward_hook(capture(tap.key)))
     return handles
-
-
-def _feature_taps(terms: Sequence[TermPlan], side: str) -> list[int | str]:
-    out: list[int | str] = []
-    for t in terms:
-        if t.kind in ("mimic", "generate"):
-            for b in (t.student_blocks if side == "student" else t.teacher_blocks):
-                if b not in out:
-                    out.append(b)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,10 +425,8 @@ class _Setup:
         return _compiler(self.backend, self.mode)(fn)
 
 
-def _program_timer(s: _Setup, compiled: bool) -> tuple[_Timer, Program, _Updater]:
-    """(a) or (b): vitkdl's step, compiled or eager, then backward and the optimizer step."""
-    from vitkdl.train.loop import param_groups
-
+def _program_timer(s: _Setup, compiled: bool) -> tuple[_Timer, Program, Update]:
+    """(a) or (b): vitkdl's step, compiled or eager, then the trainer's update."""
     torch.manual_seed(s.plan.seed)
     if compiled and s.backend == "inductor":
         program = vitkdl.build(s.plan, s.device, load=False, compile=s.mode or "default")
@@ -616,52 +435,45 @@ def _program_timer(s: _Setup, compiled: bool) -> tuple[_Timer, Program, _Updater
         program = vitkdl.build(s.plan, s.device, load=False, compile="off")
         step = s.compile(program.forward) if compiled else program.forward
     program.train()
-    groups = param_groups(program, s.plan.optimizer.weight_decay)
-    updater = _Updater(s.plan, _optimizer(s.plan, groups), program.trainable_parameters(),
-                       s.device, s.dtype)
+    update = _update(s.plan, program.terms.named_parameters(), program.student, s)
 
-    def train_step() -> None:
-        out = step(s.images, s.targets)
-        updater.backward(out["loss"])
-        updater.step()
+    def one_step() -> None:
+        train_step(step, update, s.images, s.targets)
 
-    return _Timer("compiled" if compiled else "eager", train_step, compiled), program, updater
+    return _Timer("compiled" if compiled else "eager", one_step, compiled), program, update
 
 
 _PARTS = ("teacher_forward", "student_forward_backward", "adapters_losses", "optimizer")
 
 
-def _breakdown_timer(s: _Setup, program: Program, updater: _Updater) -> _Timer:
+def _breakdown_timer(s: _Setup, program: Program, update: Update) -> _Timer:
     """The compiled step's parts, each compiled on its own and timed between
     synchronisations: teacher forward, student forward + backward, adapters + losses (forward
     and backward), optimizer (clipping, AdamW, zeroing)."""
     plan = s.plan
-    s_blocks, t_blocks = block_taps(plan.terms, "student"), block_taps(plan.terms, "teacher")
-    s_keys: list[int | str] = [*s_blocks, "norm"]
-    t_keys: list[int | str] = [*t_blocks, "norm"]
+    s_points, t_points = model_taps(plan.terms, "student"), model_taps(plan.terms, "teacher")
+    s_keys = [*(p.key for p in s_points), "norm"]
+    t_keys = [*(p.key for p in t_points), "norm"]
     s_prefix = plan.student.prefix_tokens
-    teacher = program.teacher if any(t.kind != "labels" for t in plan.terms) else None
     student, terms = program.student, program.terms
 
     def teacher_fwd(images: Tensor) -> tuple[Tensor, list[Tensor]]:
-        assert teacher is not None
         logits, taps = program.teacher_pass(images)  # the step's own teacher half
         assert logits is not None
         return logits, [taps[k] for k in t_keys]
 
     def student_fwd(images: Tensor) -> tuple[Tensor, list[Tensor]]:
         with _autocast(s.device, s.dtype):
-            logits, taps = tap_pass(student, images, s_blocks, s_prefix)
+            logits, taps = tap_pass(student, images, s_points, s_prefix)
         return logits, [taps[k] for k in s_keys]
 
     def losses(s_logits: Tensor, s_taps: list[Tensor], t_logits: Tensor | None,
                t_taps: list[Tensor], targets: Tensor) -> Tensor:
-        s_map = dict(zip(s_keys, s_taps, strict=True))
-        t_map = dict(zip(t_keys, t_taps, strict=False))
-        return term_losses(plan.terms, terms, s_logits, s_map, t_logits, t_map,
-                           targets)["loss"]
+        inputs = StepInputs(s_logits, dict(zip(s_keys, s_taps, strict=True)), t_logits,
+                            dict(zip(t_keys, t_taps, strict=False)), targets)
+        return term_losses(plan.terms, terms, inputs)["loss"]
 
-    t_fn = s.compile(teacher_fwd) if teacher is not None else None
+    t_fn = s.compile(teacher_fwd) if plan.teacher_used else None
     s_fn, l_fn = s.compile(student_fwd), s.compile(losses)
 
     def parts() -> dict[str, float]:
@@ -678,15 +490,15 @@ def _breakdown_timer(s: _Setup, program: Program, updater: _Updater) -> _Timer:
         mark()  # student forward
         leaves = [x.detach().requires_grad_() for x in (s_logits, *s_taps)]
         total = l_fn(leaves[0], leaves[1:], t_logits, t_taps, s.targets)
-        updater.backward(total)
+        update.backward(total)
         mark()  # losses forward + backward: the adapters' and the features' gradients
         pairs = [(out, leaf.grad) for out, leaf in zip((s_logits, *s_taps), leaves, strict=True)
                  if leaf.grad is not None]
         if pairs:
             torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
         mark()  # student backward
-        updater.step()
-        updater.optimizer.zero_grad(set_to_none=True)
+        update.step()
+        update.optimizer.zero_grad(set_to_none=True)
         mark()  # optimizer
         d = [b - a for a, b in itertools.pairwise(marks)]
         return {"teacher_forward": d[0], "student_forward_backward": d[1] + d[3],
@@ -700,40 +512,43 @@ def _hooks_timer(s: _Setup) -> _Timer:
     plan = s.plan
     torch.manual_seed(plan.seed)
     student = create_model(plan.student, s.device)
-    needs_teacher = plan.teacher is not None and any(t.kind != "labels" for t in plan.terms)
-    teacher = create_model(plan.teacher, s.device) if plan.teacher is not None else None
+    teacher = create_model(plan.teacher, s.device) if plan.teacher_used and plan.teacher \
+        else None
     criterion = HandWrittenLoss(plan).to(s.device)
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad = False
     student.train()
-    s_feats: dict[int | str, Tensor] = {}
-    t_feats: dict[int | str, Tensor] = {}
-    register_feature_hooks(student, _feature_taps(plan.terms, "student"),
+    s_feats: dict[str, Tensor] = {}
+    t_feats: dict[str, Tensor] = {}
+    register_feature_hooks(student, model_taps(plan.terms, "student"),
                            plan.student.prefix_tokens, s_feats)
-    if teacher is not None and needs_teacher:
-        register_feature_hooks(teacher, _feature_taps(plan.terms, "teacher"),
-                               plan.teacher.prefix_tokens if plan.teacher else 0, t_feats)
-    skip = {f"student.{n}" for n in getattr(student, "no_weight_decay", lambda: set())()}
-    named = [(f"student.{n}", p) for n, p in student.named_parameters()]
-    named += [(f"criterion.{n}", p) for n, p in criterion.named_parameters()]
-    updater = _Updater(plan, _optimizer(plan, _no_decay(named, skip,
-                                                        plan.optimizer.weight_decay)),
-                       [p for _, p in named], s.device, s.dtype)
+    if teacher is not None and plan.teacher is not None:
+        register_feature_hooks(teacher, model_taps(plan.terms, "teacher"),
+                               plan.teacher.prefix_tokens, t_feats)
+    update = _update(plan, [(f"criterion.{n}", p) for n, p in criterion.named_parameters()],
+                     student, s)
+    t_images = s.images
+    if teacher is not None and plan.teacher is not None:  # the teacher's own normalisation
+        affine = teacher_affine((plan.student.mean, plan.student.std),
+                                (plan.teacher.mean, plan.teacher.std))
+        if affine is not None:
+            scale, shift = (torch.tensor(v, device=s.device).view(1, -1, 1, 1) for v in affine)
+            t_images = s.images * scale + shift
 
-    def train_step() -> None:
+    def one_step() -> None:
         t_logits = None
         with _autocast(s.device, s.dtype):
-            if teacher is not None and needs_teacher:
+            if teacher is not None:
                 with torch.no_grad():
-                    t_logits = single_logits(teacher(s.images))
+                    t_logits = single_logits(teacher(t_images))
             s_logits = single_logits(student(s.images))
-        out = criterion(s_feats, t_feats, s_logits, t_logits, s.targets)
-        updater.backward(out["loss"])
-        updater.step()
+        out = criterion(StepInputs(s_logits, s_feats, t_logits, t_feats, s.targets))
+        update.backward(out["loss"])
+        update.step()
 
-    return _Timer("hooks", train_step, False)
+    return _Timer("hooks", one_step, False)
 
 
 def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
@@ -746,12 +561,8 @@ def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     student.train()
-    skip = {f"student.{n}" for n in getattr(student, "no_weight_decay", lambda: set())()}
-    named = [(f"student.{n}", p) for n, p in student.named_parameters()]
-    updater = _Updater(plan, _optimizer(plan, _no_decay(named, skip,
-                                                        plan.optimizer.weight_decay)),
-                       [p for _, p in named], s.device, s.dtype)
-    smoothing = _label_smoothing(plan)
+    update = _update(plan, [], student, s)
+    smoothing = plan.data.smoothing
 
     def forward_loss(images: Tensor, targets: Tensor) -> Tensor:
         with _autocast(s.device, s.dtype):
@@ -771,11 +582,11 @@ def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
         fwd = s.compile(forward_loss) if compiled else forward_loss
 
         def student_step(fwd: Callable[..., Tensor] = fwd) -> None:
-            updater.backward(fwd(s.images, s.targets))
-            updater.step()
+            update.backward(fwd(s.images, s.targets))
+            update.step()
 
         timers.append(_Timer(f"floor.student.{mode}", student_step, compiled))
-        if teacher is not None:
+        if teacher is not None and plan.teacher_used:
             inf = s.compile(infer) if compiled else infer
             timers.append(_Timer(f"floor.teacher.{mode}", lambda inf=inf: inf(s.images),
                                  compiled))

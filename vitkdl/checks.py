@@ -16,19 +16,26 @@ from pathlib import Path
 from vitkdl.errors import Diagnostic, error, one_of, warning
 from vitkdl.models import ModelError, ModelFacts, model_facts
 from vitkdl.sources import known_classes
-from vitkdl.spec import GenerateSpec, MimicSpec, ModelSpec, RecipeSpec, SliceSpec, TapSpec
+from vitkdl.spec import ModelSpec, PairedTermSpec, RecipeSpec, SliceSpec, TapSpec
+from vitkdl.terms import KINDS, needs_teacher
+from vitkdl.terms.base import TapPoint
 
 
 @dataclass(frozen=True)
 class Context:
-    """What the checks look at: the spec, both models' facts and the strictness."""
+    """What the checks look at: the spec, both models' facts and the strictness, and every
+    paired term's taps resolved per side (None where a tap could not be resolved: its own
+    error is reported once, and checks that need the taps skip the term)."""
 
     spec: RecipeSpec
     student: ModelFacts | None = None
     teacher: ModelFacts | None = None
     model_errors: tuple[Diagnostic, ...] = ()
     strict: bool = False
-    taps: dict[tuple[str, str], list[int | str]] = field(default_factory=dict)
+    taps: dict[tuple[str, str], list[TapPoint] | None] = field(default_factory=dict)
+
+    def facts(self, side: str) -> ModelFacts | None:
+        return self.student if side == "student" else self.teacher
 
 
 def default_classes(spec: RecipeSpec, model: ModelSpec) -> int | None:
@@ -60,22 +67,34 @@ def _facts(spec: RecipeSpec, model: ModelSpec | None) -> tuple[ModelFacts | None
         return None, [error(exc.message, span, hint=hint)]
 
 
-def resolve_tap(tap: TapSpec, depth: int) -> tuple[list[int | str], list[Diagnostic]]:
-    """A tap's absolute block indices (or ``["norm"]``), with range errors."""
+_POINTS = {None: "out", "mlp": "out", "attn": "attn", "attn_map": "attn_map"}
+
+
+def resolve_tap(tap: TapSpec, facts: ModelFacts) -> tuple[list[TapPoint], list[Diagnostic]]:
+    """A tap's absolute points: blocks (with the point inside them) or the final norm, with
+    errors for indices out of range and points the model's blocks do not have."""
     if tap.point == "norm":
-        return ["norm"], []
-    out: list[int | str] = []
+        return [TapPoint(point="norm")], []
+    depth = facts.depth
+    out: list[TapPoint] = []
     diags: list[Diagnostic] = []
     assert tap.index is not None
+    point = _POINTS[tap.sub]
+    if point != "out" and not facts.sub_taps:
+        return [], [error(
+            f"{tap.side}.blocks[...].{tap.sub}: {facts.name}'s blocks cannot be tapped inside "
+            f"(vitkdl taps the halves of timm's ViT Block); its blocks have "
+            f"{', '.join(facts.block_parts) or 'no named parts'}", tap.at("sub"),
+            hint=f"tap {tap.side}.blocks[...] (the block output) or {tap.side}.norm")]
     for item in tap.index:
         if isinstance(item, SliceSpec):
             picked = list(range(depth))[slice(item.start, item.stop, item.step)]
             if not picked:
                 diags.append(error(f"the slice selects no blocks of {tap.side}'s {depth}",
                                    item.span, expected=f"indices in 0..{depth - 1}"))
-            out.extend(picked)
+            out.extend(TapPoint(block=i, point=point) for i in picked)
         elif -depth <= item < depth:
-            out.append(item % depth)
+            out.append(TapPoint(block=item % depth, point=point))
         else:
             diags.append(error(f"block index {item} is out of range: the {tap.side} has "
                                f"{depth} blocks", tap.span,
@@ -87,38 +106,41 @@ def make_context(spec: RecipeSpec, strict: bool = False) -> Context:
     """Resolve both models on the meta device (cached) and every tap."""
     student, d1 = _facts(spec, spec.student)
     teacher, d2 = _facts(spec, spec.teacher)
-    taps: dict[tuple[str, str], list[int | str]] = {}
+    taps: dict[tuple[str, str], list[TapPoint] | None] = {}
     diags = [*d1, *d2]
-    for term in spec.terms:
-        if not isinstance(term, (MimicSpec, GenerateSpec)):
-            continue
+    for term in _paired(spec):
         for side, facts in (("student", student), ("teacher", teacher)):
             if facts is None:
+                taps[(term.name, side)] = None
                 continue
-            indices: list[int | str] = []
+            points: list[TapPoint] | None = []
             for tap in getattr(term, side):
-                got, errs = resolve_tap(tap, facts.depth)
-                indices.extend(got)
+                got, errs = resolve_tap(tap, facts)
                 diags.extend(errs)
-            taps[(term.name, side)] = indices
+                if errs or points is None:
+                    points = None
+                else:
+                    points.extend(got)
+            taps[(term.name, side)] = points
     return Context(spec, student, teacher, tuple(diags), strict, taps)
 
 
 Check = Callable[[Context], Iterable[Diagnostic]]
 
 
-def _feature_terms(ctx: Context) -> list[MimicSpec | GenerateSpec]:
-    return [t for t in ctx.spec.terms if isinstance(t, (MimicSpec, GenerateSpec))]
+def _paired(spec: RecipeSpec) -> list[PairedTermSpec]:
+    return [t for t in spec.terms if isinstance(t, PairedTermSpec)]
 
 
 def check_models(ctx: Context) -> Iterable[Diagnostic]:
-    """Unknown timm names, tags and arguments, models that are not ViTs, taps out of range."""
+    """Unknown timm names, tags and arguments, models that are not ViTs, taps out of range or
+    inside blocks that cannot be tapped."""
     yield from ctx.model_errors
 
 
 def check_teacher(ctx: Context) -> Iterable[Diagnostic]:
     """Terms that need a teacher need one; a teacher that no term uses is wasted compute."""
-    needs = [t for t in ctx.spec.terms if t.kind != "labels"]
+    needs = [t for t in ctx.spec.terms if KINDS[t.kind].needs_teacher]
     if ctx.spec.teacher is None:
         for t in needs:
             yield error(f"the {t.kind} term '{t.name}' needs a teacher, and the recipe has none",
@@ -131,8 +153,8 @@ def check_teacher(ctx: Context) -> Iterable[Diagnostic]:
 
 
 def check_tap_counts(ctx: Context) -> Iterable[Diagnostic]:
-    """Both sides of ``->`` name the same number of taps; ``generate`` takes one tap a side."""
-    for t in _feature_terms(ctx):
+    """Both sides of ``->`` name the same number of taps (checked once both resolved)."""
+    for t in _paired(ctx.spec):
         s, te = ctx.taps.get((t.name, "student")), ctx.taps.get((t.name, "teacher"))
         if s is None or te is None:
             continue
@@ -140,16 +162,12 @@ def check_tap_counts(ctx: Context) -> Iterable[Diagnostic]:
             yield error(f"{t.kind} '{t.name}' pairs {len(s)} student taps with {len(te)} "
                         f"teacher taps", t.span,
                         expected="the same number of taps on both sides of ->")
-        elif isinstance(t, GenerateSpec) and len(s) != 1:
-            yield error(f"generate '{t.name}' takes one tap a side, got {len(s)}", t.span,
-                        hint="write one generate term per pair, e.g. "
-                             "generate student.norm -> teacher.norm")
 
 
 def check_token_grids(ctx: Context) -> Iterable[Diagnostic]:
     """Paired taps need the same token grid on both sides."""
     s, t = ctx.student, ctx.teacher
-    if s is None or t is None or not _feature_terms(ctx) or s.grid == t.grid:
+    if s is None or t is None or not _paired(ctx.spec) or s.grid == t.grid:
         return
     yield error(f"the student's token grid {s.grid[0]}x{s.grid[1]} differs from the teacher's "
                 f"{t.grid[0]}x{t.grid[1]}", ctx.spec.student.at("model") if ctx.spec.student
@@ -159,65 +177,33 @@ def check_token_grids(ctx: Context) -> Iterable[Diagnostic]:
                      f"{t.img_size[0]} / patch {t.patch_size[0]}")
 
 
-def check_generate_grid(ctx: Context) -> Iterable[Diagnostic]:
-    """``generate`` runs 3x3 convolutions on the token grid: it must be square."""
-    t = ctx.teacher
-    if t is None:
+def check_sharded_taps(ctx: Context) -> Iterable[Diagnostic]:
+    """Under FSDP, blocks run whole (each gathers its shards in its own forward): taps inside
+    blocks need ``shard = none``."""
+    if ctx.spec.train.shard != "fsdp":
         return
-    for term in _feature_terms(ctx):
-        if isinstance(term, GenerateSpec) and t.grid[0] != t.grid[1]:
-            yield error(f"generate '{term.name}' needs a square token grid, the teacher's is "
-                        f"{t.grid[0]}x{t.grid[1]}", term.span)
+    for term in _paired(ctx.spec):
+        for tap in (*term.student, *term.teacher):
+            if tap.sub in ("attn", "attn_map"):
+                yield error(f"{tap.text()}: taps inside blocks are not supported with "
+                            "shard = fsdp yet", tap.at("sub"),
+                            hint="tap whole blocks, or train with shard = none (DDP)")
 
 
-def check_mask(ctx: Context) -> Iterable[Diagnostic]:
-    """The masked fraction lies in (0, 1) and masks at least one token."""
-    for term in ctx.spec.terms:
-        if not isinstance(term, GenerateSpec):
-            continue
-        if not 0 < term.mask < 1:
-            yield error(f"mask must lie in (0, 1), got {term.mask}", term.at("mask"),
-                        hint="the paper masks half the tokens: mask = 0.5")
-        elif ctx.teacher is not None:
-            n = ctx.teacher.num_patches
-            if n - int(n * (1 - term.mask)) == 0:
-                yield error(f"mask = {term.mask} masks no token of {n}", term.at("mask"))
-
-
-def check_signs(ctx: Context) -> Iterable[Diagnostic]:
-    """Weights are >= 0; temperatures > 0; gamma >= 0; label smoothing in [0, 1)."""
+def check_terms(ctx: Context) -> Iterable[Diagnostic]:
+    """Every term's weight is >= 0; then each kind's own checks."""
     for term in ctx.spec.terms:
         if term.weight < 0:
             yield error(f"weight must be >= 0, got {term.weight}", term.at("weight"),
                         hint="a negative weight would push the student away from the target")
-        temperature = getattr(term, "temperature", None)
-        if temperature is not None and temperature <= 0:
-            yield error(f"temperature must be > 0, got {temperature}", term.at("temperature"))
-        gamma = getattr(term, "gamma", None)
-        if gamma is not None and gamma < 0:
-            yield error(f"gamma must be >= 0, got {gamma}", term.at("gamma"))
-        smoothing = getattr(term, "smoothing", None)
-        if smoothing is not None and not 0 <= smoothing < 1:
-            yield error(f"smoothing must lie in [0, 1), got {smoothing}", term.at("smoothing"))
-
-
-def check_align(ctx: Context) -> Iterable[Diagnostic]:
-    """``align = identity`` needs equal widths."""
-    s, t = ctx.student, ctx.teacher
-    if s is None or t is None:
-        return
-    for term in _feature_terms(ctx):
-        if term.align == "identity" and s.embed_dim != t.embed_dim:
-            yield error(f"align = identity needs equal widths, the student is {s.embed_dim} "
-                        f"and the teacher {t.embed_dim} wide", term.at("align"),
-                        hint="use align = linear")
+        yield from KINDS[term.kind].check(term, ctx)
 
 
 def check_classes(ctx: Context) -> Iterable[Diagnostic]:
     """Logit terms compare class distributions: both heads need the same classes, and the
     data's class count (when known now) must match the student's head."""
     s, t, spec = ctx.student, ctx.teacher, ctx.spec
-    logit = [x for x in spec.terms if x.kind in ("kd", "nkd")]
+    logit = [x for x in spec.terms if KINDS[x.kind].reads_teacher_logits]
     if s is not None and t is not None and logit and s.num_classes != t.num_classes:
         yield error(f"{logit[0].kind} compares logits, but the student has {s.num_classes} "
                     f"classes and the teacher {t.num_classes}", logit[0].span,
@@ -249,6 +235,8 @@ def check_channels(ctx: Context) -> Iterable[Diagnostic]:
     """Teacher and student read the same images: the same number of channels."""
     s, t, spec = ctx.student, ctx.teacher, ctx.spec
     if s is None or t is None or spec.teacher is None or s.in_chans == t.in_chans:
+        return
+    if not needs_teacher(x.kind for x in spec.terms):
         return
     yield error(f"the teacher reads {t.in_chans}-channel images and the student "
                 f"{s.in_chans}-channel ones; both see the same batch",
@@ -331,10 +319,8 @@ CHECKS: tuple[Check, ...] = (
     check_teacher,
     check_tap_counts,
     check_token_grids,
-    check_generate_grid,
-    check_mask,
-    check_signs,
-    check_align,
+    check_sharded_taps,
+    check_terms,
     check_classes,
     check_image_size,
     check_channels,

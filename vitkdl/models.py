@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: Bump when the layout of the cache file or of :class:`ModelFacts` changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 #: Keyword arguments of ``timm.create_model`` that would load weights; they are dropped because
 #: facts are always resolved with ``pretrained=False`` on the meta device.
@@ -105,6 +105,16 @@ class ModelFacts(BaseModel):
     std: tuple[float, ...]
     interpolation: str
     crop_pct: float
+    block_parts: tuple[str, ...] = ()
+    """The children of the first block, e.g. ``("norm1", "attn", "ls1", ...)``."""
+    sub_taps: bool = False
+    """Whether the blocks are timm's ``Block`` in a ViT that vitkdl can run block by block, so
+    points inside them (``.attn``, ``.attn_map``) can be tapped."""
+
+
+#: The points inside a block that a sub-block tap reads, and where the pass starts.
+SUB_TAP_BLOCK = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+_SUB_TAP_MODEL = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm")
 
 
 class ModelError(Exception):
@@ -650,6 +660,16 @@ def _measure(
     with torch.device("meta"), torch.no_grad():
         flops = _count_flops(model, torch.empty(1, int(in_chans), *img_size))
 
+    first = blocks[0] if blocks else None
+    attn = getattr(first, "attn", None)
+    sub_taps = (
+        first is not None
+        and type(first).__module__ == "timm.models.vision_transformer"
+        and type(first).__name__ == "Block"
+        and all(hasattr(first, a) for a in SUB_TAP_BLOCK)
+        and all(hasattr(model, a) for a in _SUB_TAP_MODEL)
+        and all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale"))
+    )
     return ModelFacts(
         name=name,
         arch=arch,
@@ -672,6 +692,8 @@ def _measure(
         std=tuple(float(v) for v in cfg.get("std") or _DEFAULT_STD),
         interpolation=str(cfg.get("interpolation") or _DEFAULT_INTERPOLATION),
         crop_pct=float(cfg.get("crop_pct") or _DEFAULT_CROP_PCT),
+        block_parts=tuple(n for n, _ in first.named_children()) if first is not None else (),
+        sub_taps=bool(sub_taps),
     )
 
 

@@ -1,10 +1,10 @@
-"""Stage 4: checked spec -> :class:`Plan`, the resolved, printable description of a run.
+"""Stage 4: checked spec -> :class:`Plan`, the resolved description of a run, as data.
 
-The plan is pure data (pydantic): absolute block indices, tensor shapes on both sides of every
-term, adapter modules with parameter counts, each term's weight and per-element coefficient,
-the total loss as a formula, the data pipeline, optimizer, schedule, precision, compile mode and
-the cost per image. ``vitkdl explain`` prints it; :mod:`vitkdl.program` builds from it. Nothing
-here allocates a tensor.
+The plan holds keys and numbers only: absolute tap points, tensor shapes on both sides of every
+term, adapters with parameter and FLOP counts, each term's weight and per-element coefficient
+and its kind's options, the data pipeline, optimizer, schedule, precision, compile mode and the
+cost per image. ``vitkdl explain`` turns it into words (asking each term's kind for its
+formula); :mod:`vitkdl.program` builds from it. Nothing here allocates a tensor.
 """
 
 from __future__ import annotations
@@ -16,16 +16,14 @@ from pydantic import BaseModel, ConfigDict
 
 from vitkdl.checks import Context, default_classes
 from vitkdl.models import ModelFacts
-from vitkdl.sources import input_norm, split_sizes
-from vitkdl.spec import (
-    GenerateSpec,
-    KDSpec,
-    LabelsSpec,
-    MimicSpec,
-    ModelSpec,
-    NKDSpec,
-    RecipeSpec,
-)
+from vitkdl.optim import NO_DECAY_NAMES
+from vitkdl.sources import input_norm, source, split_sizes
+from vitkdl.spec import ModelSpec, RecipeSpec
+from vitkdl.terms import KINDS, needs_teacher
+from vitkdl.terms.base import AdapterPlan, TapPoint, TermPlan
+
+__all__ = ["AdapterPlan", "CostPlan", "DataPlan", "ModelPlan", "OptimizerPlan", "Plan",
+           "SchedulePlan", "TapPoint", "TermPlan", "make_plan"]
 
 
 class _Plain(BaseModel):
@@ -66,35 +64,6 @@ class ModelPlan(_Plain):
     crop_pct: float
 
 
-class AdapterPlan(_Plain):
-    """A module the term trains along with the student."""
-
-    name: str
-    module: str
-    params: int
-
-
-class TermPlan(_Plain):
-    """One distillation term, resolved."""
-
-    name: str
-    kind: Literal["mimic", "generate", "kd", "nkd", "labels"]
-    student_taps: list[str]
-    teacher_taps: list[str]
-    student_blocks: list[int | str]
-    teacher_blocks: list[int | str]
-    student_shape: list[int]
-    teacher_shape: list[int]
-    adapters: list[AdapterPlan]
-    adapter_params: int
-    adapter_flops: int
-    weight: float
-    coefficient: float
-    reduction: str
-    formula: str
-    options: dict[str, Any]
-
-
 class DataPlan(_Plain):
     source: str
     root: str | None
@@ -117,7 +86,7 @@ class OptimizerPlan(_Plain):
     lr: float
     weight_decay: float
     kwargs: dict[str, Any]
-    no_weight_decay: str
+    no_weight_decay: tuple[str, ...]  # parameter-name endings kept out of weight decay
     trainable_params: int
 
 
@@ -151,8 +120,8 @@ class Plan(_Plain):
     overrides: list[str]
     student: ModelPlan
     teacher: ModelPlan | None
+    teacher_used: bool  # some term reads the teacher: it is built, run and evaluated
     terms: list[TermPlan]
-    loss: str
     data: DataPlan
     optimizer: OptimizerPlan
     schedule: SchedulePlan
@@ -171,9 +140,9 @@ class Plan(_Plain):
 
 
 PRECISION = {"auto": "auto (bf16 autocast on CUDA with bf16 support, fp32 otherwise)",
-              "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}
+             "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}
 COMPILE = {"auto": "auto (torch.compile on CUDA, eager on CPU)", "off": "eager",
-            "default": "torch.compile", "max-autotune": "torch.compile mode=max-autotune"}
+           "default": "torch.compile", "max-autotune": "torch.compile mode=max-autotune"}
 
 
 def _model_plan(spec: ModelSpec, facts: ModelFacts, num_classes: int | None,
@@ -190,101 +159,6 @@ def _model_plan(spec: ModelSpec, facts: ModelFacts, num_classes: int | None,
         mean=mean, std=std, interpolation=facts.interpolation, crop_pct=facts.crop_pct)
 
 
-def _linear(name: str, d_in: int, d_out: int) -> AdapterPlan:
-    return AdapterPlan(name=name, module=f"Linear({d_in}, {d_out})", params=d_in * d_out + d_out)
-
-
-def _tap_name(i: int | str) -> str:
-    return "norm" if i == "norm" else f"blocks.{i}"
-
-
-def _feature_term(term: MimicSpec | GenerateSpec, ctx: Context) -> TermPlan:
-    s, t = ctx.student, ctx.teacher
-    assert s is not None and t is not None
-    sb, tb = ctx.taps[(term.name, "student")], ctx.taps[(term.name, "teacher")]
-    n, ds, dt = s.num_patches, s.embed_dim, t.embed_dim
-    adapters: list[AdapterPlan] = []
-    if isinstance(term, MimicSpec):
-        layers = len(sb)
-        for i in range(layers):
-            if term.align == "identity":
-                continue
-            adapters.append(_linear(f"align.{i}", ds, dt))
-            if term.align == "mlp":
-                adapters.append(_linear(f"align.{i}.fc2", dt, dt))
-        elements = layers * n * dt
-        if term.loss == "mse":
-            coefficient = term.weight * elements
-            reduction = f"sum over {layers} x {n} tokens x {dt} channels / batch"
-            formula = f"{term.weight:g} * sum((align(s) - t)^2) / B"
-        else:
-            coefficient = term.weight * layers
-            reduction = "mean over tokens and channels, summed over layers"
-            formula = f"{term.weight:g} * sum_layers mean((align(s) - t)^2)"
-        options: dict[str, Any] = {"align": term.align, "loss": term.loss, "layers": layers}
-    else:
-        if term.align != "identity":
-            adapters.append(_linear("align", ds, dt))
-        adapters.append(AdapterPlan(name="mask_token", module=f"Parameter(1, 1, {dt})",
-                                    params=dt))
-        conv = 9 * dt * dt + dt
-        adapters.append(AdapterPlan(name="generator",
-                                    module=f"Conv3x3({dt}, {dt}) - ReLU - Conv3x3({dt}, {dt})",
-                                    params=2 * conv))
-        masked = n - int(n * (1 - term.mask))
-        coefficient = term.weight * masked * dt / term.mask
-        reduction = (f"sum over {masked} masked of {n} tokens x {dt} channels / "
-                     f"(batch x {term.mask:g})")
-        formula = (f"{term.weight:g} * sum_masked((gen(mask(align(s))) - t)^2) / "
-                   f"(B * {term.mask:g})")
-        options = {"mask": term.mask, "masked_tokens": masked, "generator": term.generator,
-                   "align": term.align, "grid": list(t.grid)}
-    # FLOPs per image: linear adapters run on every tapped token, the generator's convs on the
-    # whole grid; forward + backward = 3x forward.
-    fwd = 0
-    for a in adapters:
-        if a.module.startswith("Linear"):
-            fwd += 2 * (a.params - int(a.module.split(", ")[1].rstrip(")"))) * n
-        elif a.name == "generator":
-            fwd += 2 * 2 * 9 * dt * dt * n
-    return TermPlan(
-        name=term.name, kind=term.kind,
-        student_taps=[tap.text() for tap in term.student],
-        teacher_taps=[tap.text() for tap in term.teacher],
-        student_blocks=sb, teacher_blocks=tb,
-        student_shape=[n, ds], teacher_shape=[n, dt], adapters=adapters,
-        adapter_params=sum(a.params for a in adapters), adapter_flops=3 * fwd,
-        weight=term.weight, coefficient=coefficient, reduction=reduction, formula=formula,
-        options=options)
-
-
-def _logit_term(term: KDSpec | NKDSpec | LabelsSpec, ctx: Context, smoothing: float) -> TermPlan:
-    classes = ctx.student.num_classes if ctx.student else 0
-    if isinstance(term, KDSpec):
-        t2 = term.temperature ** 2
-        formula = (f"{term.weight:g} * {t2:g} * KL(softmax(t/{term.temperature:g}) || "
-                   f"softmax(s/{term.temperature:g}))")
-        options: dict[str, Any] = {"temperature": term.temperature}
-        reduction = "sum over classes, mean over batch"
-    elif isinstance(term, NKDSpec):
-        formula = (f"{term.weight:g} * (-p_t[y] log p_s[y] + {term.gamma:g} * "
-                   f"{term.temperature ** 2:g} * CE(q_t, q_s) over non-target classes)")
-        options = {"temperature": term.temperature, "gamma": term.gamma}
-        reduction = "mean over batch"
-    else:
-        smooth = term.smoothing if term.smoothing is not None else smoothing
-        formula = f"{term.weight:g} * CE(s, y, smoothing={smooth:g})"
-        options = {"smoothing": smooth}
-        reduction = "mean over batch"
-    teacher_side = [] if term.kind == "labels" else ["teacher.head"]
-    return TermPlan(
-        name=term.name, kind=term.kind, student_taps=["student.head"], teacher_taps=teacher_side,
-        student_blocks=["head"], teacher_blocks=["head"] if teacher_side else [],
-        student_shape=[classes], teacher_shape=[classes] if teacher_side else [],
-        adapters=[], adapter_params=0, adapter_flops=0, weight=term.weight,
-        coefficient=term.weight, reduction=reduction, formula=formula, options=options)
-
-
 def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
     """Resolve a checked spec into a :class:`Plan` (call after the checks found no error)."""
     assert spec.student is not None and ctx.student is not None
@@ -295,22 +169,17 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
     if spec.teacher is not None and ctx.teacher is not None:
         teacher = _model_plan(spec.teacher, ctx.teacher, default_classes(spec, spec.teacher),
                               data.source)
-    terms: list[TermPlan] = []
-    for term in spec.terms:
-        if isinstance(term, (MimicSpec, GenerateSpec)):
-            terms.append(_feature_term(term, ctx))
-        else:
-            terms.append(_logit_term(term, ctx, data.smoothing))
-    terms = [t for t in terms if t.weight > 0 or t.kind != "labels"]
-    loss = " + ".join(f"[{t.name}] {t.formula}" for t in terms) or "0"
+    # Each kind resolves its own terms; a term at weight 0 is left out (nothing to build).
+    terms = [KINDS[t.kind].plan(t, ctx) for t in spec.terms if t.weight > 0]
     image_size = data.image_size or student.img_size
     train_images, val_images = split_sizes(data.source, data.size, data.batch_size)
     workers = data.workers if data.workers is not None else (
-        min(8, os.cpu_count() or 1) if data.source == "imagefolder" else 0)
+        min(8, os.cpu_count() or 1) if source(data.source).decodes else 0)
     adapters = sum(t.adapter_params for t in terms)
     opt = spec.train.optimizer
     sched = spec.train.schedule
-    teacher_fwd = teacher.forward_flops if teacher else 0
+    teacher_used = teacher is not None and needs_teacher(t.kind for t in terms)
+    teacher_fwd = teacher.forward_flops if teacher is not None and teacher_used else 0
     adapter_flops = sum(t.adapter_flops for t in terms)
     cost = CostPlan(teacher_forward=teacher_fwd,
                     student_forward_backward=3 * student.forward_flops,
@@ -318,8 +187,8 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
                     total=teacher_fwd + 3 * student.forward_flops + adapter_flops)
     return Plan(
         recipe=spec.name, file=spec.file, hash=spec.hash(), extends=list(spec.extends),
-        overrides=list(spec.overrides), student=student, teacher=teacher, terms=terms,
-        loss=loss,
+        overrides=list(spec.overrides), student=student, teacher=teacher,
+        teacher_used=teacher_used, terms=terms,
         data=DataPlan(source=data.source, root=data.root, image_size=image_size,
                       in_chans=student.in_chans, batch_size=data.batch_size,
                       global_batch=data.batch_size * world_size, workers=workers,
@@ -328,8 +197,7 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
                       train_images=train_images, val_images=val_images),
         optimizer=OptimizerPlan(name=opt.name, lr=opt.lr, weight_decay=opt.weight_decay,
                                 kwargs=opt.kwargs,
-                                no_weight_decay="norms, biases, position embeddings, "
-                                                "class tokens, mask tokens",
+                                no_weight_decay=NO_DECAY_NAMES,
                                 trainable_params=student.params + adapters),
         schedule=SchedulePlan(name=sched.name, epochs=spec.train.epochs,
                               warmup_epochs=sched.warmup_epochs, min_lr=sched.min_lr,

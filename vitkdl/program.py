@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from vitkdl.errors import VkdError, error
-from vitkdl.planner import ModelPlan, Plan, TermPlan
+from vitkdl.planner import ModelPlan, Plan, TapPoint, TermPlan
 from vitkdl.runs import run_dir
 from vitkdl.sources import teacher_affine
-from vitkdl.strategies import KD, NKD, Generate, LabelLoss, Mimic
+from vitkdl.terms import KINDS, StepInputs
 
 # --------------------------------------------------------------------------------------------
 # Devices, precision, compile mode
@@ -155,39 +155,16 @@ def teacher_weights_path(m: ModelPlan, runs_dir: str | Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Strategies from the plan
+# Taps: one pass per model
 
 
-def make_term(t: TermPlan, student: ModelPlan, teacher: ModelPlan | None) -> nn.Module:
-    """The strategy module of one planned term."""
-    o = t.options
-    if t.kind == "mimic":
-        assert teacher is not None
-        n = len(t.student_blocks)
-        return Mimic([student.width] * n, [teacher.width] * n, align=o["align"],
-                     loss=o["loss"], weight=t.weight)
-    if t.kind == "generate":
-        assert teacher is not None
-        return Generate(student.width, teacher.width, mask=o["mask"], generator=o["generator"],
-                        weight=t.weight, align=o["align"])
-    if t.kind == "kd":
-        return KD(temperature=o["temperature"], weight=t.weight)
-    if t.kind == "nkd":
-        return NKD(temperature=o["temperature"], gamma=o["gamma"], weight=t.weight)
-    return LabelLoss(smoothing=o["smoothing"], weight=t.weight)
-
-
-# --------------------------------------------------------------------------------------------
-# The program
-
-
-def block_taps(terms: list[TermPlan], side: str) -> list[int]:
-    out: set[int] = set()
+def model_taps(terms: list[TermPlan], side: str) -> list[TapPoint]:
+    """Every point of one model (``"student"`` or ``"teacher"``) that some term reads."""
+    seen: dict[str, TapPoint] = {}
     for t in terms:
-        for b in (t.student_blocks if side == "student" else t.teacher_blocks):
-            if isinstance(b, int):
-                out.add(b)
-    return sorted(out)
+        for p in t.student if side == "student" else t.teacher:
+            seen.setdefault(p.key, p)
+    return sorted(seen.values(), key=lambda p: (p.block is None, p.block or 0, p.point))
 
 
 def single_logits(logits: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -218,34 +195,83 @@ class CompileReport:
         return out
 
 
-def tap_pass(model: nn.Module, images: Tensor, blocks: list[int], prefix: int
-             ) -> tuple[Tensor, dict[int | str, Tensor]]:
-    """One pass of a timm ViT: logits and the requested taps (patch tokens only)."""
-    if blocks:
-        final, feats = model.forward_intermediates(images, indices=blocks, output_fmt="NLC")
-        taps: dict[int | str, Tensor] = dict(zip(blocks, feats, strict=True))
+def tap_pass(model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """One pass of a timm ViT: its logits and the requested taps (patch tokens only), keyed
+    by :attr:`TapPoint.key`; the final norm's patch tokens are always there as ``norm``.
+
+    Block outputs come from timm's ``forward_intermediates``. When a point inside a block is
+    tapped, the pass runs block by block: tapped blocks as their two halves (the attention
+    probabilities computed explicitly where ``attn_map`` is tapped), every other block whole,
+    so it keeps its fused attention. No hooks: one graph.
+    """
+    if all(p.point in ("out", "norm") for p in points):
+        blocks = sorted({p.block for p in points if p.point == "out" and p.block is not None})
+        if blocks:
+            final, feats = model.forward_intermediates(images, indices=blocks, output_fmt="NLC")
+            taps = {f"blocks.{b}": f for b, f in zip(blocks, feats, strict=True)}
+        else:
+            final, taps = model.forward_features(images), {}
     else:
-        final = model.forward_features(images)
-        taps = {}
+        final, taps = _block_pass(model, images, points, prefix)
     taps["norm"] = final[:, prefix:]
     return single_logits(model.forward_head(final)), taps
 
 
-def term_losses(plan_terms: list[TermPlan], terms: nn.ModuleDict, s_logits: Tensor,
-                s_taps: dict[int | str, Tensor], t_logits: Tensor | None,
-                t_taps: dict[int | str, Tensor], targets: Tensor) -> dict[str, Tensor]:
-    """Every term on one batch's taps and logits: ``{"loss": total, term: detached value}``."""
-    out: dict[str, Tensor] = {}
-    total = s_logits.new_zeros((), dtype=torch.float32)
-    for t in plan_terms:
-        module = terms[t.name]
-        if t.kind in ("mimic", "generate"):
-            value = module([s_taps[b] for b in t.student_blocks],
-                           [t_taps[b] for b in t.teacher_blocks])
-        elif t.kind == "labels":
-            value = module(s_logits, targets)
+def _block_pass(model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """timm's ``forward_features``, block by block, tapping inside the requested blocks."""
+    want: dict[int, set[str]] = {}
+    for p in points:
+        if p.block is not None:
+            want.setdefault(p.block, set()).add(p.point)
+    taps: dict[str, Tensor] = {}
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    for i, blk in enumerate(model.blocks):
+        inside = want.get(i, set())
+        if inside <= {"out"}:
+            x = blk(x)
         else:
-            value = module(s_logits, t_logits, targets)
+            h = blk.norm1(x)
+            if "attn_map" in inside:
+                h, probs = attention_with_map(blk.attn, h)
+                taps[f"blocks.{i}.attn_map"] = probs[:, :, prefix:, prefix:]
+            else:
+                h = blk.attn(h)
+            x = x + blk.drop_path1(blk.ls1(h))  # MHA-out: the residual stream after attention
+            if "attn" in inside:
+                taps[f"blocks.{i}.attn"] = x[:, prefix:]
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        if "out" in inside:
+            taps[f"blocks.{i}"] = x[:, prefix:]
+    return model.norm(x), taps
+
+
+def attention_with_map(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """timm's ``Attention.forward`` with the attention probabilities computed explicitly and
+    returned too: ``(output, probs [B, heads, N, N])``."""
+    b, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    out = (attn.attn_drop(probs) @ v).transpose(1, 2).reshape(b, n, attn.num_heads *
+                                                              attn.head_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), probs
+
+
+def term_losses(plan_terms: list[TermPlan], terms: nn.ModuleDict, inputs: StepInputs
+                ) -> dict[str, Tensor]:
+    """Every term on one batch's taps and logits: ``{"loss": total, term: detached value}``.
+    Each term's kind says how its module is fed."""
+    out: dict[str, Tensor] = {}
+    total = inputs.s_logits.new_zeros((), dtype=torch.float32)
+    for t in plan_terms:
+        value = KINDS[t.kind].loss(terms[t.name], t, inputs)
         total = total + value
         out[t.name] = value.detach()
     out["loss"] = total
@@ -267,7 +293,7 @@ class StudentSide(nn.Module):
         self.terms = terms
         self.plan_terms = plan.terms
         self.autocast_dtype = autocast_dtype
-        self.blocks = block_taps(plan.terms, "student")
+        self.points = model_taps(plan.terms, "student")
         self.prefix = plan.student.prefix_tokens
 
     def logits(self, images: Tensor) -> Tensor:
@@ -276,11 +302,21 @@ class StudentSide(nn.Module):
             return single_logits(self.student(images))
 
     def forward(self, images: Tensor, targets: Tensor, t_logits: Tensor | None,
-                t_taps: dict[int | str, Tensor]) -> dict[str, Tensor]:
+                t_taps: dict[str, Tensor]) -> dict[str, Tensor]:
         with _autocast(images.device.type, self.autocast_dtype):
-            s_logits, s_taps = tap_pass(self.student, images, self.blocks, self.prefix)
-        return term_losses(self.plan_terms, self.terms, s_logits, s_taps, t_logits, t_taps,
-                           targets)
+            s_logits, s_taps = tap_pass(self.student, images, self.points, self.prefix)
+        return term_losses(self.plan_terms, self.terms,
+                           StepInputs(s_logits, s_taps, t_logits, t_taps, targets))
+
+
+@dataclass
+class _Distribution:
+    """How a program is spread over processes: the DDP wrapper of its student side (kept
+    outside the module tree, so state dicts and ``parameters()`` stay those of the plain
+    modules) or FSDP sharding."""
+
+    ddp: nn.Module | None = None
+    sharded: bool = False
 
 
 def _autocast(device_type: str, dtype: torch.dtype | None) -> Any:
@@ -306,13 +342,10 @@ class Program(nn.Module):
         self.teacher = teacher
         self.autocast_dtype = autocast_dtype
         self.compile_mode = compile_mode
-        self._teacher_blocks = block_taps(plan.terms, "teacher")
+        self._teacher_points = model_taps(plan.terms, "teacher")
         self._teacher_prefix = plan.teacher.prefix_tokens if plan.teacher else 0
-        self._needs_teacher = teacher is not None and any(t.kind != "labels"
-                                                          for t in plan.terms)
-        # The DDP wrapper of `core` when distributed; kept out of the module tree so that
-        # state dicts and parameters() stay those of the plain modules.
-        self.__dict__["_ddp"] = None
+        self._needs_teacher = teacher is not None and plan.teacher_used
+        self._dist = _Distribution()
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -355,7 +388,7 @@ class Program(nn.Module):
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(self.core, device_ids=device_ids)
-        self.__dict__["_ddp"] = ddp
+        self._dist.ddp = ddp
         if self.compile_mode is None:
             self.step = self.forward
             return
@@ -385,13 +418,14 @@ class Program(nn.Module):
             fully_shard(self.teacher)
             register_fsdp_forward_method(self.teacher, "forward_intermediates")
             register_fsdp_forward_method(self.teacher, "forward_features")
-        self.__dict__["_sharded"] = True
+        self._dist.sharded = True
         self.step = self.forward
         self.predict = self.core.logits
 
     @property
     def sharded(self) -> bool:
-        return bool(self.__dict__.get("_sharded"))
+        """Whether the program is sharded with FSDP."""
+        return self._dist.sharded
 
     def train(self, mode: bool = True) -> Program:
         super().train(mode)
@@ -423,19 +457,19 @@ class Program(nn.Module):
         with torch.no_grad(), self._autocast(images.device.type):
             return single_logits(self.teacher(self.teacher_input(images)))
 
-    def teacher_pass(self, images: Tensor) -> tuple[Tensor | None, dict[int | str, Tensor]]:
+    def teacher_pass(self, images: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The teacher's logits and taps for a batch (no gradients), or ``(None, {})`` when
         no term needs them."""
         if not self._needs_teacher:
             return None, {}
         assert self.teacher is not None
         with torch.no_grad(), self._autocast(images.device.type):
-            return tap_pass(self.teacher, self.teacher_input(images), self._teacher_blocks,
+            return tap_pass(self.teacher, self.teacher_input(images), self._teacher_points,
                             self._teacher_prefix)
 
     def forward(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         t_logits, t_taps = self.teacher_pass(images)
-        core = self._ddp if self._ddp is not None else self.core
+        core = self._dist.ddp if self._dist.ddp is not None else self.core
         return core(images, targets, t_logits, t_taps)
 
     def compile_report(self, images: Tensor, targets: Tensor) -> CompileReport:
@@ -452,10 +486,23 @@ class Program(nn.Module):
         seconds = time.perf_counter() - start
         reasons = [str(getattr(b, "reason", b)).splitlines()[0]
                    for b in explanation.break_reasons]
+        # Recompiles: graphs traced again by a second step of the same shapes (a fresh mask,
+        # drop path): should be 0. Counted with a backend that runs the traced graphs as is.
+        torch._dynamo.reset()
+        graphs: list[Any] = []
+
+        def count(gm: Any, example_inputs: Any) -> Any:
+            graphs.append(gm)
+            return gm.forward
+
+        step = torch.compile(self.forward, backend=count)
+        step(images, targets)
+        first = len(graphs)
+        step(images, targets)
         torch._dynamo.reset()
         return CompileReport(mode=self.compile_mode, graphs=explanation.graph_count,
                              breaks=explanation.graph_break_count, break_reasons=reasons,
-                             recompiles=0, seconds=seconds)
+                             recompiles=len(graphs) - first, seconds=seconds)
 
 
 def build(plan: Plan, device: str | torch.device | None = None, *, load: bool = True,
@@ -482,8 +529,7 @@ def build(plan: Plan, device: str | torch.device | None = None, *, load: bool = 
                     hint=f"vitkdl run {plan.teacher.from_recipe} (or `vitkdl run` this recipe, "
                          "which trains it first)")])
             load_weights(teacher, path, "teacher")
-    terms = nn.ModuleDict({t.name: make_term(t, plan.student, plan.teacher)
-                           for t in plan.terms}).to(dev)
+    terms = nn.ModuleDict({t.name: KINDS[t.kind].module(t, plan) for t in plan.terms}).to(dev)
     mode = resolve_compile(compile or plan.compile, dev)
     return Program(plan, student, teacher, terms,
                    autocast_dtype=resolve_precision(plan.precision, dev),

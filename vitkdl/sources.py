@@ -29,6 +29,7 @@ class SourceFacts:
     val_images: int | None
     normalised: bool  # whether the loader normalises pixels with the model's statistics
     augment: dict[str, str]  # augment choice -> what it does, in words
+    decodes: bool = False  # reads and decodes files: worth loader worker processes
 
 
 _DEIT_WORDS = {
@@ -40,7 +41,7 @@ _DEIT_WORDS = {
 SOURCES: dict[str, SourceFacts] = {
     s.name: s
     for s in (
-        SourceFacts("imagefolder", None, None, None, True, _DEIT_WORDS),
+        SourceFacts("imagefolder", None, None, None, True, _DEIT_WORDS, decodes=True),
         # scikit-learn's 8x8 digits: a fixed stratified 80/20 split of 1797 images.
         SourceFacts(
             "digits",

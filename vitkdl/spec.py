@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
 
 from vitkdl import syntax as syn
 from vitkdl.errors import Diagnostic, Sources, Span, VkdError, did_you_mean, error, one_of
@@ -100,11 +100,16 @@ class SliceSpec(Node):
 
 
 class TapSpec(Node):
-    """``student.blocks[0, 1]`` or ``teacher.norm``."""
+    """``student.blocks[0, 1]``, ``teacher.blocks[0:2].attn`` or ``teacher.norm``.
+
+    ``sub`` names a point inside the blocks: ``attn`` (the residual stream after the attention
+    half, MHA-out), ``mlp`` (after the FFN half: the block output, FFN-out, which plain
+    ``blocks[i]`` also names) or ``attn_map`` (the attention probabilities)."""
 
     side: Literal["student", "teacher"]
     point: Literal["blocks", "norm"]
     index: tuple[int | SliceSpec, ...] | None = None
+    sub: Literal["attn", "mlp", "attn_map"] | None = None
 
     def text(self) -> str:
         if self.index is None:
@@ -116,67 +121,27 @@ class TapSpec(Node):
                 items.append(":".join(parts[:2] if i.step is None else parts))
             else:
                 items.append(str(i))
-        return f"{self.side}.{self.point}[{', '.join(items)}]"
+        sub = f".{self.sub}" if self.sub else ""
+        return f"{self.side}.{self.point}[{', '.join(items)}]{sub}"
 
 
-class MimicSpec(Node):
-    """``mimic S -> T { align, loss, weight }``: shallow feature mimicking."""
+TAP_SUBPOINTS = ("attn", "mlp", "attn_map")
 
-    kind: Literal["mimic"] = "mimic"
+
+class TermSpec(Node):
+    """Base of every distill term: its kind (the keyword it is written with), its name and its
+    weight. Each kind subclasses it in its own module under :mod:`vitkdl.terms`."""
+
+    kind: str
     name: str
+    weight: float = 1.0
+
+
+class PairedTermSpec(TermSpec):
+    """A term written with taps, ``KEYWORD student.TAPS -> teacher.TAPS``."""
+
     student: tuple[TapSpec, ...]
     teacher: tuple[TapSpec, ...]
-    align: Literal["linear", "identity", "mlp"] = "linear"
-    loss: Literal["mse", "mse_mean"] = "mse"
-    weight: float = 3e-5
-
-
-class GenerateSpec(Node):
-    """``generate S -> T { mask, generator, align, weight }``: masked deep feature generation."""
-
-    kind: Literal["generate"] = "generate"
-    name: str
-    student: tuple[TapSpec, ...]
-    teacher: tuple[TapSpec, ...]
-    mask: float = 0.5
-    generator: Literal["conv"] = "conv"
-    align: Literal["linear", "identity"] = "linear"
-    weight: float = 3e-6
-
-
-class KDSpec(Node):
-    """``kd { temperature, weight }``: T^2 * KL(teacher || student)."""
-
-    kind: Literal["kd"] = "kd"
-    name: str
-    temperature: float = 1.0
-    weight: float = 1.0
-
-
-class NKDSpec(Node):
-    """``nkd { temperature, gamma, weight }``: normalized KD."""
-
-    kind: Literal["nkd"] = "nkd"
-    name: str
-    temperature: float = 1.0
-    gamma: float = 1.0
-    weight: float = 1.0
-
-
-class LabelsSpec(Node):
-    """``labels { smoothing, weight }``: the student's own cross-entropy (on by default).
-    ``smoothing`` defaults to ``data.smoothing``."""
-
-    kind: Literal["labels"] = "labels"
-    name: str
-    smoothing: float | None = None
-    weight: float = 1.0
-
-
-TermSpec = Annotated[MimicSpec | GenerateSpec | KDSpec | NKDSpec | LabelsSpec,
-                     Field(discriminator="kind")]
-TERM_MODELS: dict[str, type[Node]] = {"mimic": MimicSpec, "generate": GenerateSpec,
-                                      "kd": KDSpec, "nkd": NKDSpec, "labels": LabelsSpec}
 
 
 class DataSpec(Node):
@@ -245,12 +210,12 @@ class RecipeSpec(Node):
     student: ModelSpec | None = None
     teacher: ModelSpec | None = None
     data: DataSpec = Field(default_factory=DataSpec)
-    terms: tuple[TermSpec, ...] = ()
+    terms: tuple[SerializeAsAny[TermSpec], ...] = ()
     train: TrainSpec = Field(default_factory=TrainSpec)
     extends: tuple[str, ...] = ()
     overrides: tuple[str, ...] = ()
 
-    def term(self, name: str) -> Node | None:
+    def term(self, name: str) -> TermSpec | None:
         """The term called ``name``, or None."""
         return next((t for t in self.terms if t.name == name), None)
 
@@ -262,7 +227,11 @@ class RecipeSpec(Node):
     def hash(self) -> str:
         """A short hash of the resolved recipe: what decides whether a run is stale. Fields at
         their defaults are left out, so a new field in a later vitkdl keeps old runs fresh."""
-        data = self.model_dump(mode="json", exclude={"file", "extends", "overrides"},
+        # Where a teacher recipe lies is left out (a path relative to the working directory):
+        # what it is enters through its own hash, from_hash.
+        data = self.model_dump(mode="json", exclude={"file": True, "extends": True,
+                                                     "overrides": True,
+                                                     "teacher": {"from_recipe"}},
                                exclude_defaults=True)
         if "terms" in data:  # a term's kind is a default of its class, but it matters
             data["terms"] = [{**d, "kind": t.kind}
@@ -477,13 +446,17 @@ def _set_path(raw: RawRecipe, parts: list[str], value: syn.Value, span: Span,
         return
     if root == "distill":
         if len(parts) != 3:
+            example = next(iter(raw.terms), "TERM")
             diags.append(error(f"a distill override is distill.TERM.FIELD, got "
-                               f"'{'.'.join(parts)}'", span, hint="e.g. distill.generate.mask"))
+                               f"'{'.'.join(parts)}'", span, hint=f"e.g. distill.{example}.weight"))
             return
         _, term_name, fname = parts
         term = raw.terms.get(term_name)
         if term is None:
-            if term_name in ("kd", "nkd", "labels"):
+            from vitkdl.terms import KINDS
+
+            kind = KINDS.get(term_name)
+            if kind is not None and not kind.paired:  # a term without taps can be added
                 t = syn.Term(term_name, (), (), None, None, (), span, span)
                 term = raw.terms[term_name] = RawTerm(term_name, t, {})
             else:
@@ -578,11 +551,13 @@ def _choices_of(model: type[BaseModel], name: str) -> tuple[str, ...]:
 
 
 def _translate(err: dict[str, Any], model: type[BaseModel], where: str, value: Any,
-               span: Span | None) -> Diagnostic:
-    """A pydantic error in the words of a recipe author."""
+               span: Span | None, called: str | None = None) -> Diagnostic:
+    """A pydantic error in the words of a recipe author (``called``: what the user wrote for
+    a call's name, e.g. ``schedule`` for ``schedule = cosin(...)``)."""
     kind = err["type"]
     loc = err["loc"]
-    name = str(loc[0]) if loc else where
+    field_name = str(loc[0]) if loc else where
+    name = called if called is not None and field_name == "name" else field_name
     ctx = err.get("ctx") or {}
     fields = [n for n in model.model_fields if n not in ("span", "spans", "kind", "name",
                                                             "role", "model", "student",
@@ -591,7 +566,7 @@ def _translate(err: dict[str, Any], model: type[BaseModel], where: str, value: A
         return error(f"unknown field '{name}' in {where}", span, expected=one_of(fields),
                      hint=did_you_mean(name, fields))
     if kind == "literal_error":
-        choices = _choices_of(model, name)
+        choices = _choices_of(model, field_name)
         got = value if isinstance(value, str) else _describe_value(value)
         return error(f"unknown choice '{got}' for {name}", span, expected=one_of(choices),
                      hint=did_you_mean(str(got), choices))
@@ -614,7 +589,8 @@ def _translate(err: dict[str, Any], model: type[BaseModel], where: str, value: A
 
 
 def _validate(model: type[BaseModel], data: dict[str, Any], spans: dict[str, Span],
-              where: str, at: Span | None, diags: list[Diagnostic]) -> Any:
+              where: str, at: Span | None, diags: list[Diagnostic],
+              called: str | None = None) -> Any:
     """Validate ``data`` as ``model``; report each failing field at its span and retry
     without it, so the node still exists with defaults."""
     data = dict(data)
@@ -630,7 +606,7 @@ def _validate(model: type[BaseModel], data: dict[str, Any], spans: dict[str, Spa
                     continue
                 bad.add(name)
                 span = spans.get(name, at)
-                diags.append(_translate(err, model, where, data.get(name), span))
+                diags.append(_translate(err, model, where, data.get(name), span, called))
             remaining = {k: v for k, v in data.items() if k not in bad}
             if remaining == data:
                 return None
@@ -662,7 +638,8 @@ def _call_spec(model: type[BaseModel], f: syn.Field, diags: list[Diagnostic]) ->
         spans[k.name] = k.span
     if "kwargs" in model.model_fields:
         data["kwargs"] = extra
-    return _validate(model, data, spans, f"{f.name} {name}(...)", f.span, diags)
+    return _validate(model, data, spans, f"{f.name} {name}(...)", f.span, diags,
+                     called=f.name)
 
 
 def _block_data(block: RawBlock) -> tuple[dict[str, Any], dict[str, Span]]:
@@ -696,7 +673,7 @@ def _tap_spec(tap: syn.Tap, diags: list[Diagnostic]) -> TapSpec | None:
         diags.append(error(f"unknown tap point '{tap.point}'", tap.point_span,
                            expected="blocks[...] or norm", hint=did_you_mean(tap.point, points)))
         return None
-    if tap.point == "norm" and index is not None:
+    if tap.point == "norm" and (index is not None or tap.sub is not None):
         diags.append(error("norm is one tap and takes no index", tap.span,
                            hint=f"write {tap.side}.norm"))
         return None
@@ -704,17 +681,40 @@ def _tap_spec(tap: syn.Tap, diags: list[Diagnostic]) -> TapSpec | None:
         diags.append(error("blocks needs an index", tap.span,
                            expected="blocks[0, 1], blocks[0:2], blocks[-1]"))
         return None
-    return TapSpec(side=tap.side, point=tap.point, index=index, span=tap.span,
-                   spans={"point": tap.point_span})
+    if tap.sub is not None and tap.sub not in TAP_SUBPOINTS:
+        diags.append(error(f"unknown point '{tap.sub}' inside a block", tap.sub_span,
+                           expected=one_of(TAP_SUBPOINTS), hint=did_you_mean(tap.sub,
+                                                                             TAP_SUBPOINTS)))
+        return None
+    spans = {"point": tap.point_span}
+    if tap.sub_span is not None:
+        spans["sub"] = tap.sub_span
+    return TapSpec(side=tap.side, point=tap.point, index=index, sub=tap.sub, span=tap.span,
+                   spans=spans)
 
 
-def _term_spec(raw: RawTerm, diags: list[Diagnostic]) -> Node | None:
+def _term_spec(raw: RawTerm, diags: list[Diagnostic]) -> TermSpec | None:
+    from vitkdl.terms import KINDS
+
     t = raw.term
-    model = TERM_MODELS[t.kind]
+    kind = KINDS.get(t.kind)
+    if kind is None:
+        diags.append(error(f"unknown distill term '{t.kind}'", t.kind_span,
+                           expected=one_of(KINDS), hint=did_you_mean(t.kind, KINDS)))
+        return None
     data = {n: _plain(f.value) for n, f in raw.fields.items()}
     spans = {n: f.span for n, f in raw.fields.items()}
     data.update(kind=t.kind, name=raw.name)
-    if t.kind in ("mimic", "generate"):
+    written = bool(t.students or t.teachers)
+    if kind.paired and not written:
+        diags.append(error(f"{t.kind} pairs student taps with teacher taps", t.kind_span,
+                           hint=f"write {t.kind} student.blocks[0] -> teacher.blocks[0]"))
+        return None
+    if not kind.paired and written:
+        diags.append(error(f"{t.kind} takes no taps", t.span,
+                           hint=f"write {t.kind} {{ ... }}; it reads the models' logits"))
+        return None
+    if kind.paired:
         taps = {}
         ok = True
         for side, items in (("student", t.students), ("teacher", t.teachers)):
@@ -734,7 +734,7 @@ def _term_spec(raw: RawTerm, diags: list[Diagnostic]) -> Node | None:
         if not ok:
             return None
         data.update(taps)
-    return _validate(model, data, spans, f"{t.kind} term", t.span, diags)
+    return _validate(kind.spec, data, spans, f"the {t.kind} term", t.span, diags)
 
 
 def _build_spec(raw: RawRecipe, file: str, overrides: Sequence[str], sources: Sources,
@@ -771,9 +771,12 @@ def _build_spec(raw: RawRecipe, file: str, overrides: Sequence[str], sources: So
                     values[name] = node
         train = _validate(TrainSpec, values, spans, "the train block", block.span,
                           diags) or train
+    from vitkdl.terms import KINDS
+
     terms = [s for s in (_term_spec(t, diags) for t in raw.terms.values()) if s is not None]
-    if not any(t.kind == "labels" for t in terms):
-        terms.append(LabelsSpec(name="labels"))
+    for kind in KINDS.values():  # kinds every recipe has unless it writes them (labels)
+        if kind.default and not any(t.kind == kind.keyword for t in terms):
+            terms.append(kind.spec(kind=kind.keyword, name=kind.keyword))
     name = raw.name or Path(file).stem
     return RecipeSpec(name=name, file=file, student=student, teacher=teacher, data=data,
                       terms=tuple(terms), train=train, extends=tuple(raw.extends),

@@ -99,18 +99,21 @@ class Index:
 
 @dataclass(frozen=True)
 class Tap:
-    """``student.blocks[0, 1]`` or ``teacher.norm``."""
+    """``student.blocks[0, 1]``, ``student.blocks[0].attn`` or ``teacher.norm``."""
 
     side: str
     point: str
     index: tuple[Index | Slice, ...] | None
     span: Span
     point_span: Span
+    sub: str | None = None
+    sub_span: Span | None = None
 
 
 @dataclass(frozen=True)
 class Term:
-    """One term of ``distill``: ``mimic``/``generate`` with taps, or ``kd``/``nkd``/``labels``."""
+    """One term of ``distill``: its kind's keyword as written, the taps it pairs (empty for
+    kinds that read logits), its alias and fields."""
 
     kind: str
     students: tuple[Tap, ...]
@@ -234,8 +237,10 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def tap(self, meta: Any, items: list[Any]) -> Tap:
-        side, point, index = items
-        return Tap(str(side), str(point), index, self._s(meta), self._s(point))
+        side, point, index, sub = items
+        return Tap(str(side), str(point), index, self._s(meta), self._s(point),
+                   str(sub) if sub is not None else None,
+                   self._s(sub) if sub is not None else None)
 
     def taps(self, items: list[Tap]) -> tuple[Tap, ...]:
         return tuple(items)
@@ -244,26 +249,12 @@ class _Build(Transformer):
         return items[0]
 
     # terms
-    def _pair(self, kind: str, meta: Any, items: list[Any]) -> Term:
-        students, teachers, alias, body = items
-        return Term(kind, students, teachers, str(alias) if alias else None,
+    @v_args(meta=True)
+    def term(self, meta: Any, items: list[Any]) -> Term:
+        kind, students, teachers, alias, body = items
+        return Term(str(kind), students or (), teachers or (), str(alias) if alias else None,
                     self._s(alias) if alias else None, body or (), self._s(meta),
-                    Span(file=self.file, line=meta.line, column=meta.column, end_line=meta.line,
-                         end_column=meta.column + len(kind)))
-
-    @v_args(meta=True)
-    def mimic(self, meta: Any, items: list[Any]) -> Term:
-        return self._pair("mimic", meta, items)
-
-    @v_args(meta=True)
-    def generate(self, meta: Any, items: list[Any]) -> Term:
-        return self._pair("generate", meta, items)
-
-    @v_args(meta=True)
-    def logit_term(self, meta: Any, items: list[Any]) -> Term:
-        kind, alias, body = items
-        return Term(str(kind), (), (), str(alias) if alias else None,
-                    self._s(alias) if alias else None, body or (), self._s(meta), self._s(kind))
+                    self._s(kind))
 
     # statements
     def model_name(self, items: list[Token | None]) -> tuple[str, Span]:
@@ -330,12 +321,10 @@ _TOKEN_WORDS = {
     "NAME": "a name", "STRING": 'a string "..."', "NUMBER": "a number", "INT": "an integer",
     "LBRACE": "'{'", "RBRACE": "'}'", "LSQB": "'['", "RSQB": "']'", "LPAR": "'('",
     "RPAR": "')'", "EQUAL": "'='", "COMMA": "','", "DOT": "'.'", "COLON": "':'",
-    "__ANON_0": "'->'", "SIDE": "student or teacher", "LOGIT": "kd, nkd or labels",
-    "$END": "end of file",
+    "__ANON_0": "'->'", "SIDE": "student or teacher", "$END": "end of file",
 }
 
 _BLOCKS = ("recipe", "extends", "teacher", "student", "data", "distill", "train")
-_TERMS = ("mimic", "generate", "kd", "nkd", "labels")
 
 
 def _word_for(name: str, parser: Lark) -> str:
@@ -385,14 +374,11 @@ def _syntax_diagnostic(exc: UnexpectedInput, file: str, text: str, parser: Lark)
                 end_column=tok.end_column or tok.column + len(str(tok)))
     value = str(tok)
     keywords = {_word_for(e, parser).strip("'") for e in expected}
-    if tok.type in ("NAME", "SIDE", "LOGIT") or value.isidentifier():
-        if keywords & {"teacher", "distill", "train"} and "mimic" not in keywords:
+    if tok.type in ("NAME", "SIDE") or value.isidentifier():
+        if keywords & {"teacher", "distill", "train"}:
             return error(f"unknown block '{value}'", span, expected=one_of(_BLOCKS),
                          hint=did_you_mean(value, _BLOCKS))
-        if "mimic" in keywords:
-            return error(f"unknown distill term '{value}'", span, expected=one_of(_TERMS),
-                         hint=did_you_mean(value, _TERMS))
-        if "student or teacher" in keywords:
+        if "student or teacher" in keywords and "'{'" not in keywords:
             return error(f"a tap starts with student. or teacher., not '{value}'", span,
                          expected="student.blocks[...], student.norm, teacher.blocks[...] or "
                                   "teacher.norm",
@@ -401,7 +387,8 @@ def _syntax_diagnostic(exc: UnexpectedInput, file: str, text: str, parser: Lark)
     lines = text.splitlines()
     first_word = lines[tok.line - 1].split()[0] if 0 < tok.line <= len(lines) and \
         lines[tok.line - 1].split() else ""
-    if "'='" in words and first_word in _BLOCKS + _TERMS:
+    if "'='" in words and (first_word in _BLOCKS or tok.type in ("SIDE", "LBRACE")):
+        # a block header or a term (`KIND student.... -> ...`, `KIND {`) inside a body
         hint = f"is a '}}' missing before '{first_word}'?"
     elif "'='" in words and tok.type in ("NUMBER", "INT", "STRING", "NAME"):
         hint = "fields are written as name = value"

@@ -84,7 +84,7 @@ def test_explain_acceptance_numbers(capsys) -> None:
     code, out, _ = run(capsys, "explain", "recipes/deit_base_vitkd_kd.vkd")
     assert code == 0
     for text in ("768 x 12 blocks", "1024 x 24 blocks", "196 on a 14x14 grid",
-                 "blocks 0, 1 -> 0, 1", "blocks norm -> norm", "18.9M params",
+                 "blocks 0, 1 -> blocks 0, 1", "norm -> norm", "18.9M params",
                  "coefficient 12.04", "coefficient 0.6021"):
         assert text in out, text
 
@@ -95,7 +95,9 @@ def test_explain_json(capsys) -> None:
     data = json.loads(out)
     assert code == 0 and data["student"]["width"] == 768 and data["teacher"]["depth"] == 24
     assert data["teacher"]["tokens"] == 196 and data["terms"][1]["options"]["mask"] == 0.75
-    assert data["terms"][0]["teacher_blocks"] == [0, 1]
+    assert data["terms"][0]["teacher"] == [{"block": 0, "point": "out"},
+                                           {"block": 1, "point": "out"}]
+    assert data["terms"][0]["formula"] == "3e-05 * sum((align(s) - t)^2) / B"  # in words too
 
 
 def test_module_entry_point_and_version() -> None:

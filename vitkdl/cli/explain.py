@@ -10,8 +10,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
-from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan
+from vitkdl.optim import NO_DECAY_WORDS
+from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan, TapPoint
 from vitkdl.sources import source, teacher_affine
+from vitkdl.terms import KINDS
+from vitkdl.terms.base import adapter_words
 
 HELP = """Print what the compiler will build after `extends`, overrides and defaults: models
 (width, depth, heads, token grid, prefix tokens, parameters), each term with its absolute block
@@ -42,6 +45,21 @@ def _n(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.1f}{unit}"
     return f"{x:g}"
+
+
+def _points(points: list[TapPoint]) -> str:
+    """Resolved taps in words: ``blocks 0, 1``, ``blocks 0.attn, 1.attn``, ``norm``."""
+    words = ["norm" if p.point == "norm" else
+             str(p.block) + ("" if p.point == "out" else f".{p.point}") for p in points]
+    blocks = [w for w in words if w != "norm"]
+    return ", ".join((["blocks " + ", ".join(blocks)] if blocks else []) +
+                     (["norm"] if "norm" in words else []))
+
+
+def _value(v: object) -> str:
+    if isinstance(v, (list, tuple)):
+        return "x".join(map(str, v))
+    return str(v)
 
 
 def _stats(values: tuple[float, ...]) -> str:
@@ -90,21 +108,23 @@ def render_plan(plan: Plan, out: Console) -> None:
 
     out.print("[bold]distill terms[/]")
     for t in plan.terms:
+        kind = KINDS[t.kind]
+        words = kind.words(t)
         out.print(f" [bold]{escape(t.name)}[/] ({t.kind})  weight {t.weight:g}, "
                   f"coefficient {t.coefficient:.4g}")
-        if t.kind in ("mimic", "generate"):
+        if kind.paired:
             out.print(f"   {escape(', '.join(t.student_taps))} -> "
-                      f"{escape(', '.join(t.teacher_taps))}: blocks "
-                      f"{', '.join(map(str, t.student_blocks))} -> "
-                      f"{', '.join(map(str, t.teacher_blocks))}, "
+                      f"{escape(', '.join(t.teacher_taps))}: "
+                      f"{_points(t.student)} -> {_points(t.teacher)}, "
                       f"{'x'.join(map(str, t.student_shape))} -> "
                       f"{'x'.join(map(str, t.teacher_shape))} per image per tap")
         for a in t.adapters:
-            out.print(f"   {escape(a.name)}: {escape(a.module)}  {_n(a.params)} params")
+            out.print(f"   {escape(a.name)}: {escape(adapter_words(a))}  {_n(a.params)} params")
         if t.options:
-            opts = ", ".join(f"{k} {v}" for k, v in t.options.items())
+            opts = ", ".join(f"{k} {_value(v)}" for k, v in t.options.items()
+                             if v is not None)
             out.print(f"   {escape(opts)}")
-        out.print(f"   {escape(t.formula)}  [dim]({escape(t.reduction)})[/]")
+        out.print(f"   {escape(words.formula)}  [dim]({escape(words.reduction)})[/]")
     out.print("   [dim]coefficient: weight x the elements a sum-reduced term sums over per "
               "image, i.e. its weight on the mean-reduced loss[/]")
     out.print(f"[bold]loss[/] = {' + '.join(t.name for t in plan.terms)}  "
@@ -132,7 +152,7 @@ def render_plan(plan: Plan, out: Console) -> None:
     setup.add_row("optimizer", f"{o.name}(lr = {o.lr:g}, weight_decay = {o.weight_decay:g}"
                                f"{escape(kwargs)}) as written for global batch "
                                f"{d.global_batch} (no automatic lr scaling), no decay on "
-                               f"{o.no_weight_decay}; "
+                               f"{NO_DECAY_WORDS}; "
                                f"{_n(o.trainable_params)} trainable parameters")
     s = plan.schedule
     setup.add_row("schedule", f"{s.name} per {s.per} over {s.epochs} epochs, warm-up "
@@ -182,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
     report = compile_report(plan) if args.compile else None
     if args.json:
         data = plan.model_dump(mode="json")
+        for term, entry in zip(data["terms"], plan.terms, strict=True):  # the plan in words
+            words = KINDS[entry.kind].words(entry)
+            term["formula"], term["reduction"] = words.formula, words.reduction
         if report is not None:
             data["compile_report"] = report
         out.print_json(data=data)

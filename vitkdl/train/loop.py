@@ -35,6 +35,7 @@ from vitkdl.train.checkpoint import (
 )
 from vitkdl.train.data import DataConfig, build_loaders, build_mixup, mix_seed, set_epoch
 from vitkdl.train.report import MetricsLog, write_curves
+from vitkdl.train.step import Update, configure_optimizer, model_param_groups, train_step
 
 SMALL_STEP_FLOPS = 5e9  # below this per step, one CPU thread beats several
 
@@ -71,25 +72,6 @@ def data_config(plan: Plan) -> DataConfig:
                       smoothing=d.smoothing, size=d.train_images or 1024,
                       classes=d.num_classes, mean=s.mean, std=s.std,
                       interpolation=s.interpolation, crop_pct=s.crop_pct, seed=plan.seed)
-
-
-def param_groups(program: Program, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on norms, biases, position embeddings, class/distillation tokens
-    and mask tokens (everything 1-d, plus the tokens timm and the strategies name)."""
-    skip = set(getattr(program.student, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    named = [(f"student.{n}", n, p) for n, p in program.student.named_parameters()]
-    named += [(f"terms.{n}", n, p) for n, p in program.terms.named_parameters()]
-    for _, short, p in named:
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or short in skip or short.endswith(("mask_token", "pos_embed",
-                                                          "cls_token", "dist_token")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _seed_everything(seed: int) -> None:
@@ -161,262 +143,315 @@ class Progress:
 
 def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[str, Any]:
     """Train the plan's student; returns the summary (also written to ``summary.json``)."""
-    console = console or Console(stderr=True)
-    job = distributed.current()
-    out = opts.out_dir
-    if job.is_main:
-        check_writable(out)
-    device = resolve_device(opts.device)
-    if job.enabled and device.type == "cuda":
-        device = torch.device("cuda", job.local_rank)
-    ckpt_path = out / "last.pt"
-    checkpoint = _resume_point(plan, opts, opts.resume_from or ckpt_path)
+    run = Run(plan, opts, console or Console(stderr=True))
+    run.evaluate_teacher()
+    try:
+        run.loop()
+    except KeyboardInterrupt:
+        run.progress.close()
+        run.save(run.epoch, run.batch_in_epoch)
+        if run.log is not None:
+            run.log.close()
+        raise TrainError(f"interrupted at step {run.step}; saved {run.ckpt_path}. Continue "
+                         "with --resume.") from None
+    finally:
+        run.progress.close()
+    return run.finish()
+
+
+class Run:
+    """One training run, in the order it happens: set-up (``__init__``), the teacher's
+    accuracy, the loop (an epoch of steps, then evaluation and checkpoints), the end."""
 
     # ---- set-up ------------------------------------------------------------------------
-    _seed_everything(plan.seed)
-    if device.type == "cpu" and plan.cost.total * plan.data.batch_size < SMALL_STEP_FLOPS:
-        # Tiny models: thread hand-offs cost more than the maths (measured 5x on 2 cores).
-        torch.set_num_threads(1)
-    program = build(plan, device, load=opts.load_weights, runs_dir=opts.runs_dir)
-    cfg = data_config(plan)
-    train_loader, val_loader, num_classes = build_loaders(
-        cfg, distributed=job.enabled, rank=job.rank, world_size=job.world_size)
-    if job.enabled:
-        if plan.shard == "fsdp":
-            program.shard()
-        else:
-            program.distribute([job.local_rank] if device.type == "cuda" else None)
-        torch.manual_seed(plan.seed + job.rank)  # masks and drop path differ across ranks
-    if num_classes != plan.student.num_classes:
-        raise TrainError(f"the data has {num_classes} classes but the student's head has "
-                         f"{plan.student.num_classes}; set num_classes = {num_classes} on the "
-                         "student (and teacher)")
-    mixup = build_mixup(cfg, num_classes)
 
-    import timm.optim
-    import timm.scheduler
-    import timm.utils
+    def __init__(self, plan: Plan, opts: RunOptions, console: Console) -> None:
+        self.plan, self.opts = plan, opts
+        job = self.job = distributed.current()
+        self.out = opts.out_dir
+        if job.is_main:
+            check_writable(self.out)
+        device = resolve_device(opts.device)
+        if job.enabled and device.type == "cuda":
+            device = torch.device("cuda", job.local_rank)
+        self.device = device
+        self.ckpt_path = self.out / "last.pt"
+        self.checkpoint = _resume_point(plan, opts, opts.resume_from or self.ckpt_path)
 
-    opt = plan.optimizer
-    extra = dict(opt.kwargs)
-    if opt.name in ("adamw", "adam") and not program.sharded:
-        extra.setdefault("fused", True)  # one kernel for all parameters (3-4x on CPU too)
-    optimizer = timm.optim.create_optimizer_v2(param_groups(program, opt.weight_decay),
-                                               opt=opt.name, lr=opt.lr,
-                                               weight_decay=opt.weight_decay, **extra)
-    steps_per_epoch = len(train_loader)
-    sched = plan.schedule
-    scheduler: Any = None
-    if sched.name != "constant":
-        scheduler, _ = timm.scheduler.create_scheduler_v2(
-            optimizer, sched=sched.name, num_epochs=plan.epochs,
-            warmup_epochs=int(sched.warmup_epochs), warmup_lr=sched.warmup_lr,
-            min_lr=sched.min_lr, decay_epochs=sched.decay_epochs or 30,
-            decay_rate=sched.decay_rate, step_on_epochs=False,
-            updates_per_epoch=steps_per_epoch)
-    ema = timm.utils.ModelEmaV3(program.student, decay=plan.ema) if plan.ema else None
-    scaler = torch.amp.GradScaler(device.type, enabled=program.autocast_dtype == torch.float16)
+        _seed_everything(plan.seed)
+        if device.type == "cpu" and plan.cost.total * plan.data.batch_size < SMALL_STEP_FLOPS:
+            # Tiny models: thread hand-offs cost more than the maths (measured 5x on 2 cores).
+            torch.set_num_threads(1)
+        program = self.program = build(plan, device, load=opts.load_weights,
+                                       runs_dir=opts.runs_dir)
+        self.cfg = data_config(plan)
+        self.train_loader, self.val_loader, num_classes = build_loaders(
+            self.cfg, distributed=job.enabled, rank=job.rank, world_size=job.world_size)
+        if job.enabled:
+            if plan.shard == "fsdp":
+                program.shard()
+            else:
+                program.distribute([job.local_rank] if device.type == "cuda" else None)
+            torch.manual_seed(plan.seed + job.rank)  # masks and drop path differ across ranks
+        if num_classes != plan.student.num_classes:
+            raise TrainError(f"the data has {num_classes} classes but the student's head has "
+                             f"{plan.student.num_classes}; set num_classes = {num_classes} on "
+                             "the student (and teacher)")
+        self.mixup = build_mixup(self.cfg, num_classes)
+        self._optimizer()
 
-    start_epoch, skip_batches, step, best_top1 = 0, 0, 0, 0.0
-    global_batch = plan.data.batch_size * job.world_size
-    teacher_top1: float | None = None
-    history: list[dict[str, Any]] = []
-    if checkpoint is not None:
-        _load_states(program, optimizer, checkpoint)
-        if ema is not None and checkpoint.get("ema"):
-            ema.load_state_dict(checkpoint["ema"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        self.start_epoch, self.skip_batches, self.step, self.best_top1 = 0, 0, 0, 0.0
+        self.global_batch = plan.data.batch_size * job.world_size
+        self.teacher_top1: float | None = None
+        self.history: list[dict[str, Any]] = []
+        if self.checkpoint is not None:
+            self._resume(self.checkpoint)
+        self.log = MetricsLog(self.out / "metrics.jsonl",
+                              resume_step=self.step if self.checkpoint else None) \
+            if job.is_main else None
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = plan.epochs * self.steps_per_epoch
+        if opts.max_steps is not None:
+            self.total_steps = min(self.total_steps, opts.max_steps)
+        self.progress = Progress(console, opts.quiet or not job.is_main, self.total_steps)
+        self.epoch, self.batch_in_epoch = self.start_epoch, 0
+        self.images_seen, self.wall = 0, 0.0
+        self._announce()
+
+    def _optimizer(self) -> None:
+        """Optimizer (one decay rule), per-iteration schedule, EMA and the update step."""
+        import timm.scheduler
+        import timm.utils
+
+        plan, program = self.plan, self.program
+        groups = model_param_groups(program.student, program.terms.named_parameters(),
+                                    plan.optimizer.weight_decay)
+        self.optimizer = configure_optimizer(plan, groups, fused=not program.sharded)
+        sched = plan.schedule
+        self.scheduler: Any = None
+        if sched.name != "constant":
+            self.scheduler, _ = timm.scheduler.create_scheduler_v2(
+                self.optimizer, sched=sched.name, num_epochs=plan.epochs,
+                warmup_epochs=int(sched.warmup_epochs), warmup_lr=sched.warmup_lr,
+                min_lr=sched.min_lr, decay_epochs=sched.decay_epochs or 30,
+                decay_rate=sched.decay_rate, step_on_epochs=False,
+                updates_per_epoch=len(self.train_loader))
+        self.ema = timm.utils.ModelEmaV3(program.student, decay=plan.ema) if plan.ema else None
+        self.update = Update(self.optimizer, program.trainable_parameters(), plan.clip_grad,
+                             self.device, program.autocast_dtype, self.ema, program.student)
+
+    def _resume(self, checkpoint: dict[str, Any]) -> None:
+        _load_states(self.program, self.optimizer, checkpoint)
+        if self.ema is not None and checkpoint.get("ema"):
+            self.ema.load_state_dict(checkpoint["ema"])
+        self.update.scaler.load_state_dict(checkpoint["scaler"])
         # Positions are kept in images, so a run resumes on another number of devices.
-        start_epoch, best_top1 = checkpoint["epoch"], checkpoint["best_top1"]
-        skip_batches = checkpoint["batch"] * checkpoint["global_batch"] // global_batch
-        step = checkpoint["step"] * checkpoint["global_batch"] // global_batch
-        teacher_top1, history = checkpoint["teacher_top1"], checkpoint["history"]
-        if scheduler is not None:  # timm's schedules are a function of the step alone
-            scheduler.step_update(num_updates=step)
+        self.start_epoch, self.best_top1 = checkpoint["epoch"], checkpoint["best_top1"]
+        saved = checkpoint["global_batch"]
+        self.skip_batches = checkpoint["batch"] * saved // self.global_batch
+        self.step = checkpoint["step"] * saved // self.global_batch
+        self.teacher_top1, self.history = checkpoint["teacher_top1"], checkpoint["history"]
+        if self.scheduler is not None:  # timm's schedules are a function of the step alone
+            self.scheduler.step_update(num_updates=self.step)
 
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if checkpoint else None) \
-        if job.is_main else None
-    total_steps = plan.epochs * steps_per_epoch
-    if opts.max_steps is not None:
-        total_steps = min(total_steps, opts.max_steps)
-    progress = Progress(console, opts.quiet or not job.is_main, total_steps)
-    trainable = sum(p.numel() for p in program.trainable_parameters())
-    progress.note(
-        f"[bold]{plan.recipe}[/]: {plan.student.name} <- "
-        f"{plan.teacher.name if plan.teacher else 'no teacher'} on {device.type}\n"
-        f"  batch {plan.data.batch_size} x {job.world_size} = {global_batch}, "
-        f"{steps_per_epoch} steps/epoch, {plan.epochs} epochs ({total_steps} steps), lr "
-        f"{opt.lr:g} ({opt.name}), {trainable:,} trainable params, precision "
-        f"{program.autocast_dtype or 'fp32'}, compile {program.compile_mode or 'off'}"
-        + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else "")
-        + (f"\n  resuming at epoch {start_epoch} step {step}" if checkpoint else ""))
+    def _announce(self) -> None:
+        plan, opt, program = self.plan, self.plan.optimizer, self.program
+        trainable = sum(p.numel() for p in program.trainable_parameters())
+        self.progress.note(
+            f"[bold]{plan.recipe}[/]: {plan.student.name} <- "
+            f"{plan.teacher.name if plan.teacher else 'no teacher'} on {self.device.type}\n"
+            f"  batch {plan.data.batch_size} x {self.job.world_size} = {self.global_batch}, "
+            f"{self.steps_per_epoch} steps/epoch, {plan.epochs} epochs ({self.total_steps} "
+            f"steps), lr {opt.lr:g} ({opt.name}), {trainable:,} trainable params, precision "
+            f"{program.autocast_dtype or 'fp32'}, compile {program.compile_mode or 'off'}"
+            + (f", {torch.get_num_threads()} CPU threads" if self.device.type == "cpu" else "")
+            + (f"\n  resuming at epoch {self.start_epoch} step {self.step}"
+               if self.checkpoint else ""))
 
-    def save(epoch: int, batch: int, name: str = "last.pt") -> None:
-        student_sd, terms_sd, optim_sd = _states(program, optimizer)  # collective when sharded
-        rng = distributed.all_gather_states(rng_state(device))  # every rank's own streams
-        if not job.is_main:
-            return
-        state = {
-            "vitkdl_checkpoint": 1, "recipe": opts.recipe, "hash": plan.hash,
-            "epoch": epoch, "batch": batch, "step": step, "best_top1": best_top1,
-            "global_batch": global_batch, "world_size": job.world_size,
-            "teacher_top1": teacher_top1, "history": history,
-            "student": student_sd, "terms": terms_sd, "optimizer": optim_sd,
-            "optimizer_format": "fqn" if program.sharded else "torch",
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "ema": ema.state_dict() if ema is not None else None,
-            "scaler": scaler.state_dict(), "rng": rng}
-        save_atomic(state, out / name)
+    # ---- the teacher -------------------------------------------------------------------
 
-    if program.teacher is not None and teacher_top1 is None and any(
-            t.kind != "labels" for t in plan.terms):
-        teacher_top1, _ = evaluate(program.teacher_logits, val_loader, device,
-                                   opts.max_eval_batches)
-        progress.note(f"  teacher top-1 {teacher_top1:.2f}%")
+    def evaluate_teacher(self) -> None:
+        """The teacher's accuracy on the validation split, once per run."""
+        if self.plan.teacher_used and self.teacher_top1 is None:
+            self.teacher_top1, _ = evaluate(self.program.teacher_logits, self.val_loader,
+                                            self.device, self.opts.max_eval_batches)
+            self.progress.note(f"  teacher top-1 {self.teacher_top1:.2f}%")
 
     # ---- the loop ----------------------------------------------------------------------
-    start = time.perf_counter()
-    images_seen, stop, last_log = 0, False, time.perf_counter()
-    bad_terms: torch.Tensor | None = None
-    term_names = [t.name for t in plan.terms] + ["loss"]
-    epoch, batch_in_epoch = start_epoch, 0
-    program.train()
-    try:
-        for epoch in range(start_epoch, plan.epochs):
-            set_epoch(train_loader, epoch, seed=cfg.seed, rank=job.rank)
-            batches = iter(train_loader)
-            batch_in_epoch = 0
-            if checkpoint is not None and epoch == start_epoch:
-                for _ in range(skip_batches):  # a checkpoint from the middle of an epoch
-                    next(batches)
-                batch_in_epoch = skip_batches
-                _restore_rng(checkpoint, plan.seed, step, job, device, progress)
-            for images, labels in batches:
-                if opts.max_steps is not None and step >= opts.max_steps:
-                    stop = True
+
+    def loop(self) -> None:
+        """Epochs of steps; after each, evaluation and checkpoints as the plan says."""
+        plan = self.plan
+        start = self.loop_start = time.perf_counter()
+        self.last_log = start
+        self.bad_terms: torch.Tensor | None = None
+        self.program.train()
+        try:
+            for epoch in range(self.start_epoch, plan.epochs):
+                self.epoch = epoch
+                stop = self._epoch(epoch)
+                self._end_of_epoch(epoch, stop)
+                if stop:
                     break
-                images = images.to(device, non_blocking=True)
-                targets = labels.to(device, non_blocking=True)
-                if mixup is not None:  # teacher and student see the same mixed batch
-                    images, targets = mixup(images, targets)
-                result = program.step(images, targets)
-                loss = result["loss"]
-                # Non-finite terms are remembered on the device (no sync per step) and checked
-                # at every log line and before anything is evaluated or saved.
-                flags = torch.stack([~torch.isfinite(v.detach()) for v in result.values()])
-                bad_terms = flags if bad_terms is None else bad_terms | flags
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if plan.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(program.trainable_parameters(),
-                                                   plan.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                batch_in_epoch += 1
-                images_seen += images.shape[0] * job.world_size
-                if scheduler is not None:
-                    scheduler.step_update(num_updates=step)
-                if ema is not None:
-                    ema.update(program.student, step=step)
-                if step % plan.log_every == 0 or step == total_steps:
-                    _stop_if_not_finite(bad_terms, list(result), step, epoch, ckpt_path, job,
-                                        device)
-                    now = time.perf_counter()
-                    record = {"kind": "train", "step": step, "epoch": epoch,
-                              **{k: round(float(v.detach()), 6) for k, v in result.items()},
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "images_per_second": round(
-                                  plan.log_every * global_batch / (now - last_log), 2)}
-                    last_log = now
-                    if log is not None:
-                        log.write(record)
-                    info = " ".join(f"{k} {float(v.detach()):.4g}" for k, v in result.items())
-                    info += f", lr {record['lr']:.3g}, {record['images_per_second']:.0f} img/s"
-                    progress.update(step, epoch, info, log_line=True)
-                elif progress.live:
-                    rate = images_seen / max(time.perf_counter() - start, 1e-9)
-                    progress.update(step, epoch, f"loss {float(loss.detach()):.4g}, "
-                                    f"{rate:.0f} img/s", log_line=False)
-                if opts.max_steps is not None and step >= opts.max_steps:
-                    stop = True
-                    break
-            _stop_if_not_finite(bad_terms, term_names, step, epoch, ckpt_path, job, device)
-            last_epoch = stop or epoch == plan.epochs - 1
-            # Where a resumed run picks up: the next epoch, or this one's next batch when
-            # --max-steps stopped it part-way.
-            done = batch_in_epoch >= steps_per_epoch
-            position = (epoch + 1, 0) if done else (epoch, batch_in_epoch)
-            if last_epoch or (epoch + 1) % plan.eval_every == 0:
-                program.eval()
-                top1, top5 = evaluate(program.predict, val_loader, device,
-                                      opts.max_eval_batches)
-                ema_top1 = None
-                if ema is not None:
-                    ema_top1, _ = evaluate(ema.module, val_loader, device,
-                                           opts.max_eval_batches)
-                program.train()
-                best_top1 = max(best_top1, top1)
-                record = {"kind": "eval", "step": step, "epoch": epoch, "top1": top1,
-                          "top5": top5, "ema_top1": ema_top1}
-                history.append(record)
-                if log is not None:
-                    log.write(record)
-                progress.note(f"  epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}%"
-                              + (f" (EMA {ema_top1:.2f}%)" if ema_top1 is not None else ""))
-                if top1 >= best_top1:
-                    save(*position, "best.pt")
-            if last_epoch or (epoch + 1) % plan.checkpoint_every == 0:
-                save(*position)
-            if stop:
-                break
-    except KeyboardInterrupt:
-        progress.close()
-        save(epoch, batch_in_epoch)
-        if log is not None:
-            log.close()
-        raise TrainError(f"interrupted at step {step}; saved {ckpt_path}. Continue with "
-                         "--resume.") from None
-    finally:
-        progress.close()
-    wall = time.perf_counter() - start
-    # Replicas must agree; shards differ by design.
-    in_sync = None if program.sharded else distributed.params_in_sync(
-        program.trainable_parameters(), device)
-    student_sd = _states(program, optimizer)[0]  # gathered on rank 0 when sharded
-    if not job.is_main:
-        distributed.barrier()  # wait for rank 0's files
-        return {"recipe": plan.recipe, "hash": plan.hash, "rank": job.rank}
-    if log is not None:
-        log.close()
+        finally:
+            self.wall = time.perf_counter() - start
+
+    def _epoch(self, epoch: int) -> bool:
+        """One epoch's steps; True when ``--max-steps`` stopped the run."""
+        set_epoch(self.train_loader, epoch, seed=self.cfg.seed, rank=self.job.rank)
+        batches = iter(self.train_loader)
+        self.batch_in_epoch = 0
+        if self.checkpoint is not None and epoch == self.start_epoch:
+            for _ in range(self.skip_batches):  # a checkpoint from the middle of an epoch
+                next(batches)
+            self.batch_in_epoch = self.skip_batches
+            _restore_rng(self.checkpoint, self.plan.seed, self.step, self.job, self.device,
+                         self.progress)  # after skipping: exactly where it stopped
+        max_steps = self.opts.max_steps
+        for images, labels in batches:
+            if max_steps is not None and self.step >= max_steps:
+                return True
+            self._step(images, labels)
+            if max_steps is not None and self.step >= max_steps:
+                return True
+        return False
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        images = images.to(self.device, non_blocking=True)
+        targets = labels.to(self.device, non_blocking=True)
+        if self.mixup is not None:  # teacher and student see the same mixed batch
+            images, targets = self.mixup(images, targets)
+        result = train_step(self.program.step, self.update, images, targets, self.step + 1)
+        # Non-finite terms are remembered on the device (no sync per step) and checked at
+        # every log line and before anything is evaluated or saved.
+        flags = torch.stack([~torch.isfinite(v.detach()) for v in result.values()])
+        self.bad_terms = flags if self.bad_terms is None else self.bad_terms | flags
+        self.step += 1
+        self.batch_in_epoch += 1
+        self.images_seen += images.shape[0] * self.job.world_size
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=self.step)
+        self._report(result)
+
+    def _report(self, result: dict[str, torch.Tensor]) -> None:
+        """A log line (and metrics record) every ``log_every`` steps; the live bar between."""
+        plan, step = self.plan, self.step
+        if step % plan.log_every == 0 or step == self.total_steps:
+            self._stop_if_not_finite(list(result))
+            now = time.perf_counter()
+            record = {"kind": "train", "step": step, "epoch": self.epoch,
+                      **{k: round(float(v.detach()), 6) for k, v in result.items()},
+                      "lr": self.optimizer.param_groups[0]["lr"],
+                      "images_per_second": round(
+                          plan.log_every * self.global_batch / (now - self.last_log), 2)}
+            self.last_log = now
+            if self.log is not None:
+                self.log.write(record)
+            info = " ".join(f"{k} {float(v.detach()):.4g}" for k, v in result.items())
+            info += f", lr {record['lr']:.3g}, {record['images_per_second']:.0f} img/s"
+            self.progress.update(step, self.epoch, info, log_line=True)
+        elif self.progress.live:
+            rate = self.images_seen / max(time.perf_counter() - self.loop_start, 1e-9)
+            self.progress.update(step, self.epoch, f"loss {float(result['loss'].detach()):.4g},"
+                                 f" {rate:.0f} img/s", log_line=False)
+
+    def _end_of_epoch(self, epoch: int, stop: bool) -> None:
+        """Evaluation, the best and the last checkpoint, at the epoch's end (or the stop)."""
+        plan = self.plan
+        self._stop_if_not_finite([t.name for t in plan.terms] + ["loss"])
+        last_epoch = stop or epoch == plan.epochs - 1
+        # Where a resumed run picks up: the next epoch, or this one's next batch when
+        # --max-steps stopped it part-way.
+        done = self.batch_in_epoch >= self.steps_per_epoch
+        position = (epoch + 1, 0) if done else (epoch, self.batch_in_epoch)
+        if last_epoch or (epoch + 1) % plan.eval_every == 0:
+            self.program.eval()
+            top1, top5 = evaluate(self.program.predict, self.val_loader, self.device,
+                                  self.opts.max_eval_batches)
+            ema_top1 = None
+            if self.ema is not None:
+                ema_top1, _ = evaluate(self.ema.module, self.val_loader, self.device,
+                                       self.opts.max_eval_batches)
+            self.program.train()
+            self.best_top1 = max(self.best_top1, top1)
+            record = {"kind": "eval", "step": self.step, "epoch": epoch, "top1": top1,
+                      "top5": top5, "ema_top1": ema_top1}
+            self.history.append(record)
+            if self.log is not None:
+                self.log.write(record)
+            self.progress.note(f"  epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}%"
+                               + (f" (EMA {ema_top1:.2f}%)" if ema_top1 is not None else ""))
+            if top1 >= self.best_top1:
+                self.save(*position, "best.pt")
+        if last_epoch or (epoch + 1) % plan.checkpoint_every == 0:
+            self.save(*position)
+
+    def _stop_if_not_finite(self, names: list[str]) -> None:
+        _stop_if_not_finite(self.bad_terms, names, self.step, self.epoch, self.ckpt_path,
+                            self.job, self.device)
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def save(self, epoch: int, batch: int, name: str = "last.pt") -> None:
+        """A checkpoint to continue exactly from (epoch, batch); collective under DDP/FSDP."""
+        student_sd, terms_sd, optim_sd = _states(self.program, self.optimizer)
+        rng = distributed.all_gather_states(rng_state(self.device))  # every rank's streams
+        if not self.job.is_main:
+            return
+        state = {
+            "vitkdl_checkpoint": 1, "recipe": self.opts.recipe, "hash": self.plan.hash,
+            "epoch": epoch, "batch": batch, "step": self.step, "best_top1": self.best_top1,
+            "global_batch": self.global_batch, "world_size": self.job.world_size,
+            "teacher_top1": self.teacher_top1, "history": self.history,
+            "student": student_sd, "terms": terms_sd, "optimizer": optim_sd,
+            "optimizer_format": "fqn" if self.program.sharded else "torch",
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.update.scaler.state_dict(), "rng": rng}
+        save_atomic(state, self.out / name)
 
     # ---- the end -----------------------------------------------------------------------
-    _export(student_sd, ema, out)
-    last = history[-1] if history else {}
-    summary = {
-        "recipe": plan.recipe, "hash": plan.hash, "overrides": list(plan.overrides),
-        # Finished: every epoch trained (a --max-steps run is not, and --resume continues it).
-        "complete": step >= plan.epochs * steps_per_epoch, "top1": last.get("top1"),
-        "top5": last.get("top5"), "best_top1": best_top1 if history else None,
-        "ema_top1": last.get("ema_top1"), "teacher_top1": teacher_top1,
-        "epochs": epoch + 1, "steps": step,
-        "images_per_second": round(images_seen / wall, 2) if wall > 0 else None,
-        "wall_seconds": round(wall, 2), "peak_memory_mb": _peak_memory_mb(device),
-        "world_size": job.world_size, "global_batch": global_batch,
-        "ranks_in_sync": in_sync, "device": device.type,
-        "compile": {"mode": program.compile_mode, "graphs_compiled": _graphs_compiled()},
-        "student_weights": str(out / "student.safetensors"),
-        # How to load the export with timm (num_classes in the overlay keeps the head when it
-        # differs from the architecture's default).
-        "timm": {"name": plan.student.name, "kwargs": plan.student.timm_kwargs,
-                 "pretrained_cfg_overlay": {"file": str(out / "student.safetensors"),
-                                            "num_classes": plan.student.num_classes}},
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_curves(out / "metrics.jsonl", out / "curves.png", plan.recipe)
-    distributed.barrier()
-    return summary
+
+    def finish(self) -> dict[str, Any]:
+        """Export the student, write ``summary.json`` and the curves (rank 0)."""
+        plan, out, program, device, job = self.plan, self.out, self.program, self.device, \
+            self.job
+        # Replicas must agree; shards differ by design.
+        in_sync = None if program.sharded else distributed.params_in_sync(
+            program.trainable_parameters(), device)
+        student_sd = _states(program, self.optimizer)[0]  # gathered on rank 0 when sharded
+        if not job.is_main:
+            distributed.barrier()  # wait for rank 0's files
+            return {"recipe": plan.recipe, "hash": plan.hash, "rank": job.rank}
+        if self.log is not None:
+            self.log.close()
+        _export(student_sd, self.ema, out)
+        last = self.history[-1] if self.history else {}
+        wall = self.wall
+        summary = {
+            "recipe": plan.recipe, "hash": plan.hash, "overrides": list(plan.overrides),
+            # Finished: every epoch trained (a --max-steps run is not; --resume continues it).
+            "complete": self.step >= plan.epochs * self.steps_per_epoch,
+            "top1": last.get("top1"), "top5": last.get("top5"),
+            "best_top1": self.best_top1 if self.history else None,
+            "ema_top1": last.get("ema_top1"), "teacher_top1": self.teacher_top1,
+            "epochs": self.epoch + 1, "steps": self.step,
+            "images_per_second": round(self.images_seen / wall, 2) if wall > 0 else None,
+            "wall_seconds": round(wall, 2), "peak_memory_mb": _peak_memory_mb(device),
+            "world_size": job.world_size, "global_batch": self.global_batch,
+            "ranks_in_sync": in_sync, "device": device.type,
+            "compile": {"mode": program.compile_mode, "graphs_compiled": _graphs_compiled()},
+            "student_weights": str(out / "student.safetensors"),
+            # How to load the export with timm (num_classes in the overlay keeps the head
+            # when it differs from the architecture's default).
+            "timm": {"name": plan.student.name, "kwargs": plan.student.timm_kwargs,
+                     "pretrained_cfg_overlay": {"file": str(out / "student.safetensors"),
+                                                "num_classes": plan.student.num_classes}},
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_curves(out / "metrics.jsonl", out / "curves.png", plan.recipe)
+        distributed.barrier()
+        return summary
 
 
 def _restore_rng(checkpoint: dict[str, Any], seed: int, step: int, job: distributed.Dist,

@@ -1,0 +1,51 @@
+"""Torch helpers shared by the kinds' modules (imported only when a module is built)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+ALIGN_KINDS = ("linear", "identity", "mlp", "auto")
+
+
+def as_list(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """A bare tensor or a sequence of tensors, as a list."""
+    if isinstance(x, Tensor):
+        return [x]
+    return list(x)
+
+
+def make_align(kind: str, d_in: int, d_out: int) -> nn.Module:
+    """One student->teacher width adapter: ``linear`` (with bias), ``identity`` (widths must
+    match), ``mlp`` (Linear - GELU - Linear) or ``auto`` (identity when the widths match, else
+    linear, what the ViTKD authors do for shallow mimicking)."""
+    if kind == "auto":
+        kind = "identity" if d_in == d_out else "linear"
+    if kind == "linear":
+        return nn.Linear(d_in, d_out, bias=True)
+    if kind == "identity":
+        if d_in != d_out:
+            raise ValueError(
+                f"align='identity' needs equal widths, got student {d_in} and teacher {d_out}")
+        return nn.Identity()
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+    raise ValueError(f"unknown align {kind!r}; expected one of {', '.join(ALIGN_KINDS)}")
+
+
+def check_tokens(name: str, s: Tensor, t: Tensor) -> None:
+    """Both sides are ``[B, N, D]`` token tensors that agree on ``[B, N]``."""
+    if s.dim() != 3 or t.dim() != 3:
+        raise ValueError(f"{name}: expected [B, N, D] token tensors, got student "
+                         f"{tuple(s.shape)} and teacher {tuple(t.shape)}")
+    if s.shape[:2] != t.shape[:2]:
+        raise ValueError(f"{name}: student and teacher disagree on [B, N]: "
+                         f"{tuple(s.shape[:2])} vs {tuple(t.shape[:2])}")
+
+
+def hard_labels(target: Tensor) -> Tensor:
+    """Class indices ``[B]`` from indices ``[B]`` or soft labels ``[B, C]`` (argmax)."""
+    if target.dim() == 2:
+        return target.argmax(dim=1)
+    return target.long()

@@ -1,0 +1,225 @@
+"""What every loss kind declares, and the plan data they share. Torch-free.
+
+A kind (one module per kind under :mod:`vitkdl.terms`) is a :class:`Kind` subclass with, top to
+bottom: its keyword and one-line summary; its spec (a :class:`~vitkdl.spec.TermSpec` subclass:
+fields, defaults, bounds); what it consumes and whether it needs a teacher; its own checks; its
+plan (a :class:`TermPlan`: tap points, shapes, adapters with parameter and FLOP counts as
+numbers, the per-element coefficient, its typed options as data); its words for ``explain``
+(formula and reduction, from the plan entry alone); and its torch module, built lazily so that
+everything above stays importable without torch.
+
+The program feeds a term through :meth:`Kind.loss` with a :class:`StepInputs` (both models'
+logits and taps, the targets), so no stage outside the kind knows how its module is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from vitkdl.errors import Diagnostic
+from vitkdl.spec import TermSpec
+
+if TYPE_CHECKING:  # typing only: checks and the planner import this module, not the reverse
+    from torch import Tensor, nn
+
+    from vitkdl.checks import Context
+    from vitkdl.planner import Plan
+
+# --------------------------------------------------------------------------------------------
+# Plan data shared by all kinds
+
+
+class _Plain(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+Point = Literal["out", "attn", "attn_map", "norm"]
+
+
+class TapPoint(_Plain):
+    """One resolved tap of a model: a block's output (``out``, FFN-out), the residual stream
+    after a block's attention half (``attn``, MHA-out), a block's attention probabilities
+    (``attn_map``), or the final norm's output (``norm``, block None). Patch tokens only."""
+
+    block: int | None = None
+    point: Point
+
+    @property
+    def key(self) -> str:
+        """The name of this tap in a model's pass: ``blocks.3``, ``blocks.3.attn``, ``norm``."""
+        if self.point == "norm":
+            return "norm"
+        return f"blocks.{self.block}" + ("" if self.point == "out" else f".{self.point}")
+
+
+class AdapterPlan(_Plain):
+    """A module a term trains along with the student, as numbers: its kind of module, the
+    dimensions that define it, its parameters and its forward FLOPs per image."""
+
+    name: str
+    module: Literal["linear", "mlp", "mask_token", "conv3x3_pair", "block"]
+    dims: tuple[int, ...]
+    params: int
+    flops: int
+
+
+class TermPlan(_Plain):
+    """One distillation term, resolved: data (keys and numbers); ``explain`` asks the term's
+    kind for its words."""
+
+    name: str
+    kind: str
+    student_taps: list[str]  # as written
+    teacher_taps: list[str]
+    student: list[TapPoint]  # resolved, absolute block indices
+    teacher: list[TapPoint]
+    student_shape: list[int]  # per image per tap: [tokens, width], [heads, N, N], [classes]
+    teacher_shape: list[int]
+    adapters: list[AdapterPlan]
+    adapter_params: int
+    adapter_flops: int  # forward + backward per image
+    weight: float
+    elements: float  # what a sum-reduced loss sums over per image (1 for mean-reduced ones)
+    coefficient: float  # weight x elements: its weight on the mean-reduced loss
+    options: dict[str, Any]  # the kind's own options (its typed Options model, dumped)
+
+
+@dataclass(frozen=True)
+class Words:
+    """What ``explain`` prints for a term: its formula and how it reduces."""
+
+    formula: str
+    reduction: str
+
+
+@dataclass
+class StepInputs:
+    """What one step hands to every term: logits and taps of both models (keys as
+    :attr:`TapPoint.key`; the teacher's are None/empty when no term reads the teacher) and the
+    targets (class indices ``[B]`` or mixed soft labels ``[B, C]``)."""
+
+    s_logits: Tensor
+    s_taps: dict[str, Tensor]
+    t_logits: Tensor | None
+    t_taps: dict[str, Tensor]
+    targets: Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters as numbers (and in words)
+
+
+def linear(name: str, d_in: int, d_out: int, tokens: int) -> AdapterPlan:
+    """``Linear(d_in, d_out)`` with bias, applied to ``tokens`` tokens per image."""
+    return AdapterPlan(name=name, module="linear", dims=(d_in, d_out),
+                       params=d_in * d_out + d_out, flops=2 * d_in * d_out * tokens)
+
+
+def mlp(name: str, d_in: int, d_out: int, tokens: int) -> AdapterPlan:
+    """``Linear(d_in, d_out) - GELU - Linear(d_out, d_out)`` on ``tokens`` tokens."""
+    return AdapterPlan(name=name, module="mlp", dims=(d_in, d_out),
+                       params=d_in * d_out + d_out + d_out * d_out + d_out,
+                       flops=2 * (d_in * d_out + d_out * d_out) * tokens)
+
+
+def align(kind: str, name: str, d_in: int, d_out: int, tokens: int) -> list[AdapterPlan]:
+    """The width adapter an ``align`` choice builds (none for ``identity``)."""
+    if kind == "identity":
+        return []
+    return [(mlp if kind == "mlp" else linear)(name, d_in, d_out, tokens)]
+
+
+def adapter_words(a: AdapterPlan) -> str:
+    """An adapter as a reader knows it: ``Linear(192, 384)``, ``Conv3x3(384, 384) - ...``."""
+    d = a.dims
+    if a.module == "linear":
+        return f"Linear({d[0]}, {d[1]})"
+    if a.module == "mlp":
+        return f"Linear({d[0]}, {d[1]}) - GELU - Linear({d[1]}, {d[1]})"
+    if a.module == "mask_token":
+        return f"Parameter(1, 1, {d[0]})"
+    if a.module == "conv3x3_pair":
+        return f"Conv3x3({d[0]}, {d[0]}) - ReLU - Conv3x3({d[0]}, {d[0]})"
+    return f"transformer Block({d[0]}, heads {d[1]}, mlp {d[2]})"
+
+
+def term_plan(term: TermSpec, *, student: Sequence[TapPoint] = (),
+              teacher: Sequence[TapPoint] = (), student_shape: Sequence[int] = (),
+              teacher_shape: Sequence[int] = (), adapters: Sequence[AdapterPlan] = (),
+              elements: float = 1, options: BaseModel | None = None) -> TermPlan:
+    """A :class:`TermPlan` from a term's spec and what its kind resolved (adapters' FLOPs are
+    forward FLOPs; forward + backward is three times that)."""
+    written = getattr(term, "student", ()), getattr(term, "teacher", ())
+    return TermPlan(
+        name=term.name, kind=term.kind, student_taps=[t.text() for t in written[0]],
+        teacher_taps=[t.text() for t in written[1]], student=list(student),
+        teacher=list(teacher), student_shape=list(student_shape),
+        teacher_shape=list(teacher_shape), adapters=list(adapters),
+        adapter_params=sum(a.params for a in adapters),
+        adapter_flops=3 * sum(a.flops for a in adapters), weight=term.weight,
+        elements=elements, coefficient=term.weight * elements,
+        options=options.model_dump() if options is not None else {})
+
+
+# --------------------------------------------------------------------------------------------
+# The kind protocol
+
+
+class Kind:
+    """One loss kind. Subclass it in the kind's own module and register an instance in
+    :mod:`vitkdl.terms`; nothing outside those two places names the kind."""
+
+    keyword: ClassVar[str]
+    """How a recipe writes it (``distill { KEYWORD ... }``)."""
+    summary: ClassVar[str]
+    """One line for ``explain``, diagnostics and editors."""
+    spec: ClassVar[type[TermSpec]]
+    """The term's fields: a :class:`~vitkdl.spec.TermSpec` subclass."""
+    paired: ClassVar[bool] = False
+    """Written with taps, ``KEYWORD student.TAPS -> teacher.TAPS``."""
+    needs_teacher: ClassVar[bool] = True
+    """Reads the teacher (its logits or taps)."""
+    reads_teacher_logits: ClassVar[bool] = False
+    """Compares the two models' class distributions (both heads need the same classes)."""
+    default: ClassVar[bool] = False
+    """Present in every recipe unless the recipe writes it (the student's label loss)."""
+
+    def check(self, term: Any, ctx: Context) -> Iterable[Diagnostic]:
+        """The kind's own checks on a term (after taps were resolved into ``ctx.taps``)."""
+        return ()
+
+    def plan(self, term: Any, ctx: Context) -> TermPlan:
+        """The term resolved against both models' facts."""
+        raise NotImplementedError
+
+    def words(self, entry: TermPlan) -> Words:
+        """Formula and reduction, from the plan entry alone."""
+        raise NotImplementedError
+
+    def module_class(self) -> type[nn.Module]:
+        """The class of the torch module that computes the term (imports torch)."""
+        raise NotImplementedError
+
+    def module(self, entry: TermPlan, plan: Plan) -> nn.Module:
+        """The torch module that computes the term, configured by its plan entry."""
+        raise NotImplementedError
+
+    def loss(self, module: nn.Module, entry: TermPlan, inputs: StepInputs) -> Tensor:
+        """The term's value for one step: how the program feeds the module."""
+        raise NotImplementedError
+
+    def reference(self, entry: TermPlan, plan: Plan) -> nn.Module | None:
+        """An independent hand-written implementation (as users write it today, fed through
+        :meth:`loss` like the module), for ``vitkdl bench``'s hook-based configuration and the
+        tests; None when the kind has none."""
+        return None
+
+
+def paired_taps(entry: TermPlan, inputs: StepInputs) -> tuple[list[Tensor], list[Tensor]]:
+    """The student and teacher tensors of a paired term, in pairing order."""
+    return ([inputs.s_taps[t.key] for t in entry.student],
+            [inputs.t_taps[t.key] for t in entry.teacher])
