@@ -31,14 +31,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitkdl.cli import bench, explain, run, validate
+    from vitkdl.cli import bench, explain, fmt, run, validate
 
     parser = _Parser(prog="vitkdl", description="Declarative ViTKD knowledge distillation "
                      "for Vision Transformers (timm + torch.compile).", epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vitkdl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (validate, explain, run, bench):
+    for module in (validate, explain, run, bench, fmt):
         module.add_parser(sub)
     return parser
 
