@@ -307,3 +307,65 @@ def test_syntax_errors_are_reported_not_formatted() -> None:
 def test_layout_rules(text, canonical) -> None:
     assert format_text(text) == canonical
     assert format_text(canonical) == canonical
+
+
+EXTENDED = """
+# the grammar of the next round of issues: sub-block taps, a sweep block, a new term
+student deit_tiny_distilled_patch16_224
+distill{ mimic student.blocks[0:2].attn->teacher.blocks[0:2] . attn {weight=3e-5}
+  token{mode=hard weight = 0.5} # distillation token
+}
+sweep {distill.generate.mask=[0.25,0.5,0.75,]   seeds=[0,1,2]}
+"""
+
+EXTENDED_CANONICAL = """\
+# the grammar of the next round of issues: sub-block taps, a sweep block, a new term
+student deit_tiny_distilled_patch16_224
+
+distill {
+    mimic student.blocks[0:2].attn -> teacher.blocks[0:2].attn {
+        weight = 3e-5
+    }
+    token {
+        mode = hard
+        weight = 0.5
+    }  # distillation token
+}
+
+sweep {
+    distill.generate.mask = [0.25, 0.5, 0.75]
+    seeds = [0, 1, 2]
+}
+"""
+
+
+def test_grammar_extensions_need_no_formatter_change(monkeypatch) -> None:
+    from lark import Lark
+
+    from vitkdl import syntax
+
+    grammar = syntax.concrete_parser().source_grammar
+    for old, new in [
+        ('tap: SIDE "." NAME [index]', 'tap: SIDE "." NAME [index] ("." NAME)*'),
+        ("          | train\n", "          | train\n          | sweep\n"),
+        ("LOGIT: /(kd|nkd|labels)", "LOGIT: /(kd|nkd|labels|token)"),
+        (
+            "train: _TRAIN body\n",
+            'train: _TRAIN body\nsweep: _SWEEP "{" sweep_item* "}"\n'
+            'sweep_item: NAME ("." NAME)* "=" value\n_SWEEP: /sweep(?![\\w-])/\n',
+        ),
+    ]:
+        assert old in grammar
+        grammar = grammar.replace(old, new)
+    parser = Lark(
+        grammar,
+        parser="lalr",
+        start=["start", "value_only"],
+        propagate_positions=True,
+        maybe_placeholders=True,
+        keep_all_tokens=True,
+    )
+    monkeypatch.setattr(syntax, "concrete_parser", lambda: parser)
+    monkeypatch.setattr(syntax, "parse", lambda text, file: None)  # the old typed tree
+    assert format_text(EXTENDED) == EXTENDED_CANONICAL
+    assert format_text(EXTENDED_CANONICAL) == EXTENDED_CANONICAL
