@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -214,7 +213,3 @@ def test_without_pygls_the_command_says_how_to_install_it(monkeypatch, capsys) -
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install -e ".[lsp]"' in err
     assert "Traceback" not in err
-
-
-def test_unrelated_paths_are_untouched() -> None:
-    assert Path(TINY).read_text() == format_text(TINY.read_text())

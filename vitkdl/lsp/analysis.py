@@ -161,30 +161,24 @@ def _term_text(analysis: Analysis, term: Any) -> str:
 
 
 def _field_text(model: type, name: str, where: str) -> str:
-    if name not in model.model_fields:
-        return f"**{name}**: passed to timm's `create_model` as written ({where})"
     default = language.field_default(model, name)
     text = f"**{name}** ({where}): {language.describe_type(model, name)}"
-    if default is not None:
-        text += f"; default {default}"
-    return text
+    return text + (f"; default {default}" if default is not None else "")
 
 
 def _node_fields(node: Any, line: int, column: int, where: str, analysis: Analysis) -> str | None:
+    """Hover text for the written field of ``node`` (or of a call in it) at the position."""
     for name, span in node.spans.items():
         if not analysis.here(span) or not _inside(span, line, column):
             continue
         value = getattr(node, name, None)
-        if hasattr(value, "spans") and value.spans:
+        if isinstance(getattr(value, "spans", None), dict):
             inner = _node_fields(value, line, column, f"{name}(...)", analysis)
             if inner is not None:
                 return inner
-        if name not in type(node).model_fields and "extra" in type(node).model_fields:
-            return _field_text(type(node), name, where)
         if name in type(node).model_fields:
             return _field_text(type(node), name, where)
-        if "kwargs" in type(node).model_fields:
-            return f"**{name}** ({where}): passed to timm as written"
+        return f"**{name}** ({where}): passed to timm as written"
     return None
 
 
