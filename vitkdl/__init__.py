@@ -55,13 +55,16 @@ def override_list(overrides: Overrides) -> list[str]:
     return list(overrides)
 
 
-def validate(path: str | Path, overrides: Overrides = None, *, strict: bool = False
-          ) -> tuple[RecipeSpec | None, list[Diagnostic], Any]:
-    """Load and check a recipe without raising: ``(spec, diagnostics, sources)``."""
+def validate(path: str | Path, overrides: Overrides = None, *, strict: bool = False,
+             text: str | None = None) -> tuple[RecipeSpec | None, list[Diagnostic], Any]:
+    """Load and check a recipe without raising: ``(spec, diagnostics, sources)``.
+
+    ``text``: the recipe's unsaved text (an editor buffer); ``path`` still names it.
+    """
     from vitkdl.checks import run_checks
     from vitkdl.spec import load_spec
 
-    spec, diags, sources = load_spec(path, override_list(overrides))
+    spec, diags, sources = load_spec(path, override_list(overrides), text=text)
     if spec is not None and spec.student is not None:
         _, more = run_checks(spec, strict=strict)
         diags = diags + more

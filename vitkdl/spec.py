@@ -348,8 +348,8 @@ def _merge_tree(raw: RawRecipe, tree: syn.SyntaxTree, diags: list[Diagnostic]) -
 
 
 def _load_raw(path: Path, sources: Sources, diags: list[Diagnostic], stack: tuple[Path, ...],
-              at: Span | None) -> RawRecipe | None:
-    """Read, parse and resolve ``extends`` for one recipe file."""
+              at: Span | None, text: str | None = None) -> RawRecipe | None:
+    """Read, parse and resolve ``extends`` for one recipe file (``text``: its unsaved text)."""
     name = _display(path)
     resolved = path.resolve()
     if resolved in stack:
@@ -358,7 +358,7 @@ def _load_raw(path: Path, sources: Sources, diags: list[Diagnostic], stack: tupl
                            hint="a recipe cannot extend itself, directly or through another"))
         return None
     try:
-        text = syn.read_source(path, sources, at)
+        text = syn.read_source(path, sources, at) if text is None else text
         sources.add(name, text)
         tree = syn.parse(text, name)
     except VkdError as exc:
@@ -816,8 +816,9 @@ def _teacher_from(block: RawBlock, sources: Sources, diags: list[Diagnostic],
 
 
 def _load_spec(path: Path, overrides: Sequence[str], sources: Sources,
-               diags: list[Diagnostic], stack: tuple[Path, ...] = ()) -> RecipeSpec | None:
-    raw = _load_raw(path, sources, diags, stack, None)
+               diags: list[Diagnostic], stack: tuple[Path, ...] = (),
+               text: str | None = None) -> RecipeSpec | None:
+    raw = _load_raw(path, sources, diags, stack, None, text)
     if raw is None:
         return None
     if overrides:
@@ -826,14 +827,16 @@ def _load_spec(path: Path, overrides: Sequence[str], sources: Sources,
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = (),
-              sources: Sources | None = None) -> tuple[RecipeSpec | None, list[Diagnostic],
-                                                       Sources]:
+              sources: Sources | None = None, *, text: str | None = None
+              ) -> tuple[RecipeSpec | None, list[Diagnostic], Sources]:
     """Load a recipe into a :class:`RecipeSpec`, collecting every diagnostic.
 
     Returns ``(spec, diagnostics, sources)``; ``spec`` is None only when the file could not be
-    read or parsed. Nothing here imports torch or timm.
+    read or parsed. ``text`` is the recipe's text when it is not (yet) what the file at
+    ``path`` holds, e.g. an editor's unsaved buffer; ``path`` still names it and anchors its
+    relative ``extends`` and ``teacher from`` paths. Nothing here imports torch or timm.
     """
     sources = sources or Sources()
     diags: list[Diagnostic] = []
-    spec = _load_spec(Path(path), list(overrides), sources, diags)
+    spec = _load_spec(Path(path), list(overrides), sources, diags, text=text)
     return spec, diags, sources

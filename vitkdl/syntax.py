@@ -156,6 +156,15 @@ def _parser() -> Lark:
                 maybe_placeholders=True)
 
 
+@functools.cache
+def concrete_parser() -> Lark:
+    """The recipe parser keeping every token (keywords and punctuation too), for tools that
+    work on the text as written: the formatter, the highlighter, the language server."""
+    text = resources.files("vitkdl.grammars").joinpath("vkd.lark").read_text(encoding="utf-8")
+    return Lark(text, parser="lalr", start=["start", "value_only"], propagate_positions=True,
+                maybe_placeholders=True, keep_all_tokens=True)
+
+
 def _span(file: str, meta: Any) -> Span:
     return Span(file=file, line=meta.line, column=meta.column, end_line=meta.end_line,
                 end_column=meta.end_column)

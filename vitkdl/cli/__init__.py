@@ -1,4 +1,5 @@
-"""The ``vitkdl`` command: one module per subcommand (validate, explain, run)."""
+"""The ``vitkdl`` command: one module per subcommand (validate, explain, run, bench, fmt,
+init, ls, cp, lsp)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ EPILOG = """examples:
   vitkdl explain recipes/deit_base_vitkd_kd.vkd       the resolved plan: models, terms, cost
   vitkdl explain recipes/quickstart.vkd --json        the same as JSON
   vitkdl explain recipes/deit_tiny_vitkd_kd.vkd --set distill.generate.mask=0.75
+  vitkdl fmt --check recipes                          is every recipe in the canonical layout?
+  vitkdl init --teacher vit_base_patch16_224 --student vit_small_patch16_224 -o my.vkd
+  vitkdl ls                                           the shipped recipes; vitkdl cp NAME DEST
 
 Overrides (--set PATH=VALUE) use the recipe's own value syntax: train.epochs=1,
 data.root=/data/imagenet, student.drop_path=0, train.optimizer.lr=5e-4,
@@ -31,14 +35,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitkdl.cli import bench, explain, run, validate
+    from vitkdl.cli import bench, cp, explain, fmt, init, ls, lsp, run, validate
 
     parser = _Parser(prog="vitkdl", description="Declarative ViTKD knowledge distillation "
                      "for Vision Transformers (timm + torch.compile).", epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vitkdl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (validate, explain, run, bench):
+    for module in (validate, explain, run, bench, fmt, init, ls, cp, lsp):
         module.add_parser(sub)
     return parser
 

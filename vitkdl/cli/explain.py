@@ -11,10 +11,10 @@ from rich.table import Table
 
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
 from vitkdl.optim import NO_DECAY_WORDS
-from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan, TapPoint
+from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan
 from vitkdl.sources import source, teacher_affine
 from vitkdl.terms import KINDS
-from vitkdl.terms.base import adapter_words
+from vitkdl.terms.base import adapter_words, points_words
 
 HELP = """Print what the compiler will build after `extends`, overrides and defaults: models
 (width, depth, heads, token grid, prefix tokens, parameters), each term with its absolute block
@@ -45,15 +45,6 @@ def _n(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.1f}{unit}"
     return f"{x:g}"
-
-
-def _points(points: list[TapPoint]) -> str:
-    """Resolved taps in words: ``blocks 0, 1``, ``blocks 0.attn, 1.attn``, ``norm``."""
-    words = ["norm" if p.point == "norm" else
-             str(p.block) + ("" if p.point == "out" else f".{p.point}") for p in points]
-    blocks = [w for w in words if w != "norm"]
-    return ", ".join((["blocks " + ", ".join(blocks)] if blocks else []) +
-                     (["norm"] if "norm" in words else []))
 
 
 def _value(v: object) -> str:
@@ -115,7 +106,7 @@ def render_plan(plan: Plan, out: Console) -> None:
         if kind.paired:
             out.print(f"   {escape(', '.join(t.student_taps))} -> "
                       f"{escape(', '.join(t.teacher_taps))}: "
-                      f"{_points(t.student)} -> {_points(t.teacher)}, "
+                      f"{points_words(t.student)} -> {points_words(t.teacher)}, "
                       f"{'x'.join(map(str, t.student_shape))} -> "
                       f"{'x'.join(map(str, t.teacher_shape))} per image per tap")
         for a in t.adapters:

@@ -147,6 +147,15 @@ def adapter_words(a: AdapterPlan) -> str:
     return f"transformer Block({d[0]}, heads {d[1]}, mlp {d[2]})"
 
 
+def points_words(points: Sequence[TapPoint]) -> str:
+    """Resolved taps in words: ``blocks 0, 1``, ``blocks 0.attn, 1.attn``, ``norm``."""
+    blocks = [str(p.block) + ("" if p.point == "out" else f".{p.point}") for p in points
+              if p.point != "norm"]
+    parts = (["blocks " + ", ".join(blocks)] if blocks else []) + (
+        ["norm"] if any(p.point == "norm" for p in points) else [])
+    return ", ".join(parts)
+
+
 def term_plan(term: TermSpec, *, student: Sequence[TapPoint] = (),
               teacher: Sequence[TapPoint] = (), student_shape: Sequence[int] = (),
               teacher_shape: Sequence[int] = (), adapters: Sequence[AdapterPlan] = (),
