@@ -14,6 +14,7 @@ from vitkdl.train.data import (
     DataConfig,
     DataError,
     ImageFolderDataset,
+    _digits_split,
     build_datasets,
     build_loaders,
     build_mixup,
@@ -348,3 +349,30 @@ def test_invalid_config_values() -> None:
         DataConfig(source="digits", in_chans=2)
     cfg = DataConfig(source="digits", mean=[0.5, 0.5, 0.5], std=[0.5] * 3)  # type: ignore[arg-type]
     assert cfg.mean == (0.5, 0.5, 0.5)
+
+
+def test_embedded_digits_are_the_fixed_split_without_scikit_learn() -> None:
+    """The digits ship as a 47 KB array: the same 1437 / 360 stratified split as ever (checked
+    against scikit-learn's own split when it is installed), and loading them imports neither
+    scikit-learn nor SciPy."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vitkdl.train.data import _digits_split; x = _digits_split(); "
+            "assert not {'sklearn', 'scipy'} & set(sys.modules), sorted(sys.modules); "
+            "print(x[0].shape[0], x[1].shape[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["1437", "360"]
+    x_tr, x_va, y_tr, y_va = _digits_split()
+    assert np.bincount(y_va).tolist() == [36, 36, 35, 37, 36, 37, 36, 36, 35, 36]
+    assert x_tr.dtype == np.float32 and x_tr.min() == 0.0 and x_tr.max() == 1.0
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    want = train_test_split(digits.images.astype("float32") / 16.0, digits.target,
+                            test_size=0.2, stratify=digits.target, random_state=0)
+    for got, ref in zip((x_tr, x_va, y_tr, y_va), want, strict=True):
+        assert np.array_equal(got, ref)

@@ -3,9 +3,10 @@
 Three sources are supported (``DataConfig.source``):
 
 ``"digits"``
-    scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes, no download),
-    held fully in memory.  The train/val split is an 80/20 stratified split fixed at
-    ``random_state=0`` (1437 train / 360 val images), independent of ``DataConfig.seed``.
+    the 1797 8x8 handwritten digits that scikit-learn bundles, embedded in the package
+    (``vitkdl/data/digits.npz``; no download, no scikit-learn), held fully in memory. The
+    train/val split is a fixed 80/20 stratified split (1437 train / 360 val images),
+    independent of ``DataConfig.seed``.
 ``"synthetic"``
     Deterministic random images (a per-class low-frequency pattern plus Gaussian noise, so
     the task is learnable) for smoke tests and benchmarks.
@@ -183,17 +184,20 @@ def resolve_norm(
 
 @lru_cache(maxsize=1)
 def _digits_split() -> tuple[Any, Any, Any, Any]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """The embedded digits, split as always (``vitkdl/data/README.md``): every run evaluates
+    on the same 360 images. Images in [0, 1]."""
+    from importlib import resources
 
-    digits = load_digits()
-    x = digits.images.astype("float32") / 16.0  # [N, 8, 8] in [0, 1]
-    y = digits.target.astype("int64")
-    # Fixed random_state (NOT cfg.seed): every run evaluates on the same 360 images.
-    x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
-    for arr in (x_tr, x_va, y_tr, y_va):
+    import numpy as np
+
+    with resources.files("vitkdl").joinpath("data/digits.npz").open("rb") as f:
+        data = np.load(f)
+        arrays = (data["train_images"].astype("float32") / 16.0,
+                  data["val_images"].astype("float32") / 16.0,
+                  data["train_labels"].astype("int64"), data["val_labels"].astype("int64"))
+    for arr in arrays:
         arr.setflags(write=False)
-    return x_tr, x_va, y_tr, y_va
+    return arrays
 
 
 class DigitsDataset(Dataset):

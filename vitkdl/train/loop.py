@@ -34,7 +34,7 @@ from vitkdl.train.checkpoint import (
     set_rng_state,
 )
 from vitkdl.train.data import DataConfig, build_loaders, build_mixup, mix_seed, set_epoch
-from vitkdl.train.report import MetricsLog, write_curves
+from vitkdl.train.report import PLOTS_MISSING, MetricsLog, write_curves
 from vitkdl.train.step import Update, configure_optimizer, model_param_groups, train_step
 
 SMALL_STEP_FLOPS = 5e9  # below this per step, one CPU thread beats several
@@ -449,7 +449,8 @@ class Run:
                                                 "num_classes": plan.student.num_classes}},
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        write_curves(out / "metrics.jsonl", out / "curves.png", plan.recipe)
+        if not write_curves(out / "metrics.jsonl", out / "curves.png", plan.recipe):
+            self.progress.note(f"  curves.png skipped: {PLOTS_MISSING}")
         distributed.barrier()
         return summary
 

@@ -57,12 +57,28 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_curves(metrics: Path, out: Path, title: str = "") -> None:
-    """``curves.png``: every loss term, the learning rate and the accuracies over steps."""
-    import matplotlib
+PLOTS_MISSING = "plots need matplotlib: pip install -e \".[plots]\" (or pip install matplotlib)"
 
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on a file backend, or None when matplotlib (the optional ``plots``
+    extra) is not installed: runs and reports go on without their figures."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_curves(metrics: Path, out: Path, title: str = "") -> bool:
+    """``curves.png``: every loss term, the learning rate and the accuracies over steps.
+    False (nothing written) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
 
     records = read_metrics(metrics)
     train = [r for r in records if r.get("kind") == "train"]
@@ -95,6 +111,7 @@ def write_curves(metrics: Path, out: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)
+    return True
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -143,12 +160,12 @@ def comparison_table(summaries: Sequence[dict[str, Any]]) -> Table:
     return table
 
 
-def write_comparison(summaries: Sequence[dict[str, Any]], out: Path) -> None:
-    """``comparison.png``: top-1 of each run (and its teacher's, when it had one)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_comparison(summaries: Sequence[dict[str, Any]], out: Path) -> bool:
+    """``comparison.png``: top-1 of each run (and its teacher's, when it had one). False
+    (nothing written) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
 
     names = [s["recipe"] for s in summaries]
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(names)), 3.5))
@@ -166,6 +183,7 @@ def write_comparison(summaries: Sequence[dict[str, Any]], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)
+    return True
 
 
 def print_summary(console: Console, summary: dict[str, Any]) -> None:

@@ -194,7 +194,12 @@ def _baseline_of(spec: RecipeSpec) -> str | None:
 def run_many(paths: Sequence[str | Path], req: RunRequest, console: Console
              ) -> list[dict[str, Any]]:
     """Run each recipe; with several (or a recipe and its baseline), a comparison at the end."""
-    from vitkdl.train.report import comparison_table, print_summary, write_comparison
+    from vitkdl.train.report import (
+        PLOTS_MISSING,
+        comparison_table,
+        print_summary,
+        write_comparison,
+    )
 
     job = distributed.init_from_env()
     if not job.is_main:
@@ -211,6 +216,7 @@ def run_many(paths: Sequence[str | Path], req: RunRequest, console: Console
         rows = list(shown.values())
         console.print(comparison_table(rows))
         req.out_root.mkdir(parents=True, exist_ok=True)
-        write_comparison(rows, req.out_root / "comparison.png")
+        if not write_comparison(rows, req.out_root / "comparison.png"):
+            console.print(f"comparison.png skipped: {PLOTS_MISSING}", highlight=False)
         (req.out_root / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
     return list(shown.values())
