@@ -182,3 +182,17 @@ def test_bad_options_raise_bench_error(tiny: Path) -> None:
         bench_plan(plan, steps=0)
     with pytest.raises(BenchError, match="backend"):
         bench_plan(plan, compile_backend="tvm")
+
+
+def test_recipes_without_a_hand_written_peer_are_benched_without_it(tmp_path: Path) -> None:
+    """Taps inside blocks have no hook-based equivalent: (c) is left out and the result says
+    why; (a), (b) and (d) are measured as ever."""
+    path = tmp_path / "sub.vkd"
+    path.write_text(TINY.replace("student.blocks[0] -> teacher.blocks[0]",
+                                 "student.blocks[0].attn -> teacher.blocks[0].attn"))
+    result = run_bench(path, steps=1, warmup=1, device="cpu", compile_backend="eager",
+                       breakdown=False, loader=False)
+    assert set(result.configs) == {"compiled", "eager", "floor"}
+    assert result.ratios["compiled_vs_hooks"] is None
+    assert any(n.startswith("hooks not measured") and "blocks.0.attn" in n
+               for n in result.notes)

@@ -242,3 +242,39 @@ def test_smoke_runs_a_paper_recipe_without_its_data(tmp_path, capsys) -> None:
     assert code == 0, capsys.readouterr().err
     summary = _summary(tmp_path / "runs" / "deit_tiny_vitkd_kd")
     assert summary["steps"] == 3
+
+
+DESIGN_SPACE = """
+recipe design
+teacher vit_small_patch16_224 {
+    img_size = 8  patch_size = 2  in_chans = 1  depth = 2  embed_dim = 32  num_heads = 4
+    num_classes = 10
+}
+student vit_tiny_patch16_224 {
+    img_size = 8  patch_size = 2  in_chans = 1  depth = 2  embed_dim = 16  num_heads = 2
+    num_classes = 10
+}
+data digits { batch_size = 32 }
+distill {
+    mimic student.blocks[0].attn -> teacher.blocks[0].attn as mha { weight = 1e-3 }
+    mimic student.blocks[1].mlp -> teacher.blocks[1].mlp as rel { loss = relation }
+    mimic student.blocks[0:2].attn_map -> teacher.blocks[0:2].attn_map as maps {
+        loss = kl  heads = mean }
+    generate student.norm -> teacher.norm as gen { generator = attention  weight = 1e-4 }
+    generate student.blocks[1] -> teacher.blocks[1] as lin { generator = linear }
+    nkd
+}
+train { epochs = 1  log_every = 1 }
+"""
+
+
+def test_the_papers_design_space_trains(tmp_path, capsys) -> None:
+    """Taps inside blocks, relations, attention maps and every generator, in one run."""
+    recipe = write(tmp_path, "design.vkd", DESIGN_SPACE)
+    assert run(str(recipe), "--out", str(tmp_path / "runs"), "--max-steps", "3") == 0
+    records = [json.loads(line) for line in
+               (tmp_path / "runs" / "design" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for name in ("mha", "rel", "maps", "gen", "lin", "nkd", "labels"):
+        assert all(r[name] >= 0 for r in train), name

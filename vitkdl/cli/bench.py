@@ -147,6 +147,8 @@ def render(r: dict[str, Any], out: Console) -> None:
     labels = {"compiled": "(a) vitkdl compiled", "eager": "(b) vitkdl eager",
               "hooks": "(c) hooks + loss module", "floor": "(d) floor: student + teacher inf."}
     for key, label in labels.items():
+        if key not in c:
+            continue
         v = c[key]
         row = [label, _f(v["images_per_second"]), _f(v["ms_per_step"], ".2f"),
                f"{a_ms / v['ms_per_step']:.2f}x" if v["ms_per_step"] else "-",
