@@ -3,22 +3,42 @@
 from __future__ import annotations
 
 from vitkdl import language, spec
+from vitkdl.terms import KINDS
 
 
 def test_terms_come_from_the_registry() -> None:
-    assert language.term_kinds() == tuple(spec.TERM_MODELS)
+    assert language.term_kinds() == tuple(KINDS)
+    assert language.term_models() == {k: kind.spec for k, kind in KINDS.items()}
+    assert language.feature_kinds() == tuple(k for k, kind in KINDS.items() if kind.paired)
     for kind in language.feature_kinds():
         assert "student" in language.term_models()[kind].model_fields
+    for keyword, kind in KINDS.items():
+        assert language.term_summary(keyword) == kind.summary
+    assert set(language.term_kinds()) <= set(language.keywords())
 
 
 def test_statements_and_the_terms_block_come_from_the_grammar() -> None:
     assert set(language.statement_keywords()) >= set(language.block_models())
     block = language.terms_block()
-    accepts = language.expected_terminals(f"{block} {{")
-    assert accepts is not None
-    words = {w for t in accepts for w in language.terminal_words(t)}
-    assert set(language.term_kinds()) <= words
+    assert block is not None
+    words = language.expected_words(f"{block} {{")
+    assert words is not None and set(language.term_kinds()) <= set(words)
     assert language.expected_terminals("student {") is None  # a syntax error
+    assert language.expected_words("student {") is None
+
+
+def test_where_a_term_may_start_is_asked_of_the_grammar() -> None:
+    block = language.terms_block()
+    keyword, paired = language.term_kinds()[0], language.feature_kinds()[0]
+    assert language.term_may_start(f"{block} {{")
+    assert language.term_may_start(f"{block} {{ {keyword}")  # the next term
+    assert language.term_may_start(f"{block} {{ {paired} student.blocks[0] -> teacher.norm")
+    assert not language.term_may_start(f"{block} {{ {keyword} as")  # an alias
+    assert not language.term_may_start(f"{block} {{ {keyword} {{")  # a field
+    assert not language.term_may_start("")  # a statement
+    assert not language.term_may_start("teacher")  # a model name
+    for text in ("", "teacher", "train {"):
+        assert not set(language.term_kinds()) & set(language.expected_words(text) or ())
 
 
 def test_block_fields_are_the_spec_lists() -> None:
@@ -33,7 +53,7 @@ def test_block_fields_are_the_spec_lists() -> None:
 def test_term_fields_leave_out_what_the_syntax_sets() -> None:
     for model in language.term_models().values():
         fields = language.fields_of(model)
-        assert "weight" in fields
+        assert fields[-1] == "weight"  # a kind's own fields first, then every term's
         assert not {"kind", "name", "student", "teacher", "span", "spans"} & set(fields)
 
 
@@ -52,3 +72,4 @@ def test_choices_types_and_defaults() -> None:
         "300",
     ]
     assert language.tap_points() == ("blocks", "norm")
+    assert language.tap_subpoints() == spec.TAP_SUBPOINTS

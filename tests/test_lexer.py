@@ -33,7 +33,8 @@ def test_tokens_are_coloured_by_their_role() -> None:
         "recipe demo  # the name\nteacher deit3_small_patch16_224.fb_in22k_ft_in1k {\n"
         '    weights = "w.safetensors"\n    pretrained = false\n}\n'
         "distill {\n    mimic student.blocks[0, -1] -> teacher.norm as m {\n"
-        "        align = linear\n        weight = 3e-5\n    }\n    nkd\n}\n"
+        "        align = linear\n        weight = 3e-5\n    }\n    nkd\n"
+        "    mimic student.blocks[0:2].attn_map -> teacher.blocks[0:2] . attn\n}\n"
         "train {\n    optimizer = adamw(lr = 1e-3)\n    data = 1\n}\n"
     )
     got = {(v, t) for t, v in _tokens(text) if v.strip()}
@@ -55,6 +56,8 @@ def test_tokens_are_coloured_by_their_role() -> None:
         ("linear", Name.Constant),
         ("3e-5", Number),
         ("nkd", Keyword),
+        ("attn_map", Name.Variable),  # a point inside the blocks
+        ("attn", Name.Variable),
         ("adamw", Name.Function),
         ("lr", Name.Attribute),
         ("data", Name.Attribute),  # a keyword written as a field name is a field

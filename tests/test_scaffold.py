@@ -34,13 +34,8 @@ def test_the_papers_pair_gets_the_papers_recipe(tmp_path, reference) -> None:
         path=tmp_path / "tiny.vkd",
     )
     plan = _plan(text, tmp_path / "tiny.vkd")
-    shipped = {
-        t.name: (t.weight, t.coefficient, t.student_blocks, t.teacher_blocks)
-        for t in reference.terms
-    }
-    assert {
-        t.name: (t.weight, t.coefficient, t.student_blocks, t.teacher_blocks) for t in plan.terms
-    } == shipped
+    shipped = {t.name: (t.weight, t.coefficient, t.student, t.teacher) for t in reference.terms}
+    assert {t.name: (t.weight, t.coefficient, t.student, t.teacher) for t in plan.terms} == shipped
     assert plan.data == reference.data and plan.optimizer == reference.optimizer
     assert plan.schedule == reference.schedule
     assert text.startswith("# ViTKD + NKD: deit_tiny_patch16_224 taught by deit3_small")

@@ -1,11 +1,13 @@
 """The recipe language's vocabulary, for tools: keywords, blocks, terms, fields and choices.
 
 Nothing here is written down twice. Keywords come from the grammar (``grammars/vkd.lark``:
-every terminal that matches only fixed words), blocks and fields from the spec models
+every terminal that matches only fixed words) and, for the distill terms, from the registry of
+kinds (:data:`vitkdl.terms.KINDS`: keywords, spec models, summaries, whether a kind pairs
+taps), which the grammar does not know; blocks and fields come from the spec models
 (:class:`~vitkdl.spec.RecipeSpec`, ``MODEL_FIELDS``, ``BLOCK_FIELDS``), choices from their
-``Literal`` types, and the distill terms from :func:`term_models`, the one place that reads the
-term registry. The formatter, the highlighter, ``vitkdl init`` and the language server ask this
-module; none of them spells a term keyword.
+``Literal`` types. Where a term may start is asked of the grammar (:func:`term_may_start`).
+The formatter, the highlighter, ``vitkdl init`` and the language server ask this module; none
+of them spells a term keyword.
 
 Imports lark and pydantic only (never torch).
 """
@@ -28,10 +30,18 @@ _PROBE = "zqxv_probe"  # a word no keyword terminal matches
 
 
 def term_models() -> dict[str, type[_spec.Node]]:
-    """Distill term keyword -> its spec model. The one function that reads the registry."""
+    """Distill term keyword -> its spec model, read off the registry (:mod:`vitkdl.terms`)."""
     from vitkdl.terms import KINDS
 
     return {keyword: kind.spec for keyword, kind in KINDS.items()}
+
+
+def term_summary(keyword: str) -> str:
+    """The one-line help of the term kind written ``keyword`` (empty for an unknown word)."""
+    from vitkdl.terms import KINDS
+
+    kind = KINDS.get(keyword)
+    return kind.summary if kind is not None else ""
 
 
 def term_kinds() -> tuple[str, ...]:
@@ -76,19 +86,23 @@ def terminal_words(name: str) -> tuple[str, ...]:
     return _terminal_words().get(name, ())
 
 
-@functools.cache
 def keywords() -> tuple[str, ...]:
-    """Every word the grammar reserves somewhere (keywords are contextual: most stay usable as
-    field names and choice words elsewhere), constants included."""
-    words = {w for ws in _terminal_words().values() for w in ws}
-    return tuple(sorted(words))
+    """Every keyword of the language: the words the grammar reserves somewhere and the distill
+    term keywords of the registry (keywords are contextual: most stay usable as field names and
+    choice words elsewhere), constants included."""
+    return tuple(sorted({*_grammar_words(), *term_kinds()}))
+
+
+@functools.cache
+def _grammar_words() -> frozenset[str]:
+    return frozenset(w for ws in _terminal_words().values() for w in ws)
 
 
 @functools.cache
 def constants() -> tuple[str, ...]:
     """Reserved words that are values (``true``, ``false``)."""
     out = []
-    for w in keywords():
+    for w in sorted(_grammar_words()):
         try:
             value = _syntax.parse_value(w)
         except VkdError:  # a keyword that is not a value
@@ -122,14 +136,40 @@ def expected_terminals(text: str) -> frozenset[str] | None:
 
 
 @functools.cache
+def _side_terminals() -> frozenset[str]:
+    """The grammar terminals that start a tap (they match exactly the tap sides)."""
+    sides = set(tap_sides())
+    return frozenset(t for t, words in _terminal_words().items() if set(words) == sides)
+
+
+def term_may_start(text: str) -> bool:
+    """Whether a distill term may start at the end of ``text`` (a recipe's beginning).
+
+    The grammar knows no term keyword, so it is asked what a word there would be: a term's
+    keyword is followed by taps, where a field name wants ``=`` and an alias nothing more.
+    """
+    accepts = expected_terminals(f"{text} {_PROBE}")
+    return accepts is not None and bool(accepts & _side_terminals())
+
+
+def expected_words(text: str) -> tuple[str, ...] | None:
+    """The keywords that may follow ``text`` (a recipe's beginning): those of the grammar's
+    terminals, and the term keywords where a term may start; None when ``text`` already has a
+    syntax error."""
+    accepts = expected_terminals(text)
+    if accepts is None:
+        return None
+    words = [w for name in sorted(accepts) for w in terminal_words(name)]
+    if "NAME" in accepts and term_may_start(text):
+        words.extend(term_kinds())
+    return tuple(dict.fromkeys(words))
+
+
+@functools.cache
 def terms_block() -> str | None:
     """The statement whose ``{ ... }`` holds the distill terms (asked of the grammar)."""
-    # A term is a kind's keyword followed by taps: the block whose body takes a tap side after
-    # a word (where other bodies want `=`) holds the terms.
-    sides = set(tap_sides())
     for word in statement_keywords():
-        accepts = expected_terminals(f"{word} {{ {_PROBE}") or frozenset()
-        if any(sides & set(terminal_words(t)) for t in accepts):
+        if term_may_start(f"{word} {{"):
             return word
     return None
 
@@ -142,6 +182,11 @@ def tap_sides() -> tuple[str, ...]:
 def tap_points() -> tuple[str, ...]:
     """What a tap may name after ``student.``/``teacher.``."""
     return literal_choices(_spec.TapSpec, "point")
+
+
+def tap_subpoints() -> tuple[str, ...]:
+    """The points inside the blocks a tap may name after its index (``blocks[0:2].attn``)."""
+    return tuple(_spec.TAP_SUBPOINTS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +252,11 @@ def fields_of(model: type[BaseModel], block: str | None = None) -> tuple[str, ..
             return tuple(_spec.BLOCK_FIELDS[block])
         if model is _spec.ModelSpec:
             return tuple(_spec.MODEL_FIELDS)
-    return tuple(n for n in model.model_fields if not _internal(model, n))
+    names = [n for n in model.model_fields if not _internal(model, n)]
+    if issubclass(model, _spec.TermSpec):  # a term's own fields first, then every term's
+        common = _spec.TermSpec.model_fields
+        names = [n for n in names if n not in common] + [n for n in names if n in common]
+    return tuple(names)
 
 
 def block_argument(block: str) -> str | None:

@@ -1,10 +1,13 @@
 """Highlighting of recipes: a Pygments lexer and the TextMate grammar of the VS Code extension.
 
 Both are built from one table, :func:`rules`, made of the grammar's own token patterns and
-keywords (:mod:`vitkdl.language`), so a new keyword or term needs no change here. A word is
-coloured by its role, which the text around it shows: a name before ``=`` is a field, before
-``(`` a call, ``student``/``teacher`` before ``.`` a tap side, a word after a keyword the name
-that keyword introduces (a model, a data source, a recipe name, an alias).
+keywords and of the term keywords of the registry of kinds (both through
+:mod:`vitkdl.language`), so a new keyword or term needs no change here (the TextMate grammar is
+regenerated). A word is coloured by its role, which the text around it shows: a name before
+``=`` is a field, before ``(`` a call, ``student``/``teacher`` before ``.`` a tap side, a name
+after ``.`` a member (a tap point, or a point inside the blocks such as ``attn``),
+a word after a keyword the name that keyword introduces (a model, a data source, a recipe name,
+an alias).
 
 ``python -m vitkdl.lexer`` prints the TextMate grammar; ``editors/vscode/syntaxes/`` holds its
 output, and a test checks that it is current.
@@ -76,6 +79,7 @@ def rules() -> tuple[Rule, ...]:
     """The highlighting rules, in the order they are tried."""
     name = _pattern("NAME")
     word = rf"(?<![\w-]){name}"
+    start = r"(?<![\w.-])"  # a keyword never follows a dot: after one is a member
     end = r"(?![\w-])"
     keywords = _words(tuple(w for w in language.keywords() if w not in language.constants()))
     not_keyword = rf"(?!{keywords}{end})"
@@ -93,7 +97,7 @@ def rules() -> tuple[Rule, ...]:
             rf"({word})(\s*)(?=\()", (Name.Function, Whitespace), ("entity.name.function.vkd", None)
         ),
         Rule(
-            rf"(?<![\w-])({_words(language.constants())}){end}",
+            rf"{start}({_words(language.constants())}){end}",
             (Keyword.Constant,),
             ("constant.language.vkd",),
         ),
@@ -103,21 +107,21 @@ def rules() -> tuple[Rule, ...]:
             ("keyword.operator.assignment.vkd", None, "constant.other.choice.vkd"),
         ),
         Rule(
-            rf"(?<![\w-])({_words(language.tap_sides())})(\s*)(?=\.)",
+            rf"{start}({_words(language.tap_sides())})(\s*)(?=\.)",
             (Name.Builtin, Whitespace),
             ("variable.language.tap.vkd", None),
         ),
         Rule(
-            rf"(?<![\w-])({keywords}){end}(\s+)({not_keyword}{name}(?:\s*\.\s*{name})*)"
+            rf"{start}({keywords}){end}(\s+)({not_keyword}{name}(?:\s*\.\s*{name})*)"
             rf"{end}(?!\s*[=(])",
             (Keyword, Whitespace, Name.Class),
             ("keyword.control.vkd", None, "entity.name.type.vkd"),
         ),
-        Rule(rf"(?<![\w-])({keywords}){end}", (Keyword,), ("keyword.control.vkd",)),
+        Rule(rf"{start}({keywords}){end}", (Keyword,), ("keyword.control.vkd",)),
         Rule(
-            rf"(?<=\.)(\s*)({name})",
-            (Whitespace, Name.Variable),
-            (None, "variable.other.member.vkd"),
+            rf"(\.)(\s*)({name})",
+            (Punctuation, Whitespace, Name.Variable),
+            ("punctuation.vkd", None, "variable.other.member.vkd"),
         ),
         Rule(rf"({word})", (Name,), ("variable.other.vkd",)),
         Rule(r"(=)", (Operator,), ("keyword.operator.assignment.vkd",)),

@@ -38,7 +38,7 @@ def labels(text_with_cursor: str) -> list[str]:
         ("distill {\n  generate student.norm -> teacher.n|\n}", ["norm"]),
         (
             "distill {\n  mimic student.blocks[0] -> teacher.norm {\n    |\n  }\n}",
-            ["align", "loss", "weight"],
+            ["align", "loss", "heads", "weight"],
         ),
         (
             "distill {\n  mimic student.blocks[0] -> teacher.norm { align = |",
@@ -47,6 +47,10 @@ def labels(text_with_cursor: str) -> list[str]:
         ("distill {\n  nkd { temperature = 1.0 g|", ["gamma"]),
         ("distill {\n  mimic |", ["student", "teacher"]),
         ("distill {\n  mimic student.blocks[|", []),
+        ("distill {\n  mimic student.blocks[0:2].|", list(language.tap_subpoints())),
+        ("distill {\n  mimic student.blocks[0].attn -> teacher.blocks[0].a|", ["attn", "attn_map"]),
+        ("distill {\n  mimic student.blocks[0] -> teacher.norm a|", ["as"]),
+        ("distill {\n  mimic student.blocks[0] -> teacher.norm as |", []),
         ("# a comment |", []),
         ('student x { weights = "a|" }', []),
         ("train {\n  epochs = 3|", []),
@@ -60,6 +64,14 @@ def test_term_keywords_where_a_term_may_start() -> None:
     assert set(labels("distill {\n  |\n}")) == set(language.term_kinds())
     after_logit = labels("distill {\n  nkd\n  |\n}")
     assert "as" in after_logit and set(language.term_kinds()) <= set(after_logit)
+    assert not set(language.tap_sides()) & set(after_logit)  # nkd pairs no taps
+    assert labels("distill {\n  nkd |") == after_logit
+    paired = labels("distill {\n  mimic student.blocks[0] -> teacher.norm\n  |\n}")
+    assert paired == ["as", *language.term_kinds()]
+    items, _ = complete("distill {\n  ", 12, HERE)
+    assert {i.label: i.detail for i in items} == {
+        k: language.term_summary(k) for k in language.term_kinds()
+    }
     # an error earlier in the file does not stop completion further down
     assert set(labels("train { x = = }\ndistill {\n  |\n}")) == set(language.term_kinds())
 

@@ -144,6 +144,22 @@ def test_hover_on_taps_terms_and_fields(client) -> None:
     assert nothing is None
 
 
+def test_hover_on_taps_inside_the_blocks(client) -> None:
+    from vitkdl.terms import KINDS
+
+    path = RECIPES / "ablations" / "shallow_attn_map.vkd"
+    text = path.read_text()
+    uri = client.open(path, text, version=1)
+    tap = client.request("textDocument/hover", client.at(uri, *_find(text, "student.blocks")))
+    value = tap["contents"]["value"]
+    assert "**student.blocks[0, 1].attn_map**: blocks 0.attn_map, 1.attn_map" in value
+    assert "3 x 196 x 196 (heads x queries x keys)" in value
+    line, _ = _find(text, "-> teacher")
+    term = client.request("textDocument/hover", client.at(uri, line, 4))
+    keyword = text.split("\n")[line].split()[0]
+    assert KINDS[keyword].summary in term["contents"]["value"]
+
+
 def _labels(result) -> list[str]:
     return [i["label"] for i in result["items"]]
 
@@ -156,7 +172,7 @@ def test_completion_inside_a_term_body_offers_its_fields_and_choices(client, tmp
     )
     uri = client.open(tmp_path / "typing.vkd", text)
     body = client.request("textDocument/completion", client.at(uri, 4, 8))
-    assert _labels(body) == ["align", "loss", "weight"]
+    assert _labels(body) == ["align", "loss", "heads", "weight"]
     assert body["items"][0]["kind"] == 5  # Field
     choices = client.request("textDocument/completion", client.at(uri, 5, 16))
     assert _labels(choices) == ["linear", "identity", "mlp"]

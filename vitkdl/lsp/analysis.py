@@ -116,13 +116,19 @@ def _tap_text(analysis: Analysis, term: Any, side: str, tap: Any) -> str:
     from vitkdl.terms.base import points_words
 
     points, _ = resolve_tap(tap, facts)
-    norm = [p.point for p in points] == ["norm"]
-    what = "the final norm's output" if norm else points_words(points) or "no blocks"
-    shape = f"{facts.num_patches} x {facts.embed_dim}"
-    lines = [
-        f"{head}: {what} of the {side}'s {facts.depth} ({facts.name}); "
-        f"{shape} (tokens x channels) per image per tap"
-    ]
+    if [p.point for p in points] == ["norm"]:
+        what = f"the final norm's output of the {side} ({facts.name}, {facts.depth} blocks)"
+    else:
+        what = (
+            f"{points_words(points) or 'no blocks'} of the {side}'s {facts.depth} blocks "
+            f"({facts.name})"
+        )
+    n = facts.num_patches
+    if any(p.point == "attn_map" for p in points):
+        shape = f"{facts.num_heads} x {n} x {n} (heads x queries x keys)"
+    else:
+        shape = f"{n} x {facts.embed_dim} (tokens x channels)"
+    lines = [f"{head}: {what}; {shape} per image per tap"]
     plan = _term_plan(analysis, term.name)
     if plan is not None:
         sb, tb = points_words(plan.student), points_words(plan.teacher)
@@ -136,7 +142,8 @@ def _tap_text(analysis: Analysis, term: Any, side: str, tap: Any) -> str:
 
 def _term_text(analysis: Analysis, term: Any) -> str:
     model = type(term)
-    lines = [f"**{term.name}** (`{term.kind}`): {language.doc_line(model)}"]
+    about = language.term_summary(term.kind) or language.doc_line(model)
+    lines = [f"**{term.name}** (`{term.kind}`): {about}"]
     plan = _term_plan(analysis, term.name)
     if plan is None:
         lines.append("\n(the plan is shown once the recipe has no errors)")

@@ -3,8 +3,10 @@
 The text before the cursor is rarely a whole recipe, so it is read twice, both times without
 giving up on errors: a tolerant scan (the highlighter's tokens) finds the enclosing brackets
 and the block or term that opened each ``{``, and the grammar's own parser, fed only the
-statement (or distill term) being written, says which keywords may come next. What a name
-means there (a field, a choice, a tap point, a timm model, a data source) comes from
+statement (or distill term) being written, says which keywords may come next; where it says
+a term may start, the term keywords of the registry (the grammar knows none) come too, and a
+term's kind says whether taps follow it. What a name means there (a field, a choice, a tap
+point, a point inside the blocks, a timm model, a data source) comes from
 :mod:`vitkdl.language`, never from a list kept here.
 """
 
@@ -121,15 +123,13 @@ def _line_start(text: str, offset: int) -> bool:
     return not text[text.rfind("\n", 0, offset) + 1 : offset].strip()
 
 
-def _keyword_items(accepts: frozenset[str] | None, skip: set[str] = frozenset()) -> list[Item]:
-    if accepts is None:
-        return []
-    out = []
-    for name in sorted(accepts):
-        for word in language.terminal_words(name):
-            if word not in skip and word not in language.constants():
-                out.append(Item(word, "keyword"))
-    return out
+def _keyword_items(words: tuple[str, ...] | None) -> list[Item]:
+    """Keywords as items (a term keyword with its kind's one-line help)."""
+    return [
+        Item(w, "keyword", language.term_summary(w))
+        for w in words or ()
+        if w not in language.constants()
+    ]
 
 
 def _field_items(model: type, names: tuple[str, ...]) -> list[Item]:
@@ -228,6 +228,17 @@ def _statement_start(tokens: list[Tok], lo: int, hi: int, text: str) -> int:
     return lo
 
 
+def _for_kind(keyword: str, words: tuple[str, ...], written: int) -> tuple[str, ...]:
+    """The keywords that may follow the head of a ``keyword`` term of ``written`` tokens: a
+    kind that pairs taps takes them first, the others take none (the grammar allows both)."""
+    if keyword not in language.term_kinds():
+        return words
+    sides = set(language.tap_sides())
+    if keyword in language.feature_kinds():
+        return tuple(w for w in words if w in sides) if written == 1 else words
+    return tuple(w for w in words if w not in sides)
+
+
 def _header(
     text: str, tokens: list[Tok], before: int, partial: str, outer: list[int]
 ) -> tuple[list[Item], bool]:
@@ -242,13 +253,21 @@ def _header(
             tokens[opener].text if opener is not None else language.terms_block() or ""
         ) + " { "
     begin = tokens[start].start if start < len(tokens) else before
-    accepts = language.expected_terminals(prefix + text[begin:before])
+    head = prefix + text[begin:before]
+    accepts = language.expected_terminals(head)
     level = _same_level(tokens, start, len(tokens))
     last = tokens[level[-1]] if level else None
-    after_side = len(level) >= 2 and tokens[level[-2]].text in language.tap_sides()
-    if in_terms and last is not None and last.text == "." and after_side:
-        return [Item(p, "tap", "tap point") for p in language.tap_points()], False
-    items = _keyword_items(accepts)
+    if in_terms and last is not None and last.text == "." and len(level) >= 2:
+        after = tokens[level[-2]].text
+        if after in language.tap_sides():  # student.|
+            return [Item(p, "tap", "tap point") for p in language.tap_points()], False
+        if after == "]" and accepts is not None and "NAME" in accepts:  # blocks[0:2].|
+            subpoints = language.tap_subpoints()
+            return [Item(p, "tap", "point inside the blocks") for p in subpoints], False
+    words = language.expected_words(head)
+    if in_terms and words is not None and start < len(tokens):
+        words = _for_kind(tokens[start].text, words, len(level))
+    items = _keyword_items(words)
     if accepts is not None and "NAME" in accepts and last is not None and last.kind == "word":
         if not in_terms and language.takes_model_name(last.text):
             models, more = _model_items(partial)
@@ -262,7 +281,7 @@ def _header(
             ], False
     if accepts is None and _line_start(text, before):  # an error earlier: what may start one
         words = language.term_kinds() if in_terms else language.statement_keywords()
-        items = [Item(w, "keyword") for w in words]
+        items = _keyword_items(words)
     return items, False
 
 
