@@ -16,8 +16,8 @@ os.environ.setdefault("VITKDL_CACHE_DIR", str(ROOT / ".pytest_cache" / "vitkdl")
 
 
 def shipped_recipes() -> list[Path]:
-    """Every runnable recipe we ship (bases are only ever extended)."""
-    return sorted(p for p in RECIPES.glob("*.vkd"))
+    """Every runnable recipe we ship, the ablations included (bases are only ever extended)."""
+    return sorted(RECIPES.glob("*.vkd")) + sorted(RECIPES.glob("ablations/*.vkd"))
 
 
 def check_golden(path: Path, text: str) -> None:

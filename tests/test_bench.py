@@ -67,6 +67,7 @@ def _fresh() -> None:
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_python_api_four_figures_and_ratios(tiny: Path) -> None:
     threads = torch.get_num_threads()
     result = run_bench(tiny, steps=2, warmup=1, device="cpu", compile_backend="aot_eager")
@@ -84,12 +85,17 @@ def test_python_api_four_figures_and_ratios(tiny: Path) -> None:
     a, b = result.configs["compiled"], result.configs["eager"]
     assert result.ratios["compiled_vs_eager"] == pytest.approx(b.ms_per_step / a.ms_per_step)
     floor = result.configs["floor"]
-    assert floor.ms_per_step == pytest.approx(floor.details["student_step_ms"]
-                                              + floor.details["teacher_inference_ms"])
+    assert floor.ms_per_step == pytest.approx(
+        floor.details["student_step_ms"] + floor.details["teacher_inference_ms"]
+    )
     parts = result.breakdown
     assert parts is not None
-    for key in ("teacher_forward_ms", "student_forward_backward_ms", "adapters_losses_ms",
-                "optimizer_ms"):
+    for key in (
+        "teacher_forward_ms",
+        "student_forward_backward_ms",
+        "adapters_losses_ms",
+        "optimizer_ms",
+    ):
         assert parts[key] > 0
     assert result.loader is not None and result.loader["images_per_second"] > 0
     assert result.batch == 8 and result.precision == "fp32" and result.threads == 1
@@ -97,9 +103,26 @@ def test_python_api_four_figures_and_ratios(tiny: Path) -> None:
     json.dumps(result.to_dict())  # JSON-able
 
 
+@pytest.mark.slow
 def test_cli_json(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["bench", str(tiny), "--json", "--steps", "2", "--warmup", "1",
-                 "--backend", "eager", "--no-breakdown", "--batch", "4", "--device", "cpu"])
+    code = main(
+        [
+            "bench",
+            str(tiny),
+            "--json",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--backend",
+            "eager",
+            "--no-breakdown",
+            "--batch",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     data = json.loads(out)
@@ -139,27 +162,39 @@ def test_hand_written_loss_matches_the_strategies(tiny: Path) -> None:
     t_logits, t_taps = tap_pass(program.teacher, images, points[:1], 1)
     mask = torch.zeros(4, 16, dtype=torch.bool)
     mask[:, ::2] = True
-    torch.testing.assert_close(hgen([feats["norm"]], [t_taps["norm"]], mask=mask),
-                               gen([feats["norm"]], [t_taps["norm"]], mask=mask))
+    torch.testing.assert_close(
+        hgen([feats["norm"]], [t_taps["norm"]], mask=mask),
+        gen([feats["norm"]], [t_taps["norm"]], mask=mask),
+    )
     out = hand(StepInputs(s_logits, feats, t_logits, t_taps, targets))
-    torch.testing.assert_close(out["mimic"], program.terms["mimic"]([feats["blocks.0"]],
-                                                                     [t_taps["blocks.0"]]))
+    torch.testing.assert_close(
+        out["mimic"], program.terms["mimic"]([feats["blocks.0"]], [t_taps["blocks.0"]])
+    )
     for name in ("nkd", "labels"):
-        want = program.terms[name](s_logits, t_logits, targets) if name == "nkd" else \
-            program.terms[name](s_logits, targets)
+        want = (
+            program.terms[name](s_logits, t_logits, targets)
+            if name == "nkd"
+            else program.terms[name](s_logits, targets)
+        )
         torch.testing.assert_close(out[name], want)
     soft = torch.softmax(torch.randn(4, 10), dim=1)
-    torch.testing.assert_close(hand.losses["nkd"](s_logits, t_logits, soft),
-                               program.terms["nkd"](s_logits, t_logits, soft))
+    torch.testing.assert_close(
+        hand.losses["nkd"](s_logits, t_logits, soft), program.terms["nkd"](s_logits, t_logits, soft)
+    )
 
 
-def test_bad_recipe_exits_2_without_traceback(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_recipe_exits_2_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.vkd"
-    bad.write_text(TINY.replace("vit_tiny_patch16_224 {\n    img_size = 16\n    patch_size = 4"
-                                "\n    depth = 1\n    embed_dim = 32",
-                                "vit_tiny_patch16_22 {\n    img_size = 16\n    patch_size = 4"
-                                "\n    depth = 1\n    embed_dim = 32"))
+    bad.write_text(
+        TINY.replace(
+            "vit_tiny_patch16_224 {\n    img_size = 16\n    patch_size = 4"
+            "\n    depth = 1\n    embed_dim = 32",
+            "vit_tiny_patch16_22 {\n    img_size = 16\n    patch_size = 4"
+            "\n    depth = 1\n    embed_dim = 32",
+        )
+    )
     code = main(["bench", str(bad), "--backend", "eager"])
     _, err = capsys.readouterr()
     assert code == 2 and "error" in err and "Traceback" not in err
@@ -188,11 +223,21 @@ def test_recipes_without_a_hand_written_peer_are_benched_without_it(tmp_path: Pa
     """Taps inside blocks have no hook-based equivalent: (c) is left out and the result says
     why; (a), (b) and (d) are measured as ever."""
     path = tmp_path / "sub.vkd"
-    path.write_text(TINY.replace("student.blocks[0] -> teacher.blocks[0]",
-                                 "student.blocks[0].attn -> teacher.blocks[0].attn"))
-    result = run_bench(path, steps=1, warmup=1, device="cpu", compile_backend="eager",
-                       breakdown=False, loader=False)
+    path.write_text(
+        TINY.replace(
+            "student.blocks[0] -> teacher.blocks[0]",
+            "student.blocks[0].attn -> teacher.blocks[0].attn",
+        )
+    )
+    result = run_bench(
+        path,
+        steps=1,
+        warmup=1,
+        device="cpu",
+        compile_backend="eager",
+        breakdown=False,
+        loader=False,
+    )
     assert set(result.configs) == {"compiled", "eager", "floor"}
     assert result.ratios["compiled_vs_hooks"] is None
-    assert any(n.startswith("hooks not measured") and "blocks.0.attn" in n
-               for n in result.notes)
+    assert any(n.startswith("hooks not measured") and "blocks.0.attn" in n for n in result.notes)

@@ -54,8 +54,7 @@ def test_many_errors_are_reported_in_one_run(monkeypatch) -> None:
 def test_strict_turns_missing_paths_into_errors(monkeypatch) -> None:
     monkeypatch.chdir(GOLDEN / "broken")
     _, diags, _ = vitkdl.validate("missing_data_root.vkd", strict=True)
-    assert [d.message for d in diags if d.is_error] == [
-        "data root no/such/imagenet does not exist"]
+    assert [d.message for d in diags if d.is_error] == ["data root no/such/imagenet does not exist"]
 
 
 def test_checks_are_small_pure_functions() -> None:
@@ -65,16 +64,16 @@ def test_checks_are_small_pure_functions() -> None:
 
 def test_resolve_tap_indices() -> None:
     facts = model_facts("deit_tiny_patch16_224", {"depth": 12})
-    tap = TapSpec(side="student", point="blocks",
-                  index=(0, -1, SliceSpec(start=2, stop=12, step=3)))
+    tap = TapSpec(
+        side="student", point="blocks", index=(0, -1, SliceSpec(start=2, stop=12, step=3))
+    )
     got, errs = resolve_tap(tap, facts)
     assert [p.block for p in got] == [0, 11, 2, 5, 8, 11] and not errs
     assert {p.point for p in got} == {"out"}
     got, errs = resolve_tap(TapSpec(side="student", point="blocks", index=(12,)), facts)
     assert got == [] and "out of range" in errs[0].message
     assert resolve_tap(TapSpec(side="teacher", point="norm"), facts)[0][0].key == "norm"
-    attn, _ = resolve_tap(TapSpec(side="student", point="blocks", index=(1,), sub="attn"),
-                          facts)
+    attn, _ = resolve_tap(TapSpec(side="student", point="blocks", index=(1,), sub="attn"), facts)
     assert attn[0].key == "blocks.1.attn"
 
 
@@ -82,10 +81,14 @@ def test_one_error_per_cause(tmp_path) -> None:
     """An index out of range is one error: no 'pairs 1 student taps with 0 teacher taps'
     after it. A misspelt schedule speaks of the schedule, as the user wrote it."""
     path = tmp_path / "r.vkd"
-    path.write_text("teacher deit3_small_patch16_224\nstudent deit_tiny_patch16_224\n"
-                    "distill { mimic student.blocks[0] -> teacher.blocks[12] }\n"
-                    "train { schedule = cosin(min_lr = 1e-5) }\n")
+    path.write_text(
+        "teacher deit3_small_patch16_224\nstudent deit_tiny_patch16_224\n"
+        "distill { mimic student.blocks[0] -> teacher.blocks[12] }\n"
+        "train { schedule = cosin(min_lr = 1e-5) }\n"
+    )
     _, diags, _ = vitkdl.validate(path)
     errors = [d.message for d in diags if d.is_error]
-    assert errors == ["unknown choice 'cosin' for schedule",
-                      "block index 12 is out of range: the teacher has 12 blocks"]
+    assert errors == [
+        "unknown choice 'cosin' for schedule",
+        "block index 12 is out of range: the teacher has 12 blocks",
+    ]

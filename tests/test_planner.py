@@ -30,8 +30,11 @@ def test_deit_base_plan_matches_the_paper_setting() -> None:
     assert labels.options == {"smoothing": 0.1}
     assert plan.data.global_batch == 128 and plan.optimizer.lr == 1e-3
     assert plan.schedule.warmup_epochs == 20 and plan.ema == 0.99996 and plan.clip_grad == 5.0
-    assert plan.cost.total == (plan.cost.teacher_forward + plan.cost.student_forward_backward
-                               + plan.cost.adapters_forward_backward)
+    assert plan.cost.total == (
+        plan.cost.teacher_forward
+        + plan.cost.student_forward_backward
+        + plan.cost.adapters_forward_backward
+    )
     assert plan.cost.student_forward_backward == 3 * s.forward_flops
     # The plan is data: adapters as numbers (forward FLOPs per image), no prose.
     assert generator.module == "conv3x3_pair" and generator.flops == 2 * 2 * 9 * 1024**2 * 196

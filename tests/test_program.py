@@ -48,8 +48,14 @@ def reduced(path: Path) -> dict[str, object]:
     over: dict[str, object] = {"data.source": "synthetic"}
     if path.stem.startswith("quickstart"):
         return over
-    over.update({"student.depth": 2, "student.img_size": 32, "student.num_classes": 10,
-                 "data.image_size": 32})
+    over.update(
+        {
+            "student.depth": 2,
+            "student.img_size": 32,
+            "student.num_classes": 10,
+            "data.image_size": 32,
+        }
+    )
     if spec.teacher is not None and spec.teacher.from_recipe is None:
         over.update({"teacher.depth": 2, "teacher.img_size": 32, "teacher.num_classes": 10})
     return over
@@ -76,8 +82,9 @@ def explain(program: Program, images: torch.Tensor, targets: torch.Tensor) -> tu
     return e.graph_count, e.graph_break_count
 
 
-def one_graph(program: Program, images: torch.Tensor, targets: torch.Tensor
-              ) -> dict[str, torch.Tensor]:
+def one_graph(
+    program: Program, images: torch.Tensor, targets: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Run the forward under ``torch.compile(fullgraph=True)`` (a break raises) with a backend
     that counts graphs and runs them as traced; assert exactly one graph."""
     graphs = []
@@ -99,13 +106,17 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def tiny_model(name: str, width: int = 32, depth: int = 2, extra: str = "") -> str:
-    return (f"{name} {{ img_size = 32  patch_size = 8  depth = {depth}  embed_dim = {width}  "
-            f"num_heads = 2  num_classes = 10  {extra} }}")
+    return (
+        f"{name} {{ img_size = 32  patch_size = 8  depth = {depth}  embed_dim = {width}  "
+        f"num_heads = 2  num_classes = 10  {extra} }}"
+    )
 
 
 def tiny_recipe(teacher: str, student: str, distill: str) -> str:
-    return (f"teacher {teacher}\nstudent {student}\ndata synthetic {{ image_size = 32 }}\n"
-            f"distill {{\n{distill}\n}}\n")
+    return (
+        f"teacher {teacher}\nstudent {student}\ndata synthetic {{ image_size = 32 }}\n"
+        f"distill {{\n{distill}\n}}\n"
+    )
 
 
 PAPER_TERMS = """
@@ -127,10 +138,15 @@ MANY_TERMS = """
 
 
 def many_terms_program(tmp_path: Path) -> Program:
-    path = write(tmp_path, "many", tiny_recipe(
-        tiny_model("deit3_small_patch16_224", width=48, depth=4),
-        tiny_model("vit_tiny_patch16_224", width=32, depth=3),
-        MANY_TERMS))
+    path = write(
+        tmp_path,
+        "many",
+        tiny_recipe(
+            tiny_model("deit3_small_patch16_224", width=48, depth=4),
+            tiny_model("vit_tiny_patch16_224", width=32, depth=3),
+            MANY_TERMS,
+        ),
+    )
     return build(path)
 
 
@@ -185,7 +201,16 @@ def test_compile_report_one_graph_no_breaks(acceptance: Program) -> None:
 # 2. Every shipped recipe: one graph, no breaks, with index and with mixup targets
 
 
-@pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: p.stem)
+# The ablations repeat the paper recipe's pair with one term changed (each kind of change is in
+# the fast tier through test_sub_block_taps_relation_maps_and_generators_are_one_graph).
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, marks=pytest.mark.slow) if p.parent.name == "ablations" else p
+        for p in shipped_recipes()
+    ],
+    ids=lambda p: p.stem,
+)
 def test_every_recipe_is_one_graph(path: Path) -> None:
     program = build(path, reduced(path))
     names = [t.name for t in program.plan.terms]
@@ -198,9 +223,15 @@ def test_every_recipe_is_one_graph(path: Path) -> None:
 
 
 def test_distilled_deit_two_prefix_tokens_single_logits(tmp_path: Path) -> None:
-    path = write(tmp_path, "distilled", tiny_recipe(
-        tiny_model("deit_tiny_distilled_patch16_224", width=48),
-        tiny_model("deit_tiny_distilled_patch16_224", width=32), PAPER_TERMS))
+    path = write(
+        tmp_path,
+        "distilled",
+        tiny_recipe(
+            tiny_model("deit_tiny_distilled_patch16_224", width=48),
+            tiny_model("deit_tiny_distilled_patch16_224", width=32),
+            PAPER_TERMS,
+        ),
+    )
     program = build(path)
     assert program.plan.student.prefix_tokens == 2 and program.plan.teacher.prefix_tokens == 2
     images, labels = batch(program, 3)
@@ -209,7 +240,10 @@ def test_distilled_deit_two_prefix_tokens_single_logits(tmp_path: Path) -> None:
     for side, width in (("student", 32), ("teacher", 48)):
         out = taps(program, images, side)
         assert {k: tuple(v.shape) for k, v in out.items()} == {
-            0: (3, n, width), 1: (3, n, width), "norm": (3, n, width)}
+            0: (3, n, width),
+            1: (3, n, width),
+            "norm": (3, n, width),
+        }
     # timm returns (cls, dist) logits in train mode once distilled_training is on
     program.student.set_distilled_training(True)
     program.train()
@@ -221,8 +255,11 @@ def test_distilled_deit_two_prefix_tokens_single_logits(tmp_path: Path) -> None:
 
 def test_no_class_token_avg_pool(tmp_path: Path) -> None:
     student = tiny_model("vit_tiny_patch16_224", extra="class_token = false  global_pool = avg")
-    path = write(tmp_path, "nocls", tiny_recipe(tiny_model("vit_small_patch16_224", width=64),
-                                                student, PAPER_TERMS))
+    path = write(
+        tmp_path,
+        "nocls",
+        tiny_recipe(tiny_model("vit_small_patch16_224", width=64), student, PAPER_TERMS),
+    )
     program = build(path)
     assert program.plan.student.prefix_tokens == 0 and program.student.cls_token is None
     assert program.plan.teacher.prefix_tokens == 1
@@ -238,8 +275,15 @@ def test_equal_widths_identity_align(tmp_path: Path) -> None:
     generate student.norm -> teacher.norm { align = identity  weight = 1e-4 }
     kd { }
 """
-    path = write(tmp_path, "same", tiny_recipe(tiny_model("deit3_small_patch16_224", depth=4),
-                                               tiny_model("deit_tiny_patch16_224"), distill))
+    path = write(
+        tmp_path,
+        "same",
+        tiny_recipe(
+            tiny_model("deit3_small_patch16_224", depth=4),
+            tiny_model("deit_tiny_patch16_224"),
+            distill,
+        ),
+    )
     program = build(path)
     assert all(isinstance(a, nn.Identity) for a in program.terms["mimic"].align)
     assert isinstance(program.terms["generate"].align, nn.Identity)
@@ -249,8 +293,9 @@ def test_equal_widths_identity_align(tmp_path: Path) -> None:
 
 def test_taps_anywhere_and_several_terms(tmp_path: Path) -> None:
     program = many_terms_program(tmp_path)
-    blocks = {t.name: ([p.key for p in t.student], [p.key for p in t.teacher])
-              for t in program.plan.terms}
+    blocks = {
+        t.name: ([p.key for p in t.student], [p.key for p in t.teacher]) for t in program.plan.terms
+    }
     assert blocks["mimic"] == (["blocks.0", "blocks.1"], ["blocks.0", "blocks.2"])
     assert blocks["deep_mimic"] == (["blocks.2"], ["blocks.3"])
     assert blocks["generate"] == (["norm"], ["norm"])
@@ -297,8 +342,9 @@ def test_gradients_reach_student_and_adapters_never_teacher(tmp_path: Path) -> N
         assert not p.requires_grad and p.grad is None, name
     trainable = {id(p) for p in program.trainable_parameters()}
     assert not trainable & {id(p) for p in program.teacher.parameters()}
-    assert len(trainable) == (len(list(program.student.parameters()))
-                              + len(list(program.terms.parameters())))
+    assert len(trainable) == (
+        len(list(program.student.parameters())) + len(list(program.terms.parameters()))
+    )
     program.eval()
     program.train(True)
     assert program.student.training and not program.teacher.training
@@ -310,6 +356,7 @@ def test_gradients_reach_student_and_adapters_never_teacher(tmp_path: Path) -> N
 
 def _pinned_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every Generate masks the even tokens: the same mask in eager and compiled runs."""
+
     def make_mask(self, batch: int, n_tokens: int, device=None) -> torch.Tensor:
         mask = torch.zeros(batch, n_tokens, dtype=torch.bool, device=device)
         mask[:, : self.num_masked(n_tokens)] = True
@@ -334,21 +381,26 @@ def test_aot_eager_matches_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     for k in eager:
         assert torch.allclose(out[k].detach(), eager[k].detach(), rtol=1e-5, atol=1e-6), k
     for n, g in grads.items():
-        assert torch.allclose(dict(program.named_parameters())[n].grad, g,
-                              rtol=1e-4, atol=1e-6), n
+        assert torch.allclose(dict(program.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6), n
 
 
 @pytest.mark.slow
 def test_inductor_step_matches_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The one real inductor compile (a depth-1, width-32, 16 px pair)."""
     _pinned_mask(monkeypatch)
-    model = "vit_tiny_patch16_224 { img_size = 16  patch_size = 4  depth = 1  embed_dim = 32  " \
-            "num_heads = 2  num_classes = 10 }"
-    path = write(tmp_path, "tiny", f"teacher {model}\nstudent {model}\n"
-                 "data synthetic { image_size = 16 }\ndistill {\n"
-                 "    mimic student.blocks[0] -> teacher.blocks[0] { weight = 1e-3 }\n"
-                 "    generate student.norm -> teacher.norm { weight = 1e-4 }\n"
-                 "    nkd { }\n}\n")
+    model = (
+        "vit_tiny_patch16_224 { img_size = 16  patch_size = 4  depth = 1  embed_dim = 32  "
+        "num_heads = 2  num_classes = 10 }"
+    )
+    path = write(
+        tmp_path,
+        "tiny",
+        f"teacher {model}\nstudent {model}\n"
+        "data synthetic { image_size = 16 }\ndistill {\n"
+        "    mimic student.blocks[0] -> teacher.blocks[0] { weight = 1e-3 }\n"
+        "    generate student.norm -> teacher.norm { weight = 1e-4 }\n"
+        "    nkd { }\n}\n",
+    )
     program = build(path, compile="default")
     assert program.compile_mode == "default" and program.step != program.forward
     images, labels = batch(program, 4)
@@ -420,9 +472,16 @@ def test_resolve_precision_and_compile() -> None:
 
 
 def test_bf16_autocast_step_is_one_graph(tmp_path: Path) -> None:
-    path = write(tmp_path, "bf16", tiny_recipe(tiny_model("vit_small_patch16_224", width=48),
-                                               tiny_model("vit_tiny_patch16_224"), PAPER_TERMS)
-                 + "train { precision = bf16 }\n")
+    path = write(
+        tmp_path,
+        "bf16",
+        tiny_recipe(
+            tiny_model("vit_small_patch16_224", width=48),
+            tiny_model("vit_tiny_patch16_224"),
+            PAPER_TERMS,
+        )
+        + "train { precision = bf16 }\n",
+    )
     program = build(path)
     assert program.autocast_dtype is torch.bfloat16
     images, labels = batch(program)
@@ -449,10 +508,13 @@ TEACHER = tiny_model("deit_tiny_patch16_224", width=48)
 
 def _weights_recipe(tmp_path: Path, student_file: Path | None, teacher_file: Path | None) -> Path:
     def model(text: str, file: Path | None) -> str:
-        return text if file is None else text.replace("}", f" weights = \"{file}\" }}")
+        return text if file is None else text.replace("}", f' weights = "{file}" }}')
 
-    return write(tmp_path, "weights", tiny_recipe(model(TEACHER, teacher_file),
-                                                  model(STUDENT, student_file), PAPER_TERMS))
+    return write(
+        tmp_path,
+        "weights",
+        tiny_recipe(model(TEACHER, teacher_file), model(STUDENT, student_file), PAPER_TERMS),
+    )
 
 
 def _fresh_models(tmp_path: Path) -> Program:
@@ -464,8 +526,9 @@ def test_safetensors_weights_load_for_teacher_and_student(tmp_path: Path) -> Non
     student, teacher = _state(source.student), _state(source.teacher)
     save_file(student, str(tmp_path / "student.safetensors"))
     save_file(teacher, str(tmp_path / "teacher.safetensors"))
-    path = _weights_recipe(tmp_path, tmp_path / "student.safetensors",
-                           tmp_path / "teacher.safetensors")
+    path = _weights_recipe(
+        tmp_path, tmp_path / "student.safetensors", tmp_path / "teacher.safetensors"
+    )
     torch.manual_seed(1)
     program = build(path, load=True)
     assert _same(program.student, student) and _same(program.teacher, teacher)
@@ -479,12 +542,16 @@ def test_original_deit_pth_loads(tmp_path: Path) -> None:
     source = _fresh_models(tmp_path)
     teacher = _state(source.teacher)
     # the original DeiT release format, plus what its training script pickles alongside
-    torch.save({"model": teacher, "epoch": 299, "args": argparse.Namespace(lr=1e-3)},
-               tmp_path / "deit.pth")
-    torch.save({"model": {f"module.{k}": v for k, v in _state(source.student).items()}},
-               tmp_path / "ddp.pth")
-    program = build(_weights_recipe(tmp_path, tmp_path / "ddp.pth", tmp_path / "deit.pth"),
-                    load=True)
+    torch.save(
+        {"model": teacher, "epoch": 299, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "deit.pth"
+    )
+    torch.save(
+        {"model": {f"module.{k}": v for k, v in _state(source.student).items()}},
+        tmp_path / "ddp.pth",
+    )
+    program = build(
+        _weights_recipe(tmp_path, tmp_path / "ddp.pth", tmp_path / "deit.pth"), load=True
+    )
     assert _same(program.teacher, teacher)
     assert _same(program.student, _state(source.student))
 
@@ -495,13 +562,19 @@ def test_original_deit3_layout_and_other_resolution_load(tmp_path: Path) -> None
     from vitkdl.program import load_weights
 
     def deit3(img_size: int) -> nn.Module:
-        return timm.create_model("deit3_small_patch16_224", pretrained=False, img_size=img_size,
-                                 patch_size=8, depth=2, embed_dim=48, num_heads=2,
-                                 num_classes=10)
+        return timm.create_model(
+            "deit3_small_patch16_224",
+            pretrained=False,
+            img_size=img_size,
+            patch_size=8,
+            depth=2,
+            embed_dim=48,
+            num_heads=2,
+            num_classes=10,
+        )
 
     source = deit3(64)  # trained at another resolution: position embeddings get resized
-    original = {re.sub(r"ls([12])\.gamma", r"gamma_\1", k): v
-                for k, v in _state(source).items()}
+    original = {re.sub(r"ls([12])\.gamma", r"gamma_\1", k): v for k, v in _state(source).items()}
     assert "blocks.0.gamma_1" in original
     torch.save({"model": original}, tmp_path / "deit3.pth")
     target = deit3(32)
@@ -512,8 +585,9 @@ def test_original_deit3_layout_and_other_resolution_load(tmp_path: Path) -> None
     assert got["pos_embed"].shape == (1, 16, 48) and want["pos_embed"].shape == (1, 64, 48)
 
 
-def _load_error(tmp_path: Path, state_or_bytes: dict[str, torch.Tensor] | bytes,
-                name: str) -> VkdError:
+def _load_error(
+    tmp_path: Path, state_or_bytes: dict[str, torch.Tensor] | bytes, name: str
+) -> VkdError:
     file = tmp_path / name
     if isinstance(state_or_bytes, bytes):
         file.write_bytes(state_or_bytes)
@@ -528,8 +602,16 @@ def _load_error(tmp_path: Path, state_or_bytes: dict[str, torch.Tensor] | bytes,
 
 
 def test_wrong_shapes_list_keys_and_shapes(tmp_path: Path) -> None:
-    other = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32,
-                              patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10)
+    other = timm.create_model(
+        "deit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        num_classes=10,
+    )
     err = _load_error(tmp_path, _state(other), "wide.safetensors")
     message = err.diagnostics[0].message
     assert "shape mismatch" in message and "teacher weights" in message
@@ -561,8 +643,12 @@ def test_missing_weights_file(tmp_path: Path) -> None:
 def test_teacher_from_recipe_needs_its_run(tmp_path: Path) -> None:
     first_student = tiny_model("deit_tiny_patch16_224", width=48, depth=3)
     write(tmp_path, "first", f"student {first_student}\ndata synthetic {{ image_size = 32 }}\n")
-    path = write(tmp_path, "second", f'teacher from "first.vkd"\nstudent {STUDENT}\n'
-                 f"data synthetic {{ image_size = 32 }}\ndistill {{\n{PAPER_TERMS}\n}}\n")
+    path = write(
+        tmp_path,
+        "second",
+        f'teacher from "first.vkd"\nstudent {STUDENT}\n'
+        f"data synthetic {{ image_size = 32 }}\ndistill {{\n{PAPER_TERMS}\n}}\n",
+    )
     runs = tmp_path / "runs"
     plan = vitkdl.plan(vitkdl.load(path))
     assert plan.teacher.from_name == "first" and plan.teacher.depth == 3
@@ -587,11 +673,16 @@ def test_teacher_from_recipe_needs_its_run(tmp_path: Path) -> None:
 
 
 def _own_norm_program(tmp_path: Path, teacher: str) -> Program:
-    path = write(tmp_path, "norm", tiny_recipe(
-        tiny_model(teacher, width=32, depth=2),
-        tiny_model("deit_tiny_patch16_224", width=32, depth=2),
-        "mimic student.blocks[0] -> teacher.blocks[1] { weight = 1e-3 }\n"
-        "kd { temperature = 2.0 }"))
+    path = write(
+        tmp_path,
+        "norm",
+        tiny_recipe(
+            tiny_model(teacher, width=32, depth=2),
+            tiny_model("deit_tiny_patch16_224", width=32, depth=2),
+            "mimic student.blocks[0] -> teacher.blocks[1] { weight = 1e-3 }\n"
+            "kd { temperature = 2.0 }",
+        ),
+    )
     return build(path)
 
 
@@ -603,27 +694,31 @@ def test_a_teacher_with_other_statistics_sees_its_own_normalisation(tmp_path: Pa
     assert t.mean == (0.5, 0.5, 0.5) and t.std == (0.5, 0.5, 0.5)
     pixels = torch.rand(2, 3, 32, 32)
     as_student = (pixels - torch.tensor(s.mean).view(1, 3, 1, 1)) / torch.tensor(s.std).view(
-        1, 3, 1, 1)
+        1, 3, 1, 1
+    )
     as_teacher = (pixels - 0.5) / 0.5
     program.eval()
     with torch.no_grad():
         t_logits, t_taps = program.teacher_pass(as_student)
-        alone, feats = program.teacher.forward_intermediates(as_teacher, indices=[1],
-                                                             output_fmt="NLC")
+        alone, feats = program.teacher.forward_intermediates(
+            as_teacher, indices=[1], output_fmt="NLC"
+        )
         wrong = program.teacher.forward_head(program.teacher.forward_features(as_student))
         assert torch.allclose(t_logits, program.teacher.forward_head(alone), atol=1e-5)
         assert torch.allclose(t_taps["blocks.1"], feats[0], atol=1e-5)
         assert not torch.allclose(t_logits, wrong, atol=1e-3)  # it matters
-        assert torch.allclose(program.teacher_logits(as_student),
-                              program.teacher(as_teacher), atol=1e-5)
+        assert torch.allclose(
+            program.teacher_logits(as_student), program.teacher(as_teacher), atol=1e-5
+        )
         # The KD term equals KD between each model run alone on its own input.
         targets = torch.randint(0, 10, (2,))
         out = program.forward(as_student, targets)
         s_logits = program.student(as_student)
         expected = 4.0 * torch.nn.functional.kl_div(
-            torch.log_softmax(s_logits / 2, -1), torch.softmax(program.teacher(as_teacher) / 2,
-                                                                 -1),
-            reduction="batchmean")
+            torch.log_softmax(s_logits / 2, -1),
+            torch.softmax(program.teacher(as_teacher) / 2, -1),
+            reduction="batchmean",
+        )
         assert torch.allclose(out["kd"], expected, atol=1e-5)
     one_graph(program, as_student, targets)  # the affine is inside the one graph
 
@@ -635,8 +730,9 @@ def test_a_pair_with_equal_statistics_is_unchanged(tmp_path: Path) -> None:
     assert program.teacher_input(images) is images
     with torch.no_grad():
         logits, _ = program.teacher_pass(images)
-        assert torch.equal(logits, program.teacher.forward_head(
-            program.teacher.forward_features(images)))
+        assert torch.equal(
+            logits, program.teacher.forward_head(program.teacher.forward_features(images))
+        )
     # Buffers of the affine never reach a state dict (checkpoints are unchanged).
     assert not any("teacher_scale" in k for k in program.state_dict())
 
@@ -646,14 +742,27 @@ def test_a_pair_with_equal_statistics_is_unchanged(tmp_path: Path) -> None:
 
 
 def test_sub_block_taps_equal_what_timms_blocks_compute() -> None:
-    model = timm.create_model("deit3_small_patch16_224", img_size=32, patch_size=8, depth=3,
-                              embed_dim=32, num_heads=2, num_classes=10).eval()
+    model = timm.create_model(
+        "deit3_small_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=3,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
-    points = [TapPoint(block=1, point="attn"), TapPoint(block=1, point="out"),
-              TapPoint(block=2, point="attn_map"), TapPoint(block=2, point="out")]
+    points = [
+        TapPoint(block=1, point="attn"),
+        TapPoint(block=1, point="out"),
+        TapPoint(block=2, point="attn_map"),
+        TapPoint(block=2, point="out"),
+    ]
     block_in: dict[int, torch.Tensor] = {}
-    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: block_in.__setitem__(i, a[0]))
-             for i, b in enumerate(model.blocks)]
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a, i=i: block_in.__setitem__(i, a[0]))
+        for i, b in enumerate(model.blocks)
+    ]
     with torch.no_grad():
         reference = model(x)  # timm's own forward: every block's input recorded
         for h in hooks:
@@ -690,9 +799,15 @@ SUB_BLOCK_TERMS = """
 
 
 def test_sub_block_taps_relation_maps_and_generators_are_one_graph(tmp_path: Path) -> None:
-    path = write(tmp_path, "sub", tiny_recipe(
-        tiny_model("deit3_small_patch16_224", width=48, depth=3),
-        tiny_model("deit_tiny_patch16_224", width=32, depth=2), SUB_BLOCK_TERMS))
+    path = write(
+        tmp_path,
+        "sub",
+        tiny_recipe(
+            tiny_model("deit3_small_patch16_224", width=48, depth=3),
+            tiny_model("deit_tiny_patch16_224", width=32, depth=2),
+            SUB_BLOCK_TERMS,
+        ),
+    )
     program = build(path)
     names = ["mimic", "ffn", "maps", "generate", "lin", "nkd", "labels"]
     for soft in (False, True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import vitkdl
-from tests.conftest import shipped_recipes
+from tests.conftest import RECIPES, shipped_recipes
 from vitkdl.spec import load_spec
 
 
@@ -13,7 +13,8 @@ from vitkdl.spec import load_spec
 def test_shipped_recipe_validates_and_plans(path) -> None:
     spec = vitkdl.load(path)
     plan = vitkdl.plan(spec)
-    assert plan.recipe == path.stem
+    ablation = path.parent.name == "ablations"  # runs/ablation_NAME-HASH: grouped together
+    assert plan.recipe == (f"ablation_{path.stem}" if ablation else path.stem)
     header = path.read_text().splitlines()[:6]
     assert any(line.startswith("# run: vitkdl run ") for line in header), header
 
@@ -25,8 +26,17 @@ def test_paper_recipes_quote_the_papers_top1(path) -> None:
 
 
 def test_base_recipe_parses_on_its_own() -> None:
-    from tests.conftest import RECIPES
-
     spec, diags, _ = load_spec(RECIPES / "base" / "deit_imagenet.vkd")
     assert [d.message for d in diags] == ["the recipe has no student"]
     assert spec.data.mixup == 0.8 and spec.train.clip_grad == 5.0
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("ablations/*.vkd")), ids=lambda p: p.stem)
+def test_each_ablation_changes_one_thing_of_the_paper_recipe(path) -> None:
+    header = path.read_text().splitlines()[:8]
+    assert header[0].startswith("# Ablation") and any("Isolates:" in x for x in header)
+    spec = vitkdl.load(path)
+    assert spec.extends == ("recipes/deit_tiny_vitkd.vkd", "recipes/base/deit_imagenet.vkd")
+    paper = vitkdl.load(RECIPES / "deit_tiny_vitkd.vkd")
+    assert (spec.student, spec.teacher, spec.data, spec.train) == (
+        paper.student, paper.teacher, paper.data, paper.train)

@@ -18,8 +18,10 @@ from vitkdl.sources import (
 
 
 def test_each_model_keeps_its_own_statistics() -> None:
-    assert input_norm("imagefolder", IMAGENET_MEAN, IMAGENET_STD, 3) == (IMAGENET_MEAN,
-                                                                          IMAGENET_STD)
+    assert input_norm("imagefolder", IMAGENET_MEAN, IMAGENET_STD, 3) == (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+    )
     assert input_norm("imagefolder", (0.5,) * 3, (0.5,) * 3, 3) == ((0.5,) * 3, (0.5,) * 3)
     # Digits: a model with no statistics of its own (ImageNet's defaults) sees 0.5 / 0.5.
     assert input_norm("digits", IMAGENET_MEAN, IMAGENET_STD, 1) == ((0.5,), (0.5,))

@@ -22,18 +22,26 @@ def write(tmp: Path, name: str, text: str) -> Path:
 
 
 def test_extends_merges_field_by_field_and_terms_by_name(tmp_path) -> None:
-    write(tmp_path, "base/b.vkd", """
+    write(
+        tmp_path,
+        "base/b.vkd",
+        """
         student deit_tiny_patch16_224 { drop_path = 0.1 num_classes = 10 }
         data digits { batch_size = 16 augment = basic }
         distill { kd { temperature = 4.0 } nkd }
-        train { epochs = 5 optimizer = adamw(lr = 1e-3) }""")
-    child = write(tmp_path, "c.vkd", """
+        train { epochs = 5 optimizer = adamw(lr = 1e-3) }""",
+    )
+    child = write(
+        tmp_path,
+        "c.vkd",
+        """
         extends "base/b.vkd"
         teacher deit_small_patch16_224 { num_classes = 10 }
         student deit_tiny_patch16_224 { drop_path = 0.0 }
         data digits { batch_size = 8 }
         distill { kd { weight = 0.5 } }
-        train { epochs = 7 }""")
+        train { epochs = 7 }""",
+    )
     spec, diags, _ = load_spec(child)
     assert not [d for d in diags if d.is_error]
     assert spec.student.drop_path == 0.0 and spec.student.num_classes == 10
@@ -48,24 +56,37 @@ def test_extends_merges_field_by_field_and_terms_by_name(tmp_path) -> None:
 
 
 def test_repeated_terms_get_numbered_names_and_aliases(tmp_path) -> None:
-    path = write(tmp_path, "r.vkd", """
+    path = write(
+        tmp_path,
+        "r.vkd",
+        """
         teacher deit_small_patch16_224
         student deit_tiny_patch16_224
         distill {
             mimic student.blocks[0] -> teacher.blocks[0]
             mimic student.blocks[1] -> teacher.blocks[1]
             generate student.norm -> teacher.norm as deep
-        }""")
+        }""",
+    )
     spec, _, _ = load_spec(path)
     assert [t.name for t in spec.terms] == ["mimic", "mimic_2", "deep", "labels"]
     assert isinstance(spec.term("deep"), GenerateSpec)
 
 
 def test_overrides_reach_every_kind_of_field() -> None:
-    spec = vitkdl.load(RECIPES / "deit_tiny_vitkd_kd.vkd", overrides=[
-        "train.epochs=1", "data.root=/data/imagenet", "distill.generate.mask=0.75",
-        "student.drop_path=0", "train.optimizer.lr=5e-4", "distill.nkd.gamma=1.5",
-        "train.precision=bf16", "distill.kd.temperature=4"])
+    spec = vitkdl.load(
+        RECIPES / "deit_tiny_vitkd_kd.vkd",
+        overrides=[
+            "train.epochs=1",
+            "data.root=/data/imagenet",
+            "distill.generate.mask=0.75",
+            "student.drop_path=0",
+            "train.optimizer.lr=5e-4",
+            "distill.nkd.gamma=1.5",
+            "train.precision=bf16",
+            "distill.kd.temperature=4",
+        ],
+    )
     assert spec.train.epochs == 1 and spec.data.root == "/data/imagenet"
     assert spec.term("generate").mask == 0.75 and spec.student.drop_path == 0
     assert spec.train.optimizer.lr == 5e-4 and spec.train.optimizer.weight_decay == 0.05
@@ -75,21 +96,33 @@ def test_overrides_reach_every_kind_of_field() -> None:
 
 
 def test_overrides_by_mapping_and_by_alias(tmp_path) -> None:
-    path = write(tmp_path, "r.vkd", """
+    path = write(
+        tmp_path,
+        "r.vkd",
+        """
         teacher deit_small_patch16_224
         student deit_tiny_patch16_224
-        distill { generate student.norm -> teacher.norm as deep }""")
-    spec = vitkdl.load(path, overrides={"distill.deep.weight": 1e-5, "data.root": "/x y",
-                                        "train.compile": "off"})
+        distill { generate student.norm -> teacher.norm as deep }""",
+    )
+    spec = vitkdl.load(
+        path, overrides={"distill.deep.weight": 1e-5, "data.root": "/x y", "train.compile": "off"}
+    )
     assert spec.term("deep").weight == 1e-5
     assert spec.data.root == "/x y" and spec.train.compile == "off"
 
 
 def test_bad_overrides_are_positioned() -> None:
     with pytest.raises(VkdError) as info:
-        vitkdl.load(RECIPES / "deit_tiny_vitkd_kd.vkd",
-                    overrides=["train.epoch=1", "distill.gen.mask=0.5", "trian.epochs=1",
-                               "train.epochs=(", "nothing"])
+        vitkdl.load(
+            RECIPES / "deit_tiny_vitkd_kd.vkd",
+            overrides=[
+                "train.epoch=1",
+                "distill.gen.mask=0.5",
+                "trian.epochs=1",
+                "train.epochs=(",
+                "nothing",
+            ],
+        )
     messages = [d.message for d in info.value.errors]
     assert "unknown field 'epoch' in the train block" in messages
     assert "no distill term named 'gen'" in messages
@@ -129,9 +162,13 @@ def test_specs_are_frozen_and_forbid_unknown_fields() -> None:
 
 def test_misspelt_term_kinds_get_the_registrys_suggestion(tmp_path) -> None:
     path = tmp_path / "r.vkd"
-    path.write_text("student deit_tiny_patch16_224\n"
-                    "distill {\n  generat student.norm -> teacher.norm\n  mimick\n}\n")
+    path.write_text(
+        "student deit_tiny_patch16_224\n"
+        "distill {\n  generat student.norm -> teacher.norm\n  mimick\n}\n"
+    )
     _, diags, _ = load_spec(path)
     errors = [(d.span.line, d.message, d.hint) for d in diags if d.is_error]
-    assert errors == [(3, "unknown distill term 'generat'", "did you mean 'generate'?"),
-                      (4, "unknown distill term 'mimick'", "did you mean 'mimic'?")]
+    assert errors == [
+        (3, "unknown distill term 'generat'", "did you mean 'generate'?"),
+        (4, "unknown distill term 'mimick'", "did you mean 'mimic'?"),
+    ]

@@ -70,7 +70,9 @@ def test_every_broken_line_is_reported() -> None:
         syn.parse(text, "t.vkd")
     diags = info.value.diagnostics
     assert [(d.span.line, d.message) for d in diags] == [
-        (2, "unexpected '0.1'"), (4, "unknown block 'trian'")]
+        (2, "unexpected '0.1'"),
+        (4, "unknown block 'trian'"),
+    ]
     assert diags[1].hint == "did you mean 'train'?"
 
 
@@ -95,12 +97,15 @@ def test_parse_value_for_overrides() -> None:
         syn.parse_value("adamw(")
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "is empty"),
-    (b"\x00\x01binary", "binary file"),
-    (b"student \xff\xfe x", "not UTF-8"),
-    ("student x".encode("utf-16"), "UTF-16"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"\x00\x01binary", "binary file"),
+        (b"student \xff\xfe x", "not UTF-8"),
+        ("student x".encode("utf-16"), "UTF-16"),
+    ],
+)
 def test_unreadable_sources_are_one_line_errors(tmp_path, content: bytes, message: str) -> None:
     path = tmp_path / "r.vkd"
     path.write_bytes(content)
@@ -118,3 +123,9 @@ def test_missing_directory_and_huge_sources(tmp_path) -> None:
     big.write_text("# x\n" * 3_000_000)
     with pytest.raises(VkdError, match="MB"):
         syn.read_source(big)
+
+
+def test_strings_keep_backslashes_that_are_not_escapes() -> None:
+    source = r'data imagefolder { root = "C:\data\set \"x\" é\n" }'
+    (field,) = syn.parse(source, "t.vkd").statements[0].fields
+    assert field.value.value == 'C:\\data\\set "x" é\n'  # \d and \s stay; é is é

@@ -55,8 +55,9 @@ def override_list(overrides: Overrides) -> list[str]:
     return list(overrides)
 
 
-def validate(path: str | Path, overrides: Overrides = None, *, strict: bool = False,
-             text: str | None = None) -> tuple[RecipeSpec | None, list[Diagnostic], Any]:
+def validate(
+    path: str | Path, overrides: Overrides = None, *, strict: bool = False, text: str | None = None
+) -> tuple[RecipeSpec | None, list[Diagnostic], Any]:
     """Load and check a recipe without raising: ``(spec, diagnostics, sources)``.
 
     ``text``: the recipe's unsaved text (an editor buffer); ``path`` still names it.

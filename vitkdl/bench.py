@@ -245,16 +245,20 @@ class _Memory:
         self.device = device
         self.resettable = False
         if device.type == "cuda":
-            self.kind = ("torch.cuda.max_memory_allocated while the configuration is built and "
-                         "warmed up, less what was allocated before (the other configurations)")
+            self.kind = (
+                "torch.cuda.max_memory_allocated while the configuration is built and "
+                "warmed up, less what was allocated before (the other configurations)"
+            )
         else:
             self.resettable = self._clear_refs()
-            self.kind = ("process peak RSS (VmHWM, reset through /proc/self/clear_refs) while "
-                         "the configuration is built and warmed up, less the RSS before; "
-                         "approximate: the allocator reuses memory freed earlier"
-                         if self.resettable else
-                         "process peak RSS since start (getrusage ru_maxrss) less the RSS "
-                         "before the configuration: a rough upper bound")
+            self.kind = (
+                "process peak RSS (VmHWM, reset through /proc/self/clear_refs) while "
+                "the configuration is built and warmed up, less the RSS before; "
+                "approximate: the allocator reuses memory freed earlier"
+                if self.resettable
+                else "process peak RSS since start (getrusage ru_maxrss) less the RSS "
+                "before the configuration: a rough upper bound"
+            )
 
     @staticmethod
     def _clear_refs() -> bool:
@@ -321,11 +325,13 @@ def _compiler(backend: str, mode: str | None) -> Callable[[Callable[..., Any]], 
         if backend == "inductor":
             return torch.compile(fn, fullgraph=True, mode=mode)
         return torch.compile(fn, fullgraph=True, backend=backend)
+
     return compile_fn
 
 
-def _update(plan: Plan, named: Iterable[tuple[str, nn.Parameter]], student: nn.Module,
-            s: _Setup) -> Update:
+def _update(
+    plan: Plan, named: Iterable[tuple[str, nn.Parameter]], student: nn.Module, s: _Setup
+) -> Update:
     """The trainer's update over a student and further named parameters: the same optimizer
     (one decay rule, fused AdamW), clipping and loss scaling as ``vitkdl run``."""
     extra = list(named)
@@ -382,20 +388,22 @@ class HandWrittenLoss(nn.Module):
         return out
 
 
-def register_feature_hooks(model: nn.Module, taps: Iterable[TapPoint], prefix: int,
-                           store: dict[str, Tensor]) -> list[Any]:
+def register_feature_hooks(
+    model: nn.Module, taps: Iterable[TapPoint], prefix: int, store: dict[str, Tensor]
+) -> list[Any]:
     """Forward hooks that put the patch tokens (prefix tokens dropped) of block outputs and of
     ``norm`` into ``store`` under the taps' keys; returns the handles (``.remove()`` them)."""
+
     def capture(key: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
             store[key] = output[:, prefix:]
+
         return hook
 
     handles = []
     for tap in taps:
         if tap.point not in ("out", "norm"):
-            raise BenchError(f"the hook-based reference taps block outputs and norm, not "
-                             f"{tap.key}")
+            raise BenchError(f"the hook-based reference taps block outputs and norm, not {tap.key}")
         module = model.norm if tap.point == "norm" else model.blocks[int(tap.block or 0)]
         handles.append(module.register_forward_hook(capture(tap.key)))
     return handles
@@ -467,10 +475,20 @@ def _breakdown_timer(s: _Setup, program: Program, update: Update) -> _Timer:
             logits, taps = tap_pass(student, images, s_points, s_prefix)
         return logits, [taps[k] for k in s_keys]
 
-    def losses(s_logits: Tensor, s_taps: list[Tensor], t_logits: Tensor | None,
-               t_taps: list[Tensor], targets: Tensor) -> Tensor:
-        inputs = StepInputs(s_logits, dict(zip(s_keys, s_taps, strict=True)), t_logits,
-                            dict(zip(t_keys, t_taps, strict=False)), targets)
+    def losses(
+        s_logits: Tensor,
+        s_taps: list[Tensor],
+        t_logits: Tensor | None,
+        t_taps: list[Tensor],
+        targets: Tensor,
+    ) -> Tensor:
+        inputs = StepInputs(
+            s_logits,
+            dict(zip(s_keys, s_taps, strict=True)),
+            t_logits,
+            dict(zip(t_keys, t_taps, strict=False)),
+            targets,
+        )
         return term_losses(plan.terms, terms, inputs)["loss"]
 
     t_fn = s.compile(teacher_fwd) if plan.teacher_used else None
@@ -492,8 +510,11 @@ def _breakdown_timer(s: _Setup, program: Program, update: Update) -> _Timer:
         total = l_fn(leaves[0], leaves[1:], t_logits, t_taps, s.targets)
         update.backward(total)
         mark()  # losses forward + backward: the adapters' and the features' gradients
-        pairs = [(out, leaf.grad) for out, leaf in zip((s_logits, *s_taps), leaves, strict=True)
-                 if leaf.grad is not None]
+        pairs = [
+            (out, leaf.grad)
+            for out, leaf in zip((s_logits, *s_taps), leaves, strict=True)
+            if leaf.grad is not None
+        ]
         if pairs:
             torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
         mark()  # student backward
@@ -501,8 +522,12 @@ def _breakdown_timer(s: _Setup, program: Program, update: Update) -> _Timer:
         update.optimizer.zero_grad(set_to_none=True)
         mark()  # optimizer
         d = [b - a for a, b in itertools.pairwise(marks)]
-        return {"teacher_forward": d[0], "student_forward_backward": d[1] + d[3],
-                "adapters_losses": d[2], "optimizer": d[4]}
+        return {
+            "teacher_forward": d[0],
+            "student_forward_backward": d[1] + d[3],
+            "adapters_losses": d[2],
+            "optimizer": d[4],
+        }
 
     return _Timer("breakdown", parts, True)
 
@@ -512,8 +537,7 @@ def _hooks_timer(s: _Setup) -> _Timer:
     plan = s.plan
     torch.manual_seed(plan.seed)
     student = create_model(plan.student, s.device)
-    teacher = create_model(plan.teacher, s.device) if plan.teacher_used and plan.teacher \
-        else None
+    teacher = create_model(plan.teacher, s.device) if plan.teacher_used and plan.teacher else None
     criterion = HandWrittenLoss(plan).to(s.device)
     if teacher is not None:
         teacher.eval()
@@ -522,17 +546,21 @@ def _hooks_timer(s: _Setup) -> _Timer:
     student.train()
     s_feats: dict[str, Tensor] = {}
     t_feats: dict[str, Tensor] = {}
-    register_feature_hooks(student, model_taps(plan.terms, "student"),
-                           plan.student.prefix_tokens, s_feats)
+    register_feature_hooks(
+        student, model_taps(plan.terms, "student"), plan.student.prefix_tokens, s_feats
+    )
     if teacher is not None and plan.teacher is not None:
-        register_feature_hooks(teacher, model_taps(plan.terms, "teacher"),
-                               plan.teacher.prefix_tokens, t_feats)
-    update = _update(plan, [(f"criterion.{n}", p) for n, p in criterion.named_parameters()],
-                     student, s)
+        register_feature_hooks(
+            teacher, model_taps(plan.terms, "teacher"), plan.teacher.prefix_tokens, t_feats
+        )
+    update = _update(
+        plan, [(f"criterion.{n}", p) for n, p in criterion.named_parameters()], student, s
+    )
     t_images = s.images
     if teacher is not None and plan.teacher is not None:  # the teacher's own normalisation
-        affine = teacher_affine((plan.student.mean, plan.student.std),
-                                (plan.teacher.mean, plan.teacher.std))
+        affine = teacher_affine(
+            (plan.student.mean, plan.student.std), (plan.teacher.mean, plan.teacher.std)
+        )
         if affine is not None:
             scale, shift = (torch.tensor(v, device=s.device).view(1, -1, 1, 1) for v in affine)
             t_images = s.images * scale + shift
@@ -588,8 +616,7 @@ def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
         timers.append(_Timer(f"floor.student.{mode}", student_step, compiled))
         if teacher is not None and plan.teacher_used:
             inf = s.compile(infer) if compiled else infer
-            timers.append(_Timer(f"floor.teacher.{mode}", lambda inf=inf: inf(s.images),
-                                 compiled))
+            timers.append(_Timer(f"floor.teacher.{mode}", lambda inf=inf: inf(s.images), compiled))
     return timers
 
 
@@ -599,8 +626,13 @@ def _loader(plan: Plan, images: int, step_ips: float | None) -> dict[str, Any]:
     from vitkdl.train.loop import data_config
 
     cfg = data_config(plan)
-    info: dict[str, Any] = {"source": cfg.source, "root": cfg.root, "workers": cfg.workers,
-                            "batch": cfg.batch_size, "augment": cfg.augment}
+    info: dict[str, Any] = {
+        "source": cfg.source,
+        "root": cfg.root,
+        "workers": cfg.workers,
+        "batch": cfg.batch_size,
+        "augment": cfg.augment,
+    }
     try:
         start = time.perf_counter()
         loader, _, _ = build_loaders(cfg)
@@ -622,9 +654,13 @@ def _loader(plan: Plan, images: int, step_ips: float | None) -> dict[str, Any]:
         info["skipped"] = str(exc)
         return info
     ips = count / elapsed if elapsed > 0 else math.inf
-    info.update(images_per_second=ips, images=count, seconds=elapsed,
-                vs_step=ips / step_ips if step_ips else None,
-                keeps_up=bool(step_ips and ips >= step_ips))
+    info.update(
+        images_per_second=ips,
+        images=count,
+        seconds=elapsed,
+        vs_step=ips / step_ips if step_ips else None,
+        keeps_up=bool(step_ips and ips >= step_ips),
+    )
     return info
 
 
@@ -635,10 +671,20 @@ def _load_average() -> float | None:
         return None
 
 
-def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | None = None,
-               compile_backend: str = "inductor", compile_mode: str | None = "default",
-               floor: str = "auto", breakdown: bool = True, loader: bool = True,
-               threads: int | None = None, progress: Progress | None = None) -> BenchResult:
+def bench_plan(
+    plan: Plan,
+    *,
+    steps: int = 10,
+    warmup: int = 3,
+    device: str | None = None,
+    compile_backend: str = "inductor",
+    compile_mode: str | None = "default",
+    floor: str = "auto",
+    breakdown: bool = True,
+    loader: bool = True,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> BenchResult:
     """Benchmark a resolved plan (see the module docstring for what is measured).
 
     Every configuration is built and warmed up in turn (its peak memory measured then); all
@@ -686,15 +732,24 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
     threads_before = torch.get_num_threads()
     used_threads: int | None = None
     if dev.type == "cpu":
-        used_threads = threads or (1 if plan.cost.total * plan.data.batch_size
-                                   < SMALL_STEP_FLOPS else threads_before)
+        used_threads = threads or (
+            1 if plan.cost.total * plan.data.batch_size < SMALL_STEP_FLOPS else threads_before
+        )
         torch.set_num_threads(used_threads)
     dtype = resolve_precision(plan.precision, dev)
     images, targets = _batch(plan, dev)
     memory = _Memory(dev)
-    s = _Setup(plan=plan, device=dev, dtype=dtype, backend=compile_backend,
-               mode=compile_mode if compile_backend == "inductor" else None, steps=steps,
-               warmup=warmup, images=images, targets=targets)
+    s = _Setup(
+        plan=plan,
+        device=dev,
+        dtype=dtype,
+        backend=compile_backend,
+        mode=compile_mode if compile_backend == "inductor" else None,
+        steps=steps,
+        warmup=warmup,
+        images=images,
+        targets=targets,
+    )
     if floor == "auto":
         floor_modes = ["compiled"] if dev.type == "cuda" else ["eager"]
     else:
@@ -722,9 +777,11 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
             say("build and warm up: the compiled step's parts, each compiled alone")
             warm("breakdown", [_breakdown_timer(s, program, updater)], None)
         del program, updater
-        for name, make in (("eager", lambda: [_program_timer(s, False)[0]]),
-                           ("hooks", lambda: [_hooks_timer(s)]),
-                           ("floor", lambda: _floor_timers(s, floor_modes))):
+        for name, make in (
+            ("eager", lambda: [_program_timer(s, False)[0]]),
+            ("hooks", lambda: [_hooks_timer(s)]),
+            ("floor", lambda: _floor_timers(s, floor_modes)),
+        ):
             say(f"build and warm up: {name}")
             memory.reset()
             before = memory.current_mb()
@@ -742,43 +799,64 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
     peak = peak_flops(dev)
     low_precision = dtype in (torch.bfloat16, torch.float16)
 
-    def result(name: str, ms: float, flops: int, compile_s: float | None,
-               ms_steps: list[float], **details: Any) -> ConfigResult:
+    def result(
+        name: str,
+        ms: float,
+        flops: int,
+        compile_s: float | None,
+        ms_steps: list[float],
+        **details: Any,
+    ) -> ConfigResult:
         ips = s.batch / (ms / 1e3)
-        return ConfigResult(name=name, images_per_second=ips, ms_per_step=ms,
-                            ms_steps=ms_steps, peak_memory_mb=peak_mb[name],
-                            compile_seconds=compile_s,
-                            mfu=flops * ips / peak if peak and low_precision else None,
-                            details=details)
+        return ConfigResult(
+            name=name,
+            images_per_second=ips,
+            ms_per_step=ms,
+            ms_steps=ms_steps,
+            peak_memory_mb=peak_mb[name],
+            compile_seconds=compile_s,
+            mfu=flops * ips / peak if peak and low_precision else None,
+            details=details,
+        )
 
     configs: dict[str, ConfigResult] = {}
     for name in ("compiled", "eager", "hooks"):
         if name not in timers:
             continue
         t = timers[name]
-        configs[name] = result(name, t.median * 1e3, plan.cost.total, t.compile_seconds(),
-                               [x * 1e3 for x in t.times])
+        configs[name] = result(
+            name, t.median * 1e3, plan.cost.total, t.compile_seconds(), [x * 1e3 for x in t.times]
+        )
 
     def best(role: str) -> _Timer | None:
-        found = [timers[f"floor.{role}.{m}"] for m in floor_modes
-                 if f"floor.{role}.{m}" in timers]
+        found = [timers[f"floor.{role}.{m}"] for m in floor_modes if f"floor.{role}.{m}" in timers]
         return min(found, key=lambda t: t.median) if found else None
 
     fs, ft = best("student"), best("teacher")
     assert fs is not None
     s_ms = fs.median * 1e3
     t_ms = ft.median * 1e3 if ft is not None else 0.0
-    measured = {name.removeprefix("floor."): t.median * 1e3 for name, t in timers.items()
-                if name.startswith("floor.")}
+    measured = {
+        name.removeprefix("floor."): t.median * 1e3
+        for name, t in timers.items()
+        if name.startswith("floor.")
+    }
     floor_compile = sum(t.compile_seconds() or 0.0 for t in (fs, ft) if t is not None)
     configs["floor"] = result(
-        "floor", s_ms + t_ms, plan.cost.teacher_forward + plan.cost.student_forward_backward,
+        "floor",
+        s_ms + t_ms,
+        plan.cost.teacher_forward + plan.cost.student_forward_backward,
         floor_compile if (fs.compiled or (ft is not None and ft.compiled)) else None,
-        [(a + b) * 1e3 for a, b in zip(fs.times, ft.times if ft else [0.0] * len(fs.times),
-                                       strict=True)],
-        student_step_ms=s_ms, teacher_inference_ms=t_ms if ft else None,
+        [
+            (a + b) * 1e3
+            for a, b in zip(fs.times, ft.times if ft else [0.0] * len(fs.times), strict=True)
+        ],
+        student_step_ms=s_ms,
+        teacher_inference_ms=t_ms if ft else None,
         student_mode=fs.name.rsplit(".", 1)[1],
-        teacher_mode=ft.name.rsplit(".", 1)[1] if ft else None, measured_ms=measured)
+        teacher_mode=ft.name.rsplit(".", 1)[1] if ft else None,
+        measured_ms=measured,
+    )
 
     parts: dict[str, Any] | None = None
     if breakdown:
@@ -786,11 +864,15 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
         ms = {f"{k}_ms": statistics.median(p[k] for p in bt.parts) * 1e3 for k in _PARTS}
         total_ms = sum(ms.values())
         step_ms = configs["compiled"].ms_per_step
-        compile_s = sum(max(0.0, bt.first_parts.get(k, 0.0) - ms[f"{k}_ms"] / 1e3)
-                        for k in _PARTS)
-        parts = {**ms, "sum_of_parts_ms": total_ms, "step_ms": step_ms,
-                 "parts_minus_step_ms": total_ms - step_ms, "compile_seconds": compile_s,
-                 "share": {k: v / total_ms if total_ms else None for k, v in ms.items()}}
+        compile_s = sum(max(0.0, bt.first_parts.get(k, 0.0) - ms[f"{k}_ms"] / 1e3) for k in _PARTS)
+        parts = {
+            **ms,
+            "sum_of_parts_ms": total_ms,
+            "step_ms": step_ms,
+            "parts_minus_step_ms": total_ms - step_ms,
+            "compile_seconds": compile_s,
+            "share": {k: v / total_ms if total_ms else None for k, v in ms.items()},
+        }
 
     timers.clear()  # frees the configurations' modules before the loader runs
     torch._dynamo.reset()
@@ -798,8 +880,9 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
     loader_info = None
     if loader:
         say("data loader")
-        loader_info = _loader(plan, max(2 * steps, 10) * plan.data.batch_size,
-                              configs["compiled"].images_per_second)
+        loader_info = _loader(
+            plan, max(2 * steps, 10) * plan.data.batch_size, configs["compiled"].images_per_second
+        )
     a, b = configs["compiled"], configs["eager"]
     c, d = configs.get("hooks"), configs["floor"]
     floor_flops = plan.cost.teacher_forward + plan.cost.student_forward_backward
@@ -812,14 +895,18 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
         # the paper's pairs, more at reduced depth), so by FLOPs alone the step costs this much
         # more than the floor ...
         "overhead_vs_floor_from_flops": plan.cost.adapters_forward_backward / floor_flops
-        if floor_flops else None,
+        if floor_flops
+        else None,
         "adapter_flops_share": plan.cost.adapters_forward_backward / plan.cost.total
-        if plan.cost.total else None,
+        if plan.cost.total
+        else None,
         # ... and what is left once the adapters' and losses' measured time is added to the
         # floor is the price of running them together in one step.
-        "overhead_vs_floor_plus_losses": a.ms_per_step / (d.ms_per_step
-                                                          + parts["adapters_losses_ms"]) - 1
-        if parts else None,
+        "overhead_vs_floor_plus_losses": a.ms_per_step
+        / (d.ms_per_step + parts["adapters_losses_ms"])
+        - 1
+        if parts
+        else None,
     }
     notes: list[str] = [f"{name} not measured: {why}" for name, why in skipped.items()]
     if dev.type == "cuda" and peak is None:
@@ -827,24 +914,38 @@ def bench_plan(plan: Plan, *, steps: int = 10, warmup: int = 3, device: str | No
     elif peak is not None and not low_precision:
         notes.append("MFU omitted: the peak table is for bf16/fp16 and precision is fp32")
     if dev.type == "cpu":
-        notes.append(f"CPU: {used_threads} thread(s); the floor runs "
-                     f"{' and '.join(floor_modes)}")
+        notes.append(f"CPU: {used_threads} thread(s); the floor runs {' and '.join(floor_modes)}")
     load_after = _load_average()
     if load_before is not None and load_after is not None:
-        notes.append(f"load average {load_before:.2f} before, {load_after:.2f} after "
-                     f"({os.cpu_count()} CPUs): a load above the CPU count means other "
-                     "processes shared them")
+        notes.append(
+            f"load average {load_before:.2f} before, {load_after:.2f} after "
+            f"({os.cpu_count()} CPUs): a load above the CPU count means other "
+            "processes shared them"
+        )
     return BenchResult(
-        recipe=plan.recipe, student=plan.student.name,
-        teacher=plan.teacher.name if plan.teacher else None, device=str(dev),
+        recipe=plan.recipe,
+        student=plan.student.name,
+        teacher=plan.teacher.name if plan.teacher else None,
+        device=str(dev),
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
-        threads=used_threads, batch=plan.data.batch_size,
+        threads=used_threads,
+        batch=plan.data.batch_size,
         precision=str(dtype).removeprefix("torch.") if dtype else "fp32",
-        backend=compile_backend, compile_mode=s.mode, steps=steps, warmup=warmup,
-        flops_per_image=plan.cost.total, memory_kind=memory.kind, configs=configs,
-        ratios=ratios, breakdown=parts, loader=loader_info, peak_device_flops=peak,
-        load_average=[load_before, load_after], wall_seconds=time.perf_counter() - start_all,
-        notes=notes)
+        backend=compile_backend,
+        compile_mode=s.mode,
+        steps=steps,
+        warmup=warmup,
+        flops_per_image=plan.cost.total,
+        memory_kind=memory.kind,
+        configs=configs,
+        ratios=ratios,
+        breakdown=parts,
+        loader=loader_info,
+        peak_device_flops=peak,
+        load_average=[load_before, load_after],
+        wall_seconds=time.perf_counter() - start_all,
+        notes=notes,
+    )
 
 
 def _cpu_name() -> str:
@@ -859,8 +960,13 @@ def _cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def run_bench(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None, *,
-              batch: int | None = None, **kwargs: Any) -> BenchResult:
+def run_bench(
+    path: str | Path,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    *,
+    batch: int | None = None,
+    **kwargs: Any,
+) -> BenchResult:
     """Load, check and plan a recipe, then :func:`bench_plan` it.
 
     ``overrides`` as for :func:`vitkdl.load`; ``batch`` overrides ``data.batch_size``; other

@@ -46,8 +46,7 @@ def default_classes(spec: RecipeSpec, model: ModelSpec) -> int | None:
     return known_classes(spec.data.source, spec.data.classes)
 
 
-def _facts(spec: RecipeSpec, model: ModelSpec | None) -> tuple[ModelFacts | None,
-                                                                 list[Diagnostic]]:
+def _facts(spec: RecipeSpec, model: ModelSpec | None) -> tuple[ModelFacts | None, list[Diagnostic]]:
     if model is None or not model.model:
         return None, []
     kwargs = model.timm_kwargs(default_classes(spec, model))
@@ -61,9 +60,14 @@ def _facts(spec: RecipeSpec, model: ModelSpec | None) -> tuple[ModelFacts | None
         if exc.kind == "bad_argument" and exc.argument:
             name = "drop_path" if exc.argument == "drop_path_rate" else exc.argument
             span = model.at(name)
-            return None, [error(f"{model.model} takes no argument '{name}'", span,
-                                expected=one_of(exc.expected) if exc.expected else None,
-                                hint=hint)]
+            return None, [
+                error(
+                    f"{model.model} takes no argument '{name}'",
+                    span,
+                    expected=one_of(exc.expected) if exc.expected else None,
+                    hint=hint,
+                )
+            ]
         return None, [error(exc.message, span, hint=hint)]
 
 
@@ -81,24 +85,37 @@ def resolve_tap(tap: TapSpec, facts: ModelFacts) -> tuple[list[TapPoint], list[D
     assert tap.index is not None
     point = _POINTS[tap.sub]
     if point != "out" and not facts.sub_taps:
-        return [], [error(
-            f"{tap.side}.blocks[...].{tap.sub}: {facts.name}'s blocks cannot be tapped inside "
-            f"(vitkdl taps the halves of timm's ViT Block); its blocks have "
-            f"{', '.join(facts.block_parts) or 'no named parts'}", tap.at("sub"),
-            hint=f"tap {tap.side}.blocks[...] (the block output) or {tap.side}.norm")]
+        return [], [
+            error(
+                f"{tap.side}.blocks[...].{tap.sub}: {facts.name}'s blocks cannot be tapped inside "
+                f"(vitkdl taps the halves of timm's ViT Block); its blocks have "
+                f"{', '.join(facts.block_parts) or 'no named parts'}",
+                tap.at("sub"),
+                hint=f"tap {tap.side}.blocks[...] (the block output) or {tap.side}.norm",
+            )
+        ]
     for item in tap.index:
         if isinstance(item, SliceSpec):
             picked = list(range(depth))[slice(item.start, item.stop, item.step)]
             if not picked:
-                diags.append(error(f"the slice selects no blocks of {tap.side}'s {depth}",
-                                   item.span, expected=f"indices in 0..{depth - 1}"))
+                diags.append(
+                    error(
+                        f"the slice selects no blocks of {tap.side}'s {depth}",
+                        item.span,
+                        expected=f"indices in 0..{depth - 1}",
+                    )
+                )
             out.extend(TapPoint(block=i, point=point) for i in picked)
         elif -depth <= item < depth:
             out.append(TapPoint(block=item % depth, point=point))
         else:
-            diags.append(error(f"block index {item} is out of range: the {tap.side} has "
-                               f"{depth} blocks", tap.span,
-                               expected=f"0..{depth - 1}, or -{depth}..-1 from the end"))
+            diags.append(
+                error(
+                    f"block index {item} is out of range: the {tap.side} has {depth} blocks",
+                    tap.span,
+                    expected=f"0..{depth - 1}, or -{depth}..-1 from the end",
+                )
+            )
     return out, diags
 
 
@@ -143,13 +160,17 @@ def check_teacher(ctx: Context) -> Iterable[Diagnostic]:
     needs = [t for t in ctx.spec.terms if KINDS[t.kind].needs_teacher]
     if ctx.spec.teacher is None:
         for t in needs:
-            yield error(f"the {t.kind} term '{t.name}' needs a teacher, and the recipe has none",
-                        t.span, hint="add `teacher MODEL { weights = \"...\" }` or "
-                                     "`teacher from \"RECIPE\"`")
+            yield error(
+                f"the {t.kind} term '{t.name}' needs a teacher, and the recipe has none",
+                t.span,
+                hint='add `teacher MODEL { weights = "..." }` or `teacher from "RECIPE"`',
+            )
     elif not needs:
-        yield warning("the recipe has a teacher but no distill term uses it",
-                      ctx.spec.teacher.span,
-                      hint="add terms to `distill { ... }`, e.g. kd { temperature = 1.0 }")
+        yield warning(
+            "the recipe has a teacher but no distill term uses it",
+            ctx.spec.teacher.span,
+            hint="add terms to `distill { ... }`, e.g. kd { temperature = 1.0 }",
+        )
 
 
 def check_tap_counts(ctx: Context) -> Iterable[Diagnostic]:
@@ -159,9 +180,11 @@ def check_tap_counts(ctx: Context) -> Iterable[Diagnostic]:
         if s is None or te is None:
             continue
         if len(s) != len(te):
-            yield error(f"{t.kind} '{t.name}' pairs {len(s)} student taps with {len(te)} "
-                        f"teacher taps", t.span,
-                        expected="the same number of taps on both sides of ->")
+            yield error(
+                f"{t.kind} '{t.name}' pairs {len(s)} student taps with {len(te)} teacher taps",
+                t.span,
+                expected="the same number of taps on both sides of ->",
+            )
 
 
 def check_token_grids(ctx: Context) -> Iterable[Diagnostic]:
@@ -169,12 +192,14 @@ def check_token_grids(ctx: Context) -> Iterable[Diagnostic]:
     s, t = ctx.student, ctx.teacher
     if s is None or t is None or not _paired(ctx.spec) or s.grid == t.grid:
         return
-    yield error(f"the student's token grid {s.grid[0]}x{s.grid[1]} differs from the teacher's "
-                f"{t.grid[0]}x{t.grid[1]}", ctx.spec.student.at("model") if ctx.spec.student
-                else None,
-                expected="the same image size / patch size on both models",
-                hint=f"student: img {s.img_size[0]} / patch {s.patch_size[0]}; teacher: img "
-                     f"{t.img_size[0]} / patch {t.patch_size[0]}")
+    yield error(
+        f"the student's token grid {s.grid[0]}x{s.grid[1]} differs from the teacher's "
+        f"{t.grid[0]}x{t.grid[1]}",
+        ctx.spec.student.at("model") if ctx.spec.student else None,
+        expected="the same image size / patch size on both models",
+        hint=f"student: img {s.img_size[0]} / patch {s.patch_size[0]}; teacher: img "
+        f"{t.img_size[0]} / patch {t.patch_size[0]}",
+    )
 
 
 def check_sharded_taps(ctx: Context) -> Iterable[Diagnostic]:
@@ -185,17 +210,22 @@ def check_sharded_taps(ctx: Context) -> Iterable[Diagnostic]:
     for term in _paired(ctx.spec):
         for tap in (*term.student, *term.teacher):
             if tap.sub in ("attn", "attn_map"):
-                yield error(f"{tap.text()}: taps inside blocks are not supported with "
-                            "shard = fsdp yet", tap.at("sub"),
-                            hint="tap whole blocks, or train with shard = none (DDP)")
+                yield error(
+                    f"{tap.text()}: taps inside blocks are not supported with shard = fsdp yet",
+                    tap.at("sub"),
+                    hint="tap whole blocks, or train with shard = none (DDP)",
+                )
 
 
 def check_terms(ctx: Context) -> Iterable[Diagnostic]:
     """Every term's weight is >= 0; then each kind's own checks."""
     for term in ctx.spec.terms:
         if term.weight < 0:
-            yield error(f"weight must be >= 0, got {term.weight}", term.at("weight"),
-                        hint="a negative weight would push the student away from the target")
+            yield error(
+                f"weight must be >= 0, got {term.weight}",
+                term.at("weight"),
+                hint="a negative weight would push the student away from the target",
+            )
         yield from KINDS[term.kind].check(term, ctx)
 
 
@@ -205,14 +235,19 @@ def check_classes(ctx: Context) -> Iterable[Diagnostic]:
     s, t, spec = ctx.student, ctx.teacher, ctx.spec
     logit = [x for x in spec.terms if KINDS[x.kind].reads_teacher_logits]
     if s is not None and t is not None and logit and s.num_classes != t.num_classes:
-        yield error(f"{logit[0].kind} compares logits, but the student has {s.num_classes} "
-                    f"classes and the teacher {t.num_classes}", logit[0].span,
-                    hint="set num_classes on both models")
+        yield error(
+            f"{logit[0].kind} compares logits, but the student has {s.num_classes} "
+            f"classes and the teacher {t.num_classes}",
+            logit[0].span,
+            hint="set num_classes on both models",
+        )
     known = known_classes(spec.data.source, spec.data.classes)
     if known is not None and s is not None and s.num_classes != known and spec.student:
-        yield error(f"the {spec.data.source} data has {known} classes, the student's head "
-                    f"{s.num_classes}", spec.student.at("num_classes"),
-                    hint=f"set num_classes = {known}")
+        yield error(
+            f"the {spec.data.source} data has {known} classes, the student's head {s.num_classes}",
+            spec.student.at("num_classes"),
+            hint=f"set num_classes = {known}",
+        )
 
 
 def check_image_size(ctx: Context) -> Iterable[Diagnostic]:
@@ -224,11 +259,13 @@ def check_image_size(ctx: Context) -> Iterable[Diagnostic]:
     for role, facts in (("student", ctx.student), ("teacher", ctx.teacher)):
         model = getattr(spec, role)
         if facts is not None and model is not None and facts.img_size != (size, size):
-            yield error(f"data.image_size is {size} but the {role} takes "
-                        f"{facts.img_size[0]}x{facts.img_size[1]} images",
-                        spec.data.at("image_size"),
-                        hint=f"set img_size = {size} on the {role} (timm resizes the position "
-                             "embedding) or change data.image_size")
+            yield error(
+                f"data.image_size is {size} but the {role} takes "
+                f"{facts.img_size[0]}x{facts.img_size[1]} images",
+                spec.data.at("image_size"),
+                hint=f"set img_size = {size} on the {role} (timm resizes the position "
+                "embedding) or change data.image_size",
+            )
 
 
 def check_channels(ctx: Context) -> Iterable[Diagnostic]:
@@ -238,10 +275,12 @@ def check_channels(ctx: Context) -> Iterable[Diagnostic]:
         return
     if not needs_teacher(x.kind for x in spec.terms):
         return
-    yield error(f"the teacher reads {t.in_chans}-channel images and the student "
-                f"{s.in_chans}-channel ones; both see the same batch",
-                spec.teacher.at("in_chans"),
-                hint=f"set in_chans = {s.in_chans} on the teacher")
+    yield error(
+        f"the teacher reads {t.in_chans}-channel images and the student "
+        f"{s.in_chans}-channel ones; both see the same batch",
+        spec.teacher.at("in_chans"),
+        hint=f"set in_chans = {s.in_chans} on the teacher",
+    )
 
 
 def check_data(ctx: Context) -> Iterable[Diagnostic]:
@@ -253,19 +292,27 @@ def check_data(ctx: Context) -> Iterable[Diagnostic]:
             yield warning(f"data.root is not used by the {data.source} data", data.at("root"))
         return
     if data.root is None:
-        yield report("data imagefolder has no root", data.at("source"),
-                     hint="pass --set data.root=/path/to/imagenet (a folder with train/ and "
-                          "val/)")
+        yield report(
+            "data imagefolder has no root",
+            data.at("source"),
+            hint="pass --set data.root=/path/to/imagenet (a folder with train/ and val/)",
+        )
         return
     root = Path(data.root)
     if not root.is_dir():
-        yield report(f"data root {data.root} does not exist", data.at("root"),
-                     hint="pass --set data.root=/path/to/imagenet")
+        yield report(
+            f"data root {data.root} does not exist",
+            data.at("root"),
+            hint="pass --set data.root=/path/to/imagenet",
+        )
         return
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            yield report(f"data root {data.root} has no {split}/ folder", data.at("root"),
-                         expected=f"{data.root}/{split}/<class>/<images>")
+            yield report(
+                f"data root {data.root} has no {split}/ folder",
+                data.at("root"),
+                expected=f"{data.root}/{split}/<class>/<images>",
+            )
 
 
 def check_weights(ctx: Context) -> Iterable[Diagnostic]:
@@ -277,31 +324,50 @@ def check_weights(ctx: Context) -> Iterable[Diagnostic]:
         if model is None:
             continue
         if model.weights is not None and not Path(model.weights).is_file():
-            yield report(f"weights file {model.weights} does not exist", model.at("weights"),
-                         hint="paths are relative to the working directory")
-        if (role == "teacher" and model.weights is None and model.from_recipe is None
-                and not model.pretrained):
-            yield warning("the teacher has no weights and would teach from random features",
-                          model.at("model"),
-                          hint='set weights = "path/to/teacher.safetensors"')
+            yield report(
+                f"weights file {model.weights} does not exist",
+                model.at("weights"),
+                hint="paths are relative to the working directory",
+            )
+        if (
+            role == "teacher"
+            and model.weights is None
+            and model.from_recipe is None
+            and not model.pretrained
+        ):
+            yield warning(
+                "the teacher has no weights and would teach from random features",
+                model.at("model"),
+                hint='set weights = "path/to/teacher.safetensors"',
+            )
 
 
 def check_schedule(ctx: Context) -> Iterable[Diagnostic]:
     """Warm-up shorter than training; mixup needs an even batch."""
     train, data = ctx.spec.train, ctx.spec.data
     if train.schedule.warmup_epochs >= train.epochs:
-        yield warning(f"warm-up ({train.schedule.warmup_epochs:g} epochs) is not shorter than "
-                      f"training ({train.epochs} epochs): the lr never leaves warm-up",
-                      train.schedule.at("warmup_epochs") or train.at("epochs"))
+        yield warning(
+            f"warm-up ({train.schedule.warmup_epochs:g} epochs) is not shorter than "
+            f"training ({train.epochs} epochs): the lr never leaves warm-up",
+            train.schedule.at("warmup_epochs") or train.at("epochs"),
+        )
     if (data.mixup > 0 or data.cutmix > 0) and data.batch_size % 2:
-        yield error(f"mixup/cutmix need an even batch size, got {data.batch_size}",
-                    data.at("batch_size"), hint=f"batch_size = {data.batch_size + 1}")
+        yield error(
+            f"mixup/cutmix need an even batch size, got {data.batch_size}",
+            data.at("batch_size"),
+            hint=f"batch_size = {data.batch_size + 1}",
+        )
     if train.shard == "fsdp" and train.ema is not None:
-        yield error("ema is not supported with shard = fsdp yet", train.at("ema"),
-                    hint="remove ema, or shard = none (DDP)")
+        yield error(
+            "ema is not supported with shard = fsdp yet",
+            train.at("ema"),
+            hint="remove ema, or shard = none (DDP)",
+        )
     opt = train.optimizer
-    if opt.name not in ("adamw", "adam", "nadamw", "lamb", "adan", "lion", "adopt",
-                        "laprop") and "betas" in opt.kwargs:
+    if (
+        opt.name not in ("adamw", "adam", "nadamw", "lamb", "adan", "lion", "adopt", "laprop")
+        and "betas" in opt.kwargs
+    ):
         yield error(f"{opt.name} takes no betas", opt.at("betas"))
 
 
@@ -331,8 +397,9 @@ CHECKS: tuple[Check, ...] = (
 )
 
 
-def run_checks(spec: RecipeSpec, strict: bool = False,
-               checks: tuple[Check, ...] = CHECKS) -> tuple[Context, list[Diagnostic]]:
+def run_checks(
+    spec: RecipeSpec, strict: bool = False, checks: tuple[Check, ...] = CHECKS
+) -> tuple[Context, list[Diagnostic]]:
     """Run every check; returns the context (with model facts) and all diagnostics."""
     ctx = make_context(spec, strict)
     diags: list[Diagnostic] = []

@@ -63,14 +63,16 @@ class Diagnostic:
         return (self.span.file, self.span.line, self.span.column)
 
 
-def error(message: str, span: Span | None = None, *, expected: str | None = None,
-          hint: str | None = None) -> Diagnostic:
+def error(
+    message: str, span: Span | None = None, *, expected: str | None = None, hint: str | None = None
+) -> Diagnostic:
     """An error diagnostic."""
     return Diagnostic("error", message, span, expected, hint)
 
 
-def warning(message: str, span: Span | None = None, *, expected: str | None = None,
-            hint: str | None = None) -> Diagnostic:
+def warning(
+    message: str, span: Span | None = None, *, expected: str | None = None, hint: str | None = None
+) -> Diagnostic:
     """A warning diagnostic (``validate`` still passes)."""
     return Diagnostic("warning", message, span, expected, hint)
 
@@ -123,8 +125,9 @@ def render(diagnostic: Diagnostic, sources: Sources | Mapping[str, str] | None =
             text = text.expandtabs(1)
             gutter = str(d.span.line)
             width = (
-                d.span.end_column - d.span.column if d.span.end_line == d.span.line else
-                len(text) - d.span.column + 1
+                d.span.end_column - d.span.column
+                if d.span.end_line == d.span.line
+                else len(text) - d.span.column + 1
             )
             width = max(1, min(width, max(1, len(text) - d.span.column + 1)))
             pad = " " * len(gutter)

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Container
 
-NO_DECAY_NAMES: tuple[str, ...] = ("pos_embed", "cls_token", "dist_token", "reg_token",
-                                   "mask_token")
+NO_DECAY_NAMES: tuple[str, ...] = (
+    "pos_embed",
+    "cls_token",
+    "dist_token",
+    "reg_token",
+    "mask_token",
+)
 
-NO_DECAY_WORDS = ("norms, biases and other 1-d parameters, position embeddings, class / "
-                  "distillation / register tokens, mask tokens")
+NO_DECAY_WORDS = (
+    "norms, biases and other 1-d parameters, position embeddings, class / "
+    "distillation / register tokens, mask tokens"
+)
 
 
 def decays(name: str, ndim: int, skip: Container[str] = ()) -> bool:

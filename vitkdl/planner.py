@@ -22,8 +22,18 @@ from vitkdl.spec import ModelSpec, RecipeSpec
 from vitkdl.terms import KINDS, needs_teacher
 from vitkdl.terms.base import AdapterPlan, TapPoint, TermPlan
 
-__all__ = ["AdapterPlan", "CostPlan", "DataPlan", "ModelPlan", "OptimizerPlan", "Plan",
-           "SchedulePlan", "TapPoint", "TermPlan", "make_plan"]
+__all__ = [
+    "AdapterPlan",
+    "CostPlan",
+    "DataPlan",
+    "ModelPlan",
+    "OptimizerPlan",
+    "Plan",
+    "SchedulePlan",
+    "TapPoint",
+    "TermPlan",
+    "make_plan",
+]
 
 
 class _Plain(BaseModel):
@@ -139,72 +149,142 @@ class Plan(_Plain):
     cost: CostPlan
 
 
-PRECISION = {"auto": "auto (bf16 autocast on CUDA with bf16 support, fp32 otherwise)",
-             "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}
-COMPILE = {"auto": "auto (torch.compile on CUDA, eager on CPU)", "off": "eager",
-           "default": "torch.compile", "max-autotune": "torch.compile mode=max-autotune"}
+PRECISION = {
+    "auto": "auto (bf16 autocast on CUDA with bf16 support, fp32 otherwise)",
+    "bf16": "bf16 autocast",
+    "fp16": "fp16 autocast with loss scaling",
+    "fp32": "fp32",
+}
+COMPILE = {
+    "auto": "auto (torch.compile on CUDA, eager on CPU)",
+    "off": "eager",
+    "default": "torch.compile",
+    "max-autotune": "torch.compile mode=max-autotune",
+}
 
 
-def _model_plan(spec: ModelSpec, facts: ModelFacts, num_classes: int | None,
-                source: str) -> ModelPlan:
+def _model_plan(
+    spec: ModelSpec, facts: ModelFacts, num_classes: int | None, source: str
+) -> ModelPlan:
     mean, std = input_norm(source, facts.mean, facts.std, facts.in_chans)
     return ModelPlan(
-        role=spec.role, name=facts.name, arch=facts.arch, tag=facts.tag, family=facts.family,
-        timm_kwargs=spec.timm_kwargs(num_classes), width=facts.embed_dim, depth=facts.depth,
-        heads=facts.num_heads, prefix_tokens=facts.num_prefix_tokens, grid=facts.grid,
-        tokens=facts.num_patches, img_size=facts.img_size[0], patch_size=facts.patch_size[0],
-        in_chans=facts.in_chans, num_classes=facts.num_classes, params=facts.params,
-        forward_flops=facts.flops, weights=spec.weights, from_recipe=spec.from_recipe,
-        from_name=spec.from_name, from_hash=spec.from_hash, trainable=spec.role == "student",
-        mean=mean, std=std, interpolation=facts.interpolation, crop_pct=facts.crop_pct)
+        role=spec.role,
+        name=facts.name,
+        arch=facts.arch,
+        tag=facts.tag,
+        family=facts.family,
+        timm_kwargs=spec.timm_kwargs(num_classes),
+        width=facts.embed_dim,
+        depth=facts.depth,
+        heads=facts.num_heads,
+        prefix_tokens=facts.num_prefix_tokens,
+        grid=facts.grid,
+        tokens=facts.num_patches,
+        img_size=facts.img_size[0],
+        patch_size=facts.patch_size[0],
+        in_chans=facts.in_chans,
+        num_classes=facts.num_classes,
+        params=facts.params,
+        forward_flops=facts.flops,
+        weights=spec.weights,
+        from_recipe=spec.from_recipe,
+        from_name=spec.from_name,
+        from_hash=spec.from_hash,
+        trainable=spec.role == "student",
+        mean=mean,
+        std=std,
+        interpolation=facts.interpolation,
+        crop_pct=facts.crop_pct,
+    )
 
 
 def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
     """Resolve a checked spec into a :class:`Plan` (call after the checks found no error)."""
     assert spec.student is not None and ctx.student is not None
     data = spec.data
-    student = _model_plan(spec.student, ctx.student, default_classes(spec, spec.student),
-                          data.source)
+    student = _model_plan(
+        spec.student, ctx.student, default_classes(spec, spec.student), data.source
+    )
     teacher = None
     if spec.teacher is not None and ctx.teacher is not None:
-        teacher = _model_plan(spec.teacher, ctx.teacher, default_classes(spec, spec.teacher),
-                              data.source)
+        teacher = _model_plan(
+            spec.teacher, ctx.teacher, default_classes(spec, spec.teacher), data.source
+        )
     # Each kind resolves its own terms; a term at weight 0 is left out (nothing to build).
     terms = [KINDS[t.kind].plan(t, ctx) for t in spec.terms if t.weight > 0]
     image_size = data.image_size or student.img_size
     train_images, val_images = split_sizes(data.source, data.size, data.batch_size)
-    workers = data.workers if data.workers is not None else (
-        min(8, os.cpu_count() or 1) if source(data.source).decodes else 0)
+    workers = (
+        data.workers
+        if data.workers is not None
+        else (min(8, os.cpu_count() or 1) if source(data.source).decodes else 0)
+    )
     adapters = sum(t.adapter_params for t in terms)
     opt = spec.train.optimizer
     sched = spec.train.schedule
     teacher_used = teacher is not None and needs_teacher(t.kind for t in terms)
     teacher_fwd = teacher.forward_flops if teacher is not None and teacher_used else 0
     adapter_flops = sum(t.adapter_flops for t in terms)
-    cost = CostPlan(teacher_forward=teacher_fwd,
-                    student_forward_backward=3 * student.forward_flops,
-                    adapters_forward_backward=adapter_flops,
-                    total=teacher_fwd + 3 * student.forward_flops + adapter_flops)
+    cost = CostPlan(
+        teacher_forward=teacher_fwd,
+        student_forward_backward=3 * student.forward_flops,
+        adapters_forward_backward=adapter_flops,
+        total=teacher_fwd + 3 * student.forward_flops + adapter_flops,
+    )
     return Plan(
-        recipe=spec.name, file=spec.file, hash=spec.hash(), extends=list(spec.extends),
-        overrides=list(spec.overrides), student=student, teacher=teacher,
-        teacher_used=teacher_used, terms=terms,
-        data=DataPlan(source=data.source, root=data.root, image_size=image_size,
-                      in_chans=student.in_chans, batch_size=data.batch_size,
-                      global_batch=data.batch_size * world_size, workers=workers,
-                      augment=data.augment, mixup=data.mixup, cutmix=data.cutmix,
-                      smoothing=data.smoothing, num_classes=student.num_classes,
-                      train_images=train_images, val_images=val_images),
-        optimizer=OptimizerPlan(name=opt.name, lr=opt.lr, weight_decay=opt.weight_decay,
-                                kwargs=opt.kwargs,
-                                no_weight_decay=NO_DECAY_NAMES,
-                                trainable_params=student.params + adapters),
-        schedule=SchedulePlan(name=sched.name, epochs=spec.train.epochs,
-                              warmup_epochs=sched.warmup_epochs, min_lr=sched.min_lr,
-                              warmup_lr=sched.warmup_lr, per="iteration",
-                              decay_epochs=sched.decay_epochs, decay_rate=sched.decay_rate),
-        epochs=spec.train.epochs, clip_grad=spec.train.clip_grad, ema=spec.train.ema,
-        precision=spec.train.precision, compile=spec.train.compile, shard=spec.train.shard,
-        seed=spec.train.seed, eval_every=spec.train.eval_every,
-        checkpoint_every=spec.train.checkpoint_every, log_every=spec.train.log_every,
-        world_size=world_size, cost=cost)
+        recipe=spec.name,
+        file=spec.file,
+        hash=spec.hash(),
+        extends=list(spec.extends),
+        overrides=list(spec.overrides),
+        student=student,
+        teacher=teacher,
+        teacher_used=teacher_used,
+        terms=terms,
+        data=DataPlan(
+            source=data.source,
+            root=data.root,
+            image_size=image_size,
+            in_chans=student.in_chans,
+            batch_size=data.batch_size,
+            global_batch=data.batch_size * world_size,
+            workers=workers,
+            augment=data.augment,
+            mixup=data.mixup,
+            cutmix=data.cutmix,
+            smoothing=data.smoothing,
+            num_classes=student.num_classes,
+            train_images=train_images,
+            val_images=val_images,
+        ),
+        optimizer=OptimizerPlan(
+            name=opt.name,
+            lr=opt.lr,
+            weight_decay=opt.weight_decay,
+            kwargs=opt.kwargs,
+            no_weight_decay=NO_DECAY_NAMES,
+            trainable_params=student.params + adapters,
+        ),
+        schedule=SchedulePlan(
+            name=sched.name,
+            epochs=spec.train.epochs,
+            warmup_epochs=sched.warmup_epochs,
+            min_lr=sched.min_lr,
+            warmup_lr=sched.warmup_lr,
+            per="iteration",
+            decay_epochs=sched.decay_epochs,
+            decay_rate=sched.decay_rate,
+        ),
+        epochs=spec.train.epochs,
+        clip_grad=spec.train.clip_grad,
+        ema=spec.train.ema,
+        precision=spec.train.precision,
+        compile=spec.train.compile,
+        shard=spec.train.shard,
+        seed=spec.train.seed,
+        eval_every=spec.train.eval_every,
+        checkpoint_every=spec.train.checkpoint_every,
+        log_every=spec.train.log_every,
+        world_size=world_size,
+        cost=cost,
+    )

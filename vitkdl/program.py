@@ -86,8 +86,9 @@ def _read_failure(exc: Exception) -> str:
     text = str(exc)
     marker = "WeightsUnpickler error:"
     if marker in text:
-        reason = next((line.strip() for line in text.split(marker, 1)[1].splitlines()
-                       if line.strip()), "")
+        reason = next(
+            (line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()), ""
+        )
         return f"not a PyTorch checkpoint of plain tensors ({reason.split('. ')[0]})"
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
@@ -109,31 +110,47 @@ def load_weights(model: nn.Module, path: str | Path, role: str) -> None:
     if filter_fn is not None:
         kwargs: dict[str, Any] = {}
         with suppress(Exception):
-            if (any(".gamma_" in k for k in state)
-                    and "adapt_layer_scale" in inspect.signature(filter_fn).parameters):
+            if (
+                any(".gamma_" in k for k in state)
+                and "adapt_layer_scale" in inspect.signature(filter_fn).parameters
+            ):
                 kwargs["adapt_layer_scale"] = True  # original DeiT III: gamma_1 -> ls1.gamma
         with suppress(Exception):
             state = filter_fn(state, model, **kwargs)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:6])}"
-                         f"{', ...' if len(missing) > 6 else ''})")
+            parts.append(
+                f"missing {len(missing)} keys ({', '.join(missing[:6])}"
+                f"{', ...' if len(missing) > 6 else ''})"
+            )
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:6])}"
-                         f"{', ...' if len(unexpected) > 6 else ''})")
+            parts.append(
+                f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:6])}"
+                f"{', ...' if len(unexpected) > 6 else ''})"
+            )
         if shapes:
-            parts.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:4])}"
-                         f"{'; ...' if len(shapes) > 4 else ''})")
-        raise VkdError([error(f"{where} do not fit {type(model).__name__}: "
-                              + ", ".join(parts),
-                              hint="check the model name, num_classes, img_size and "
-                                   "patch_size against the checkpoint")])
+            parts.append(
+                f"{len(shapes)} shape mismatches ({'; '.join(shapes[:4])}"
+                f"{'; ...' if len(shapes) > 4 else ''})"
+            )
+        raise VkdError(
+            [
+                error(
+                    f"{where} do not fit {type(model).__name__}: " + ", ".join(parts),
+                    hint="check the model name, num_classes, img_size and "
+                    "patch_size against the checkpoint",
+                )
+            ]
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -187,16 +204,18 @@ class CompileReport:
     seconds: float
 
     def lines(self) -> list[str]:
-        out = [f"mode: {self.mode or 'eager (not compiled)'}",
-               f"graphs: {self.graphs}, graph breaks: {self.breaks}, recompiles: "
-               f"{self.recompiles}",
-               f"trace time: {self.seconds:.2f} s"]
+        out = [
+            f"mode: {self.mode or 'eager (not compiled)'}",
+            f"graphs: {self.graphs}, graph breaks: {self.breaks}, recompiles: {self.recompiles}",
+            f"trace time: {self.seconds:.2f} s",
+        ]
         out += [f"break: {r}" for r in self.break_reasons]
         return out
 
 
-def tap_pass(model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int
-             ) -> tuple[Tensor, dict[str, Tensor]]:
+def tap_pass(
+    model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int
+) -> tuple[Tensor, dict[str, Tensor]]:
     """One pass of a timm ViT: its logits and the requested taps (patch tokens only), keyed
     by :attr:`TapPoint.key`; the final norm's patch tokens are always there as ``norm``.
 
@@ -218,8 +237,9 @@ def tap_pass(model: nn.Module, images: Tensor, points: list[TapPoint], prefix: i
     return single_logits(model.forward_head(final)), taps
 
 
-def _block_pass(model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+def _block_pass(
+    model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int
+) -> tuple[Tensor, dict[str, Tensor]]:
     """timm's ``forward_features``, block by block, tapping inside the requested blocks."""
     want: dict[int, set[str]] = {}
     for p in points:
@@ -256,16 +276,16 @@ def attention_with_map(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    out = (attn.attn_drop(probs) @ v).transpose(1, 2).reshape(b, n, attn.num_heads *
-                                                              attn.head_dim)
+    out = (attn.attn_drop(probs) @ v).transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), probs
 
 
-def term_losses(plan_terms: list[TermPlan], terms: nn.ModuleDict, inputs: StepInputs
-                ) -> dict[str, Tensor]:
+def term_losses(
+    plan_terms: list[TermPlan], terms: nn.ModuleDict, inputs: StepInputs
+) -> dict[str, Tensor]:
     """Every term on one batch's taps and logits: ``{"loss": total, term: detached value}``.
     Each term's kind says how its module is fed."""
     out: dict[str, Tensor] = {}
@@ -286,8 +306,13 @@ class StudentSide(nn.Module):
     one, is wrapped: the teacher is never wrapped, synced or given gradients.
     """
 
-    def __init__(self, plan: Plan, student: nn.Module, terms: nn.ModuleDict,
-                 autocast_dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        student: nn.Module,
+        terms: nn.ModuleDict,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
         super().__init__()
         self.student = student
         self.terms = terms
@@ -301,12 +326,14 @@ class StudentSide(nn.Module):
         with _autocast(images.device.type, self.autocast_dtype):
             return single_logits(self.student(images))
 
-    def forward(self, images: Tensor, targets: Tensor, t_logits: Tensor | None,
-                t_taps: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(
+        self, images: Tensor, targets: Tensor, t_logits: Tensor | None, t_taps: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
         with _autocast(images.device.type, self.autocast_dtype):
             s_logits, s_taps = tap_pass(self.student, images, self.points, self.prefix)
-        return term_losses(self.plan_terms, self.terms,
-                           StepInputs(s_logits, s_taps, t_logits, t_taps, targets))
+        return term_losses(
+            self.plan_terms, self.terms, StepInputs(s_logits, s_taps, t_logits, t_taps, targets)
+        )
 
 
 @dataclass
@@ -333,9 +360,15 @@ class Program(nn.Module):
     gradients, eval mode, and ``.train()`` never switches it to training mode.
     """
 
-    def __init__(self, plan: Plan, student: nn.Module, teacher: nn.Module | None,
-                 terms: nn.ModuleDict, autocast_dtype: torch.dtype | None = None,
-                 compile_mode: str | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        terms: nn.ModuleDict,
+        autocast_dtype: torch.dtype | None = None,
+        compile_mode: str | None = None,
+    ) -> None:
         super().__init__()
         self.plan = plan
         self.core = StudentSide(plan, student, terms, autocast_dtype)
@@ -352,13 +385,18 @@ class Program(nn.Module):
         # The loader normalises for the student; a teacher with other statistics gets its own
         # input from the same tensor through a per-channel affine inside the step (no second
         # decode, no host work). None when both models normalise alike.
-        affine = (teacher_affine((plan.student.mean, plan.student.std),
-                                 (plan.teacher.mean, plan.teacher.std))
-                  if plan.teacher is not None else None)
+        affine = (
+            teacher_affine(
+                (plan.student.mean, plan.student.std), (plan.teacher.mean, plan.teacher.std)
+            )
+            if plan.teacher is not None
+            else None
+        )
         self.teacher_scale: Tensor | None
         self.teacher_shift: Tensor | None
-        for name, values in zip(("teacher_scale", "teacher_shift"), affine or (None, None),
-                                strict=True):
+        for name, values in zip(
+            ("teacher_scale", "teacher_shift"), affine or (None, None), strict=True
+        ):
             buffer = None if values is None else torch.tensor(values).view(1, -1, 1, 1)
             self.register_buffer(name, buffer, persistent=False)
         self.step: Callable[[Tensor, Tensor], dict[str, Tensor]] = self.forward
@@ -367,8 +405,7 @@ class Program(nn.Module):
             self.step = torch.compile(self.forward, fullgraph=True, mode=compile_mode)
             # Evaluation runs the student in eval mode: a graph of its own, so switching
             # between training and evaluation never recompiles the training step.
-            self.predict = torch.compile(self.student_logits, fullgraph=True,
-                                         mode=compile_mode)
+            self.predict = torch.compile(self.student_logits, fullgraph=True, mode=compile_mode)
 
     @property
     def student(self) -> nn.Module:
@@ -464,8 +501,9 @@ class Program(nn.Module):
             return None, {}
         assert self.teacher is not None
         with torch.no_grad(), self._autocast(images.device.type):
-            return tap_pass(self.teacher, self.teacher_input(images), self._teacher_points,
-                            self._teacher_prefix)
+            return tap_pass(
+                self.teacher, self.teacher_input(images), self._teacher_points, self._teacher_prefix
+            )
 
     def forward(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         t_logits, t_taps = self.teacher_pass(images)
@@ -484,8 +522,7 @@ class Program(nn.Module):
         start = time.perf_counter()
         explanation = torch._dynamo.explain(self.forward)(images, targets)
         seconds = time.perf_counter() - start
-        reasons = [str(getattr(b, "reason", b)).splitlines()[0]
-                   for b in explanation.break_reasons]
+        reasons = [str(getattr(b, "reason", b)).splitlines()[0] for b in explanation.break_reasons]
         # Recompiles: graphs traced again by a second step of the same shapes (a fresh mask,
         # drop path): should be 0. Counted with a backend that runs the traced graphs as is.
         torch._dynamo.reset()
@@ -500,13 +537,24 @@ class Program(nn.Module):
         first = len(graphs)
         step(images, targets)
         torch._dynamo.reset()
-        return CompileReport(mode=self.compile_mode, graphs=explanation.graph_count,
-                             breaks=explanation.graph_break_count, break_reasons=reasons,
-                             recompiles=len(graphs) - first, seconds=seconds)
+        return CompileReport(
+            mode=self.compile_mode,
+            graphs=explanation.graph_count,
+            breaks=explanation.graph_break_count,
+            break_reasons=reasons,
+            recompiles=len(graphs) - first,
+            seconds=seconds,
+        )
 
 
-def build(plan: Plan, device: str | torch.device | None = None, *, load: bool = True,
-          runs_dir: str | Path = "runs", compile: str | None = None) -> Program:
+def build(
+    plan: Plan,
+    device: str | torch.device | None = None,
+    *,
+    load: bool = True,
+    runs_dir: str | Path = "runs",
+    compile: str | None = None,
+) -> Program:
     """Build the :class:`Program` of a plan on ``device``.
 
     ``load`` reads the weight files the plan names (the teacher's, or the exported student of
@@ -523,14 +571,20 @@ def build(plan: Plan, device: str | torch.device | None = None, *, load: bool = 
         path = teacher_weights_path(plan.teacher, runs_dir)
         if load and path is not None:
             if not path.is_file() and plan.teacher.from_recipe is not None:
-                raise VkdError([error(
-                    f"the teacher is the final student of {plan.teacher.from_recipe}, and "
-                    f"{path} does not exist yet",
-                    hint=f"vitkdl run {plan.teacher.from_recipe} (or `vitkdl run` this recipe, "
-                         "which trains it first)")])
+                source = plan.teacher.from_recipe
+                message = (
+                    f"the teacher is the final student of {source}, and {path} does not exist yet"
+                )
+                hint = f"vitkdl run {source} (or `vitkdl run` this recipe, which trains it first)"
+                raise VkdError([error(message, hint=hint)])
             load_weights(teacher, path, "teacher")
     terms = nn.ModuleDict({t.name: KINDS[t.kind].module(t, plan) for t in plan.terms}).to(dev)
     mode = resolve_compile(compile or plan.compile, dev)
-    return Program(plan, student, teacher, terms,
-                   autocast_dtype=resolve_precision(plan.precision, dev),
-                   compile_mode=mode).to(dev)
+    return Program(
+        plan,
+        student,
+        teacher,
+        terms,
+        autocast_dtype=resolve_precision(plan.precision, dev),
+        compile_mode=mode,
+    ).to(dev)

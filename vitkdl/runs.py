@@ -51,8 +51,7 @@ def point_latest(root: Path, name: str, folder: Path) -> str | None:
     untouched."""
     link = latest_link(root, name)
     if link.exists() and not link.is_symlink():
-        return (f"{link} is a folder from an earlier vitkdl (left as it is); this run is in "
-                f"{folder}")
+        return f"{link} is a folder from an earlier vitkdl (left as it is); this run is in {folder}"
     tmp = link.with_name(f".{name}.link-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     os.symlink(Path(folder).name, tmp)

@@ -56,8 +56,9 @@ SOURCES: dict[str, SourceFacts] = {
             },
         ),
         # Random images that are already zero-mean and unit-variance: nothing to normalise.
-        SourceFacts("synthetic", None, None, None, False, {"deit": "none", "basic": "none",
-                                                           "none": "none"}),
+        SourceFacts(
+            "synthetic", None, None, None, False, {"deit": "none", "basic": "none", "none": "none"}
+        ),
     )
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,20 @@ class Node(BaseModel):
 
 
 # Model fields with a type; any other field is passed to timm's create_model as written.
-MODEL_FIELDS = ("weights", "pretrained", "num_classes", "img_size", "patch_size", "drop_path",
-                "depth", "embed_dim", "num_heads", "in_chans", "mlp_ratio", "drop_rate")
+MODEL_FIELDS = (
+    "weights",
+    "pretrained",
+    "num_classes",
+    "img_size",
+    "patch_size",
+    "drop_path",
+    "depth",
+    "embed_dim",
+    "num_heads",
+    "in_chans",
+    "mlp_ratio",
+    "drop_rate",
+)
 
 
 class ModelSpec(Node):
@@ -77,8 +90,16 @@ class ModelSpec(Node):
     def timm_kwargs(self, num_classes: int | None = None) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model`` (``drop_path`` is ``drop_path_rate``)."""
         out: dict[str, Any] = {}
-        for name in ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "in_chans",
-                     "mlp_ratio", "drop_rate"):
+        for name in (
+            "img_size",
+            "patch_size",
+            "depth",
+            "embed_dim",
+            "num_heads",
+            "in_chans",
+            "mlp_ratio",
+            "drop_rate",
+        ):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -160,8 +181,23 @@ class DataSpec(Node):
     classes: Annotated[int, Field(gt=1)] | None = None
 
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "lamb", "lars", "lion", "adan",
-              "nadamw", "rmsprop", "rmsproptf", "adafactor", "adopt", "laprop")
+OPTIMIZERS = (
+    "adamw",
+    "adam",
+    "sgd",
+    "momentum",
+    "nesterov",
+    "lamb",
+    "lars",
+    "lion",
+    "adan",
+    "nadamw",
+    "rmsprop",
+    "rmsproptf",
+    "adafactor",
+    "adopt",
+    "laprop",
+)
 SCHEDULES = ("cosine", "step", "multistep", "poly", "tanh", "constant")
 
 
@@ -229,13 +265,15 @@ class RecipeSpec(Node):
         their defaults are left out, so a new field in a later vitkdl keeps old runs fresh."""
         # Where a teacher recipe lies is left out (a path relative to the working directory):
         # what it is enters through its own hash, from_hash.
-        data = self.model_dump(mode="json", exclude={"file": True, "extends": True,
-                                                     "overrides": True,
-                                                     "teacher": {"from_recipe"}},
-                               exclude_defaults=True)
+        data = self.model_dump(
+            mode="json",
+            exclude={"file": True, "extends": True, "overrides": True, "teacher": {"from_recipe"}},
+            exclude_defaults=True,
+        )
         if "terms" in data:  # a term's kind is a default of its class, but it matters
-            data["terms"] = [{**d, "kind": t.kind}
-                             for t, d in zip(self.terms, data["terms"], strict=True)]
+            data["terms"] = [
+                {**d, "kind": t.kind} for t, d in zip(self.terms, data["terms"], strict=True)
+            ]
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -278,14 +316,20 @@ BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _fields(block: Iterable[syn.Field], where: str, diags: list[Diagnostic]) -> dict[str,
-                                                                                   syn.Field]:
+def _fields(
+    block: Iterable[syn.Field], where: str, diags: list[Diagnostic]
+) -> dict[str, syn.Field]:
     out: dict[str, syn.Field] = {}
     for f in block:
         if f.name in out:
             first = out[f.name].name_span
-            diags.append(error(f"'{f.name}' is set twice in {where}", f.name_span,
-                               hint=f"first set at {first.line}:{first.column}; keep one"))
+            diags.append(
+                error(
+                    f"'{f.name}' is set twice in {where}",
+                    f.name_span,
+                    hint=f"first set at {first.line}:{first.column}; keep one",
+                )
+            )
         out[f.name] = f
     return out
 
@@ -298,8 +342,13 @@ def _term_names(terms: Sequence[syn.Term], diags: list[Diagnostic]) -> list[tupl
         if t.alias is not None:
             name = t.alias
             if name in seen:
-                diags.append(error(f"two distill terms are named '{name}'", t.alias_span,
-                                   hint="give each term its own name with `as NAME`"))
+                diags.append(
+                    error(
+                        f"two distill terms are named '{name}'",
+                        t.alias_span,
+                        hint="give each term its own name with `as NAME`",
+                    )
+                )
                 continue
         else:
             counts[t.kind] = counts.get(t.kind, 0) + 1
@@ -321,41 +370,61 @@ def _merge_tree(raw: RawRecipe, tree: syn.SyntaxTree, diags: list[Diagnostic]) -
             continue
         if st.kind in seen:
             first = seen[st.kind]
-            diags.append(error(f"a second '{st.kind}' statement", st.span,
-                               hint=f"the first is at {first.line}:{first.column}; "
-                                    "merge them into one"))
+            diags.append(
+                error(
+                    f"a second '{st.kind}' statement",
+                    st.span,
+                    hint=f"the first is at {first.line}:{first.column}; merge them into one",
+                )
+            )
             continue
         seen[st.kind] = st.span
         if st.kind == "recipe":
             raw.name, raw.name_span = st.arg, st.arg_span
         elif st.kind == "distill":
             for name, term in _term_names(st.terms, diags):
-                raw.terms[name] = RawTerm(name, term,
-                                          _fields(term.fields, f"{term.kind} term", diags))
+                raw.terms[name] = RawTerm(
+                    name, term, _fields(term.fields, f"{term.kind} term", diags)
+                )
         else:
             base = raw.blocks.get(st.kind)
             fields = _fields(st.fields, f"the {st.kind} block", diags)
-            block = RawBlock(st.kind, st.arg, st.arg_span, st.span, from_path=st.from_path,
-                             file=tree.file)
+            block = RawBlock(
+                st.kind, st.arg, st.arg_span, st.span, from_path=st.from_path, file=tree.file
+            )
             if base is not None:
                 if st.arg is None:
-                    block.arg, block.arg_span, block.from_path = (base.arg, base.arg_span,
-                                                                  base.from_path)
+                    block.arg, block.arg_span, block.from_path = (
+                        base.arg,
+                        base.arg_span,
+                        base.from_path,
+                    )
                 block.fields = {**base.fields, **fields}
             else:
                 block.fields = fields
             raw.blocks[st.kind] = block
 
 
-def _load_raw(path: Path, sources: Sources, diags: list[Diagnostic], stack: tuple[Path, ...],
-              at: Span | None, text: str | None = None) -> RawRecipe | None:
+def _load_raw(
+    path: Path,
+    sources: Sources,
+    diags: list[Diagnostic],
+    stack: tuple[Path, ...],
+    at: Span | None,
+    text: str | None = None,
+) -> RawRecipe | None:
     """Read, parse and resolve ``extends`` for one recipe file (``text``: its unsaved text)."""
     name = _display(path)
     resolved = path.resolve()
     if resolved in stack:
         chain = " -> ".join(_display(p) for p in (*stack, resolved))
-        diags.append(error(f"extends cycle: {chain}", at,
-                           hint="a recipe cannot extend itself, directly or through another"))
+        diags.append(
+            error(
+                f"extends cycle: {chain}",
+                at,
+                hint="a recipe cannot extend itself, directly or through another",
+            )
+        )
         return None
     try:
         text = syn.read_source(path, sources, at) if text is None else text
@@ -369,8 +438,13 @@ def _load_raw(path: Path, sources: Sources, diags: list[Diagnostic], stack: tupl
     raw = RawRecipe(file=name)
     extends = [st for st in tree.statements if st.kind == "extends"]
     for st in extends[1:]:
-        diags.append(error("a recipe extends at most one base", st.span,
-                           hint="make the base extend the other one instead"))
+        diags.append(
+            error(
+                "a recipe extends at most one base",
+                st.span,
+                hint="make the base extend the other one instead",
+            )
+        )
     if extends:
         st = extends[0]
         assert st.arg is not None
@@ -395,25 +469,34 @@ def _display(path: Path) -> str:
 
 
 def _override_span(index: int, column: int, length: int) -> Span:
-    return Span(file="--set", line=index + 1, column=column, end_line=index + 1,
-                end_column=column + max(1, length))
+    return Span(
+        file="--set",
+        line=index + 1,
+        column=column,
+        end_line=index + 1,
+        end_column=column + max(1, length),
+    )
 
 
-def _apply_overrides(raw: RawRecipe, overrides: Sequence[str], sources: Sources,
-                     diags: list[Diagnostic]) -> None:
+def _apply_overrides(
+    raw: RawRecipe, overrides: Sequence[str], sources: Sources, diags: list[Diagnostic]
+) -> None:
     """Apply ``PATH=VALUE`` overrides to the merged raw recipe."""
     sources.add("--set", "\n".join(overrides))
     for i, text in enumerate(overrides):
         if "=" not in text:
-            diags.append(error(f"an override is PATH=VALUE, got '{text}'",
-                               _override_span(i, 1, len(text)),
-                               hint="e.g. --set train.epochs=1"))
+            diags.append(
+                error(
+                    f"an override is PATH=VALUE, got '{text}'",
+                    _override_span(i, 1, len(text)),
+                    hint="e.g. --set train.epochs=1",
+                )
+            )
             continue
         path, value_text = text.split("=", 1)
         path_span = _override_span(i, 1, len(path))
         try:
-            value = syn.move(syn.parse_value(value_text, "--set", column=len(path) + 2),
-                             line=i + 1)
+            value = syn.move(syn.parse_value(value_text, "--set", column=len(path) + 2), line=i + 1)
         except VkdError:
             # Not a recipe value: take the text as written, as a shell user expects for paths
             # (--set data.root=/data/imagenet). A field that wants a number still says so.
@@ -423,20 +506,27 @@ def _apply_overrides(raw: RawRecipe, overrides: Sequence[str], sources: Sources,
 
 
 def _as_field(name: str, value: syn.Value, span: Span) -> syn.Field:
-    return syn.Field(name, value, span, span.model_copy(update={"end_column":
-                                                                 value.span.end_column}))
+    return syn.Field(
+        name, value, span, span.model_copy(update={"end_column": value.span.end_column})
+    )
 
 
 _OVERRIDE_ROOTS = ("teacher", "student", "data", "train", "distill", "recipe")
 
 
-def _set_path(raw: RawRecipe, parts: list[str], value: syn.Value, span: Span,
-              diags: list[Diagnostic]) -> None:
+def _set_path(
+    raw: RawRecipe, parts: list[str], value: syn.Value, span: Span, diags: list[Diagnostic]
+) -> None:
     root = parts[0]
     if root not in _OVERRIDE_ROOTS:
-        diags.append(error(f"unknown override path '{'.'.join(parts)}'", span,
-                           expected=one_of(_OVERRIDE_ROOTS), hint=did_you_mean(root,
-                                                                               _OVERRIDE_ROOTS)))
+        diags.append(
+            error(
+                f"unknown override path '{'.'.join(parts)}'",
+                span,
+                expected=one_of(_OVERRIDE_ROOTS),
+                hint=did_you_mean(root, _OVERRIDE_ROOTS),
+            )
+        )
         return
     if root == "recipe":
         if parts[1:] == ["name"] and isinstance(value, (syn.Word, syn.String)):
@@ -447,8 +537,13 @@ def _set_path(raw: RawRecipe, parts: list[str], value: syn.Value, span: Span,
     if root == "distill":
         if len(parts) != 3:
             example = next(iter(raw.terms), "TERM")
-            diags.append(error(f"a distill override is distill.TERM.FIELD, got "
-                               f"'{'.'.join(parts)}'", span, hint=f"e.g. distill.{example}.weight"))
+            diags.append(
+                error(
+                    f"a distill override is distill.TERM.FIELD, got '{'.'.join(parts)}'",
+                    span,
+                    hint=f"e.g. distill.{example}.weight",
+                )
+            )
             return
         _, term_name, fname = parts
         term = raw.terms.get(term_name)
@@ -460,28 +555,44 @@ def _set_path(raw: RawRecipe, parts: list[str], value: syn.Value, span: Span,
                 t = syn.Term(term_name, (), (), None, None, (), span, span)
                 term = raw.terms[term_name] = RawTerm(term_name, t, {})
             else:
-                diags.append(error(f"no distill term named '{term_name}'", span,
-                                   expected=one_of(raw.terms) or "(no terms)",
-                                   hint=did_you_mean(term_name, raw.terms)))
+                diags.append(
+                    error(
+                        f"no distill term named '{term_name}'",
+                        span,
+                        expected=one_of(raw.terms) or "(no terms)",
+                        hint=did_you_mean(term_name, raw.terms),
+                    )
+                )
                 return
         term.fields[fname] = _as_field(fname, value, span)
         return
     if len(parts) < 2:
-        diags.append(error(f"an override names a field: {root}.FIELD", span,
-                           hint=f"e.g. --set {root}.{'epochs' if root == 'train' else 'root'}"
-                                f"=..."))
+        diags.append(
+            error(
+                f"an override names a field: {root}.FIELD",
+                span,
+                hint=f"e.g. --set {root}.{'epochs' if root == 'train' else 'root'}=...",
+            )
+        )
         return
     block = raw.blocks.get(root)
     if block is None:
         if root in ("teacher", "student"):
-            diags.append(error(f"the recipe has no {root} to override", span,
-                               hint=f"add `{root} MODEL {{ ... }}` to the recipe"))
+            diags.append(
+                error(
+                    f"the recipe has no {root} to override",
+                    span,
+                    hint=f"add `{root} MODEL {{ ... }}` to the recipe",
+                )
+            )
             return
-        block = raw.blocks[root] = RawBlock(root, "digits" if root == "data" else None, None,
-                                            span, file="--set")
+        block = raw.blocks[root] = RawBlock(
+            root, "digits" if root == "data" else None, None, span, file="--set"
+        )
     fname = parts[1]
-    if (root in ("teacher", "student") and fname == "model") or (root == "data" and
-                                                                 fname == "source"):
+    if (root in ("teacher", "student") and fname == "model") or (
+        root == "data" and fname == "source"
+    ):
         if len(parts) == 2 and isinstance(value, (syn.Word, syn.String)):
             block.arg, block.arg_span, block.from_path = value.value, value.span, False
         else:
@@ -501,12 +612,17 @@ def _set_path(raw: RawRecipe, parts: list[str], value: syn.Value, span: Span,
             call = syn.Call(default, (), span, span)
         kwargs = [k for k in call.kwargs if k.name != parts[2]]
         kwargs.append(_as_field(parts[2], value, span))
-        block.fields[fname] = _as_field(fname, syn.Call(call.name, tuple(kwargs), call.span,
-                                                        call.name_span), span)
+        block.fields[fname] = _as_field(
+            fname, syn.Call(call.name, tuple(kwargs), call.span, call.name_span), span
+        )
         return
-    diags.append(error(f"unknown override path '{'.'.join(parts)}'", span,
-                       hint="paths are BLOCK.FIELD, train.optimizer.ARG or "
-                            "distill.TERM.FIELD"))
+    diags.append(
+        error(
+            f"unknown override path '{'.'.join(parts)}'",
+            span,
+            hint="paths are BLOCK.FIELD, train.optimizer.ARG or distill.TERM.FIELD",
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,8 +666,14 @@ def _choices_of(model: type[BaseModel], name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _translate(err: dict[str, Any], model: type[BaseModel], where: str, value: Any,
-               span: Span | None, called: str | None = None) -> Diagnostic:
+def _translate(
+    err: dict[str, Any],
+    model: type[BaseModel],
+    where: str,
+    value: Any,
+    span: Span | None,
+    called: str | None = None,
+) -> Diagnostic:
     """A pydantic error in the words of a recipe author (``called``: what the user wrote for
     a call's name, e.g. ``schedule`` for ``schedule = cosin(...)``)."""
     kind = err["type"]
@@ -559,17 +681,39 @@ def _translate(err: dict[str, Any], model: type[BaseModel], where: str, value: A
     field_name = str(loc[0]) if loc else where
     name = called if called is not None and field_name == "name" else field_name
     ctx = err.get("ctx") or {}
-    fields = [n for n in model.model_fields if n not in ("span", "spans", "kind", "name",
-                                                            "role", "model", "student",
-                                                            "teacher", "extra", "kwargs")]
+    fields = [
+        n
+        for n in model.model_fields
+        if n
+        not in (
+            "span",
+            "spans",
+            "kind",
+            "name",
+            "role",
+            "model",
+            "student",
+            "teacher",
+            "extra",
+            "kwargs",
+        )
+    ]
     if kind == "extra_forbidden":
-        return error(f"unknown field '{name}' in {where}", span, expected=one_of(fields),
-                     hint=did_you_mean(name, fields))
+        return error(
+            f"unknown field '{name}' in {where}",
+            span,
+            expected=one_of(fields),
+            hint=did_you_mean(name, fields),
+        )
     if kind == "literal_error":
         choices = _choices_of(model, field_name)
         got = value if isinstance(value, str) else _describe_value(value)
-        return error(f"unknown choice '{got}' for {name}", span, expected=one_of(choices),
-                     hint=did_you_mean(str(got), choices))
+        return error(
+            f"unknown choice '{got}' for {name}",
+            span,
+            expected=one_of(choices),
+            hint=did_you_mean(str(got), choices),
+        )
     shown = _describe_value(value)
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return error(f"{name} must be a whole number, got {shown}", span)
@@ -578,19 +722,30 @@ def _translate(err: dict[str, Any], model: type[BaseModel], where: str, value: A
     if kind in ("bool_type", "bool_parsing"):
         return error(f"{name} must be true or false, got {shown}", span)
     if kind in ("string_type",):
-        return error(f"{name} must be a string, got {shown}", span,
-                     hint='write it in double quotes: "..."')
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
-              "less_than_equal": "<="}
+        return error(
+            f"{name} must be a string, got {shown}", span, hint='write it in double quotes: "..."'
+        )
+    bounds = {
+        "greater_than": ">",
+        "greater_than_equal": ">=",
+        "less_than": "<",
+        "less_than_equal": "<=",
+    }
     if kind in bounds:
         limit = next(iter(ctx.values())) if ctx else "?"
         return error(f"{name} must be {bounds[kind]} {limit}, got {shown}", span)
     return error(f"{name}: {err['msg']}", span)
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any], spans: dict[str, Span],
-              where: str, at: Span | None, diags: list[Diagnostic],
-              called: str | None = None) -> Any:
+def _validate(
+    model: type[BaseModel],
+    data: dict[str, Any],
+    spans: dict[str, Span],
+    where: str,
+    at: Span | None,
+    diags: list[Diagnostic],
+    called: str | None = None,
+) -> Any:
     """Validate ``data`` as ``model``; report each failing field at its span and retry
     without it, so the node still exists with defaults."""
     data = dict(data)
@@ -622,9 +777,14 @@ def _call_spec(model: type[BaseModel], f: syn.Field, diags: list[Diagnostic]) ->
     elif isinstance(v, syn.Call):
         name, kwargs, name_span = v.name, v.kwargs, v.name_span
     else:
-        diags.append(error(f"{f.name} must be a name or a call like "
-                           f"{'adamw(lr = 1e-3)' if f.name == 'optimizer' else 'cosine()'}, "
-                           f"got {_describe_value(_plain(v))}", v.span))
+        diags.append(
+            error(
+                f"{f.name} must be a name or a call like "
+                f"{'adamw(lr = 1e-3)' if f.name == 'optimizer' else 'cosine()'}, "
+                f"got {_describe_value(_plain(v))}",
+                v.span,
+            )
+        )
         return None
     data: dict[str, Any] = {"name": name}
     spans = {"name": name_span}
@@ -638,13 +798,14 @@ def _call_spec(model: type[BaseModel], f: syn.Field, diags: list[Diagnostic]) ->
         spans[k.name] = k.span
     if "kwargs" in model.model_fields:
         data["kwargs"] = extra
-    return _validate(model, data, spans, f"{f.name} {name}(...)", f.span, diags,
-                     called=f.name)
+    return _validate(model, data, spans, f"{f.name} {name}(...)", f.span, diags, called=f.name)
 
 
 def _block_data(block: RawBlock) -> tuple[dict[str, Any], dict[str, Span]]:
-    return ({n: _plain(f.value) for n, f in block.fields.items()},
-            {n: f.span for n, f in block.fields.items()})
+    return (
+        {n: _plain(f.value) for n, f in block.fields.items()},
+        {n: f.span for n, f in block.fields.items()},
+    )
 
 
 def _model_spec(block: RawBlock, diags: list[Diagnostic]) -> ModelSpec | None:
@@ -668,29 +829,45 @@ def _tap_spec(tap: syn.Tap, diags: list[Diagnostic]) -> TapSpec | None:
             else:
                 items.append(i.value)
         index = tuple(items)
-    points = ("blocks", "norm")
+    points = typing.get_args(TapSpec.model_fields["point"].annotation)
     if tap.point not in points:
-        diags.append(error(f"unknown tap point '{tap.point}'", tap.point_span,
-                           expected="blocks[...] or norm", hint=did_you_mean(tap.point, points)))
+        diags.append(
+            error(
+                f"unknown tap point '{tap.point}'",
+                tap.point_span,
+                expected="blocks[...] or norm",
+                hint=did_you_mean(tap.point, points),
+            )
+        )
         return None
     if tap.point == "norm" and (index is not None or tap.sub is not None):
-        diags.append(error("norm is one tap and takes no index", tap.span,
-                           hint=f"write {tap.side}.norm"))
+        diags.append(
+            error("norm is one tap and takes no index", tap.span, hint=f"write {tap.side}.norm")
+        )
         return None
     if tap.point == "blocks" and index is None:
-        diags.append(error("blocks needs an index", tap.span,
-                           expected="blocks[0, 1], blocks[0:2], blocks[-1]"))
+        diags.append(
+            error(
+                "blocks needs an index", tap.span, expected="blocks[0, 1], blocks[0:2], blocks[-1]"
+            )
+        )
         return None
     if tap.sub is not None and tap.sub not in TAP_SUBPOINTS:
-        diags.append(error(f"unknown point '{tap.sub}' inside a block", tap.sub_span,
-                           expected=one_of(TAP_SUBPOINTS), hint=did_you_mean(tap.sub,
-                                                                             TAP_SUBPOINTS)))
+        diags.append(
+            error(
+                f"unknown point '{tap.sub}' inside a block",
+                tap.sub_span,
+                expected=one_of(TAP_SUBPOINTS),
+                hint=did_you_mean(tap.sub, TAP_SUBPOINTS),
+            )
+        )
         return None
     spans = {"point": tap.point_span}
     if tap.sub_span is not None:
         spans["sub"] = tap.sub_span
-    return TapSpec(side=tap.side, point=tap.point, index=index, sub=tap.sub, span=tap.span,
-                   spans=spans)
+    return TapSpec(
+        side=tap.side, point=tap.point, index=index, sub=tap.sub, span=tap.span, spans=spans
+    )
 
 
 def _term_spec(raw: RawTerm, diags: list[Diagnostic]) -> TermSpec | None:
@@ -699,20 +876,36 @@ def _term_spec(raw: RawTerm, diags: list[Diagnostic]) -> TermSpec | None:
     t = raw.term
     kind = KINDS.get(t.kind)
     if kind is None:
-        diags.append(error(f"unknown distill term '{t.kind}'", t.kind_span,
-                           expected=one_of(KINDS), hint=did_you_mean(t.kind, KINDS)))
+        diags.append(
+            error(
+                f"unknown distill term '{t.kind}'",
+                t.kind_span,
+                expected=one_of(KINDS),
+                hint=did_you_mean(t.kind, KINDS),
+            )
+        )
         return None
     data = {n: _plain(f.value) for n, f in raw.fields.items()}
     spans = {n: f.span for n, f in raw.fields.items()}
     data.update(kind=t.kind, name=raw.name)
     written = bool(t.students or t.teachers)
     if kind.paired and not written:
-        diags.append(error(f"{t.kind} pairs student taps with teacher taps", t.kind_span,
-                           hint=f"write {t.kind} student.blocks[0] -> teacher.blocks[0]"))
+        diags.append(
+            error(
+                f"{t.kind} pairs student taps with teacher taps",
+                t.kind_span,
+                hint=f"write {t.kind} student.blocks[0] -> teacher.blocks[0]",
+            )
+        )
         return None
     if not kind.paired and written:
-        diags.append(error(f"{t.kind} takes no taps", t.span,
-                           hint=f"write {t.kind} {{ ... }}; it reads the models' logits"))
+        diags.append(
+            error(
+                f"{t.kind} takes no taps",
+                t.span,
+                hint=f"write {t.kind} {{ ... }}; it reads the models' logits",
+            )
+        )
         return None
     if kind.paired:
         taps = {}
@@ -722,9 +915,13 @@ def _term_spec(raw: RawTerm, diags: list[Diagnostic]) -> TermSpec | None:
             for tap in items:
                 if tap.side != side:
                     where = "left" if side == "student" else "right"
-                    diags.append(error(f"the {where} side of -> names {side} taps, not "
-                                       f"{tap.side}", tap.span,
-                                       hint=f"write {t.kind} student.... -> teacher...."))
+                    diags.append(
+                        error(
+                            f"the {where} side of -> names {side} taps, not {tap.side}",
+                            tap.span,
+                            hint=f"write {t.kind} student.... -> teacher....",
+                        )
+                    )
                     ok = False
                     continue
                 spec = _tap_spec(tap, diags)
@@ -737,15 +934,25 @@ def _term_spec(raw: RawTerm, diags: list[Diagnostic]) -> TermSpec | None:
     return _validate(kind.spec, data, spans, f"the {t.kind} term", t.span, diags)
 
 
-def _build_spec(raw: RawRecipe, file: str, overrides: Sequence[str], sources: Sources,
-                diags: list[Diagnostic], stack: tuple[Path, ...]) -> RecipeSpec:
+def _build_spec(
+    raw: RawRecipe,
+    file: str,
+    overrides: Sequence[str],
+    sources: Sources,
+    diags: list[Diagnostic],
+    stack: tuple[Path, ...],
+) -> RecipeSpec:
     student = teacher = None
     if "student" in raw.blocks:
         student = _model_spec(raw.blocks["student"], diags)
     else:
-        diags.append(error("the recipe has no student", Span.point(file),
-                           hint="add `student MODEL { ... }`, e.g. student "
-                                "deit_tiny_patch16_224"))
+        diags.append(
+            error(
+                "the recipe has no student",
+                Span.point(file),
+                hint="add `student MODEL { ... }`, e.g. student deit_tiny_patch16_224",
+            )
+        )
     if "teacher" in raw.blocks:
         block = raw.blocks["teacher"]
         if block.from_path:
@@ -769,8 +976,7 @@ def _build_spec(raw: RawRecipe, file: str, overrides: Sequence[str], sources: So
                 values.pop(name)
                 if node is not None:
                     values[name] = node
-        train = _validate(TrainSpec, values, spans, "the train block", block.span,
-                          diags) or train
+        train = _validate(TrainSpec, values, spans, "the train block", block.span, diags) or train
     from vitkdl.terms import KINDS
 
     terms = [s for s in (_term_spec(t, diags) for t in raw.terms.values()) if s is not None]
@@ -778,14 +984,24 @@ def _build_spec(raw: RawRecipe, file: str, overrides: Sequence[str], sources: So
         if kind.default and not any(t.kind == kind.keyword for t in terms):
             terms.append(kind.spec(kind=kind.keyword, name=kind.keyword))
     name = raw.name or Path(file).stem
-    return RecipeSpec(name=name, file=file, student=student, teacher=teacher, data=data,
-                      terms=tuple(terms), train=train, extends=tuple(raw.extends),
-                      overrides=tuple(overrides), span=Span.point(file),
-                      spans={"name": raw.name_span} if raw.name_span else {})
+    return RecipeSpec(
+        name=name,
+        file=file,
+        student=student,
+        teacher=teacher,
+        data=data,
+        terms=tuple(terms),
+        train=train,
+        extends=tuple(raw.extends),
+        overrides=tuple(overrides),
+        span=Span.point(file),
+        spans={"name": raw.name_span} if raw.name_span else {},
+    )
 
 
-def _teacher_from(block: RawBlock, sources: Sources, diags: list[Diagnostic],
-                  stack: tuple[Path, ...]) -> ModelSpec | None:
+def _teacher_from(
+    block: RawBlock, sources: Sources, diags: list[Diagnostic], stack: tuple[Path, ...]
+) -> ModelSpec | None:
     """``teacher from "PATH"``: the final student of that recipe, loaded as written there."""
     assert block.arg is not None
     path = Path(block.file).parent / block.arg
@@ -794,30 +1010,49 @@ def _teacher_from(block: RawBlock, sources: Sources, diags: list[Diagnostic],
         diags.append(error(f"teacher from cycle: {chain}", block.arg_span))
         return None
     if not path.exists():
-        diags.append(error(f"no such recipe: {_display(path)}", block.arg_span,
-                           hint="the path is relative to the recipe that names it"))
+        diags.append(
+            error(
+                f"no such recipe: {_display(path)}",
+                block.arg_span,
+                hint="the path is relative to the recipe that names it",
+            )
+        )
         return None
     before = len([d for d in diags if d.is_error])
     dep = _load_spec(path, (), sources, diags, stack)
     if len([d for d in diags if d.is_error]) > before or dep is None or dep.student is None:
-        diags.append(error(f"the teacher recipe {_display(path)} has errors (above)",
-                           block.arg_span))
+        diags.append(
+            error(f"the teacher recipe {_display(path)} has errors (above)", block.arg_span)
+        )
         return None
     data, spans = _block_data(block)
     extra = {k: data.pop(k) for k in list(data) if k not in MODEL_FIELDS}
-    base = dep.student.model_dump(exclude={"role", "extra", "from_recipe", "from_name",
-                                           "from_hash"})
-    merged = {**base, **data, "role": "teacher", "extra": {**dep.student.extra, **extra},
-              "from_recipe": _display(path), "from_name": dep.name, "from_hash": dep.hash()}
+    base = dep.student.model_dump(
+        exclude={"role", "extra", "from_recipe", "from_name", "from_hash"}
+    )
+    merged = {
+        **base,
+        **data,
+        "role": "teacher",
+        "extra": {**dep.student.extra, **extra},
+        "from_recipe": _display(path),
+        "from_name": dep.name,
+        "from_hash": dep.hash(),
+    }
     if base.get("num_classes") is None:  # the head the dependency's data gave its student
         merged["num_classes"] = known_classes(dep.data.source, dep.data.classes)
     spans["model"] = block.arg_span or block.span
     return _validate(ModelSpec, merged, spans, "the teacher block", block.span, diags)
 
 
-def _load_spec(path: Path, overrides: Sequence[str], sources: Sources,
-               diags: list[Diagnostic], stack: tuple[Path, ...] = (),
-               text: str | None = None) -> RecipeSpec | None:
+def _load_spec(
+    path: Path,
+    overrides: Sequence[str],
+    sources: Sources,
+    diags: list[Diagnostic],
+    stack: tuple[Path, ...] = (),
+    text: str | None = None,
+) -> RecipeSpec | None:
     raw = _load_raw(path, sources, diags, stack, None, text)
     if raw is None:
         return None
@@ -826,9 +1061,13 @@ def _load_spec(path: Path, overrides: Sequence[str], sources: Sources,
     return _build_spec(raw, raw.file, overrides, sources, diags, (*stack, path.resolve()))
 
 
-def load_spec(path: str | Path, overrides: Sequence[str] = (),
-              sources: Sources | None = None, *, text: str | None = None
-              ) -> tuple[RecipeSpec | None, list[Diagnostic], Sources]:
+def load_spec(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    sources: Sources | None = None,
+    *,
+    text: str | None = None,
+) -> tuple[RecipeSpec | None, list[Diagnostic], Sources]:
     """Load a recipe into a :class:`RecipeSpec`, collecting every diagnostic.
 
     Returns ``(spec, diagnostics, sources)``; ``spec`` is None only when the file could not be

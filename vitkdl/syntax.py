@@ -12,6 +12,7 @@ run reports every broken line rather than only the first.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -152,8 +153,13 @@ class SyntaxTree:
 @functools.cache
 def _parser() -> Lark:
     text = resources.files("vitkdl.grammars").joinpath("vkd.lark").read_text(encoding="utf-8")
-    return Lark(text, parser="lalr", start=["start", "value_only"], propagate_positions=True,
-                maybe_placeholders=True)
+    return Lark(
+        text,
+        parser="lalr",
+        start=["start", "value_only"],
+        propagate_positions=True,
+        maybe_placeholders=True,
+    )
 
 
 @functools.cache
@@ -161,18 +167,36 @@ def concrete_parser() -> Lark:
     """The recipe parser keeping every token (keywords and punctuation too), for tools that
     work on the text as written: the formatter, the highlighter, the language server."""
     text = resources.files("vitkdl.grammars").joinpath("vkd.lark").read_text(encoding="utf-8")
-    return Lark(text, parser="lalr", start=["start", "value_only"], propagate_positions=True,
-                maybe_placeholders=True, keep_all_tokens=True)
+    return Lark(
+        text,
+        parser="lalr",
+        start=["start", "value_only"],
+        propagate_positions=True,
+        maybe_placeholders=True,
+        keep_all_tokens=True,
+    )
 
 
 def _span(file: str, meta: Any) -> Span:
-    return Span(file=file, line=meta.line, column=meta.column, end_line=meta.end_line,
-                end_column=meta.end_column)
+    return Span(
+        file=file,
+        line=meta.line,
+        column=meta.column,
+        end_line=meta.end_line,
+        end_column=meta.end_column,
+    )
+
+
+_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t"}
 
 
 def _unquote(token: str) -> str:
+    """A string literal's text: ``\\"``, ``\\\\``, ``\\n`` and ``\\t`` are escapes; any other
+    backslash stays as written (``"C:\\data"`` is a path)."""
     body = token[1:-1]
-    return body.encode("utf-8").decode("unicode_escape") if "\\" in body else body
+    if "\\" not in body:
+        return body
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), body)
 
 
 class _Build(Transformer):
@@ -211,8 +235,9 @@ class _Build(Transformer):
     @v_args(meta=True)
     def call(self, meta: Any, items: list[Any]) -> Call:
         name, *kwargs = items
-        return Call(str(name), tuple(k for k in kwargs if k is not None), self._s(meta),
-                    self._s(name))
+        return Call(
+            str(name), tuple(k for k in kwargs if k is not None), self._s(meta), self._s(name)
+        )
 
     @v_args(meta=True)
     def kwarg(self, meta: Any, items: list[Any]) -> Field:
@@ -247,9 +272,15 @@ class _Build(Transformer):
     @v_args(meta=True)
     def tap(self, meta: Any, items: list[Any]) -> Tap:
         side, point, index, sub = items
-        return Tap(str(side), str(point), index, self._s(meta), self._s(point),
-                   str(sub) if sub is not None else None,
-                   self._s(sub) if sub is not None else None)
+        return Tap(
+            str(side),
+            str(point),
+            index,
+            self._s(meta),
+            self._s(point),
+            str(sub) if sub is not None else None,
+            self._s(sub) if sub is not None else None,
+        )
 
     def taps(self, items: list[Tap]) -> tuple[Tap, ...]:
         return tuple(items)
@@ -261,9 +292,16 @@ class _Build(Transformer):
     @v_args(meta=True)
     def term(self, meta: Any, items: list[Any]) -> Term:
         kind, students, teachers, alias, body = items
-        return Term(str(kind), students or (), teachers or (), str(alias) if alias else None,
-                    self._s(alias) if alias else None, body or (), self._s(meta),
-                    self._s(kind))
+        return Term(
+            str(kind),
+            students or (),
+            teachers or (),
+            str(alias) if alias else None,
+            self._s(alias) if alias else None,
+            body or (),
+            self._s(meta),
+            self._s(kind),
+        )
 
     # statements
     def model_name(self, items: list[Token | None]) -> tuple[str, Span]:
@@ -272,11 +310,20 @@ class _Build(Transformer):
         if tag is None:
             return str(arch), span
         end = self._s(tag)
-        return f"{arch}.{tag}", span.model_copy(update={"end_line": end.end_line,
-                                                        "end_column": end.end_column})
+        return f"{arch}.{tag}", span.model_copy(
+            update={"end_line": end.end_line, "end_column": end.end_column}
+        )
 
-    def _statement(self, kind: str, meta: Any, arg: Any, body: Any, *,
-                   from_path: bool = False, terms: tuple[Term, ...] = ()) -> Statement:
+    def _statement(
+        self,
+        kind: str,
+        meta: Any,
+        arg: Any,
+        body: Any,
+        *,
+        from_path: bool = False,
+        terms: tuple[Term, ...] = (),
+    ) -> Statement:
         if isinstance(arg, tuple):
             name, arg_span = arg
         elif isinstance(arg, Token):
@@ -284,8 +331,7 @@ class _Build(Transformer):
             arg_span = self._s(arg)
         else:
             name, arg_span = None, None
-        return Statement(kind, name, arg_span, tuple(body or ()), terms, self._s(meta),
-                         from_path)
+        return Statement(kind, name, arg_span, tuple(body or ()), terms, self._s(meta), from_path)
 
     @v_args(meta=True)
     def recipe_name(self, meta: Any, items: list[Any]) -> Statement:
@@ -327,10 +373,23 @@ class _Build(Transformer):
 # Errors in words
 
 _TOKEN_WORDS = {
-    "NAME": "a name", "STRING": 'a string "..."', "NUMBER": "a number", "INT": "an integer",
-    "LBRACE": "'{'", "RBRACE": "'}'", "LSQB": "'['", "RSQB": "']'", "LPAR": "'('",
-    "RPAR": "')'", "EQUAL": "'='", "COMMA": "','", "DOT": "'.'", "COLON": "':'",
-    "__ANON_0": "'->'", "SIDE": "student or teacher", "$END": "end of file",
+    "NAME": "a name",
+    "STRING": 'a string "..."',
+    "NUMBER": "a number",
+    "INT": "an integer",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "EQUAL": "'='",
+    "COMMA": "','",
+    "DOT": "'.'",
+    "COLON": "':'",
+    "__ANON_0": "'->'",
+    "SIDE": "student or teacher",
+    "$END": "end of file",
 }
 
 _BLOCKS = ("recipe", "extends", "teacher", "student", "data", "distill", "train")
@@ -366,12 +425,16 @@ def _syntax_diagnostic(exc: UnexpectedInput, file: str, text: str, parser: Lark)
         char = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else "?"
         span = Span.point(file, exc.line, exc.column)
         allowed = _expected_words(set(exc.allowed or ()), parser)
-        return error(f"unexpected character {char!r}", span,
-                     expected=one_of(allowed) if allowed else None,
-                     hint="strings are written in double quotes" if char == "'" else None)
+        return error(
+            f"unexpected character {char!r}",
+            span,
+            expected=one_of(allowed) if allowed else None,
+            hint="strings are written in double quotes" if char == "'" else None,
+        )
     assert isinstance(exc, (UnexpectedToken, UnexpectedEOF))
-    expected = set(exc.expected) if isinstance(exc, UnexpectedEOF) else set(exc.accepts or
-                                                                             exc.expected)
+    expected = (
+        set(exc.expected) if isinstance(exc, UnexpectedEOF) else set(exc.accepts or exc.expected)
+    )
     words = _expected_words(expected, parser)
     tok = exc.token
     if isinstance(exc, UnexpectedEOF) or tok.type == "$END":
@@ -379,23 +442,37 @@ def _syntax_diagnostic(exc: UnexpectedInput, file: str, text: str, parser: Lark)
         span = Span.point(file, len(lines), len(lines[-1]) + 1)
         hint = "a '{' is not closed" if "RBRACE" in expected else None
         return error("unexpected end of file", span, expected=one_of(words), hint=hint)
-    span = Span(file=file, line=tok.line, column=tok.column, end_line=tok.end_line or tok.line,
-                end_column=tok.end_column or tok.column + len(str(tok)))
+    span = Span(
+        file=file,
+        line=tok.line,
+        column=tok.column,
+        end_line=tok.end_line or tok.line,
+        end_column=tok.end_column or tok.column + len(str(tok)),
+    )
     value = str(tok)
     keywords = {_word_for(e, parser).strip("'") for e in expected}
     if tok.type in ("NAME", "SIDE") or value.isidentifier():
         if keywords & {"teacher", "distill", "train"}:
-            return error(f"unknown block '{value}'", span, expected=one_of(_BLOCKS),
-                         hint=did_you_mean(value, _BLOCKS))
+            return error(
+                f"unknown block '{value}'",
+                span,
+                expected=one_of(_BLOCKS),
+                hint=did_you_mean(value, _BLOCKS),
+            )
         if "student or teacher" in keywords and "'{'" not in keywords:
-            return error(f"a tap starts with student. or teacher., not '{value}'", span,
-                         expected="student.blocks[...], student.norm, teacher.blocks[...] or "
-                                  "teacher.norm",
-                         hint=did_you_mean(value, ("student", "teacher")))
+            return error(
+                f"a tap starts with student. or teacher., not '{value}'",
+                span,
+                expected="student.blocks[...], student.norm, teacher.blocks[...] or teacher.norm",
+                hint=did_you_mean(value, ("student", "teacher")),
+            )
     hint = None
     lines = text.splitlines()
-    first_word = lines[tok.line - 1].split()[0] if 0 < tok.line <= len(lines) and \
-        lines[tok.line - 1].split() else ""
+    first_word = (
+        lines[tok.line - 1].split()[0]
+        if 0 < tok.line <= len(lines) and lines[tok.line - 1].split()
+        else ""
+    )
     if "'='" in words and (first_word in _BLOCKS or tok.type in ("SIDE", "LBRACE")):
         # a block header or a term (`KIND student.... -> ...`, `KIND {`) inside a body
         hint = f"is a '}}' missing before '{first_word}'?"
@@ -433,8 +510,7 @@ def _skip_token(text: str, line: int, column: int) -> str:
     return "\n".join(lines)
 
 
-def read_source(path: str | Path, sources: Sources | None = None,
-                at: Span | None = None) -> str:
+def read_source(path: str | Path, sources: Sources | None = None, at: Span | None = None) -> str:
     """Read a recipe file as UTF-8 text; any problem becomes a one-line :class:`VkdError`.
 
     ``at`` is where the file was named (an ``extends``), used as the error position.
@@ -448,13 +524,17 @@ def read_source(path: str | Path, sources: Sources | None = None,
     if not p.exists():
         raise fail(f"no such file: {name}")
     if p.is_dir():
-        raise fail(f"{name} is a directory, not a recipe file",
-                   hint=f"name a .vkd file, e.g. {name.rstrip('/')}/*.vkd")
+        raise fail(
+            f"{name} is a directory, not a recipe file",
+            hint=f"name a .vkd file, e.g. {name.rstrip('/')}/*.vkd",
+        )
     try:
         size = p.stat().st_size
         if size > MAX_SOURCE_BYTES:
-            raise fail(f"{name} is {size / 1e6:.1f} MB; a recipe is at most "
-                       f"{MAX_SOURCE_BYTES // 1_000_000} MB of text")
+            raise fail(
+                f"{name} is {size / 1e6:.1f} MB; a recipe is at most "
+                f"{MAX_SOURCE_BYTES // 1_000_000} MB of text"
+            )
         raw = p.read_bytes()
     except OSError as exc:
         raise fail(f"cannot read {name}: {exc.strerror or exc}") from None
@@ -465,11 +545,14 @@ def read_source(path: str | Path, sources: Sources | None = None,
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise fail(f"{name} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
-                   f"{exc.start})", hint="save the recipe as UTF-8") from None
+        raise fail(
+            f"{name} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+            hint="save the recipe as UTF-8",
+        ) from None
     if not text.strip():
-        raise fail(f"{name} is empty", hint="a recipe names at least a student: "
-                                             "student MODEL { ... }")
+        raise fail(
+            f"{name} is empty", hint="a recipe names at least a student: student MODEL { ... }"
+        )
     return text
 
 
@@ -512,11 +595,18 @@ def parse_value(text: str, file: str = "<--set>", column: int = 1) -> Value:
     except UnexpectedInput as exc:
         diag = _syntax_diagnostic(exc, file, text, parser)
         if diag.span is not None:
-            diag = Diagnostic(diag.severity, diag.message,
-                              diag.span.model_copy(update={
-                                  "column": diag.span.column + column - 1,
-                                  "end_column": diag.span.end_column + column - 1}),
-                              diag.expected, diag.hint)
+            diag = Diagnostic(
+                diag.severity,
+                diag.message,
+                diag.span.model_copy(
+                    update={
+                        "column": diag.span.column + column - 1,
+                        "end_column": diag.span.end_column + column - 1,
+                    }
+                ),
+                diag.expected,
+                diag.hint,
+            )
         raise VkdError([diag]) from None
     value = _Build(file).transform(tree)
     return move(value, columns=column - 1)
@@ -528,8 +618,10 @@ def move(value: Any, *, line: int | None = None, columns: int = 0) -> Any:
     import dataclasses
 
     def span(v: Span) -> Span:
-        update: dict[str, int] = {"column": v.column + columns,
-                                  "end_column": v.end_column + columns}
+        update: dict[str, int] = {
+            "column": v.column + columns,
+            "end_column": v.end_column + columns,
+        }
         if line is not None:
             update.update(line=line, end_line=line)
         return v.model_copy(update=update)
@@ -540,8 +632,9 @@ def move(value: Any, *, line: int | None = None, columns: int = 0) -> Any:
         if isinstance(v, Span):
             changes[f.name] = span(v)
         elif isinstance(v, tuple):
-            changes[f.name] = tuple(move(x, line=line, columns=columns)
-                                    if dataclasses.is_dataclass(x) else x for x in v)
+            changes[f.name] = tuple(
+                move(x, line=line, columns=columns) if dataclasses.is_dataclass(x) else x for x in v
+            )
         elif dataclasses.is_dataclass(v):
             changes[f.name] = move(v, line=line, columns=columns)
     return dataclasses.replace(value, **changes)

@@ -41,15 +41,18 @@ def test_validate_reports_every_error_and_exits_2(capsys) -> None:
     assert "ok recipes/quickstart.vkd" in out
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
-    ("DIR", "is a directory"),
-    (b"", "is empty"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary file"),
-    (b"# recipe\n" * 1_200_000, "MB; a recipe is at most 1 MB"),
-    ("student deit_tiny_patch16_224 # caf\xe9\n".encode("latin-1"), "not UTF-8"),
-    ("student x".encode("utf-16"), "UTF-16"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("DIR", "is a directory"),
+        (b"", "is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary file"),
+        (b"# recipe\n" * 1_200_000, "MB; a recipe is at most 1 MB"),
+        ("student deit_tiny_patch16_224 # caf\xe9\n".encode("latin-1"), "not UTF-8"),
+        ("student x".encode("utf-16"), "UTF-16"),
+    ],
+)
 def test_bad_files_get_one_line_errors(tmp_path, capsys, content, message) -> None:
     path = tmp_path / "r.vkd"
     if content == "DIR":
@@ -83,41 +86,62 @@ def test_explain_golden(capsys, name) -> None:
 def test_explain_acceptance_numbers(capsys) -> None:
     code, out, _ = run(capsys, "explain", "recipes/deit_base_vitkd_kd.vkd")
     assert code == 0
-    for text in ("768 x 12 blocks", "1024 x 24 blocks", "196 on a 14x14 grid",
-                 "blocks 0, 1 -> blocks 0, 1", "norm -> norm", "18.9M params",
-                 "coefficient 12.04", "coefficient 0.6021"):
+    for text in (
+        "768 x 12 blocks",
+        "1024 x 24 blocks",
+        "196 on a 14x14 grid",
+        "blocks 0, 1 -> blocks 0, 1",
+        "norm -> norm",
+        "18.9M params",
+        "coefficient 12.04",
+        "coefficient 0.6021",
+    ):
         assert text in out, text
 
 
 def test_explain_json(capsys) -> None:
-    code, out, _ = run(capsys, "explain", "recipes/deit_base_vitkd_kd.vkd", "--json",
-                       "--set", "distill.generate.mask=0.75")
+    code, out, _ = run(
+        capsys,
+        "explain",
+        "recipes/deit_base_vitkd_kd.vkd",
+        "--json",
+        "--set",
+        "distill.generate.mask=0.75",
+    )
     data = json.loads(out)
     assert code == 0 and data["student"]["width"] == 768 and data["teacher"]["depth"] == 24
     assert data["teacher"]["tokens"] == 196 and data["terms"][1]["options"]["mask"] == 0.75
-    assert data["terms"][0]["teacher"] == [{"block": 0, "point": "out"},
-                                           {"block": 1, "point": "out"}]
+    assert data["terms"][0]["teacher"] == [
+        {"block": 0, "point": "out"},
+        {"block": 1, "point": "out"},
+    ]
     assert data["terms"][0]["formula"] == "3e-05 * sum((align(s) - t)^2) / B"  # in words too
 
 
 def test_module_entry_point_and_version() -> None:
-    out = subprocess.run([sys.executable, "-m", "vitkdl", "--version"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "vitkdl", "--version"], capture_output=True, text=True, check=True
+    ).stdout
     assert out.startswith("vitkdl ")
 
 
+@pytest.mark.slow
 def test_warm_validate_does_not_import_torch(tmp_path) -> None:
-    code = ("import sys; from vitkdl.cli import main; rc = main(['validate', "
-            "'recipes/deit_base_vitkd_kd.vkd']); print('torch' in sys.modules); "
-            "sys.exit(rc)")
+    code = (
+        "import sys; from vitkdl.cli import main; rc = main(['validate', "
+        "'recipes/deit_base_vitkd_kd.vkd']); print('torch' in sys.modules); "
+        "sys.exit(rc)"
+    )
     env = {**os.environ, "VITKDL_CACHE_DIR": str(tmp_path)}
     for expected in ("True", "False"):  # cold: resolves models with torch; warm: from cache
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              env=env, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+        )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip().splitlines()[-1] == expected
 
 
+@pytest.mark.slow
 def test_explain_compile_report(capsys) -> None:
     code, out, err = run(capsys, "explain", "recipes/quickstart.vkd", "--compile")
     assert code == 0, err
@@ -136,8 +160,13 @@ def test_run_help_lists_examples(capsys) -> None:
 
 
 def test_explain_shows_each_models_normalisation(capsys) -> None:
-    code, out, err = run(capsys, "explain", "recipes/deit_tiny_vitkd_kd.vkd", "--set",
-                         "teacher.model=vit_small_patch16_224.augreg_in21k_ft_in1k")
+    code, out, err = run(
+        capsys,
+        "explain",
+        "recipes/deit_tiny_vitkd_kd.vkd",
+        "--set",
+        "teacher.model=vit_small_patch16_224.augreg_in21k_ft_in1k",
+    )
     assert code == 0, err
     text = " ".join(out.split())
     assert "input mean │ (0.5, 0.5, 0.5) │ (0.485, 0.456, 0.406)" in text

@@ -33,14 +33,18 @@ def test_each_generator_counts_masked_tokens_only(generator: str) -> None:
 
 @pytest.mark.parametrize("generator", ["conv", "attention", "linear"])
 def test_planned_parameters_match_the_module(tmp_path: Path, generator: str) -> None:
-    model = ("{ img_size = 16  patch_size = 4  depth = 2  embed_dim = %d  num_heads = %d "
-             "num_classes = 10 }")
+    model = (
+        "{ img_size = 16  patch_size = 4  depth = 2  embed_dim = %d  num_heads = %d "
+        "num_classes = 10 }"
+    )
     path = tmp_path / "g.vkd"
-    path.write_text(f"teacher deit_small_patch16_224 {model % (32, 4)}\n"
-                    f"student deit_tiny_patch16_224 {model % (16, 2)}\n"
-                    "data synthetic { image_size = 16 }\n"
-                    f"distill {{ generate student.norm -> teacher.norm "
-                    f"{{ generator = {generator} }} }}\n")
+    path.write_text(
+        f"teacher deit_small_patch16_224 {model % (32, 4)}\n"
+        f"student deit_tiny_patch16_224 {model % (16, 2)}\n"
+        "data synthetic { image_size = 16 }\n"
+        f"distill {{ generate student.norm -> teacher.norm "
+        f"{{ generator = {generator} }} }}\n"
+    )
     plan = vitkdl.plan(vitkdl.load(path))
     term = plan.terms[0]
     program = vitkdl.build(plan, "cpu", load=False)
@@ -53,11 +57,14 @@ def test_planned_parameters_match_the_module(tmp_path: Path, generator: str) -> 
 def test_a_non_square_grid_needs_a_generator_without_convolutions(tmp_path: Path) -> None:
     model = "{ img_size = [16, 12]  patch_size = 4  depth = 1  embed_dim = 16  num_heads = 2 }"
     path = tmp_path / "g.vkd"
-    text = (f"teacher deit_small_patch16_224 {model}\nstudent deit_tiny_patch16_224 {model}\n"
-            "data synthetic { }\ndistill { generate student.norm -> teacher.norm %s }\n")
+    text = (
+        f"teacher deit_small_patch16_224 {model}\nstudent deit_tiny_patch16_224 {model}\n"
+        "data synthetic { }\ndistill { generate student.norm -> teacher.norm %s }\n"
+    )
     path.write_text(text % "")
     errors = [d.message for d in vitkdl.validate(path)[1] if d.is_error]
-    assert errors == ["generate 'generate' with generator = conv needs a square token grid, "
-                      "the teacher's is 4x3"]
+    assert errors == [
+        "generate 'generate' with generator = conv needs a square token grid, the teacher's is 4x3"
+    ]
     path.write_text(text % "{ generator = attention }")
     assert not [d for d in vitkdl.validate(path)[1] if d.is_error]

@@ -43,30 +43,36 @@ def test_kl_on_attention_maps_pairs_heads_or_averages_them() -> None:
     want = (tm * (tm.log() - sm.log())).sum(-1).mean()
     torch.testing.assert_close(got, want * 3e-5, rtol=1e-5, atol=1e-9)
     # rows without the prefix columns are renormalised: scaling a row changes nothing
-    torch.testing.assert_close(Mimic(8, 8, loss="kl")([s * 0.5], [t]),
-                               Mimic(8, 8, loss="kl")([s], [t]))
+    torch.testing.assert_close(
+        Mimic(8, 8, loss="kl")([s * 0.5], [t]), Mimic(8, 8, loss="kl")([s], [t])
+    )
 
 
 def _recipe(tmp_path: Path, distill: str) -> Path:
-    model = ("{ img_size = 16  patch_size = 4  depth = 2  embed_dim = %d  num_heads = %d "
-             "num_classes = 10 }")
+    model = (
+        "{ img_size = 16  patch_size = 4  depth = 2  embed_dim = %d  num_heads = %d "
+        "num_classes = 10 }"
+    )
     path = tmp_path / "r.vkd"
-    path.write_text(f"teacher deit_small_patch16_224 {model % (32, 4)}\n"
-                    f"student deit_tiny_patch16_224 {model % (16, 2)}\n"
-                    f"data synthetic {{ image_size = 16 }}\ndistill {{ {distill} }}\n")
+    path.write_text(
+        f"teacher deit_small_patch16_224 {model % (32, 4)}\n"
+        f"student deit_tiny_patch16_224 {model % (16, 2)}\n"
+        f"data synthetic {{ image_size = 16 }}\ndistill {{ {distill} }}\n"
+    )
     return path
 
 
 def test_mimic_options_validate_with_positioned_errors(tmp_path: Path) -> None:
     path = _recipe(tmp_path, "mimic student.blocks[0].attn_map -> teacher.blocks[0].attn_map")
     errors = [d for d in vitkdl.validate(path)[1] if d.is_error]
-    assert [d.message for d in errors] == [
-        "attention maps are compared with loss = kl, not mse"]
-    path = _recipe(tmp_path, "mimic student.blocks[0].attn_map -> teacher.blocks[0].attn_map"
-                             " { loss = kl }")
+    assert [d.message for d in errors] == ["attention maps are compared with loss = kl, not mse"]
+    path = _recipe(
+        tmp_path, "mimic student.blocks[0].attn_map -> teacher.blocks[0].attn_map { loss = kl }"
+    )
     errors = [d for d in vitkdl.validate(path)[1] if d.is_error]
     assert [d.message for d in errors] == [
-        "heads = pair needs as many heads on both sides: the student has 2, the teacher 4"]
+        "heads = pair needs as many heads on both sides: the student has 2, the teacher 4"
+    ]
     assert errors[0].hint == "write heads = mean (average the heads' maps first)"
     path = _recipe(tmp_path, "mimic student.blocks[0] -> teacher.blocks[0] { loss = kl }")
     errors = [d for d in vitkdl.validate(path)[1] if d.is_error]
@@ -75,11 +81,17 @@ def test_mimic_options_validate_with_positioned_errors(tmp_path: Path) -> None:
 
 
 def test_mimic_plans_shapes_and_coefficients(tmp_path: Path) -> None:
-    plan = vitkdl.plan(vitkdl.load(_recipe(
-        tmp_path, "mimic student.blocks[0:2].attn_map -> teacher.blocks[0:2].attn_map "
-                  "{ loss = kl  heads = mean  weight = 0.1 }\n"
-                  "mimic student.blocks[1].attn -> teacher.blocks[1].attn as rel "
-                  "{ loss = relation  weight = 1e-3 }")))
+    plan = vitkdl.plan(
+        vitkdl.load(
+            _recipe(
+                tmp_path,
+                "mimic student.blocks[0:2].attn_map -> teacher.blocks[0:2].attn_map "
+                "{ loss = kl  heads = mean  weight = 0.1 }\n"
+                "mimic student.blocks[1].attn -> teacher.blocks[1].attn as rel "
+                "{ loss = relation  weight = 1e-3 }",
+            )
+        )
+    )
     maps, rel = plan.terms[0], plan.terms[1]
     assert [p.key for p in maps.student] == ["blocks.0.attn_map", "blocks.1.attn_map"]
     assert maps.student_shape == [16, 16] and maps.adapters == []

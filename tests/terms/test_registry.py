@@ -99,13 +99,17 @@ def l2_kind() -> Iterator[Kind]:
 
 
 def test_a_new_kind_needs_no_other_file(l2_kind: Kind, tmp_path: Path, capsys) -> None:
-    model = ("{ img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  num_heads = 2 "
-             "num_classes = 10 }")
+    model = (
+        "{ img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  num_heads = 2 "
+        "num_classes = 10 }"
+    )
     path = tmp_path / "l2.vkd"
-    path.write_text(f"teacher deit_small_patch16_224 {model}\n"
-                    f"student deit_tiny_patch16_224 {model}\n"
-                    "data synthetic { image_size = 16 }\n"
-                    "distill { l2 as logits { weight = 0.25 } }\n")
+    path.write_text(
+        f"teacher deit_small_patch16_224 {model}\n"
+        f"student deit_tiny_patch16_224 {model}\n"
+        "data synthetic { image_size = 16 }\n"
+        "distill { l2 as logits { weight = 0.25 } }\n"
+    )
     assert main(["validate", str(path)]) == 0
     assert main(["explain", str(path)]) == 0
     out = capsys.readouterr().out

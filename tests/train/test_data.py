@@ -53,8 +53,12 @@ def folder(tmp_path: Path) -> Path:
 
 
 def _folder_cfg(root: Path, **kw: object) -> DataConfig:
-    base: dict[str, object] = {"source": "imagefolder", "root": str(root), "image_size": 16,
-                               "batch_size": 2}
+    base: dict[str, object] = {
+        "source": "imagefolder",
+        "root": str(root),
+        "image_size": 16,
+        "batch_size": 2,
+    }
     base.update(kw)
     return DataConfig(**base)  # type: ignore[arg-type]
 
@@ -118,8 +122,9 @@ def test_digits_augment_shapes(augment: str) -> None:
 
 
 def test_synthetic_sizes_and_determinism() -> None:
-    cfg = DataConfig(source="synthetic", image_size=16, in_chans=3, size=40, classes=5,
-                     batch_size=16, seed=7)
+    cfg = DataConfig(
+        source="synthetic", image_size=16, in_chans=3, size=40, classes=5, batch_size=16, seed=7
+    )
     train, val, num_classes = build_datasets(cfg)
     assert (len(train), len(val), num_classes) == (40, 16, 5)  # val: max(40 // 4, 16)
     train2, _, _ = build_datasets(cfg)
@@ -253,8 +258,16 @@ def test_val_subset_of_train_uses_train_mapping(tmp_path: Path) -> None:
 
 
 def test_mixup_soft_targets() -> None:
-    cfg = DataConfig(source="synthetic", image_size=8, size=16, classes=4, batch_size=8,
-                     mixup=0.8, cutmix=1.0, smoothing=0.1)
+    cfg = DataConfig(
+        source="synthetic",
+        image_size=8,
+        size=16,
+        classes=4,
+        batch_size=8,
+        mixup=0.8,
+        cutmix=1.0,
+        smoothing=0.1,
+    )
     loader, _, num_classes = build_loaders(cfg)
     mixup = build_mixup(cfg, num_classes)
     assert mixup is not None
@@ -319,8 +332,9 @@ def test_loaders_never_draw_from_the_global_rng() -> None:
     """Iterating a loader (evaluation included) leaves the training's random streams alone."""
     cfg = DataConfig(source="synthetic", image_size=4, size=16, batch_size=4, seed=1)
     for distributed in (False, True):
-        train, val, _ = build_loaders(cfg, distributed=distributed, rank=0,
-                                      world_size=2 if distributed else 1)
+        train, val, _ = build_loaders(
+            cfg, distributed=distributed, rank=0, world_size=2 if distributed else 1
+        )
         before = torch.get_rng_state()
         list(val)
         set_epoch(train, 0, seed=cfg.seed)
@@ -329,8 +343,9 @@ def test_loaders_never_draw_from_the_global_rng() -> None:
 
 
 def test_workers_are_seeded_deterministically() -> None:
-    cfg = DataConfig(source="digits", image_size=8, in_chans=1, augment="deit", batch_size=64,
-                     workers=2, seed=5)
+    cfg = DataConfig(
+        source="digits", image_size=8, in_chans=1, augment="deit", batch_size=64, workers=2, seed=5
+    )
     batches = []
     for _ in range(2):
         loader, _, _ = build_loaders(cfg)
@@ -351,6 +366,7 @@ def test_invalid_config_values() -> None:
     assert cfg.mean == (0.5, 0.5, 0.5)
 
 
+@pytest.mark.slow
 def test_embedded_digits_are_the_fixed_split_without_scikit_learn() -> None:
     """The digits ship as a 47 KB array: the same 1437 / 360 stratified split as ever (checked
     against scikit-learn's own split when it is installed), and loading them imports neither
@@ -358,11 +374,14 @@ def test_embedded_digits_are_the_fixed_split_without_scikit_learn() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from vitkdl.train.data import _digits_split; x = _digits_split(); "
-            "assert not {'sklearn', 'scipy'} & set(sys.modules), sorted(sys.modules); "
-            "print(x[0].shape[0], x[1].shape[0])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import sys; from vitkdl.train.data import _digits_split; x = _digits_split(); "
+        "assert not {'sklearn', 'scipy'} & set(sys.modules), sorted(sys.modules); "
+        "print(x[0].shape[0], x[1].shape[0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.split() == ["1437", "360"]
     x_tr, x_va, y_tr, y_va = _digits_split()
     assert np.bincount(y_va).tolist() == [36, 36, 35, 37, 36, 37, 36, 36, 35, 36]
@@ -372,7 +391,12 @@ def test_embedded_digits_are_the_fixed_split_without_scikit_learn() -> None:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    want = train_test_split(digits.images.astype("float32") / 16.0, digits.target,
-                            test_size=0.2, stratify=digits.target, random_state=0)
+    want = train_test_split(
+        digits.images.astype("float32") / 16.0,
+        digits.target,
+        test_size=0.2,
+        stratify=digits.target,
+        random_state=0,
+    )
     for got, ref in zip((x_tr, x_va, y_tr, y_va), want, strict=True):
         assert np.array_equal(got, ref)

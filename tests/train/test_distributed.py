@@ -7,11 +7,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT
 from vitkdl.cli import main
+
+pytestmark = pytest.mark.slow  # each test starts torchrun with 2 processes
 
 TEACHER = """
 recipe pair_teacher
@@ -42,9 +45,23 @@ train { epochs = 1  log_every = 5 }
 def run_two(student, runs, *args: str) -> subprocess.CompletedProcess[str]:
     """`vitkdl run ... --nproc-per-node 2` as a user types it (torchrun under the hood)."""
     return subprocess.run(
-        [sys.executable, "-m", "vitkdl", "run", str(student), "--nproc-per-node", "2",
-         "--out", str(runs), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "vitkdl",
+            "run",
+            str(student),
+            "--nproc-per-node",
+            "2",
+            "--out",
+            str(runs),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path, capsys) -> None:
@@ -60,8 +77,24 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path, caps
 
     # One process, batch 32: the same global batches (the sampler's order does not depend on
     # the world size) and the same teacher (reused from the first run).
-    assert main(["run", str(student), "--out", str(runs), "--max-steps", "12", "--quiet",
-                 "--set", "recipe.name=pair_single", "--set", "data.batch_size=32"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(student),
+                "--out",
+                str(runs),
+                "--max-steps",
+                "12",
+                "--quiet",
+                "--set",
+                "recipe.name=pair_single",
+                "--set",
+                "data.batch_size=32",
+            ]
+        )
+        == 0
+    )
     one = json.loads((runs / "pair_single" / "summary.json").read_text())
     assert one["world_size"] == 1 and one["steps"] == two["steps"] == 12
     a = load_file(str(runs / "pair" / "student.safetensors"))
@@ -81,8 +114,7 @@ def test_resume_on_another_world_size(tmp_path) -> None:
     student = tmp_path / "student.vkd"
     student.write_text(STUDENT.replace("epochs = 1", "epochs = 2"))
     runs = tmp_path / "runs"
-    assert main(["run", str(student), "--out", str(runs), "--max-steps", "10",
-                 "--quiet"]) == 0
+    assert main(["run", str(student), "--out", str(runs), "--max-steps", "10", "--quiet"]) == 0
     assert len(rank_rng(runs / "pair")) == 1
     proc = run_two(student, runs, "--resume")
     assert proc.returncode == 0, proc.stderr
@@ -97,7 +129,8 @@ def test_resume_on_another_world_size(tmp_path) -> None:
 
 
 RANDOM = STUDENT.replace("drop_path = 0", "drop_path = 0.2").replace(
-    "nkd\n", "generate student.norm -> teacher.norm { mask = 0.5  weight = 1e-3 }\n    nkd\n")
+    "nkd\n", "generate student.norm -> teacher.norm { mask = 0.5  weight = 1e-3 }\n    nkd\n"
+)
 
 
 def test_two_process_resume_is_bit_exact_and_ranks_keep_their_own_streams(tmp_path) -> None:
@@ -123,9 +156,12 @@ def test_two_process_resume_is_bit_exact_and_ranks_keep_their_own_streams(tmp_pa
 def test_fsdp_checkpoints_load_on_one_device(tmp_path) -> None:
     (tmp_path / "teacher.vkd").write_text(TEACHER)
     student = tmp_path / "student.vkd"
-    student.write_text(STUDENT.replace("epochs = 1", "epochs = 2  shard = fsdp").replace(
-        "depth = 1  embed_dim = 16  num_heads = 2\n    num_classes = 10  drop_path = 0",
-        "depth = 2  embed_dim = 16  num_heads = 2\n    num_classes = 10  drop_path = 0"))
+    student.write_text(
+        STUDENT.replace("epochs = 1", "epochs = 2  shard = fsdp").replace(
+            "depth = 1  embed_dim = 16  num_heads = 2\n    num_classes = 10  drop_path = 0",
+            "depth = 2  embed_dim = 16  num_heads = 2\n    num_classes = 10  drop_path = 0",
+        )
+    )
     runs = tmp_path / "runs"
     proc = run_two(student, runs, "--max-steps", "6", "--quiet")
     assert proc.returncode == 0, proc.stderr
@@ -134,6 +170,8 @@ def test_fsdp_checkpoints_load_on_one_device(tmp_path) -> None:
     exported = load_file(str(runs / "pair" / "student.safetensors"))
     assert exported["blocks.1.attn.qkv.weight"].shape == (48, 16)  # full, not a shard
     # The sharded run's checkpoint continues in one process.
-    assert main(["run", str(student), "--out", str(runs), "--resume", "--quiet",
-                 "--max-steps", "16"]) == 0
+    assert (
+        main(["run", str(student), "--out", str(runs), "--resume", "--quiet", "--max-steps", "16"])
+        == 0
+    )
     assert json.loads((runs / "pair" / "summary.json").read_text())["steps"] == 16

@@ -75,13 +75,33 @@ def test_tiny_run_writes_every_output_and_exports_a_timm_student(tmp_path, capsy
     recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=2, log_every=10))
     assert run(str(recipe), "--out", str(tmp_path / "runs")) == 0
     out = tmp_path / "runs" / "tiny"
-    for name in ("recipe.json", "plan.json", "metrics.jsonl", "curves.png", "last.pt",
-                 "best.pt", "student.safetensors", "student_ema.safetensors", "summary.json"):
+    for name in (
+        "recipe.json",
+        "plan.json",
+        "metrics.jsonl",
+        "curves.png",
+        "last.pt",
+        "best.pt",
+        "student.safetensors",
+        "student_ema.safetensors",
+        "summary.json",
+    ):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("recipe", "top1", "top5", "best_top1", "teacher_top1", "epochs", "steps",
-                "images_per_second", "wall_seconds", "peak_memory_mb", "world_size",
-                "compile"):
+    for key in (
+        "recipe",
+        "top1",
+        "top5",
+        "best_top1",
+        "teacher_top1",
+        "epochs",
+        "steps",
+        "images_per_second",
+        "wall_seconds",
+        "peak_memory_mb",
+        "world_size",
+        "compile",
+    ):
         assert key in summary, key
     assert summary["epochs"] == 2 and summary["steps"] == 2 * (1437 // 32)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -92,11 +112,18 @@ def test_tiny_run_writes_every_output_and_exports_a_timm_student(tmp_path, capsy
 
     import timm
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=True, img_size=8,
-                              patch_size=2, in_chans=1, depth=1, embed_dim=16, num_heads=2,
-                              num_classes=10,
-                              pretrained_cfg_overlay={"file": str(out / "student.safetensors"),
-                                                      "num_classes": 10})
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=True,
+        img_size=8,
+        patch_size=2,
+        in_chans=1,
+        depth=1,
+        embed_dim=16,
+        num_heads=2,
+        num_classes=10,
+        pretrained_cfg_overlay={"file": str(out / "student.safetensors"), "num_classes": 10},
+    )
     assert summary["timm"]["kwargs"]["embed_dim"] == 16
     from safetensors.torch import load_file
 
@@ -108,16 +135,23 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path) -> None:
     recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=3, log_every=1))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "vitkdl", "run", str(recipe), "--quiet"]
-    subprocess.run([*cmd, "--out", str(tmp_path / "whole")], check=True, env=env, cwd=ROOT,
-                   capture_output=True)
+    subprocess.run(
+        [*cmd, "--out", str(tmp_path / "whole")], check=True, env=env, cwd=ROOT, capture_output=True
+    )
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(killed)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = killed / "tiny" / "metrics.jsonl"
     steps_per_epoch = 1437 // 32
     deadline = time.time() + 120
@@ -132,8 +166,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path) ->
     proc.wait()
     assert not (killed / "tiny" / "summary.json").exists()
 
-    subprocess.run([*cmd, "--out", str(killed), "--resume"], check=True, env=env, cwd=ROOT,
-                   capture_output=True)
+    subprocess.run(
+        [*cmd, "--out", str(killed), "--resume"], check=True, env=env, cwd=ROOT, capture_output=True
+    )
     a, b = _summary(tmp_path / "whole" / "tiny"), _summary(killed / "tiny")
     for key in ("top1", "top5", "best_top1", "ema_top1", "epochs", "steps"):
         assert a[key] == b[key], key
@@ -151,8 +186,7 @@ def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, capsys) -> None
     capsys.readouterr()
     assert run(str(recipe), "--out", out, "--resume", "--set", "train.epochs=2") == 1
     assert "different version of the recipe" in " ".join(capsys.readouterr().err.split())
-    assert run(str(recipe), "--out", out, "--resume", "--force",
-               "--set", "train.epochs=2") == 0
+    assert run(str(recipe), "--out", out, "--resume", "--force", "--set", "train.epochs=2") == 0
 
 
 def test_corrupt_checkpoint_and_missing_checkpoint(tmp_path, capsys) -> None:
@@ -170,8 +204,15 @@ def test_corrupt_checkpoint_and_missing_checkpoint(tmp_path, capsys) -> None:
 def test_nan_loss_names_the_term_and_keeps_the_checkpoint(tmp_path, capsys) -> None:
     write(tmp_path, "teacher.vkd", TINY.format(name="teacher", epochs=1, log_every=10))
     student = write(tmp_path, "student.vkd", STUDENT.format(name="student"))
-    code = run(str(student), "--out", str(tmp_path / "runs"),
-               "--set", "distill.mimic.weight=1e38", "--set", "train.epochs=2")
+    code = run(
+        str(student),
+        "--out",
+        str(tmp_path / "runs"),
+        "--set",
+        "distill.mimic.weight=1e38",
+        "--set",
+        "train.epochs=2",
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert code == 1
     assert "in term mimic" in err and "stopped" in err
@@ -193,15 +234,19 @@ def test_teacher_from_trains_the_dependency_first_then_reuses_it(tmp_path, capsy
 def test_several_recipes_end_with_a_comparison(tmp_path, capsys) -> None:
     a = write(tmp_path, "a.vkd", TINY.format(name="a", epochs=1, log_every=10))
     b = write(tmp_path, "b.vkd", TINY.format(name="b", epochs=1, log_every=10))
-    assert main(["run", str(a), str(b), "--out", str(tmp_path / "runs"),
-                 "--max-steps", "5"]) == 0
+    assert main(["run", str(a), str(b), "--out", str(tmp_path / "runs"), "--max-steps", "5"]) == 0
     assert "comparison" in capsys.readouterr().err
     assert (tmp_path / "runs" / "comparison.png").is_file()
 
 
 def test_missing_data_root_and_unwritable_output(tmp_path, capsys) -> None:
-    recipe = write(tmp_path, "img.vkd", TINY.format(name="img", epochs=1, log_every=10)
-                   .replace("data digits", 'data imagefolder { root = "nowhere" } #'))
+    recipe = write(
+        tmp_path,
+        "img.vkd",
+        TINY.format(name="img", epochs=1, log_every=10).replace(
+            "data digits", 'data imagefolder { root = "nowhere" } #'
+        ),
+    )
     assert run(str(recipe), "--out", str(tmp_path / "runs")) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "data root nowhere does not exist" in err and "--set data.root=" in err
@@ -223,22 +268,34 @@ def test_imagefolder_of_your_own_images_trains(tmp_path, capsys) -> None:
             for i in range(8):
                 Image.new("RGB", (20, 20), colour).save(folder / f"{i}.png")
     (root / "train" / "class0" / "broken.jpg").write_bytes(b"not an image")
-    recipe = write(tmp_path, "folder.vkd", f"""
+    recipe = write(
+        tmp_path,
+        "folder.vkd",
+        f"""
         student vit_tiny_patch16_224 {{
             img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  num_heads = 2
             num_classes = 2
         }}
         data imagefolder {{ root = "{root}" batch_size = 4 augment = basic workers = 0 }}
-        train {{ epochs = 2 }}""")
+        train {{ epochs = 2 }}""",
+    )
     with pytest.warns(RuntimeWarning, match="broken.jpg"):
         assert run(str(recipe), "--out", str(tmp_path / "runs")) == 0
     assert _summary(tmp_path / "runs" / "folder")["top1"] is not None
 
 
+@pytest.mark.slow
 def test_smoke_runs_a_paper_recipe_without_its_data(tmp_path, capsys) -> None:
-    code = run(str(ROOT / "recipes" / "deit_tiny_vitkd_kd.vkd"), "--smoke",
-               "--out", str(tmp_path / "runs"), "--set", "student.depth=2",
-               "--set", "teacher.depth=2")
+    code = run(
+        str(ROOT / "recipes" / "deit_tiny_vitkd_kd.vkd"),
+        "--smoke",
+        "--out",
+        str(tmp_path / "runs"),
+        "--set",
+        "student.depth=2",
+        "--set",
+        "teacher.depth=2",
+    )
     assert code == 0, capsys.readouterr().err
     summary = _summary(tmp_path / "runs" / "deit_tiny_vitkd_kd")
     assert summary["steps"] == 3
@@ -272,8 +329,10 @@ def test_the_papers_design_space_trains(tmp_path, capsys) -> None:
     """Taps inside blocks, relations, attention maps and every generator, in one run."""
     recipe = write(tmp_path, "design.vkd", DESIGN_SPACE)
     assert run(str(recipe), "--out", str(tmp_path / "runs"), "--max-steps", "3") == 0
-    records = [json.loads(line) for line in
-               (tmp_path / "runs" / "design" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / "design" / "metrics.jsonl").read_text().splitlines()
+    ]
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
     for name in ("mha", "rel", "maps", "gen", "lin", "nkd", "labels"):

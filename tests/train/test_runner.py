@@ -23,8 +23,7 @@ data digits {{ batch_size = 64 }}
 train {{ epochs = 1  log_every = 50  precision = fp32  compile = off }}
 """
 
-TEACHER = BASE.replace("recipe base", "recipe teacher").replace("embed_dim = 8",
-                                                                  "embed_dim = 16")
+TEACHER = BASE.replace("recipe base", "recipe teacher").replace("embed_dim = 8", "embed_dim = 16")
 
 STUDENT = """recipe student
 extends "base.vkd"
@@ -58,11 +57,22 @@ def summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text())
 
 
-def test_overrides_reach_the_baseline_and_each_run_trains_once(recipes: Path, trained,
-                                                                capsys) -> None:
+def test_overrides_reach_the_baseline_and_each_run_trains_once(
+    recipes: Path, trained, capsys
+) -> None:
     runs = recipes / "runs"
-    code = main(["run", str(recipes / "base.vkd"), str(recipes / "student.vkd"), "--out",
-                 str(runs), "--set", "train.seed=1", "--quiet"])
+    code = main(
+        [
+            "run",
+            str(recipes / "base.vkd"),
+            str(recipes / "student.vkd"),
+            "--out",
+            str(runs),
+            "--set",
+            "train.seed=1",
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     names = [name for name, _, _ in trained]
     assert sorted(names) == ["base", "student", "teacher"]  # the baseline is not retrained
@@ -90,14 +100,29 @@ def test_overrides_reach_the_baseline_and_each_run_trains_once(recipes: Path, tr
 
 def test_distill_overrides_do_not_reach_the_baseline(recipes: Path, trained) -> None:
     runs = recipes / "runs"
-    assert main(["run", str(recipes / "student.vkd"), "--out", str(runs), "--quiet",
-                 "--set", "distill.nkd.gamma=2", "--set", "data.batch_size=32"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(recipes / "student.vkd"),
+                "--out",
+                str(runs),
+                "--quiet",
+                "--set",
+                "distill.nkd.gamma=2",
+                "--set",
+                "data.batch_size=32",
+            ]
+        )
+        == 0
+    )
     base = next(c for c in trained if c[0] == "base")
     assert base[2] == ("data.batch_size=32",)
 
 
-def test_a_finished_run_is_reused_and_replaced_only_with_force(recipes: Path, trained,
-                                                               capsys) -> None:
+def test_a_finished_run_is_reused_and_replaced_only_with_force(
+    recipes: Path, trained, capsys
+) -> None:
     runs = recipes / "runs"
     args = ["run", str(recipes / "base.vkd"), "--out", str(runs), "--quiet"]
     assert main(args) == 0

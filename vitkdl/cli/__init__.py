@@ -37,9 +37,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from vitkdl.cli import bench, cp, explain, fmt, init, ls, lsp, run, validate
 
-    parser = _Parser(prog="vitkdl", description="Declarative ViTKD knowledge distillation "
-                     "for Vision Transformers (timm + torch.compile).", epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="vitkdl",
+        description="Declarative ViTKD knowledge distillation "
+        "for Vision Transformers (timm + torch.compile).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"vitkdl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module in (validate, explain, run, bench, fmt, init, ls, cp, lsp):
@@ -62,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: one line, never a traceback
         if os.environ.get("VITKDL_DEBUG"):
             raise
-        sys.stderr.write(f"vitkdl: internal error: {type(exc).__name__}: {exc}\n"
-                         "  (set VITKDL_DEBUG=1 for the traceback, and please report it)\n")
+        sys.stderr.write(
+            f"vitkdl: internal error: {type(exc).__name__}: {exc}\n"
+            "  (set VITKDL_DEBUG=1 for the traceback, and please report it)\n"
+        )
         return 70

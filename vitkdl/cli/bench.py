@@ -40,35 +40,71 @@ FLOOR_MODES = ("auto", "eager", "compiled", "best")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure the compiled step against what it replaces",
-                       description=HELP, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "bench",
+        help="measure the compiled step against what it replaces",
+        description=HELP,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("recipe", metavar="RECIPE", help="a .vkd file")
     add_recipe_options(p)
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
-    p.add_argument("--steps", type=int, default=10, metavar="N",
-                   help="timed steps per figure (default 10; medians are reported)")
-    p.add_argument("--warmup", type=int, default=3, metavar="N",
-                   help="untimed steps before timing (default 3)")
-    p.add_argument("--batch", type=int, default=None, metavar="B",
-                   help="batch size (default: the recipe's data.batch_size)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        metavar="N",
+        help="timed steps per figure (default 10; medians are reported)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=3, metavar="N", help="untimed steps before timing (default 3)"
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        metavar="B",
+        help="batch size (default: the recipe's data.batch_size)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    p.add_argument("--backend", choices=BACKENDS,
-                   default=os.environ.get("VITKDL_BENCH_BACKEND", "inductor"),
-                   help="torch.compile backend of the compiled figures (default inductor, as "
-                        "training; aot_eager/eager are for testing and debugging; env "
-                        "VITKDL_BENCH_BACKEND)")
-    p.add_argument("--compile-mode", default="default", metavar="MODE",
-                   help="inductor mode: default, max-autotune, ... (default: default)")
-    p.add_argument("--floor", choices=FLOOR_MODES, default="auto",
-                   help="the floor's student step and teacher inference: auto (compiled on "
-                        "CUDA, eager on CPU), eager, compiled, best (both, the faster)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads (default: the trainer's rule, 1 for small steps)")
-    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                   help="skip timing the compiled step's parts")
-    p.add_argument("--no-loader", dest="loader", action="store_false",
-                   help="skip timing the data loader")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=os.environ.get("VITKDL_BENCH_BACKEND", "inductor"),
+        help="torch.compile backend of the compiled figures (default inductor, as "
+        "training; aot_eager/eager are for testing and debugging; env "
+        "VITKDL_BENCH_BACKEND)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        metavar="MODE",
+        help="inductor mode: default, max-autotune, ... (default: default)",
+    )
+    p.add_argument(
+        "--floor",
+        choices=FLOOR_MODES,
+        default="auto",
+        help="the floor's student step and teacher inference: auto (compiled on "
+        "CUDA, eager on CPU), eager, compiled, best (both, the faster)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: the trainer's rule, 1 for small steps)",
+    )
+    p.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip timing the compiled step's parts",
+    )
+    p.add_argument(
+        "--no-loader", dest="loader", action="store_false", help="skip timing the data loader"
+    )
     p.set_defaults(func=run)
 
 
@@ -98,10 +134,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
     progress = None if args.json else (lambda line: err.print(f"[dim]{escape(line)}[/]"))
     try:
-        result = bench_plan(plan, steps=args.steps, warmup=args.warmup, device=args.device,
-                            compile_backend=args.backend, compile_mode=args.compile_mode,
-                            floor=args.floor, breakdown=args.breakdown, loader=args.loader,
-                            threads=args.threads, progress=progress)
+        result = bench_plan(
+            plan,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=args.device,
+            compile_backend=args.backend,
+            compile_mode=args.compile_mode,
+            floor=args.floor,
+            breakdown=args.breakdown,
+            loader=args.loader,
+            threads=args.threads,
+            progress=progress,
+        )
     except BenchError as exc:
         err.print(f"[bold red]vitkdl bench: error:[/] {escape(str(exc))}")
         return 2
@@ -129,9 +174,11 @@ def render(r: dict[str, Any], out: Console) -> None:
     threads = f", {r['threads']} thread(s)" if r["threads"] else ""
     mode = f" mode={r['compile_mode']}" if r["compile_mode"] else ""
     out.print(f"[bold]{escape(r['recipe'])}[/]: {escape(r['student'] + teacher)}")
-    out.print(f"  {escape(r['device_name'])} ({r['device']}{threads}), batch {r['batch']}, "
-              f"{r['precision']}, compile backend {r['backend']}{mode}, median of "
-              f"{r['steps']} steps after {r['warmup']} warm-up")
+    out.print(
+        f"  {escape(r['device_name'])} ({r['device']}{threads}), batch {r['batch']}, "
+        f"{r['precision']}, compile backend {r['backend']}{mode}, median of "
+        f"{r['steps']} steps after {r['warmup']} warm-up"
+    )
     c = r["configs"]
     a_ms = c["compiled"]["ms_per_step"]
     table = Table(title="training step", title_justify="left")
@@ -144,61 +191,88 @@ def render(r: dict[str, Any], out: Console) -> None:
     with_mfu = any(v.get("mfu") is not None for v in c.values())
     if with_mfu:
         table.add_column("MFU", justify="right")
-    labels = {"compiled": "(a) vitkdl compiled", "eager": "(b) vitkdl eager",
-              "hooks": "(c) hooks + loss module", "floor": "(d) floor: student + teacher inf."}
+    labels = {
+        "compiled": "(a) vitkdl compiled",
+        "eager": "(b) vitkdl eager",
+        "hooks": "(c) hooks + loss module",
+        "floor": "(d) floor: student + teacher inf.",
+    }
     for key, label in labels.items():
         if key not in c:
             continue
         v = c[key]
-        row = [label, _f(v["images_per_second"]), _f(v["ms_per_step"], ".2f"),
-               f"{a_ms / v['ms_per_step']:.2f}x" if v["ms_per_step"] else "-",
-               _f(v["peak_memory_mb"], ".0f"), _f(v["compile_seconds"])]
+        row = [
+            label,
+            _f(v["images_per_second"]),
+            _f(v["ms_per_step"], ".2f"),
+            f"{a_ms / v['ms_per_step']:.2f}x" if v["ms_per_step"] else "-",
+            _f(v["peak_memory_mb"], ".0f"),
+            _f(v["compile_seconds"]),
+        ]
         if with_mfu:
             row.append("-" if v.get("mfu") is None else f"{100 * v['mfu']:.1f}%")
         table.add_row(*row)
     out.print(table)
     d = c["floor"]["details"]
-    out.print(f"  floor: student step {_f(d['student_step_ms'], '.2f')} ms "
-              f"({d['student_mode']}) + teacher inference "
-              f"{_f(d['teacher_inference_ms'], '.2f')} ms ({d['teacher_mode'] or 'no teacher'})")
+    out.print(
+        f"  floor: student step {_f(d['student_step_ms'], '.2f')} ms "
+        f"({d['student_mode']}) + teacher inference "
+        f"{_f(d['teacher_inference_ms'], '.2f')} ms ({d['teacher_mode'] or 'no teacher'})"
+    )
     q = r["ratios"]
-    out.print(f"[bold]ratios[/] (speed-up = the other's ms / compiled ms): compiled vs eager "
-              f"{_f(q['compiled_vs_eager'], '.2f')}x, compiled vs hooks "
-              f"{_f(q['compiled_vs_hooks'], '.2f')}x, overhead over the floor "
-              f"{_f(_pct(q['overhead_vs_floor']))}% (the adapters' FLOPs alone add "
-              f"{_f(_pct(q.get('overhead_vs_floor_from_flops')))}%: work the floor leaves out)")
+    out.print(
+        f"[bold]ratios[/] (speed-up = the other's ms / compiled ms): compiled vs eager "
+        f"{_f(q['compiled_vs_eager'], '.2f')}x, compiled vs hooks "
+        f"{_f(q['compiled_vs_hooks'], '.2f')}x, overhead over the floor "
+        f"{_f(_pct(q['overhead_vs_floor']))}% (the adapters' FLOPs alone add "
+        f"{_f(_pct(q.get('overhead_vs_floor_from_flops')))}%: work the floor leaves out)"
+    )
     if q.get("overhead_vs_floor_plus_losses") is not None:
-        out.print(f"  overhead over the floor plus the measured adapters and losses: "
-                  f"{_f(_pct(q['overhead_vs_floor_plus_losses']))}%")
+        out.print(
+            f"  overhead over the floor plus the measured adapters and losses: "
+            f"{_f(_pct(q['overhead_vs_floor_plus_losses']))}%"
+        )
     b = r["breakdown"]
     if b:
-        bt = Table(title="compiled step, part by part (each compiled alone, synchronised)",
-                   title_justify="left")
+        bt = Table(
+            title="compiled step, part by part (each compiled alone, synchronised)",
+            title_justify="left",
+        )
         bt.add_column("part")
         bt.add_column("ms", justify="right")
         bt.add_column("share", justify="right")
-        for key, label in (("teacher_forward", "teacher forward"),
-                           ("student_forward_backward", "student forward + backward"),
-                           ("adapters_losses", "adapters + losses (fwd + bwd)"),
-                           ("optimizer", "optimizer (clip, AdamW, zero)")):
+        for key, label in (
+            ("teacher_forward", "teacher forward"),
+            ("student_forward_backward", "student forward + backward"),
+            ("adapters_losses", "adapters + losses (fwd + bwd)"),
+            ("optimizer", "optimizer (clip, AdamW, zero)"),
+        ):
             share = b["share"].get(f"{key}_ms")
-            bt.add_row(label, _f(b[f"{key}_ms"], ".2f"),
-                       "-" if share is None else f"{100 * share:.0f}%")
+            bt.add_row(
+                label, _f(b[f"{key}_ms"], ".2f"), "-" if share is None else f"{100 * share:.0f}%"
+            )
         bt.add_row("sum of parts", _f(b["sum_of_parts_ms"], ".2f"), "")
         bt.add_row("whole compiled step", _f(b["step_ms"], ".2f"), "")
         out.print(bt)
     ld = r["loader"]
     if ld:
         if "skipped" in ld:
-            out.print(f"[bold]data loader[/] ({escape(ld['source'])}): not measured: "
-                      f"{escape(ld['skipped'])}")
+            out.print(
+                f"[bold]data loader[/] ({escape(ld['source'])}): not measured: "
+                f"{escape(ld['skipped'])}"
+            )
         else:
-            verdict = ("keeps up" if ld["keeps_up"] else
-                       "[yellow]slower than the step: raise data.workers[/]")
-            out.print(f"[bold]data loader[/] ({escape(ld['source'])}, {ld['workers']} workers): "
-                      f"{_f(ld['images_per_second'])} images/s = "
-                      f"{_f(ld['vs_step'], '.2f')}x the compiled step's; {verdict} "
-                      f"(first batch {_f(ld['first_batch_seconds'], '.2f')} s)")
+            verdict = (
+                "keeps up"
+                if ld["keeps_up"]
+                else "[yellow]slower than the step: raise data.workers[/]"
+            )
+            out.print(
+                f"[bold]data loader[/] ({escape(ld['source'])}, {ld['workers']} workers): "
+                f"{_f(ld['images_per_second'])} images/s = "
+                f"{_f(ld['vs_step'], '.2f')}x the compiled step's; {verdict} "
+                f"(first batch {_f(ld['first_batch_seconds'], '.2f')} s)"
+            )
     out.print(f"[dim]memory: {escape(r['memory_kind'])}[/]")
     for note in r["notes"]:
         out.print(f"[dim]{escape(note)}[/]")

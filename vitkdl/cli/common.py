@@ -18,15 +18,18 @@ from vitkdl.errors import Diagnostic, Sources, render
 def consoles() -> tuple[Console, Console]:
     """(stdout, stderr) consoles; rich honours NO_COLOR and non-terminal output itself."""
     width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "110"))
-    return Console(width=width, highlight=False), Console(stderr=True, highlight=False,
-                                                          width=width)
+    return Console(width=width, highlight=False), Console(stderr=True, highlight=False, width=width)
 
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="PATH=VALUE",
-                   help="override a field after `extends` is resolved (repeatable), "
-                        "e.g. --set train.epochs=1")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a field after `extends` is resolved (repeatable), e.g. --set train.epochs=1",
+    )
 
 
 def print_diagnostics(err: Console, diags: Sequence[Diagnostic], sources: Sources) -> None:
@@ -41,8 +44,9 @@ def print_diagnostics(err: Console, diags: Sequence[Diagnostic], sources: Source
         if quoted is not None:
             err.print(Text.assemble((head, style), "\n", quoted), soft_wrap=True)
             continue
-        err.print(f"[{style}]{escape(head)}[/]" + (f"\n{escape(rest)}" if rest else ""),
-                  soft_wrap=True)
+        err.print(
+            f"[{style}]{escape(head)}[/]" + (f"\n{escape(rest)}" if rest else ""), soft_wrap=True
+        )
 
 
 def _highlighted(d: Diagnostic, rest: str, sources: Sources, style: str) -> Text | None:
@@ -65,8 +69,9 @@ def _highlighted(d: Diagnostic, rest: str, sources: Sources, style: str) -> Text
     highlighted = Syntax("", VkdLexer(), theme="ansi_dark", background_color="default")
     code_text = highlighted.highlight(code)
     code_text.rstrip()
-    out = Text.assemble((gutter, "dim"), code_text, "\n", (marks, "dim"),
-                        (caret[len(marks):], style))
+    out = Text.assemble(
+        (gutter, "dim"), code_text, "\n", (marks, "dim"), (caret[len(marks) :], style)
+    )
     if tail:
         out.append("\n" + tail)
     return out

@@ -24,17 +24,29 @@ training image."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explain", help="print the resolved plan of a recipe", description=HELP,
-                       epilog="examples:\n  vitkdl explain recipes/deit_base_vitkd_kd.vkd\n"
-                              "  vitkdl explain recipes/quickstart.vkd --json",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "explain",
+        help="print the resolved plan of a recipe",
+        description=HELP,
+        epilog="examples:\n  vitkdl explain recipes/deit_base_vitkd_kd.vkd\n"
+        "  vitkdl explain recipes/quickstart.vkd --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("recipe", metavar="RECIPE", help="a .vkd file")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--world-size", type=int, default=1, metavar="N",
-                   help="plan for N devices (global batch = batch_size x N)")
-    p.add_argument("--compile", action="store_true",
-                   help="also build the models (random weights) and trace the training step "
-                        "with torch._dynamo.explain: graphs, graph breaks, trace time")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="plan for N devices (global batch = batch_size x N)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also build the models (random weights) and trace the training step "
+        "with torch._dynamo.explain: graphs, graph breaks, trace time",
+    )
     add_recipe_options(p)
     p.set_defaults(func=run)
 
@@ -74,95 +86,140 @@ def render_plan(plan: Plan, out: Console) -> None:
         ("model", lambda m: m.name),
         ("family", lambda m: m.family),
         ("width x depth", lambda m: f"{m.width} x {m.depth} blocks, {m.heads} heads"),
-        ("tokens", lambda m: f"{m.tokens} on a {m.grid[0]}x{m.grid[1]} grid "
-                             f"(+{m.prefix_tokens} prefix)"),
+        (
+            "tokens",
+            lambda m: f"{m.tokens} on a {m.grid[0]}x{m.grid[1]} grid (+{m.prefix_tokens} prefix)",
+        ),
         ("input", lambda m: f"{m.img_size}x{m.img_size}x{m.in_chans}, patch {m.patch_size}"),
         ("input mean", lambda m: _stats(m.mean)),
         ("input std", lambda m: _stats(m.std)),
         ("classes", lambda m: str(m.num_classes)),
         ("parameters", lambda m: f"{_n(m.params)} ({m.params:,})"),
         ("forward FLOPs", lambda m: f"{_n(m.forward_flops)} per image"),
-        ("weights", lambda m: (f"final student of {m.from_recipe}" if m.from_recipe else
-                               m.weights or "random init")),
+        (
+            "weights",
+            lambda m: (
+                f"final student of {m.from_recipe}" if m.from_recipe else m.weights or "random init"
+            ),
+        ),
         ("trains", lambda m: "yes" if m.trainable else "no (frozen, eval mode, no grad)"),
     ]
     for label, get in rows:
         models.add_row(label, *(escape(get(m)) for m in shown))
     out.print(models)
     if plan.teacher is not None:
-        affine = teacher_affine((plan.student.mean, plan.student.std),
-                                (plan.teacher.mean, plan.teacher.std))
+        affine = teacher_affine(
+            (plan.student.mean, plan.student.std), (plan.teacher.mean, plan.teacher.std)
+        )
         if affine is not None:
-            out.print(f"  the loader normalises for the student; the step re-normalises the "
-                      f"teacher's input in-graph: x * {_stats(affine[0])} + "
-                      f"{_stats(affine[1])}")
+            out.print(
+                f"  the loader normalises for the student; the step re-normalises the "
+                f"teacher's input in-graph: x * {_stats(affine[0])} + "
+                f"{_stats(affine[1])}"
+            )
 
     out.print("[bold]distill terms[/]")
     for t in plan.terms:
         kind = KINDS[t.kind]
         words = kind.words(t)
-        out.print(f" [bold]{escape(t.name)}[/] ({t.kind})  weight {t.weight:g}, "
-                  f"coefficient {t.coefficient:.4g}")
+        out.print(
+            f" [bold]{escape(t.name)}[/] ({t.kind})  weight {t.weight:g}, "
+            f"coefficient {t.coefficient:.4g}"
+        )
         if kind.paired:
-            out.print(f"   {escape(', '.join(t.student_taps))} -> "
-                      f"{escape(', '.join(t.teacher_taps))}: "
-                      f"{points_words(t.student)} -> {points_words(t.teacher)}, "
-                      f"{'x'.join(map(str, t.student_shape))} -> "
-                      f"{'x'.join(map(str, t.teacher_shape))} per image per tap")
+            out.print(
+                f"   {escape(', '.join(t.student_taps))} -> "
+                f"{escape(', '.join(t.teacher_taps))}: "
+                f"{points_words(t.student)} -> {points_words(t.teacher)}, "
+                f"{'x'.join(map(str, t.student_shape))} -> "
+                f"{'x'.join(map(str, t.teacher_shape))} per image per tap"
+            )
         for a in t.adapters:
             out.print(f"   {escape(a.name)}: {escape(adapter_words(a))}  {_n(a.params)} params")
         if t.options:
-            opts = ", ".join(f"{k} {_value(v)}" for k, v in t.options.items()
-                             if v is not None)
+            opts = ", ".join(f"{k} {_value(v)}" for k, v in t.options.items() if v is not None)
             out.print(f"   {escape(opts)}")
         out.print(f"   {escape(words.formula)}  [dim]({escape(words.reduction)})[/]")
-    out.print("   [dim]coefficient: weight x the elements a sum-reduced term sums over per "
-              "image, i.e. its weight on the mean-reduced loss[/]")
-    out.print(f"[bold]loss[/] = {' + '.join(t.name for t in plan.terms)}  "
-              f"[dim](adapters: {_n(sum(t.adapter_params for t in plan.terms))} params)[/]")
+    out.print(
+        "   [dim]coefficient: weight x the elements a sum-reduced term sums over per "
+        "image, i.e. its weight on the mean-reduced loss[/]"
+    )
+    out.print(
+        f"[bold]loss[/] = {' + '.join(t.name for t in plan.terms)}  "
+        f"[dim](adapters: {_n(sum(t.adapter_params for t in plan.terms))} params)[/]"
+    )
 
     d = plan.data
-    setup = Table(title="data and training", title_justify="left", show_edge=False,
-                  show_header=False)
+    setup = Table(
+        title="data and training", title_justify="left", show_edge=False, show_header=False
+    )
     setup.add_column("what")
     setup.add_column("value")
-    sizes = (f", {d.train_images} train / {d.val_images} val images"
-             if d.train_images is not None else "")
-    setup.add_row("data", escape(f"{d.source}{' ' + d.root if d.root else ''}{sizes}, "
-                                 f"{d.num_classes} classes"))
-    setup.add_row("images", f"{d.image_size}x{d.image_size}, {d.in_chans} channel"
-                            f"{'s' * (d.in_chans != 1)}, augment: "
-                            f"{escape(source(d.source).augment[d.augment])}")
-    setup.add_row("batch", f"{d.batch_size} per device x {plan.world_size} device"
-                           f"{'s' * (plan.world_size != 1)} = {d.global_batch} global, "
-                           f"{d.workers} workers")
-    setup.add_row("mixing", f"mixup {d.mixup:g}, cutmix {d.cutmix:g}, label smoothing "
-                            f"{d.smoothing:g}")
+    sizes = (
+        f", {d.train_images} train / {d.val_images} val images"
+        if d.train_images is not None
+        else ""
+    )
+    setup.add_row(
+        "data",
+        escape(f"{d.source}{' ' + d.root if d.root else ''}{sizes}, {d.num_classes} classes"),
+    )
+    setup.add_row(
+        "images",
+        f"{d.image_size}x{d.image_size}, {d.in_chans} channel"
+        f"{'s' * (d.in_chans != 1)}, augment: "
+        f"{escape(source(d.source).augment[d.augment])}",
+    )
+    setup.add_row(
+        "batch",
+        f"{d.batch_size} per device x {plan.world_size} device"
+        f"{'s' * (plan.world_size != 1)} = {d.global_batch} global, "
+        f"{d.workers} workers",
+    )
+    setup.add_row(
+        "mixing", f"mixup {d.mixup:g}, cutmix {d.cutmix:g}, label smoothing {d.smoothing:g}"
+    )
     o = plan.optimizer
     kwargs = "".join(f", {k} = {v}" for k, v in o.kwargs.items())
-    setup.add_row("optimizer", f"{o.name}(lr = {o.lr:g}, weight_decay = {o.weight_decay:g}"
-                               f"{escape(kwargs)}) as written for global batch "
-                               f"{d.global_batch} (no automatic lr scaling), no decay on "
-                               f"{NO_DECAY_WORDS}; "
-                               f"{_n(o.trainable_params)} trainable parameters")
+    setup.add_row(
+        "optimizer",
+        f"{o.name}(lr = {o.lr:g}, weight_decay = {o.weight_decay:g}"
+        f"{escape(kwargs)}) as written for global batch "
+        f"{d.global_batch} (no automatic lr scaling), no decay on "
+        f"{NO_DECAY_WORDS}; "
+        f"{_n(o.trainable_params)} trainable parameters",
+    )
     s = plan.schedule
-    setup.add_row("schedule", f"{s.name} per {s.per} over {s.epochs} epochs, warm-up "
-                              f"{s.warmup_epochs:g} epochs from {s.warmup_lr:g}, min lr "
-                              f"{s.min_lr:g}")
-    setup.add_row("training", f"clip_grad {plan.clip_grad if plan.clip_grad else 'off'}, "
-                              f"ema {plan.ema if plan.ema else 'off'}, seed {plan.seed}, eval "
-                              f"every {plan.eval_every}, checkpoint every "
-                              f"{plan.checkpoint_every} epoch(s)")
+    setup.add_row(
+        "schedule",
+        f"{s.name} per {s.per} over {s.epochs} epochs, warm-up "
+        f"{s.warmup_epochs:g} epochs from {s.warmup_lr:g}, min lr "
+        f"{s.min_lr:g}",
+    )
+    setup.add_row(
+        "training",
+        f"clip_grad {plan.clip_grad if plan.clip_grad else 'off'}, "
+        f"ema {plan.ema if plan.ema else 'off'}, seed {plan.seed}, eval "
+        f"every {plan.eval_every}, checkpoint every "
+        f"{plan.checkpoint_every} epoch(s)",
+    )
     setup.add_row("precision", PRECISION[plan.precision])
     setup.add_row("compile", COMPILE[plan.compile])
-    setup.add_row("sharding", "fsdp: student, adapters and teacher sharded per block "
-                              "(fully_shard) across devices" if plan.shard == "fsdp" else
-                  "none: DDP replicas of the student and adapters when on several devices")
+    setup.add_row(
+        "sharding",
+        "fsdp: student, adapters and teacher sharded per block (fully_shard) across devices"
+        if plan.shard == "fsdp"
+        else "none: DDP replicas of the student and adapters when on several devices",
+    )
     out.print(setup)
 
     c = plan.cost
-    cost = Table(title="cost per training image (FLOPs)", title_justify="left",
-                 show_edge=False, show_header=False)
+    cost = Table(
+        title="cost per training image (FLOPs)",
+        title_justify="left",
+        show_edge=False,
+        show_header=False,
+    )
     cost.add_column("part")
     cost.add_column("FLOPs", justify="right")
     cost.add_row("teacher forward", _n(c.teacher_forward))
@@ -202,8 +259,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         render_plan(plan, out)
         if report is not None:
-            out.print("[bold]compile report[/] (torch._dynamo.explain of the training step, "
-                      f"batch {report['batch']}, random weights)")
+            out.print(
+                "[bold]compile report[/] (torch._dynamo.explain of the training step, "
+                f"batch {report['batch']}, random weights)"
+            )
             for line in report["lines"]:
                 out.print(f"  {escape(line)}")
     return 0
@@ -219,8 +278,7 @@ def compile_report(plan: Plan) -> dict[str, object]:
 
     program = build(plan, "cpu", load=False)  # the step is traced, never run compiled
     batch = 2
-    images = torch.randn(batch, plan.student.in_chans, plan.data.image_size,
-                         plan.data.image_size)
+    images = torch.randn(batch, plan.student.in_chans, plan.data.image_size, plan.data.image_size)
     targets = torch.randint(0, plan.student.num_classes, (batch,))
     report = program.compile_report(images, targets)
     return {"batch": batch, "lines": report.lines(), **dataclasses.asdict(report)}

@@ -28,28 +28,50 @@ EPILOG = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="train recipes", description=HELP, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "run",
+        help="train recipes",
+        description=HELP,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("recipes", nargs="+", metavar="RECIPE", help=".vkd files")
     add_recipe_options(p)
-    p.add_argument("--out", type=Path, default=Path("runs"), metavar="OUT",
-                   help="output root (default: runs)")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs"), metavar="OUT", help="output root (default: runs)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/NAME/last.pt")
-    p.add_argument("--force", action="store_true",
-                   help="train a finished run again, start an unfinished one over, or (with "
-                        "--resume) continue a run of an earlier version of the recipe")
-    p.add_argument("--max-steps", type=int, default=None, metavar="N",
-                   help="stop after N optimizer steps")
-    p.add_argument("--smoke", action="store_true",
-                   help="a few steps of the recipe's real models on synthetic data")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="train a finished run again, start an unfinished one over, or (with "
+        "--resume) continue a run of an earlier version of the recipe",
+    )
+    p.add_argument(
+        "--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps"
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps of the recipe's real models on synthetic data",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    p.add_argument("--no-baseline", dest="baseline", action="store_false",
-                   help="do not train the baseline a recipe extends for comparison")
+    p.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="do not train the baseline a recipe extends for comparison",
+    )
     p.add_argument("--quiet", action="store_true", help="only the final tables")
-    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
-                   help="train on N processes of this machine (launches torchrun; one GPU "
-                        "each, or gloo on CPU). For several machines call torchrun yourself: "
-                        "torchrun --nnodes ... -m vitkdl run RECIPE")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on N processes of this machine (launches torchrun; one GPU "
+        "each, or gloo on CPU). For several machines call torchrun yourself: "
+        "torchrun --nnodes ... -m vitkdl run RECIPE",
+    )
     p.set_defaults(func=run)
 
 
@@ -71,8 +93,16 @@ def launch_torchrun(nproc: int) -> int:
         if a.startswith("--nproc-per-node="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "vitkdl", *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "vitkdl",
+        *rest,
+    ]
     # The workers report their own errors; what the launcher prints after a failure (its
     # traceback and failure table) adds nothing for a user, so it is held back.
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -84,8 +114,9 @@ def launch_torchrun(nproc: int) -> int:
             sys.stderr.write(line)
     code = proc.wait()
     if code != 0:
-        sys.stderr.write(f"vitkdl run: a worker process failed (exit status {code}); its "
-                         "message is above\n")
+        sys.stderr.write(
+            f"vitkdl run: a worker process failed (exit status {code}); its message is above\n"
+        )
     return 2 if code == 2 else (1 if code else 0)
 
 
@@ -106,9 +137,17 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
             return launch_torchrun(args.nproc_per_node)
-    req = RunRequest(out_root=args.out, overrides=tuple(args.overrides), resume=args.resume,
-                     force=args.force, max_steps=args.max_steps, smoke=args.smoke,
-                     quiet=args.quiet, device=args.device, baseline=args.baseline)
+    req = RunRequest(
+        out_root=args.out,
+        overrides=tuple(args.overrides),
+        resume=args.resume,
+        force=args.force,
+        max_steps=args.max_steps,
+        smoke=args.smoke,
+        quiet=args.quiet,
+        device=args.device,
+        baseline=args.baseline,
+    )
     try:
         run_many(args.recipes, req, err)
     except VkdError as exc:

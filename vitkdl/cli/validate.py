@@ -15,13 +15,19 @@ reported, with file:line:column; exit status 2 when any recipe has an error."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="check recipes and report every error",
-                       description=HELP,
-                       epilog="example: vitkdl validate recipes/*.vkd",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "validate",
+        help="check recipes and report every error",
+        description=HELP,
+        epilog="example: vitkdl validate recipes/*.vkd",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("recipes", nargs="+", metavar="RECIPE", help=".vkd files")
-    p.add_argument("--strict", action="store_true",
-                   help="treat a missing data root or weight file as an error, as `run` does")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="treat a missing data root or weight file as an error, as `run` does",
+    )
     add_recipe_options(p)
     p.set_defaults(func=run)
 
@@ -46,10 +52,14 @@ def run(args: argparse.Namespace) -> int:
         teacher = f" <- {spec.teacher.model}" if spec.teacher else ""
         terms = ", ".join(t.name for t in spec.terms)
         note = f", {warnings} warning{'s' * (warnings != 1)}" if warnings else ""
-        out.print(f"[green]ok[/] {escape(path)}: {escape(student + teacher)} "
-                  f"\\[{escape(terms)}]{note}", soft_wrap=True)
+        out.print(
+            f"[green]ok[/] {escape(path)}: {escape(student + teacher)} \\[{escape(terms)}]{note}",
+            soft_wrap=True,
+        )
     if failed:
-        err.print(f"[bold red]{failed} of {len(args.recipes)} recipe"
-                  f"{'s' * (len(args.recipes) != 1)} failed validation[/]")
+        err.print(
+            f"[bold red]{failed} of {len(args.recipes)} recipe"
+            f"{'s' * (len(args.recipes) != 1)} failed validation[/]"
+        )
         return 2
     return 0

@@ -15,8 +15,17 @@ from collections.abc import Iterable
 from vitkdl.terms import generate, kd, labels, mimic, nkd
 from vitkdl.terms.base import Kind, StepInputs, TapPoint, TermPlan, Words
 
-__all__ = ["KINDS", "Kind", "StepInputs", "TapPoint", "TermPlan", "Words", "kind",
-           "needs_teacher", "register"]
+__all__ = [
+    "KINDS",
+    "Kind",
+    "StepInputs",
+    "TapPoint",
+    "TermPlan",
+    "Words",
+    "kind",
+    "needs_teacher",
+    "register",
+]
 
 KINDS: dict[str, Kind] = {}
 

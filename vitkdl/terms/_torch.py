@@ -27,7 +27,8 @@ def make_align(kind: str, d_in: int, d_out: int) -> nn.Module:
     if kind == "identity":
         if d_in != d_out:
             raise ValueError(
-                f"align='identity' needs equal widths, got student {d_in} and teacher {d_out}")
+                f"align='identity' needs equal widths, got student {d_in} and teacher {d_out}"
+            )
         return nn.Identity()
     if kind == "mlp":
         return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
@@ -37,11 +38,15 @@ def make_align(kind: str, d_in: int, d_out: int) -> nn.Module:
 def check_tokens(name: str, s: Tensor, t: Tensor) -> None:
     """Both sides are ``[B, N, D]`` token tensors that agree on ``[B, N]``."""
     if s.dim() != 3 or t.dim() != 3:
-        raise ValueError(f"{name}: expected [B, N, D] token tensors, got student "
-                         f"{tuple(s.shape)} and teacher {tuple(t.shape)}")
+        raise ValueError(
+            f"{name}: expected [B, N, D] token tensors, got student "
+            f"{tuple(s.shape)} and teacher {tuple(t.shape)}"
+        )
     if s.shape[:2] != t.shape[:2]:
-        raise ValueError(f"{name}: student and teacher disagree on [B, N]: "
-                         f"{tuple(s.shape[:2])} vs {tuple(t.shape[:2])}")
+        raise ValueError(
+            f"{name}: student and teacher disagree on [B, N]: "
+            f"{tuple(s.shape[:2])} vs {tuple(t.shape[:2])}"
+        )
 
 
 def hard_labels(target: Tensor) -> Tensor:

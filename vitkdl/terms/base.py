@@ -115,15 +115,24 @@ class StepInputs:
 
 def linear(name: str, d_in: int, d_out: int, tokens: int) -> AdapterPlan:
     """``Linear(d_in, d_out)`` with bias, applied to ``tokens`` tokens per image."""
-    return AdapterPlan(name=name, module="linear", dims=(d_in, d_out),
-                       params=d_in * d_out + d_out, flops=2 * d_in * d_out * tokens)
+    return AdapterPlan(
+        name=name,
+        module="linear",
+        dims=(d_in, d_out),
+        params=d_in * d_out + d_out,
+        flops=2 * d_in * d_out * tokens,
+    )
 
 
 def mlp(name: str, d_in: int, d_out: int, tokens: int) -> AdapterPlan:
     """``Linear(d_in, d_out) - GELU - Linear(d_out, d_out)`` on ``tokens`` tokens."""
-    return AdapterPlan(name=name, module="mlp", dims=(d_in, d_out),
-                       params=d_in * d_out + d_out + d_out * d_out + d_out,
-                       flops=2 * (d_in * d_out + d_out * d_out) * tokens)
+    return AdapterPlan(
+        name=name,
+        module="mlp",
+        dims=(d_in, d_out),
+        params=d_in * d_out + d_out + d_out * d_out + d_out,
+        flops=2 * (d_in * d_out + d_out * d_out) * tokens,
+    )
 
 
 def align(kind: str, name: str, d_in: int, d_out: int, tokens: int) -> list[AdapterPlan]:
@@ -149,29 +158,48 @@ def adapter_words(a: AdapterPlan) -> str:
 
 def points_words(points: Sequence[TapPoint]) -> str:
     """Resolved taps in words: ``blocks 0, 1``, ``blocks 0.attn, 1.attn``, ``norm``."""
-    blocks = [str(p.block) + ("" if p.point == "out" else f".{p.point}") for p in points
-              if p.point != "norm"]
+    blocks = [
+        str(p.block) + ("" if p.point == "out" else f".{p.point}")
+        for p in points
+        if p.point != "norm"
+    ]
     parts = (["blocks " + ", ".join(blocks)] if blocks else []) + (
-        ["norm"] if any(p.point == "norm" for p in points) else [])
+        ["norm"] if any(p.point == "norm" for p in points) else []
+    )
     return ", ".join(parts)
 
 
-def term_plan(term: TermSpec, *, student: Sequence[TapPoint] = (),
-              teacher: Sequence[TapPoint] = (), student_shape: Sequence[int] = (),
-              teacher_shape: Sequence[int] = (), adapters: Sequence[AdapterPlan] = (),
-              elements: float = 1, options: BaseModel | None = None) -> TermPlan:
+def term_plan(
+    term: TermSpec,
+    *,
+    student: Sequence[TapPoint] = (),
+    teacher: Sequence[TapPoint] = (),
+    student_shape: Sequence[int] = (),
+    teacher_shape: Sequence[int] = (),
+    adapters: Sequence[AdapterPlan] = (),
+    elements: float = 1,
+    options: BaseModel | None = None,
+) -> TermPlan:
     """A :class:`TermPlan` from a term's spec and what its kind resolved (adapters' FLOPs are
     forward FLOPs; forward + backward is three times that)."""
     written = getattr(term, "student", ()), getattr(term, "teacher", ())
     return TermPlan(
-        name=term.name, kind=term.kind, student_taps=[t.text() for t in written[0]],
-        teacher_taps=[t.text() for t in written[1]], student=list(student),
-        teacher=list(teacher), student_shape=list(student_shape),
-        teacher_shape=list(teacher_shape), adapters=list(adapters),
+        name=term.name,
+        kind=term.kind,
+        student_taps=[t.text() for t in written[0]],
+        teacher_taps=[t.text() for t in written[1]],
+        student=list(student),
+        teacher=list(teacher),
+        student_shape=list(student_shape),
+        teacher_shape=list(teacher_shape),
+        adapters=list(adapters),
         adapter_params=sum(a.params for a in adapters),
-        adapter_flops=3 * sum(a.flops for a in adapters), weight=term.weight,
-        elements=elements, coefficient=term.weight * elements,
-        options=options.model_dump() if options is not None else {})
+        adapter_flops=3 * sum(a.flops for a in adapters),
+        weight=term.weight,
+        elements=elements,
+        coefficient=term.weight * elements,
+        options=options.model_dump() if options is not None else {},
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,5 +258,7 @@ class Kind:
 
 def paired_taps(entry: TermPlan, inputs: StepInputs) -> tuple[list[Tensor], list[Tensor]]:
     """The student and teacher tensors of a paired term, in pairing order."""
-    return ([inputs.s_taps[t.key] for t in entry.student],
-            [inputs.t_taps[t.key] for t in entry.teacher])
+    return (
+        [inputs.s_taps[t.key] for t in entry.student],
+        [inputs.t_taps[t.key] for t in entry.teacher],
+    )

@@ -70,17 +70,37 @@ def generator_plan(kind: str, width: int, heads: int, tokens: int) -> AdapterPla
     """The generator as numbers (forward FLOPs per image over ``tokens`` tokens)."""
     if kind == "conv":
         conv = 9 * width * width + width
-        return AdapterPlan(name="generator", module="conv3x3_pair", dims=(width,),
-                           params=2 * conv, flops=2 * 2 * 9 * width * width * tokens)
+        return AdapterPlan(
+            name="generator",
+            module="conv3x3_pair",
+            dims=(width,),
+            params=2 * conv,
+            flops=2 * 2 * 9 * width * width * tokens,
+        )
     if kind == "attention":
         hidden = MLP_RATIO * width
-        params = (4 * width  # two LayerNorms
-                  + 3 * width * width + 3 * width + width * width + width  # qkv, proj
-                  + width * hidden + hidden + hidden * width + width)  # mlp
-        flops = (2 * (4 * width * width + 2 * width * hidden) * tokens  # projections, mlp
-                 + 2 * 2 * tokens * tokens * width)  # q k^T and attn v
-        return AdapterPlan(name="generator", module="block", dims=(width, heads, hidden),
-                           params=params, flops=flops)
+        params = (
+            4 * width  # two LayerNorms
+            + 3 * width * width
+            + 3 * width
+            + width * width
+            + width  # qkv, proj
+            + width * hidden
+            + hidden
+            + hidden * width
+            + width
+        )  # mlp
+        flops = (
+            2 * (4 * width * width + 2 * width * hidden) * tokens  # projections, mlp
+            + 2 * 2 * tokens * tokens * width
+        )  # q k^T and attn v
+        return AdapterPlan(
+            name="generator",
+            module="block",
+            dims=(width, heads, hidden),
+            params=params,
+            flops=flops,
+        )
     return linear("generator", width, width, tokens)
 
 
@@ -91,33 +111,45 @@ class Generate(Kind):
     paired = True
 
     def check(self, term: GenerateSpec, ctx: Context) -> Iterable[Diagnostic]:
-        s_taps, t_taps = ctx.taps.get((term.name, "student")), ctx.taps.get((term.name,
-                                                                              "teacher"))
+        s_taps, t_taps = ctx.taps.get((term.name, "student")), ctx.taps.get((term.name, "teacher"))
         if s_taps is not None and t_taps is not None and len(s_taps) == len(t_taps) != 1:
-            yield error(f"generate '{term.name}' takes one tap a side, got {len(s_taps)}",
-                        term.span, hint="write one generate term per pair, e.g. "
-                                        "generate student.norm -> teacher.norm")
+            yield error(
+                f"generate '{term.name}' takes one tap a side, got {len(s_taps)}",
+                term.span,
+                hint="write one generate term per pair, e.g. generate student.norm -> teacher.norm",
+            )
         for tap in (*term.student, *term.teacher):
             if tap.sub == "attn_map":
-                yield error("generate regenerates tokens, not attention maps", tap.span,
-                            hint="tap blocks[i], blocks[i].attn or norm")
+                yield error(
+                    "generate regenerates tokens, not attention maps",
+                    tap.span,
+                    hint="tap blocks[i], blocks[i].attn or norm",
+                )
         if not 0 < term.mask < 1:
-            yield error(f"mask must lie in (0, 1), got {term.mask}", term.at("mask"),
-                        hint="the paper masks half the tokens: mask = 0.5")
+            yield error(
+                f"mask must lie in (0, 1), got {term.mask}",
+                term.at("mask"),
+                hint="the paper masks half the tokens: mask = 0.5",
+            )
         s, t = ctx.student, ctx.teacher
         if t is None:
             return
         if 0 < term.mask < 1 and masked(t.num_patches, term.mask) == 0:
-            yield error(f"mask = {term.mask} masks no token of {t.num_patches}",
-                        term.at("mask"))
+            yield error(f"mask = {term.mask} masks no token of {t.num_patches}", term.at("mask"))
         if term.generator == "conv" and t.grid[0] != t.grid[1]:
-            yield error(f"generate '{term.name}' with generator = conv needs a square token "
-                        f"grid, the teacher's is {t.grid[0]}x{t.grid[1]}", term.span,
-                        hint="generator = attention or linear take any grid")
+            yield error(
+                f"generate '{term.name}' with generator = conv needs a square token "
+                f"grid, the teacher's is {t.grid[0]}x{t.grid[1]}",
+                term.span,
+                hint="generator = attention or linear take any grid",
+            )
         if s is not None and term.align == "identity" and s.embed_dim != t.embed_dim:
-            yield error(f"align = identity needs equal widths, the student is {s.embed_dim} "
-                        f"and the teacher {t.embed_dim} wide", term.at("align"),
-                        hint="use align = linear")
+            yield error(
+                f"align = identity needs equal widths, the student is {s.embed_dim} "
+                f"and the teacher {t.embed_dim} wide",
+                term.at("align"),
+                hint="use align = linear",
+            )
 
     def plan(self, term: GenerateSpec, ctx: Context) -> TermPlan:
         s, t = ctx.student, ctx.teacher
@@ -125,27 +157,41 @@ class Generate(Kind):
         sp, tp = ctx.taps[(term.name, "student")], ctx.taps[(term.name, "teacher")]
         assert sp is not None and tp is not None
         n, ds, dt = s.num_patches, s.embed_dim, t.embed_dim
-        adapters = [*align(term.align, "align", ds, dt, n),
-                    AdapterPlan(name="mask_token", module="mask_token", dims=(dt,), params=dt,
-                                flops=0),
-                    generator_plan(term.generator, dt, t.num_heads, n)]
+        adapters = [
+            *align(term.align, "align", ds, dt, n),
+            AdapterPlan(name="mask_token", module="mask_token", dims=(dt,), params=dt, flops=0),
+            generator_plan(term.generator, dt, t.num_heads, n),
+        ]
         k = masked(n, term.mask)
-        options = GenerateOptions(mask=term.mask, masked_tokens=k, generator=term.generator,
-                                  align=term.align, grid=t.grid,
-                                  heads=t.num_heads if term.generator == "attention" else None)
+        options = GenerateOptions(
+            mask=term.mask,
+            masked_tokens=k,
+            generator=term.generator,
+            align=term.align,
+            grid=t.grid,
+            heads=t.num_heads if term.generator == "attention" else None,
+        )
         # Summed over k masked tokens x Dt channels, divided by mask: k * Dt / mask elements.
-        return term_plan(term, student=sp, teacher=tp, student_shape=[n, ds],
-                         teacher_shape=[n, dt], adapters=adapters,
-                         elements=k * dt / term.mask, options=options)
+        return term_plan(
+            term,
+            student=sp,
+            teacher=tp,
+            student_shape=[n, ds],
+            teacher_shape=[n, dt],
+            adapters=adapters,
+            elements=k * dt / term.mask,
+            options=options,
+        )
 
     def words(self, entry: TermPlan) -> Words:
         o = GenerateOptions.model_validate(entry.options)
         n, dt = entry.teacher_shape
         gen = {"conv": "conv", "attention": "attn", "linear": "lin"}[o.generator]
-        return Words(f"{entry.weight:g} * sum_masked(({gen}(mask(align(s))) - t)^2) / "
-                     f"(B * {o.mask:g})",
-                     f"sum over {o.masked_tokens} masked of {n} tokens x {dt} channels / "
-                     f"(batch x {o.mask:g})")
+        return Words(
+            f"{entry.weight:g} * sum_masked(({gen}(mask(align(s))) - t)^2) / (B * {o.mask:g})",
+            f"sum over {o.masked_tokens} masked of {n} tokens x {dt} channels / "
+            f"(batch x {o.mask:g})",
+        )
 
     def module_class(self) -> type[nn.Module]:
         return module_class()
@@ -153,9 +199,16 @@ class Generate(Kind):
     def module(self, entry: TermPlan, plan: Plan) -> nn.Module:
         o = GenerateOptions.model_validate(entry.options)
         assert plan.teacher is not None
-        return module_class()(plan.student.width, plan.teacher.width, mask=o.mask,
-                              generator=o.generator, weight=entry.weight, align=o.align,
-                              heads=o.heads, grid=o.grid)
+        return module_class()(
+            plan.student.width,
+            plan.teacher.width,
+            mask=o.mask,
+            generator=o.generator,
+            weight=entry.weight,
+            align=o.align,
+            heads=o.heads,
+            grid=o.grid,
+        )
 
     def loss(self, module: nn.Module, entry: TermPlan, inputs: StepInputs) -> Tensor:
         return module(*paired_taps(entry, inputs))
@@ -164,8 +217,9 @@ class Generate(Kind):
         o = GenerateOptions.model_validate(entry.options)
         if o.generator != "conv" or plan.teacher is None:
             return None
-        return reference_class()(plan.student.width, plan.teacher.width, o.mask, o.align,
-                                 entry.weight)
+        return reference_class()(
+            plan.student.width, plan.teacher.width, o.mask, o.align, entry.weight
+        )
 
 
 KIND = Generate()
@@ -216,15 +270,25 @@ def module_class() -> type[nn.Module]:
             grid: the token grid ``(h, w)`` for ``conv`` (default: square).
         """
 
-        def __init__(self, student_dim: int, teacher_dim: int, mask: float = 0.5,
-                     generator: str = "conv", weight: float = 3e-6, align: str = "linear",
-                     heads: int | None = None, grid: tuple[int, int] | None = None) -> None:
+        def __init__(
+            self,
+            student_dim: int,
+            teacher_dim: int,
+            mask: float = 0.5,
+            generator: str = "conv",
+            weight: float = 3e-6,
+            align: str = "linear",
+            heads: int | None = None,
+            grid: tuple[int, int] | None = None,
+        ) -> None:
             super().__init__()
             if not 0.0 < float(mask) <= 1.0:
                 raise ValueError(f"Generate: mask ratio must be in (0, 1], got {mask}")
             if generator not in ("conv", "attention", "linear"):
-                raise ValueError(f"Generate: unknown generator {generator!r}; expected "
-                                 "'conv', 'attention' or 'linear'")
+                raise ValueError(
+                    f"Generate: unknown generator {generator!r}; expected "
+                    "'conv', 'attention' or 'linear'"
+                )
             self.student_dim: int = int(student_dim)
             self.teacher_dim: int = int(teacher_dim)
             self.mask_ratio: float = float(mask)
@@ -236,14 +300,17 @@ def module_class() -> type[nn.Module]:
             d = self.teacher_dim
             self.generator: nn.Module
             if generator == "conv":
-                self.generator = nn.Sequential(nn.Conv2d(d, d, kernel_size=3, padding=1),
-                                               nn.ReLU(inplace=False),
-                                               nn.Conv2d(d, d, kernel_size=3, padding=1))
+                self.generator = nn.Sequential(
+                    nn.Conv2d(d, d, kernel_size=3, padding=1),
+                    nn.ReLU(inplace=False),
+                    nn.Conv2d(d, d, kernel_size=3, padding=1),
+                )
             elif generator == "attention":
                 from timm.models.vision_transformer import Block
 
-                self.generator = Block(d, num_heads=heads or max(1, d // 64),
-                                       mlp_ratio=MLP_RATIO, qkv_bias=True)
+                self.generator = Block(
+                    d, num_heads=heads or max(1, d // 64), mlp_ratio=MLP_RATIO, qkv_bias=True
+                )
             else:
                 self.generator = nn.Linear(d, d)
 
@@ -251,8 +318,9 @@ def module_class() -> type[nn.Module]:
             """Number of tokens masked per sample: ``N - int(N * (1 - mask_ratio))``."""
             return masked(n_tokens, self.mask_ratio)
 
-        def make_mask(self, batch: int, n_tokens: int,
-                      device: torch.device | str | None = None) -> Tensor:
+        def make_mask(
+            self, batch: int, n_tokens: int, device: torch.device | str | None = None
+        ) -> Tensor:
             """A fresh bool mask ``[B, N]`` (True = masked) with exactly ``num_masked(N)`` True
             entries per row, uniformly at random (``rand(B, N).argsort(1)``: no data-dependent
             shapes, compile-friendly)."""
@@ -268,18 +336,25 @@ def module_class() -> type[nn.Module]:
             if side * side != n_tokens:
                 raise ValueError(
                     f"Generate: token count {n_tokens} is not a perfect square; the conv "
-                    "generator needs a sqrt(N) x sqrt(N) patch grid (pass patch tokens only)")
+                    "generator needs a sqrt(N) x sqrt(N) patch grid (pass patch tokens only)"
+                )
             return side
 
-        def forward(self, student: Sequence[Tensor] | Tensor, teacher: Sequence[Tensor] | Tensor,
-                    mask: Tensor | None = None) -> Tensor:
+        def forward(
+            self,
+            student: Sequence[Tensor] | Tensor,
+            teacher: Sequence[Tensor] | Tensor,
+            mask: Tensor | None = None,
+        ) -> Tensor:
             """The generation loss for one ``[B, N, Ds]`` student and one ``[B, N, Dt]``
             teacher tensor (bare or in a list of one); ``mask`` (bool ``[B, N]``, True =
             masked) pins the mask."""
             s_list, t_list = as_list(student), as_list(teacher)
             if len(s_list) != 1 or len(t_list) != 1:
-                raise ValueError(f"Generate: expects exactly one tap per side, got "
-                                 f"{len(s_list)} student and {len(t_list)} teacher")
+                raise ValueError(
+                    f"Generate: expects exactly one tap per side, got "
+                    f"{len(s_list)} student and {len(t_list)} teacher"
+                )
             s, t = s_list[0], t_list[0]
             check_tokens("Generate", s, t)
             b, n = s.shape[0], s.shape[1]
@@ -287,7 +362,8 @@ def module_class() -> type[nn.Module]:
                 mask = self.make_mask(b, n, device=s.device)
             elif tuple(mask.shape) != (b, n):
                 raise ValueError(
-                    f"Generate: mask must be [B, N] = {(b, n)}, got {tuple(mask.shape)}")
+                    f"Generate: mask must be [B, N] = {(b, n)}, got {tuple(mask.shape)}"
+                )
             m = mask.to(torch.bool).unsqueeze(-1)  # [B, N, 1]
             x = self.align(s.float())
             x = torch.where(m, self.mask_token.to(x.dtype), x)  # [B, N, Dt]
@@ -304,8 +380,7 @@ def module_class() -> type[nn.Module]:
             return self.generator(grid).flatten(2).transpose(1, 2)
 
         def extra_repr(self) -> str:
-            return f"mask_ratio={self.mask_ratio:g}, generator={self.kind}, " \
-                   f"weight={self.weight:g}"
+            return f"mask_ratio={self.mask_ratio:g}, generator={self.kind}, weight={self.weight:g}"
 
     Generate.__qualname__ = "Generate"
     return Generate
@@ -323,20 +398,28 @@ def reference_class() -> type[nn.Module]:
     from vitkdl.terms._torch import make_align
 
     class HandGenerate(nn.Module):
-        def __init__(self, d_s: int, d_t: int, ratio: float = 0.5, align: str = "linear",
-                     weight: float = 3e-6) -> None:
+        def __init__(
+            self,
+            d_s: int,
+            d_t: int,
+            ratio: float = 0.5,
+            align: str = "linear",
+            weight: float = 3e-6,
+        ) -> None:
             super().__init__()
             self.proj = make_align(align, d_s, d_t)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, d_t))
-            self.generation = nn.Sequential(nn.Conv2d(d_t, d_t, 3, padding=1), nn.ReLU(),
-                                            nn.Conv2d(d_t, d_t, 3, padding=1))
+            self.generation = nn.Sequential(
+                nn.Conv2d(d_t, d_t, 3, padding=1), nn.ReLU(), nn.Conv2d(d_t, d_t, 3, padding=1)
+            )
             self.ratio, self.weight = ratio, weight
 
-        def forward(self, student: list[Tensor], teacher: list[Tensor],
-                    mask: Tensor | None = None) -> Any:
+        def forward(
+            self, student: list[Tensor], teacher: list[Tensor], mask: Tensor | None = None
+        ) -> Any:
             x = self.proj(student[0].float())
             b, n, d = x.shape
-            side = int(n ** 0.5)
+            side = int(n**0.5)
             if mask is None:
                 n_mask = n - int(n * (1 - self.ratio))
                 ids = torch.rand(b, n, device=x.device).argsort(dim=1)

@@ -43,18 +43,23 @@ class KD(Kind):
 
     def check(self, term: KDSpec, ctx: Context) -> Iterable[Diagnostic]:
         if term.temperature <= 0:
-            yield error(f"temperature must be > 0, got {term.temperature}",
-                        term.at("temperature"))
+            yield error(f"temperature must be > 0, got {term.temperature}", term.at("temperature"))
 
     def plan(self, term: KDSpec, ctx: Context) -> TermPlan:
         classes = ctx.student.num_classes if ctx.student else 0
-        return term_plan(term, student_shape=[classes], teacher_shape=[classes],
-                         options=KDOptions(temperature=term.temperature))
+        return term_plan(
+            term,
+            student_shape=[classes],
+            teacher_shape=[classes],
+            options=KDOptions(temperature=term.temperature),
+        )
 
     def words(self, entry: TermPlan) -> Words:
         t = KDOptions.model_validate(entry.options).temperature
-        return Words(f"{entry.weight:g} * {t * t:g} * KL(softmax(t/{t:g}) || softmax(s/{t:g}))",
-                     "sum over classes, mean over batch")
+        return Words(
+            f"{entry.weight:g} * {t * t:g} * KL(softmax(t/{t:g}) || softmax(s/{t:g}))",
+            "sum over classes, mean over batch",
+        )
 
     def module_class(self) -> type[nn.Module]:
         return module_class()
@@ -98,8 +103,9 @@ def module_class() -> type[nn.Module]:
             self.temperature: float = float(temperature)
             self.weight: float = float(weight)
 
-        def forward(self, student_logits: Tensor, teacher_logits: Tensor,
-                    target: Tensor | None = None) -> Tensor:
+        def forward(
+            self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None
+        ) -> Tensor:
             """The KD loss for ``[B, C]`` logits."""
             tau = self.temperature
             log_ps = F.log_softmax(student_logits.float() / tau, dim=-1)
@@ -126,8 +132,11 @@ def reference_class() -> type[nn.Module]:
             self.t, self.weight = temperature, weight
 
         def forward(self, s: Tensor, t: Tensor, target: Tensor) -> Any:
-            kl = F.kl_div(F.log_softmax(s.float() / self.t, dim=1),
-                          F.softmax(t.float() / self.t, dim=1), reduction="batchmean")
-            return self.weight * kl * self.t ** 2
+            kl = F.kl_div(
+                F.log_softmax(s.float() / self.t, dim=1),
+                F.softmax(t.float() / self.t, dim=1),
+                reduction="batchmean",
+            )
+            return self.weight * kl * self.t**2
 
     return HandKD

@@ -46,14 +46,12 @@ class Labels(Kind):
 
     def check(self, term: LabelsSpec, ctx: Context) -> Iterable[Diagnostic]:
         if term.smoothing is not None and not 0 <= term.smoothing < 1:
-            yield error(f"smoothing must lie in [0, 1), got {term.smoothing}",
-                        term.at("smoothing"))
+            yield error(f"smoothing must lie in [0, 1), got {term.smoothing}", term.at("smoothing"))
 
     def plan(self, term: LabelsSpec, ctx: Context) -> TermPlan:
         classes = ctx.student.num_classes if ctx.student else 0
         smoothing = term.smoothing if term.smoothing is not None else ctx.spec.data.smoothing
-        return term_plan(term, student_shape=[classes],
-                         options=LabelsOptions(smoothing=smoothing))
+        return term_plan(term, student_shape=[classes], options=LabelsOptions(smoothing=smoothing))
 
     def words(self, entry: TermPlan) -> Words:
         smoothing = LabelsOptions.model_validate(entry.options).smoothing

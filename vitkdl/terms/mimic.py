@@ -74,33 +74,49 @@ class Mimic(Kind):
         s, t = ctx.student, ctx.teacher
         if (term.loss == "kl") != _maps(term):
             if term.loss == "kl":
-                yield error("loss = kl compares attention maps: tap blocks[i].attn_map on both "
-                            "sides", term.at("loss"), hint="or use loss = mse on features")
+                yield error(
+                    "loss = kl compares attention maps: tap blocks[i].attn_map on both sides",
+                    term.at("loss"),
+                    hint="or use loss = mse on features",
+                )
             else:
-                yield error(f"attention maps are compared with loss = kl, not {term.loss}",
-                            term.at("loss") if "loss" in term.spans else term.span,
-                            hint="write loss = kl")
+                yield error(
+                    f"attention maps are compared with loss = kl, not {term.loss}",
+                    term.at("loss") if "loss" in term.spans else term.span,
+                    hint="write loss = kl",
+                )
             return
-        if term.loss == "kl" and not all(x.sub == "attn_map" for x in (*term.student,
-                                                                          *term.teacher)):
-            yield error("loss = kl pairs attention maps with attention maps", term.span,
-                        hint="tap blocks[i].attn_map on both sides")
+        if term.loss == "kl" and not all(
+            x.sub == "attn_map" for x in (*term.student, *term.teacher)
+        ):
+            yield error(
+                "loss = kl pairs attention maps with attention maps",
+                term.span,
+                hint="tap blocks[i].attn_map on both sides",
+            )
             return
         if term.loss in ("relation", "kl") and "align" in term.spans:
-            yield warning(f"align is not used by loss = {term.loss} (no adapter)",
-                          term.at("align"))
+            yield warning(f"align is not used by loss = {term.loss} (no adapter)", term.at("align"))
         if s is None or t is None:
             return
-        if term.loss in ("mse", "mse_mean") and term.align == "identity" and (
-                s.embed_dim != t.embed_dim):
-            yield error(f"align = identity needs equal widths, the student is {s.embed_dim} "
-                        f"and the teacher {t.embed_dim} wide", term.at("align"),
-                        hint="use align = linear")
+        if (
+            term.loss in ("mse", "mse_mean")
+            and term.align == "identity"
+            and (s.embed_dim != t.embed_dim)
+        ):
+            yield error(
+                f"align = identity needs equal widths, the student is {s.embed_dim} "
+                f"and the teacher {t.embed_dim} wide",
+                term.at("align"),
+                hint="use align = linear",
+            )
         if term.loss == "kl" and term.heads == "pair" and s.num_heads != t.num_heads:
-            yield error(f"heads = pair needs as many heads on both sides: the student has "
-                        f"{s.num_heads}, the teacher {t.num_heads}", term.at("heads")
-                        if "heads" in term.spans else term.span,
-                        hint="write heads = mean (average the heads' maps first)")
+            yield error(
+                f"heads = pair needs as many heads on both sides: the student has "
+                f"{s.num_heads}, the teacher {t.num_heads}",
+                term.at("heads") if "heads" in term.spans else term.span,
+                hint="write heads = mean (average the heads' maps first)",
+            )
 
     def plan(self, term: MimicSpec, ctx: Context) -> TermPlan:
         s, t = ctx.student, ctx.teacher
@@ -119,34 +135,53 @@ class Mimic(Kind):
             elements = layers * n * n
         else:
             heads = term.heads == "pair"
-            shapes = ([s.num_heads, n, n] if heads else [n, n],
-                      [t.num_heads, n, n] if heads else [n, n])
+            shapes = (
+                [s.num_heads, n, n] if heads else [n, n],
+                [t.num_heads, n, n] if heads else [n, n],
+            )
             elements = layers
         features = term.loss in ("mse", "mse_mean")
-        options = MimicOptions(align=term.align if features else None, loss=term.loss,
-                               heads=term.heads if term.loss == "kl" else None, layers=layers,
-                               tokens=n)
-        return term_plan(term, student=sp, teacher=tp, student_shape=shapes[0],
-                         teacher_shape=shapes[1], adapters=adapters, elements=elements,
-                         options=options)
+        options = MimicOptions(
+            align=term.align if features else None,
+            loss=term.loss,
+            heads=term.heads if term.loss == "kl" else None,
+            layers=layers,
+            tokens=n,
+        )
+        return term_plan(
+            term,
+            student=sp,
+            teacher=tp,
+            student_shape=shapes[0],
+            teacher_shape=shapes[1],
+            adapters=adapters,
+            elements=elements,
+            options=options,
+        )
 
     def words(self, entry: TermPlan) -> Words:
         o = MimicOptions.model_validate(entry.options)
         w, n = f"{entry.weight:g}", o.tokens
         if o.loss == "mse":
-            return Words(f"{w} * sum((align(s) - t)^2) / B",
-                         f"sum over {o.layers} x {n} tokens x {entry.teacher_shape[-1]} "
-                         "channels / batch")
+            return Words(
+                f"{w} * sum((align(s) - t)^2) / B",
+                f"sum over {o.layers} x {n} tokens x {entry.teacher_shape[-1]} channels / batch",
+            )
         if o.loss == "mse_mean":
-            return Words(f"{w} * sum_layers mean((align(s) - t)^2)",
-                         "mean over tokens and channels, summed over layers")
+            return Words(
+                f"{w} * sum_layers mean((align(s) - t)^2)",
+                "mean over tokens and channels, summed over layers",
+            )
         if o.loss == "relation":
-            return Words(f"{w} * sum((R(s) - R(t))^2) / B,  R(x) = cos(x_i, x_j)",
-                         f"sum over {o.layers} x {n} x {n} token pairs / batch")
+            return Words(
+                f"{w} * sum((R(s) - R(t))^2) / B,  R(x) = cos(x_i, x_j)",
+                f"sum over {o.layers} x {n} x {n} token pairs / batch",
+            )
         maps = "per-head maps" if o.heads == "pair" else "maps averaged over heads"
-        return Words(f"{w} * mean(KL(A_t || A_s))",
-                     f"{maps}: KL per query token, mean over batch, heads and queries, "
-                     "summed over layers")
+        return Words(
+            f"{w} * mean(KL(A_t || A_s))",
+            f"{maps}: KL per query token, mean over batch, heads and queries, summed over layers",
+        )
 
     def module_class(self) -> type[nn.Module]:
         return module_class()
@@ -155,9 +190,14 @@ class Mimic(Kind):
         o = MimicOptions.model_validate(entry.options)
         teacher = plan.teacher
         assert teacher is not None
-        return module_class()([plan.student.width] * o.layers, [teacher.width] * o.layers,
-                              align=o.align or "identity", loss=o.loss,
-                              heads=o.heads or "pair", weight=entry.weight)
+        return module_class()(
+            [plan.student.width] * o.layers,
+            [teacher.width] * o.layers,
+            align=o.align or "identity",
+            loss=o.loss,
+            heads=o.heads or "pair",
+            weight=entry.weight,
+        )
 
     def loss(self, module: nn.Module, entry: TermPlan, inputs: StepInputs) -> Tensor:
         return module(*paired_taps(entry, inputs))
@@ -166,8 +206,14 @@ class Mimic(Kind):
         o = MimicOptions.model_validate(entry.options)
         if o.loss not in ("mse", "mse_mean") or plan.teacher is None:
             return None
-        return reference_class()(o.layers, plan.student.width, plan.teacher.width,
-                                 o.align or "identity", o.loss, entry.weight)
+        return reference_class()(
+            o.layers,
+            plan.student.width,
+            plan.teacher.width,
+            o.align or "identity",
+            o.loss,
+            entry.weight,
+        )
 
 
 KIND = Mimic()
@@ -216,9 +262,15 @@ def module_class() -> type[nn.Module]:
             weight: the multiplier :math:`\alpha` (3e-5 in the paper, for ``"mse"``).
         """
 
-        def __init__(self, student_dims: Sequence[int] | int, teacher_dims: Sequence[int] | int,
-                     align: str = "linear", loss: str = "mse", weight: float = 3e-5,
-                     heads: str = "pair") -> None:
+        def __init__(
+            self,
+            student_dims: Sequence[int] | int,
+            teacher_dims: Sequence[int] | int,
+            align: str = "linear",
+            loss: str = "mse",
+            weight: float = 3e-5,
+            heads: str = "pair",
+        ) -> None:
             super().__init__()
             s_dims = [student_dims] if isinstance(student_dims, int) else list(student_dims)
             t_dims = [teacher_dims] if isinstance(teacher_dims, int) else list(teacher_dims)
@@ -228,12 +280,14 @@ def module_class() -> type[nn.Module]:
                 t_dims = t_dims * len(s_dims)
             if len(s_dims) != len(t_dims):
                 raise ValueError(
-                    f"Mimic: {len(s_dims)} student widths but {len(t_dims)} teacher widths")
+                    f"Mimic: {len(s_dims)} student widths but {len(t_dims)} teacher widths"
+                )
             if not s_dims:
                 raise ValueError("Mimic: needs at least one paired layer")
             if loss not in ("mse", "mse_mean", "relation", "kl"):
-                raise ValueError(f"Mimic: unknown loss {loss!r}; expected 'mse', 'mse_mean', "
-                                 "'relation' or 'kl'")
+                raise ValueError(
+                    f"Mimic: unknown loss {loss!r}; expected 'mse', 'mse_mean', 'relation' or 'kl'"
+                )
             if heads not in ("pair", "mean"):
                 raise ValueError(f"Mimic: heads must be 'pair' or 'mean', got {heads!r}")
             self.student_dims: list[int] = s_dims
@@ -244,21 +298,25 @@ def module_class() -> type[nn.Module]:
             adapters = loss in ("mse", "mse_mean")
             self.align = nn.ModuleList(
                 make_align(align, ds, dt) if adapters else nn.Identity()
-                for ds, dt in zip(s_dims, t_dims, strict=True))
+                for ds, dt in zip(s_dims, t_dims, strict=True)
+            )
 
         @property
         def num_layers(self) -> int:
             """Number of paired layers."""
             return len(self.align)
 
-        def forward(self, student: Sequence[Tensor] | Tensor,
-                    teacher: Sequence[Tensor] | Tensor) -> Tensor:
+        def forward(
+            self, student: Sequence[Tensor] | Tensor, teacher: Sequence[Tensor] | Tensor
+        ) -> Tensor:
             """The loss for one tensor per paired layer on each side (tokens ``[B, N, D]``;
             attention maps ``[B, H, N, N]`` under ``kl``)."""
             s_list, t_list = as_list(student), as_list(teacher)
             if len(s_list) != len(self.align) or len(t_list) != len(self.align):
-                raise ValueError(f"Mimic: expected {len(self.align)} tensors per side, got "
-                                 f"{len(s_list)} student and {len(t_list)} teacher")
+                raise ValueError(
+                    f"Mimic: expected {len(self.align)} tensors per side, got "
+                    f"{len(s_list)} student and {len(t_list)} teacher"
+                )
             total = s_list[0].new_zeros((), dtype=torch.float32)
             for adapter, s, t in zip(self.align, s_list, t_list, strict=True):
                 total = total + self._layer(adapter, s, t.detach())
@@ -304,8 +362,15 @@ def reference_class() -> type[nn.Module]:
     from vitkdl.terms._torch import make_align
 
     class HandMimic(nn.Module):
-        def __init__(self, layers: int, d_s: int, d_t: int, align: str = "linear",
-                     loss: str = "mse", weight: float = 3e-5) -> None:
+        def __init__(
+            self,
+            layers: int,
+            d_s: int,
+            d_t: int,
+            align: str = "linear",
+            loss: str = "mse",
+            weight: float = 3e-5,
+        ) -> None:
             super().__init__()
             self.proj = nn.ModuleList(make_align(align, d_s, d_t) for _ in range(layers))
             self.loss, self.weight = loss, weight

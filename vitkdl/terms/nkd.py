@@ -52,21 +52,26 @@ class NKD(Kind):
 
     def check(self, term: NKDSpec, ctx: Context) -> Iterable[Diagnostic]:
         if term.temperature <= 0:
-            yield error(f"temperature must be > 0, got {term.temperature}",
-                        term.at("temperature"))
+            yield error(f"temperature must be > 0, got {term.temperature}", term.at("temperature"))
         if term.gamma < 0:
             yield error(f"gamma must be >= 0, got {term.gamma}", term.at("gamma"))
 
     def plan(self, term: NKDSpec, ctx: Context) -> TermPlan:
         classes = ctx.student.num_classes if ctx.student else 0
-        return term_plan(term, student_shape=[classes], teacher_shape=[classes],
-                         options=NKDOptions(temperature=term.temperature, gamma=term.gamma))
+        return term_plan(
+            term,
+            student_shape=[classes],
+            teacher_shape=[classes],
+            options=NKDOptions(temperature=term.temperature, gamma=term.gamma),
+        )
 
     def words(self, entry: TermPlan) -> Words:
         o = NKDOptions.model_validate(entry.options)
-        return Words(f"{entry.weight:g} * (-p_t[y] log p_s[y] + {o.gamma:g} * "
-                     f"{o.temperature ** 2:g} * CE(q_t, q_s) over non-target classes)",
-                     "mean over batch")
+        return Words(
+            f"{entry.weight:g} * (-p_t[y] log p_s[y] + {o.gamma:g} * "
+            f"{o.temperature**2:g} * CE(q_t, q_s) over non-target classes)",
+            "mean over batch",
+        )
 
     def module_class(self) -> type[nn.Module]:
         return module_class()
@@ -113,8 +118,9 @@ def module_class() -> type[nn.Module]:
         to a large negative value (no dynamic indexing), which is exact in float32.
         """
 
-        def __init__(self, temperature: float = 1.0, gamma: float = 1.0,
-                     weight: float = 1.0) -> None:
+        def __init__(
+            self, temperature: float = 1.0, gamma: float = 1.0, weight: float = 1.0
+        ) -> None:
             super().__init__()
             if temperature <= 0:
                 raise ValueError(f"NKD: temperature must be positive, got {temperature}")
@@ -122,8 +128,7 @@ def module_class() -> type[nn.Module]:
             self.gamma: float = float(gamma)
             self.weight: float = float(weight)
 
-        def forward(self, student_logits: Tensor, teacher_logits: Tensor,
-                    target: Tensor) -> Tensor:
+        def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
             """The NKD loss for ``[B, C]`` logits and ``[B]`` indices or ``[B, C]`` soft
             labels."""
             s = student_logits.float()
@@ -144,8 +149,7 @@ def module_class() -> type[nn.Module]:
             return (loss_t + loss_nt) * self.weight
 
         def extra_repr(self) -> str:
-            return (f"temperature={self.temperature:g}, gamma={self.gamma:g}, "
-                    f"weight={self.weight:g}")
+            return f"temperature={self.temperature:g}, gamma={self.gamma:g}, weight={self.weight:g}"
 
     NKD.__qualname__ = "NKD"
     return NKD
@@ -159,8 +163,9 @@ def reference_class() -> type[nn.Module]:
     from torch import nn
 
     class HandNKD(nn.Module):
-        def __init__(self, temperature: float = 1.0, gamma: float = 1.0,
-                     weight: float = 1.0) -> None:
+        def __init__(
+            self, temperature: float = 1.0, gamma: float = 1.0, weight: float = 1.0
+        ) -> None:
             super().__init__()
             self.t, self.gamma, self.weight = temperature, gamma, weight
 
@@ -174,7 +179,7 @@ def reference_class() -> type[nn.Module]:
             keep = torch.ones_like(s).scatter_(1, label, 0).bool()
             s_non = F.log_softmax(s[keep].reshape(n, -1) / self.t, dim=1)
             t_non = F.softmax(t[keep].reshape(n, -1) / self.t, dim=1)
-            loss_non = -self.gamma * self.t ** 2 * (t_non * s_non).sum(dim=1).mean()
+            loss_non = -self.gamma * self.t**2 * (t_non * s_non).sum(dim=1).mean()
             return self.weight * (loss_t + loss_non)
 
     return HandNKD

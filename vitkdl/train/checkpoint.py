@@ -49,8 +49,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({first}); it may be "
-                              "truncated or not a vitkdl checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({first}); it may be "
+            "truncated or not a vitkdl checkpoint"
+        ) from None
     if not isinstance(obj, dict) or "vitkdl_checkpoint" not in obj:
         raise CheckpointError(f"{path} is not a vitkdl checkpoint")
     return obj

@@ -192,9 +192,12 @@ def _digits_split() -> tuple[Any, Any, Any, Any]:
 
     with resources.files("vitkdl").joinpath("data/digits.npz").open("rb") as f:
         data = np.load(f)
-        arrays = (data["train_images"].astype("float32") / 16.0,
-                  data["val_images"].astype("float32") / 16.0,
-                  data["train_labels"].astype("int64"), data["val_labels"].astype("int64"))
+        arrays = (
+            data["train_images"].astype("float32") / 16.0,
+            data["val_images"].astype("float32") / 16.0,
+            data["train_labels"].astype("int64"),
+            data["val_labels"].astype("int64"),
+        )
     for arr in arrays:
         arr.setflags(write=False)
     return arrays
@@ -246,7 +249,9 @@ class DigitsDataset(Dataset):
             x = F.pad(x, (1, 1, 1, 1))[:, dy : dy + 8, dx : dx + 8]
         if self.image_size != x.shape[-1]:
             x = F.interpolate(
-                x.unsqueeze(0), size=(self.image_size, self.image_size), mode="bilinear",
+                x.unsqueeze(0),
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
                 align_corners=False,
             ).squeeze(0)
         x = x.expand(self.in_chans, -1, -1)
@@ -262,8 +267,13 @@ def _build_digits(cfg: DataConfig) -> tuple[DigitsDataset, DigitsDataset, int]:
 
     def make(x: Any, y: Any, augment: str) -> DigitsDataset:
         return DigitsDataset(
-            torch.tensor(x).unsqueeze(1), torch.tensor(y), image_size=cfg.image_size,
-            in_chans=cfg.in_chans, mean=mean, std=std, augment=augment,
+            torch.tensor(x).unsqueeze(1),
+            torch.tensor(y),
+            image_size=cfg.image_size,
+            in_chans=cfg.in_chans,
+            mean=mean,
+            std=std,
+            augment=augment,
         )
 
     return make(x_tr, y_tr, cfg.augment), make(x_va, y_va, "none"), DIGITS_CLASSES
@@ -286,7 +296,13 @@ class SyntheticDataset(Dataset):
     """
 
     def __init__(
-        self, length: int, *, image_size: int, in_chans: int, classes: int, seed: int,
+        self,
+        length: int,
+        *,
+        image_size: int,
+        in_chans: int,
+        classes: int,
+        seed: int,
         split: str = "train",
     ) -> None:
         self.length = length
@@ -325,7 +341,9 @@ def mix_seed(*parts: int) -> int:
 
 def _build_synthetic(cfg: DataConfig) -> tuple[SyntheticDataset, SyntheticDataset, int]:
     common = {
-        "image_size": cfg.image_size, "in_chans": cfg.in_chans, "classes": cfg.classes,
+        "image_size": cfg.image_size,
+        "in_chans": cfg.in_chans,
+        "classes": cfg.classes,
         "seed": cfg.seed,
     }
     train = SyntheticDataset(cfg.size, split="train", **common)
@@ -348,13 +366,19 @@ def build_transforms(cfg: DataConfig) -> tuple[Callable[[Any], Any], Callable[[A
     mean, std = resolve_norm(cfg.mean, cfg.std, cfg.in_chans)
     common: dict[str, Any] = {
         "input_size": (cfg.in_chans, cfg.image_size, cfg.image_size),
-        "interpolation": cfg.interpolation, "mean": mean, "std": std, "crop_pct": cfg.crop_pct,
+        "interpolation": cfg.interpolation,
+        "mean": mean,
+        "std": std,
+        "crop_pct": cfg.crop_pct,
     }
     eval_tf = create_transform(is_training=False, **common)
     if cfg.augment == "deit":
         train_tf = create_transform(
-            is_training=True, auto_augment=DEIT_AUTO_AUGMENT, re_prob=DEIT_RE_PROB,
-            re_mode=DEIT_RE_MODE, **common,
+            is_training=True,
+            auto_augment=DEIT_AUTO_AUGMENT,
+            re_prob=DEIT_RE_PROB,
+            re_mode=DEIT_RE_MODE,
+            **common,
         )
     elif cfg.augment == "basic":
         train_tf = create_transform(is_training=True, auto_augment=None, re_prob=0.0, **common)
@@ -385,7 +409,8 @@ def _scan_class(class_dir: str) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(
-            os.path.join(dirpath, f) for f in sorted(filenames)
+            os.path.join(dirpath, f)
+            for f in sorted(filenames)
             if _is_image(f) and not f.startswith(".")
         )
     return files
@@ -404,8 +429,12 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(
-        self, split_dir: str, class_to_idx: dict[str, int], *,
-        transform: Callable[[Any], Any] | None = None, in_chans: int = 3,
+        self,
+        split_dir: str,
+        class_to_idx: dict[str, int],
+        *,
+        transform: Callable[[Any], Any] | None = None,
+        in_chans: int = 3,
     ) -> None:
         self.root = split_dir
         self.class_to_idx = dict(class_to_idx)
@@ -444,7 +473,8 @@ class ImageFolderDataset(Dataset):
                 self.skipped.add(path)
                 warnings.warn(
                     f"skipping unreadable image {path}: {type(exc).__name__}: {exc}",
-                    RuntimeWarning, stacklevel=2,
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
                 continue
             if self.transform is not None:
@@ -502,7 +532,8 @@ def _build_imagefolder(cfg: DataConfig) -> tuple[ImageFolderDataset, ImageFolder
     if empty:
         warnings.warn(
             f"{split_dirs['train']}: class folders without images: {_short(empty)}",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
+            stacklevel=3,
         )
     return train, val, len(classes)
 
@@ -562,8 +593,12 @@ def build_loaders(
     # is randperm(n, seed + e) whatever the world size, so N processes at batch B / N see the
     # same global batches as one process at batch B (and a resumed run replays the order).
     train_sampler = DistributedSampler(
-        train_ds, num_replicas=world_size if distributed else 1,
-        rank=rank if distributed else 0, shuffle=True, seed=cfg.seed, drop_last=drop_last,
+        train_ds,
+        num_replicas=world_size if distributed else 1,
+        rank=rank if distributed else 0,
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=drop_last,
     )
     if distributed:
         # Exact evaluation: every rank takes every world_size-th image, nothing padded (the
@@ -586,13 +621,21 @@ def build_loaders(
     train_gen = torch.Generator().manual_seed(cfg.seed + rank)
     val_gen = torch.Generator().manual_seed(cfg.seed + rank)
     train_loader = DataLoader(
-        train_ds, sampler=train_sampler, shuffle=False, drop_last=drop_last,
-        generator=train_gen, **common,
+        train_ds,
+        sampler=train_sampler,
+        shuffle=False,
+        drop_last=drop_last,
+        generator=train_gen,
+        **common,
     )
     # Each loader draws its workers' base seed from its own generator, never from the global
     # RNG, so evaluating never shifts the training's random streams (exact resume).
     val_loader = DataLoader(
-        val_ds, shuffle=False, drop_last=False, generator=val_gen, **common,
+        val_ds,
+        shuffle=False,
+        drop_last=False,
+        generator=val_gen,
+        **common,
     )
     return train_loader, val_loader, num_classes
 

@@ -46,8 +46,7 @@ def init_from_env() -> Dist:
 def current() -> Dist:
     """The job this process is part of (rank 0 of 1 when torch.distributed is not running)."""
     if dist.is_available() and dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(),
-                    int(os.environ.get("LOCAL_RANK", "0")))
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return Dist()
 
 
@@ -83,8 +82,16 @@ def params_in_sync(params: list[torch.Tensor], device: torch.device) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return True
     flat = torch.cat([p.detach().double().flatten() for p in params])
-    mine = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(
-        flat.numel(), device=flat.device, dtype=torch.float64).remainder(7)).sum()]).to(device)
+    mine = torch.stack(
+        [
+            flat.sum(),
+            (flat * flat).sum(),
+            (
+                flat
+                * torch.arange(flat.numel(), device=flat.device, dtype=torch.float64).remainder(7)
+            ).sum(),
+        ]
+    ).to(device)
     gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     return all(torch.equal(g, gathered[0]) for g in gathered)

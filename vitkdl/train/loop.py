@@ -66,12 +66,25 @@ class RunOptions:
 def data_config(plan: Plan) -> DataConfig:
     """The data layer's view of the plan."""
     d, s = plan.data, plan.student
-    return DataConfig(source=d.source, root=d.root, image_size=d.image_size, in_chans=d.in_chans,
-                      batch_size=d.batch_size, workers=min(d.workers, os.cpu_count() or 1),
-                      augment=d.augment, mixup=d.mixup, cutmix=d.cutmix,
-                      smoothing=d.smoothing, size=d.train_images or 1024,
-                      classes=d.num_classes, mean=s.mean, std=s.std,
-                      interpolation=s.interpolation, crop_pct=s.crop_pct, seed=plan.seed)
+    return DataConfig(
+        source=d.source,
+        root=d.root,
+        image_size=d.image_size,
+        in_chans=d.in_chans,
+        batch_size=d.batch_size,
+        workers=min(d.workers, os.cpu_count() or 1),
+        augment=d.augment,
+        mixup=d.mixup,
+        cutmix=d.cutmix,
+        smoothing=d.smoothing,
+        size=d.train_images or 1024,
+        classes=d.num_classes,
+        mean=s.mean,
+        std=s.std,
+        interpolation=s.interpolation,
+        crop_pct=s.crop_pct,
+        seed=plan.seed,
+    )
 
 
 def _seed_everything(seed: int) -> None:
@@ -81,8 +94,9 @@ def _seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(predict: Any, loader: Any, device: torch.device,
-             max_batches: int | None = None) -> tuple[float, float]:
+def evaluate(
+    predict: Any, loader: Any, device: torch.device, max_batches: int | None = None
+) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (%) of ``predict`` over ``loader``."""
     correct1 = correct5 = total = 0
     for i, (images, labels) in enumerate(loader):
@@ -119,10 +133,15 @@ class Progress:
                 Progress as RichProgress,
             )
 
-            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(),
-                                    MofNCompleteColumn(), TimeRemainingColumn(),
-                                    TextColumn("{task.fields[info]}"), console=console,
-                                    transient=True)
+            self.bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=console,
+                transient=True,
+            )
             self.task = self.bar.add_task("train", total=total_steps, info="")
             self.bar.start()
 
@@ -152,8 +171,9 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
         run.save(run.epoch, run.batch_in_epoch)
         if run.log is not None:
             run.log.close()
-        raise TrainError(f"interrupted at step {run.step}; saved {run.ckpt_path}. Continue "
-                         "with --resume.") from None
+        raise TrainError(
+            f"interrupted at step {run.step}; saved {run.ckpt_path}. Continue with --resume."
+        ) from None
     finally:
         run.progress.close()
     return run.finish()
@@ -182,11 +202,11 @@ class Run:
         if device.type == "cpu" and plan.cost.total * plan.data.batch_size < SMALL_STEP_FLOPS:
             # Tiny models: thread hand-offs cost more than the maths (measured 5x on 2 cores).
             torch.set_num_threads(1)
-        program = self.program = build(plan, device, load=opts.load_weights,
-                                       runs_dir=opts.runs_dir)
+        program = self.program = build(plan, device, load=opts.load_weights, runs_dir=opts.runs_dir)
         self.cfg = data_config(plan)
         self.train_loader, self.val_loader, num_classes = build_loaders(
-            self.cfg, distributed=job.enabled, rank=job.rank, world_size=job.world_size)
+            self.cfg, distributed=job.enabled, rank=job.rank, world_size=job.world_size
+        )
         if job.enabled:
             if plan.shard == "fsdp":
                 program.shard()
@@ -194,9 +214,11 @@ class Run:
                 program.distribute([job.local_rank] if device.type == "cuda" else None)
             torch.manual_seed(plan.seed + job.rank)  # masks and drop path differ across ranks
         if num_classes != plan.student.num_classes:
-            raise TrainError(f"the data has {num_classes} classes but the student's head has "
-                             f"{plan.student.num_classes}; set num_classes = {num_classes} on "
-                             "the student (and teacher)")
+            raise TrainError(
+                f"the data has {num_classes} classes but the student's head has "
+                f"{plan.student.num_classes}; set num_classes = {num_classes} on "
+                "the student (and teacher)"
+            )
         self.mixup = build_mixup(self.cfg, num_classes)
         self._optimizer()
 
@@ -206,9 +228,13 @@ class Run:
         self.history: list[dict[str, Any]] = []
         if self.checkpoint is not None:
             self._resume(self.checkpoint)
-        self.log = MetricsLog(self.out / "metrics.jsonl",
-                              resume_step=self.step if self.checkpoint else None) \
-            if job.is_main else None
+        self.log = (
+            MetricsLog(
+                self.out / "metrics.jsonl", resume_step=self.step if self.checkpoint else None
+            )
+            if job.is_main
+            else None
+        )
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = plan.epochs * self.steps_per_epoch
         if opts.max_steps is not None:
@@ -224,21 +250,35 @@ class Run:
         import timm.utils
 
         plan, program = self.plan, self.program
-        groups = model_param_groups(program.student, program.terms.named_parameters(),
-                                    plan.optimizer.weight_decay)
+        groups = model_param_groups(
+            program.student, program.terms.named_parameters(), plan.optimizer.weight_decay
+        )
         self.optimizer = configure_optimizer(plan, groups, fused=not program.sharded)
         sched = plan.schedule
         self.scheduler: Any = None
         if sched.name != "constant":
             self.scheduler, _ = timm.scheduler.create_scheduler_v2(
-                self.optimizer, sched=sched.name, num_epochs=plan.epochs,
-                warmup_epochs=int(sched.warmup_epochs), warmup_lr=sched.warmup_lr,
-                min_lr=sched.min_lr, decay_epochs=sched.decay_epochs or 30,
-                decay_rate=sched.decay_rate, step_on_epochs=False,
-                updates_per_epoch=len(self.train_loader))
+                self.optimizer,
+                sched=sched.name,
+                num_epochs=plan.epochs,
+                warmup_epochs=int(sched.warmup_epochs),
+                warmup_lr=sched.warmup_lr,
+                min_lr=sched.min_lr,
+                decay_epochs=sched.decay_epochs or 30,
+                decay_rate=sched.decay_rate,
+                step_on_epochs=False,
+                updates_per_epoch=len(self.train_loader),
+            )
         self.ema = timm.utils.ModelEmaV3(program.student, decay=plan.ema) if plan.ema else None
-        self.update = Update(self.optimizer, program.trainable_parameters(), plan.clip_grad,
-                             self.device, program.autocast_dtype, self.ema, program.student)
+        self.update = Update(
+            self.optimizer,
+            program.trainable_parameters(),
+            plan.clip_grad,
+            self.device,
+            program.autocast_dtype,
+            self.ema,
+            program.student,
+        )
 
     def _resume(self, checkpoint: dict[str, Any]) -> None:
         _load_states(self.program, self.optimizer, checkpoint)
@@ -265,16 +305,24 @@ class Run:
             f"steps), lr {opt.lr:g} ({opt.name}), {trainable:,} trainable params, precision "
             f"{program.autocast_dtype or 'fp32'}, compile {program.compile_mode or 'off'}"
             + (f", {torch.get_num_threads()} CPU threads" if self.device.type == "cpu" else "")
-            + (f"\n  resuming at epoch {self.start_epoch} step {self.step}"
-               if self.checkpoint else ""))
+            + (
+                f"\n  resuming at epoch {self.start_epoch} step {self.step}"
+                if self.checkpoint
+                else ""
+            )
+        )
 
     # ---- the teacher -------------------------------------------------------------------
 
     def evaluate_teacher(self) -> None:
         """The teacher's accuracy on the validation split, once per run."""
         if self.plan.teacher_used and self.teacher_top1 is None:
-            self.teacher_top1, _ = evaluate(self.program.teacher_logits, self.val_loader,
-                                            self.device, self.opts.max_eval_batches)
+            self.teacher_top1, _ = evaluate(
+                self.program.teacher_logits,
+                self.val_loader,
+                self.device,
+                self.opts.max_eval_batches,
+            )
             self.progress.note(f"  teacher top-1 {self.teacher_top1:.2f}%")
 
     # ---- the loop ----------------------------------------------------------------------
@@ -305,8 +353,9 @@ class Run:
             for _ in range(self.skip_batches):  # a checkpoint from the middle of an epoch
                 next(batches)
             self.batch_in_epoch = self.skip_batches
-            _restore_rng(self.checkpoint, self.plan.seed, self.step, self.job, self.device,
-                         self.progress)  # after skipping: exactly where it stopped
+            _restore_rng(
+                self.checkpoint, self.plan.seed, self.step, self.job, self.device, self.progress
+            )  # after skipping: exactly where it stopped
         max_steps = self.opts.max_steps
         for images, labels in batches:
             if max_steps is not None and self.step >= max_steps:
@@ -339,11 +388,16 @@ class Run:
         if step % plan.log_every == 0 or step == self.total_steps:
             self._stop_if_not_finite(list(result))
             now = time.perf_counter()
-            record = {"kind": "train", "step": step, "epoch": self.epoch,
-                      **{k: round(float(v.detach()), 6) for k, v in result.items()},
-                      "lr": self.optimizer.param_groups[0]["lr"],
-                      "images_per_second": round(
-                          plan.log_every * self.global_batch / (now - self.last_log), 2)}
+            record = {
+                "kind": "train",
+                "step": step,
+                "epoch": self.epoch,
+                **{k: round(float(v.detach()), 6) for k, v in result.items()},
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_second": round(
+                    plan.log_every * self.global_batch / (now - self.last_log), 2
+                ),
+            }
             self.last_log = now
             if self.log is not None:
                 self.log.write(record)
@@ -352,8 +406,12 @@ class Run:
             self.progress.update(step, self.epoch, info, log_line=True)
         elif self.progress.live:
             rate = self.images_seen / max(time.perf_counter() - self.loop_start, 1e-9)
-            self.progress.update(step, self.epoch, f"loss {float(result['loss'].detach()):.4g},"
-                                 f" {rate:.0f} img/s", log_line=False)
+            self.progress.update(
+                step,
+                self.epoch,
+                f"loss {float(result['loss'].detach()):.4g}, {rate:.0f} img/s",
+                log_line=False,
+            )
 
     def _end_of_epoch(self, epoch: int, stop: bool) -> None:
         """Evaluation, the best and the last checkpoint, at the epoch's end (or the stop)."""
@@ -366,29 +424,40 @@ class Run:
         position = (epoch + 1, 0) if done else (epoch, self.batch_in_epoch)
         if last_epoch or (epoch + 1) % plan.eval_every == 0:
             self.program.eval()
-            top1, top5 = evaluate(self.program.predict, self.val_loader, self.device,
-                                  self.opts.max_eval_batches)
+            top1, top5 = evaluate(
+                self.program.predict, self.val_loader, self.device, self.opts.max_eval_batches
+            )
             ema_top1 = None
             if self.ema is not None:
-                ema_top1, _ = evaluate(self.ema.module, self.val_loader, self.device,
-                                       self.opts.max_eval_batches)
+                ema_top1, _ = evaluate(
+                    self.ema.module, self.val_loader, self.device, self.opts.max_eval_batches
+                )
             self.program.train()
             self.best_top1 = max(self.best_top1, top1)
-            record = {"kind": "eval", "step": self.step, "epoch": epoch, "top1": top1,
-                      "top5": top5, "ema_top1": ema_top1}
+            record = {
+                "kind": "eval",
+                "step": self.step,
+                "epoch": epoch,
+                "top1": top1,
+                "top5": top5,
+                "ema_top1": ema_top1,
+            }
             self.history.append(record)
             if self.log is not None:
                 self.log.write(record)
-            self.progress.note(f"  epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}%"
-                               + (f" (EMA {ema_top1:.2f}%)" if ema_top1 is not None else ""))
+            self.progress.note(
+                f"  epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}%"
+                + (f" (EMA {ema_top1:.2f}%)" if ema_top1 is not None else "")
+            )
             if top1 >= self.best_top1:
                 self.save(*position, "best.pt")
         if last_epoch or (epoch + 1) % plan.checkpoint_every == 0:
             self.save(*position)
 
     def _stop_if_not_finite(self, names: list[str]) -> None:
-        _stop_if_not_finite(self.bad_terms, names, self.step, self.epoch, self.ckpt_path,
-                            self.job, self.device)
+        _stop_if_not_finite(
+            self.bad_terms, names, self.step, self.epoch, self.ckpt_path, self.job, self.device
+        )
 
     # ---- checkpoints -------------------------------------------------------------------
 
@@ -399,26 +468,39 @@ class Run:
         if not self.job.is_main:
             return
         state = {
-            "vitkdl_checkpoint": 1, "recipe": self.opts.recipe, "hash": self.plan.hash,
-            "epoch": epoch, "batch": batch, "step": self.step, "best_top1": self.best_top1,
-            "global_batch": self.global_batch, "world_size": self.job.world_size,
-            "teacher_top1": self.teacher_top1, "history": self.history,
-            "student": student_sd, "terms": terms_sd, "optimizer": optim_sd,
+            "vitkdl_checkpoint": 1,
+            "recipe": self.opts.recipe,
+            "hash": self.plan.hash,
+            "epoch": epoch,
+            "batch": batch,
+            "step": self.step,
+            "best_top1": self.best_top1,
+            "global_batch": self.global_batch,
+            "world_size": self.job.world_size,
+            "teacher_top1": self.teacher_top1,
+            "history": self.history,
+            "student": student_sd,
+            "terms": terms_sd,
+            "optimizer": optim_sd,
             "optimizer_format": "fqn" if self.program.sharded else "torch",
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "scaler": self.update.scaler.state_dict(), "rng": rng}
+            "scaler": self.update.scaler.state_dict(),
+            "rng": rng,
+        }
         save_atomic(state, self.out / name)
 
     # ---- the end -----------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
         """Export the student, write ``summary.json`` and the curves (rank 0)."""
-        plan, out, program, device, job = self.plan, self.out, self.program, self.device, \
-            self.job
+        plan, out, program, device, job = self.plan, self.out, self.program, self.device, self.job
         # Replicas must agree; shards differ by design.
-        in_sync = None if program.sharded else distributed.params_in_sync(
-            program.trainable_parameters(), device)
+        in_sync = (
+            None
+            if program.sharded
+            else distributed.params_in_sync(program.trainable_parameters(), device)
+        )
         student_sd = _states(program, self.optimizer)[0]  # gathered on rank 0 when sharded
         if not job.is_main:
             distributed.barrier()  # wait for rank 0's files
@@ -429,24 +511,37 @@ class Run:
         last = self.history[-1] if self.history else {}
         wall = self.wall
         summary = {
-            "recipe": plan.recipe, "hash": plan.hash, "overrides": list(plan.overrides),
+            "recipe": plan.recipe,
+            "hash": plan.hash,
+            "overrides": list(plan.overrides),
             # Finished: every epoch trained (a --max-steps run is not; --resume continues it).
             "complete": self.step >= plan.epochs * self.steps_per_epoch,
-            "top1": last.get("top1"), "top5": last.get("top5"),
+            "top1": last.get("top1"),
+            "top5": last.get("top5"),
             "best_top1": self.best_top1 if self.history else None,
-            "ema_top1": last.get("ema_top1"), "teacher_top1": self.teacher_top1,
-            "epochs": self.epoch + 1, "steps": self.step,
+            "ema_top1": last.get("ema_top1"),
+            "teacher_top1": self.teacher_top1,
+            "epochs": self.epoch + 1,
+            "steps": self.step,
             "images_per_second": round(self.images_seen / wall, 2) if wall > 0 else None,
-            "wall_seconds": round(wall, 2), "peak_memory_mb": _peak_memory_mb(device),
-            "world_size": job.world_size, "global_batch": self.global_batch,
-            "ranks_in_sync": in_sync, "device": device.type,
+            "wall_seconds": round(wall, 2),
+            "peak_memory_mb": _peak_memory_mb(device),
+            "world_size": job.world_size,
+            "global_batch": self.global_batch,
+            "ranks_in_sync": in_sync,
+            "device": device.type,
             "compile": {"mode": program.compile_mode, "graphs_compiled": _graphs_compiled()},
             "student_weights": str(out / "student.safetensors"),
             # How to load the export with timm (num_classes in the overlay keeps the head
             # when it differs from the architecture's default).
-            "timm": {"name": plan.student.name, "kwargs": plan.student.timm_kwargs,
-                     "pretrained_cfg_overlay": {"file": str(out / "student.safetensors"),
-                                                "num_classes": plan.student.num_classes}},
+            "timm": {
+                "name": plan.student.name,
+                "kwargs": plan.student.timm_kwargs,
+                "pretrained_cfg_overlay": {
+                    "file": str(out / "student.safetensors"),
+                    "num_classes": plan.student.num_classes,
+                },
+            },
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if not write_curves(out / "metrics.jsonl", out / "curves.png", plan.recipe):
@@ -455,8 +550,14 @@ class Run:
         return summary
 
 
-def _restore_rng(checkpoint: dict[str, Any], seed: int, step: int, job: distributed.Dist,
-                 device: torch.device, progress: Progress) -> None:
+def _restore_rng(
+    checkpoint: dict[str, Any],
+    seed: int,
+    step: int,
+    job: distributed.Dist,
+    device: torch.device,
+    progress: Progress,
+) -> None:
     """Each rank continues its own random streams (generation masks, drop path, CPU-side
     augmentation), restored after the skipped batches: exactly where it stopped. Resumed on
     another number of processes, the saved streams do not map onto the ranks: each rank then
@@ -466,13 +567,22 @@ def _restore_rng(checkpoint: dict[str, Any], seed: int, step: int, job: distribu
         set_rng_state(states[job.rank], device)
         return
     _seed_everything(mix_seed(seed, step, job.rank))
-    progress.note(f"  the checkpoint was written by {len(states)} process(es), this run has "
-                  f"{job.world_size}: fresh per-rank random states from the seed and step "
-                  f"{step} (masks and drop path do not replay the original run's)")
+    progress.note(
+        f"  the checkpoint was written by {len(states)} process(es), this run has "
+        f"{job.world_size}: fresh per-rank random states from the seed and step "
+        f"{step} (masks and drop path do not replay the original run's)"
+    )
 
 
-def _stop_if_not_finite(flags: torch.Tensor | None, names: list[str], step: int, epoch: int,
-                        ckpt: Path, job: distributed.Dist, device: torch.device) -> None:
+def _stop_if_not_finite(
+    flags: torch.Tensor | None,
+    names: list[str],
+    step: int,
+    epoch: int,
+    ckpt: Path,
+    job: distributed.Dist,
+    device: torch.device,
+) -> None:
     """Stop the run, naming the terms, once any loss term was NaN/Inf (on any rank)."""
     if flags is None:
         return
@@ -484,7 +594,8 @@ def _stop_if_not_finite(flags: torch.Tensor | None, names: list[str], step: int,
         f"the loss became NaN or infinite by step {step} (epoch {epoch}) in term "
         f"{', '.join(bad) or 'loss'}; stopped without saving. The last good checkpoint is "
         f"{ckpt if ckpt.exists() else 'not written yet'}. Lower the learning rate or that "
-        "term's weight.")
+        "term's weight."
+    )
 
 
 def check_writable(out: Path) -> None:
@@ -494,8 +605,9 @@ def check_writable(out: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise TrainError(f"cannot write to the output folder {out}: {exc.strerror or exc}; "
-                         "pass --out DIR") from None
+        raise TrainError(
+            f"cannot write to the output folder {out}: {exc.strerror or exc}; pass --out DIR"
+        ) from None
 
 
 def _resume_point(plan: Plan, opts: RunOptions, path: Path) -> dict[str, Any] | None:
@@ -508,9 +620,11 @@ def _resume_point(plan: Plan, opts: RunOptions, path: Path) -> dict[str, Any] | 
     except CheckpointError as exc:
         raise TrainError(str(exc)) from None
     if ckpt["hash"] != plan.hash and not opts.force:
-        raise TrainError(f"--resume: {path} was written by a different version of the recipe "
-                         f"(hash {ckpt['hash']}, now {plan.hash}); resuming would mix two "
-                         "recipes. Pass --force to resume anyway, or start a new run.")
+        raise TrainError(
+            f"--resume: {path} was written by a different version of the recipe "
+            f"(hash {ckpt['hash']}, now {plan.hash}); resuming would mix two "
+            "recipes. Pass --force to resume anyway, or start a new run."
+        )
     return ckpt
 
 
@@ -526,8 +640,9 @@ def _export(student: dict[str, torch.Tensor], ema: Any, out: Path) -> None:
         save_file(plain(ema.module.state_dict()), str(out / "student_ema.safetensors"))
 
 
-def _states(program: Program, optimizer: torch.optim.Optimizer
-            ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _states(
+    program: Program, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Student, adapter and optimizer state as full (unsharded) state dicts, so checkpoints
     load on one device whatever the run was sharded over. Collective under FSDP: every rank
     calls it, rank 0 receives the tensors."""
@@ -542,14 +657,14 @@ def _states(program: Program, optimizer: torch.optim.Optimizer
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = get_model_state_dict(program.core, options=options)
     optim = get_optimizer_state_dict(program.core, optimizer, options=options)
-    student = {k.removeprefix("student."): v for k, v in full.items()
-               if k.startswith("student.")}
+    student = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
     terms = {k.removeprefix("terms."): v for k, v in full.items() if k.startswith("terms.")}
     return student, terms, optim
 
 
-def _load_states(program: Program, optimizer: torch.optim.Optimizer,
-                 checkpoint: dict[str, Any]) -> None:
+def _load_states(
+    program: Program, optimizer: torch.optim.Optimizer, checkpoint: dict[str, Any]
+) -> None:
     """The inverse of :func:`_states`, from any checkpoint onto this run's layout."""
     fqn_optim = checkpoint.get("optimizer_format") == "fqn"
     if not program.sharded and not fqn_optim:
@@ -564,12 +679,13 @@ def _load_states(program: Program, optimizer: torch.optim.Optimizer,
     )
 
     options = StateDictOptions(full_state_dict=True)
-    full = {**{f"student.{k}": v for k, v in checkpoint["student"].items()},
-            **{f"terms.{k}": v for k, v in checkpoint["terms"].items()}}
+    full = {
+        **{f"student.{k}": v for k, v in checkpoint["student"].items()},
+        **{f"terms.{k}": v for k, v in checkpoint["terms"].items()},
+    }
     set_model_state_dict(program.core, full, options=options)
     if fqn_optim:
-        set_optimizer_state_dict(program.core, optimizer, checkpoint["optimizer"],
-                                 options=options)
+        set_optimizer_state_dict(program.core, optimizer, checkpoint["optimizer"], options=options)
     else:  # a replicated run's optimizer state onto a sharded run: start it afresh
         pass
 

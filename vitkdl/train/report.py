@@ -16,13 +16,17 @@ class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (and TensorBoard when the
     ``tensorboard`` package is installed)."""
 
-    def __init__(self, path: Path, tensorboard: bool = True, resume_step: int | None = None
-                 ) -> None:
+    def __init__(
+        self, path: Path, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
         self.path = path
         if resume_step is not None and path.exists():
             # A resumed run rewrites what came after its checkpoint.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None:
             path.write_text("")
@@ -57,7 +61,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-PLOTS_MISSING = "plots need matplotlib: pip install -e \".[plots]\" (or pip install matplotlib)"
+PLOTS_MISSING = 'plots need matplotlib: pip install -e ".[plots]" (or pip install matplotlib)'
 
 
 def pyplot() -> Any:
@@ -87,8 +91,11 @@ def write_curves(metrics: Path, out: Path, title: str = "") -> bool:
     skip = {"step", "epoch", "kind", "lr", "images_per_second"}
     keys = sorted({k for r in train for k in r if k not in skip})
     for key in keys:
-        pts = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))
-               and math.isfinite(r[key])]
+        pts = [
+            (r["step"], r[key])
+            for r in train
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+        ]
         if pts:
             axes[0].plot(*zip(*pts, strict=True), label=key, lw=2 if key == "loss" else 1)
     axes[0].set_title("loss terms")
@@ -119,13 +126,17 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"{summary['recipe']}", title_justify="left", show_header=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    rows = [("student top-1", summary.get("top1")), ("student top-5", summary.get("top5")),
-            ("best top-1", summary.get("best_top1")), ("EMA top-1", summary.get("ema_top1")),
-            ("teacher top-1", summary.get("teacher_top1")),
-            ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
-            ("images/s", summary.get("images_per_second")),
-            ("wall time (s)", summary.get("wall_seconds")),
-            ("peak memory (MB)", summary.get("peak_memory_mb"))]
+    rows = [
+        ("student top-1", summary.get("top1")),
+        ("student top-5", summary.get("top5")),
+        ("best top-1", summary.get("best_top1")),
+        ("EMA top-1", summary.get("ema_top1")),
+        ("teacher top-1", summary.get("teacher_top1")),
+        ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
+        ("images/s", summary.get("images_per_second")),
+        ("wall time (s)", summary.get("wall_seconds")),
+        ("peak memory (MB)", summary.get("peak_memory_mb")),
+    ]
     for name, value in rows:
         if value is None:
             continue
@@ -137,10 +148,12 @@ def comparison_table(summaries: Sequence[dict[str, Any]]) -> Table:
     """Several runs side by side."""
     sets = [tuple(s.get("overrides") or ()) for s in summaries]
     shared = set(sets[0]).intersection(*sets[1:]) if sets else set()
-    caption = ("every run with --set " + " --set ".join(o for o in sets[0] if o in shared)
-               if shared else None)
-    table = Table(title="comparison", title_justify="left", caption=caption,
-                  caption_justify="left")
+    caption = (
+        "every run with --set " + " --set ".join(o for o in sets[0] if o in shared)
+        if shared
+        else None
+    )
+    table = Table(title="comparison", title_justify="left", caption=caption, caption_justify="left")
     columns = ["recipe", "teacher top-1", "top-1", "top-5", "best top-1", "images/s", "wall s"]
     own = [[o for o in s if o not in shared] for s in sets]
     if any(own):  # what each run was given beyond what all share
@@ -152,8 +165,15 @@ def comparison_table(summaries: Sequence[dict[str, Any]]) -> Table:
         return "-" if x is None else f"{x:.2f}"
 
     for s, extra in zip(summaries, own, strict=True):
-        row = [s["recipe"], f(s.get("teacher_top1")), f(s.get("top1")), f(s.get("top5")),
-               f(s.get("best_top1")), f(s.get("images_per_second")), f(s.get("wall_seconds"))]
+        row = [
+            s["recipe"],
+            f(s.get("teacher_top1")),
+            f(s.get("top1")),
+            f(s.get("top5")),
+            f(s.get("best_top1")),
+            f(s.get("images_per_second")),
+            f(s.get("wall_seconds")),
+        ]
         if any(own):
             row.append(" ".join(extra) or "-")
         table.add_row(*row)
@@ -170,11 +190,13 @@ def write_comparison(summaries: Sequence[dict[str, Any]], out: Path) -> bool:
     names = [s["recipe"] for s in summaries]
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(names)), 3.5))
     ax.bar(names, [s.get("top1") or 0 for s in summaries], color="tab:blue", label="student")
-    teachers = [(i, s["teacher_top1"]) for i, s in enumerate(summaries)
-                if s.get("teacher_top1") is not None]
+    teachers = [
+        (i, s["teacher_top1"]) for i, s in enumerate(summaries) if s.get("teacher_top1") is not None
+    ]
     if teachers:
-        ax.scatter(*zip(*teachers, strict=True), color="tab:red", marker="_", s=600,
-                   label="teacher")
+        ax.scatter(
+            *zip(*teachers, strict=True), color="tab:red", marker="_", s=600, label="teacher"
+        )
     for i, s in enumerate(summaries):
         if s.get("top1") is not None:
             ax.text(i, s["top1"], f"{s['top1']:.1f}", ha="center", va="bottom")

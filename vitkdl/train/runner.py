@@ -59,19 +59,25 @@ class RunRequest:
 def smoke_overrides(spec: RecipeSpec) -> list[str]:
     """Synthetic data of the recipe's own shapes, a small batch, a few steps."""
     batch = min(spec.data.batch_size, 8)
-    return ["data.source=synthetic", f"data.batch_size={batch}", f"data.size={batch * 4}",
-            "data.workers=0", "train.epochs=1", "train.eval_every=1"]
+    return [
+        "data.source=synthetic",
+        f"data.batch_size={batch}",
+        f"data.size={batch * 4}",
+        "data.workers=0",
+        "train.epochs=1",
+        "train.eval_every=1",
+    ]
 
 
 def baseline_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
     """The overrides given for a run that apply to its baseline as well (same seed, epochs,
     data root, student settings), so that the comparison is like with like."""
-    return tuple(o for o in overrides if o.split("=", 1)[0].strip().split(".")[0]
-                 in BASELINE_ROOTS)
+    return tuple(o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] in BASELINE_ROOTS)
 
 
-def _ensure(path: str, overrides: Sequence[str], req: RunRequest, console: Console,
-            why: str) -> list[dict[str, Any]]:
+def _ensure(
+    path: str, overrides: Sequence[str], req: RunRequest, console: Console, why: str
+) -> list[dict[str, Any]]:
     """The summaries of a run of ``path`` under ``overrides`` and ``req.max_steps``: a
     finished one is reused, else it is trained now (an unfinished run of it is continued)."""
     spec = vitkdl.load(path, list(overrides), strict=True)
@@ -81,8 +87,14 @@ def _ensure(path: str, overrides: Sequence[str], req: RunRequest, console: Conso
         console.print(f"{why}: {out / 'student.safetensors'} is up to date", highlight=False)
         return [done]
     console.print(f"{why}: missing or unfinished, training it first", highlight=False)
-    dep_req = replace(req, overrides=tuple(overrides), resume=False, force=False,
-                      baseline=False, continue_unfinished=True)
+    dep_req = replace(
+        req,
+        overrides=tuple(overrides),
+        resume=False,
+        force=False,
+        baseline=False,
+        continue_unfinished=True,
+    )
     return run_recipe(path, dep_req, console)[1]
 
 
@@ -104,18 +116,22 @@ def _start(spec: RecipeSpec, out: Path, req: RunRequest) -> tuple[str, Path | No
                 f"--resume: {out} holds no checkpoint of this recipe; the latest run of "
                 f"{spec.name}, {other.parent}, is of a different version of the recipe "
                 "(resuming it would mix two recipes). Pass --force to continue it under the "
-                "recipe as it is now, or start without --resume.")
+                "recipe as it is now, or start without --resume."
+            )
         raise TrainError(f"--resume: no checkpoint at {ckpt}; start without --resume")
     if ckpt.exists() and not req.force and not req.smoke:
         if req.continue_unfinished:
             return "resume", ckpt
-        raise TrainError(f"{out} holds an unfinished run of this recipe ({ckpt.name}); "
-                         "--resume continues it, --force starts it over")
+        raise TrainError(
+            f"{out} holds an unfinished run of this recipe ({ckpt.name}); "
+            "--resume continues it, --force starts it over"
+        )
     return "fresh", None
 
 
-def run_recipe(path: str | Path, req: RunRequest, console: Console
-               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_recipe(
+    path: str | Path, req: RunRequest, console: Console
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run one recipe and what it depends on. Returns its own summary and the summaries of
     every run made or reused, in order (teacher, recipe, baseline)."""
     path = Path(path)
@@ -136,16 +152,22 @@ def run_recipe(path: str | Path, req: RunRequest, console: Console
     teacher = spec.teacher
     if teacher is not None and teacher.from_recipe is not None and not req.smoke:
         # A teacher is a finished run, whatever --max-steps says for this one.
-        summaries += _ensure(teacher.from_recipe, (), replace(req, max_steps=None), console,
-                             f"[bold]{spec.name}[/]: its teacher, the final student of "
-                             f"{teacher.from_recipe}")
+        summaries += _ensure(
+            teacher.from_recipe,
+            (),
+            replace(req, max_steps=None),
+            console,
+            f"[bold]{spec.name}[/]: its teacher, the final student of {teacher.from_recipe}",
+        )
 
     how, checkpoint = _start(spec, out, req)
     if how == "reuse":
         summary = finished(out, spec.hash())
         assert summary is not None
-        console.print(f"[bold]{spec.name}[/]: {out} is finished; reusing it (--force trains "
-                      "it again)", highlight=False)
+        console.print(
+            f"[bold]{spec.name}[/]: {out} is finished; reusing it (--force trains it again)",
+            highlight=False,
+        )
     else:
         summary = _train(spec, out, how, checkpoint, req, console)
     summaries.append(summary)
@@ -153,23 +175,40 @@ def run_recipe(path: str | Path, req: RunRequest, console: Console
     # The baseline runs as far as this run did (--max-steps too): like is compared with like.
     baseline = _baseline_of(spec) if req.baseline and not req.smoke else None
     if baseline is not None:
-        summaries += _ensure(baseline, baseline_overrides(overrides), req, console,
-                             f"[bold]{spec.name}[/]: its baseline {baseline}")
+        summaries += _ensure(
+            baseline,
+            baseline_overrides(overrides),
+            req,
+            console,
+            f"[bold]{spec.name}[/]: its baseline {baseline}",
+        )
     return summary, summaries
 
 
-def _train(spec: RecipeSpec, out: Path, how: str, checkpoint: Path | None, req: RunRequest,
-           console: Console) -> dict[str, Any]:
+def _train(
+    spec: RecipeSpec,
+    out: Path,
+    how: str,
+    checkpoint: Path | None,
+    req: RunRequest,
+    console: Console,
+) -> dict[str, Any]:
     job = distributed.current()
     plan = vitkdl.plan(spec, world_size=job.world_size)
     resolved = spec.canonical()
-    opts = RunOptions(out_dir=out, device=req.device, resume=how == "resume",
-                      resume_from=checkpoint if checkpoint != out / "last.pt" else None,
-                      force=req.force,
-                      max_steps=SMOKE_STEPS if req.smoke and req.max_steps is None
-                      else req.max_steps,
-                      max_eval_batches=2 if req.smoke else None, quiet=req.quiet,
-                      load_weights=not req.smoke, runs_dir=req.out_root, recipe=resolved)
+    opts = RunOptions(
+        out_dir=out,
+        device=req.device,
+        resume=how == "resume",
+        resume_from=checkpoint if checkpoint != out / "last.pt" else None,
+        force=req.force,
+        max_steps=SMOKE_STEPS if req.smoke and req.max_steps is None else req.max_steps,
+        max_eval_batches=2 if req.smoke else None,
+        quiet=req.quiet,
+        load_weights=not req.smoke,
+        runs_dir=req.out_root,
+        recipe=resolved,
+    )
     if job.is_main:
         (out / "recipe.json").write_text(json.dumps(resolved, indent=2) + "\n")
         (out / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
@@ -191,8 +230,9 @@ def _baseline_of(spec: RecipeSpec) -> str | None:
     return spec.extends[0]
 
 
-def run_many(paths: Sequence[str | Path], req: RunRequest, console: Console
-             ) -> list[dict[str, Any]]:
+def run_many(
+    paths: Sequence[str | Path], req: RunRequest, console: Console
+) -> list[dict[str, Any]]:
     """Run each recipe; with several (or a recipe and its baseline), a comparison at the end."""
     from vitkdl.train.report import (
         PLOTS_MISSING,

@@ -19,8 +19,9 @@ from vitkdl.optim import decays
 from vitkdl.planner import Plan
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
-                 skip: Iterable[str] = ()) -> list[dict[str, Any]]:
+def param_groups(
+    named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, skip: Iterable[str] = ()
+) -> list[dict[str, Any]]:
     """Two optimizer groups by :func:`vitkdl.optim.decays`: with and without weight decay
     (``skip``: what the model's ``no_weight_decay()`` names)."""
     skipped = set(skip)
@@ -28,20 +29,24 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
     for name, p in named:
         if p.requires_grad:
             (decay if decays(name, p.ndim, skipped) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
-def model_param_groups(student: nn.Module, others: Iterable[tuple[str, nn.Parameter]],
-                       weight_decay: float) -> list[dict[str, Any]]:
+def model_param_groups(
+    student: nn.Module, others: Iterable[tuple[str, nn.Parameter]], weight_decay: float
+) -> list[dict[str, Any]]:
     """The groups of a student (its own ``no_weight_decay()`` honoured) and further named
     parameters (adapters, hand-written loss modules)."""
     skip = set(getattr(student, "no_weight_decay", lambda: set())())
     return param_groups([*student.named_parameters(), *others], weight_decay, skip)
 
 
-def configure_optimizer(plan: Plan, groups: list[dict[str, Any]], *,
-                        fused: bool = True) -> torch.optim.Optimizer:
+def configure_optimizer(
+    plan: Plan, groups: list[dict[str, Any]], *, fused: bool = True
+) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2`` for the plan's optimizer over ``groups``; Adam(W) fused
     (one kernel for all parameters, 3-4x faster on CPU too) unless ``fused`` is False (FSDP's
     sharded parameters)."""
@@ -51,17 +56,25 @@ def configure_optimizer(plan: Plan, groups: list[dict[str, Any]], *,
     extra = dict(opt.kwargs)
     if fused and opt.name in ("adamw", "adam"):
         extra.setdefault("fused", True)
-    return timm.optim.create_optimizer_v2(groups, opt=opt.name, lr=opt.lr,
-                                          weight_decay=opt.weight_decay, **extra)
+    return timm.optim.create_optimizer_v2(
+        groups, opt=opt.name, lr=opt.lr, weight_decay=opt.weight_decay, **extra
+    )
 
 
 class Update:
     """What follows the forward: zero the gradients, backward (scaled under fp16), unscale
     and clip, the optimizer step, the scaler's update and the EMA update."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-                 clip_grad: float | None, device: torch.device, dtype: torch.dtype | None,
-                 ema: Any = None, ema_model: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[nn.Parameter],
+        clip_grad: float | None,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        ema: Any = None,
+        ema_model: nn.Module | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.params = params
         self.clip = clip_grad
@@ -84,8 +97,13 @@ class Update:
             self.ema.update(self.ema_model, step=step)
 
 
-def train_step(forward: Callable[[Tensor, Tensor], dict[str, Tensor]], update: Update,
-               images: Tensor, targets: Tensor, step: int | None = None) -> dict[str, Tensor]:
+def train_step(
+    forward: Callable[[Tensor, Tensor], dict[str, Tensor]],
+    update: Update,
+    images: Tensor,
+    targets: Tensor,
+    step: int | None = None,
+) -> dict[str, Tensor]:
     """One optimisation step: the forward (``{"loss": total, term: value}``) and the update."""
     result = forward(images, targets)
     update.backward(result["loss"])
