@@ -451,7 +451,7 @@ def test_training_step_compiles_once(monkeypatch: pytest.MonkeyPatch) -> None:
             assert program.predict(images).shape == (4, 10)
     program.train()
     train_step()
-    assert graphs == {"forward": 1, "student_logits": 1}
+    assert graphs == {"forward": 1, "logits": 1}  # the step and evaluation, once each
     assert not program.teacher.training
 
 
@@ -487,6 +487,18 @@ def test_bf16_autocast_step_is_one_graph(tmp_path: Path) -> None:
     images, labels = batch(program)
     out = one_graph(program, images, labels)
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    # The adapters and the generator run in bf16 under autocast; every term's value is fp32.
+    seen: dict[str, torch.dtype] = {}
+    mimic, generate = program.terms["mimic"], program.terms["generate"]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, k=k: seen.__setitem__(k, o.dtype))
+        for k, m in (("align", mimic.align[0]), ("generator", generate.generator))
+    ]
+    out = program.forward(images, labels)
+    for h in hooks:
+        h.remove()
+    assert seen == {"align": torch.bfloat16, "generator": torch.bfloat16}
+    assert all(out[k].dtype == torch.float32 for k in ("mimic", "generate", "nkd", "labels"))
 
 
 # --------------------------------------------------------------------------------------------

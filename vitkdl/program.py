@@ -42,10 +42,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. ``auto``: bf16 on CUDA with bf16, else fp32."""
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and _native_bf16():
             return torch.bfloat16
         return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def _native_bf16() -> bool:
+    """bf16 in hardware (Ampere and newer): emulated bf16 on older cards is slower than fp32."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no including_emulation
+        return torch.cuda.is_bf16_supported()
 
 
 def resolve_compile(mode: str, device: torch.device) -> str | None:
@@ -329,11 +337,22 @@ class StudentSide(nn.Module):
     def forward(
         self, images: Tensor, targets: Tensor, t_logits: Tensor | None, t_taps: dict[str, Tensor]
     ) -> dict[str, Tensor]:
+        # The terms run under autocast too (their adapters' matmuls and convolutions in bf16 on
+        # a GPU); each computes its error and reduction in fp32.
         with _autocast(images.device.type, self.autocast_dtype):
             s_logits, s_taps = tap_pass(self.student, images, self.points, self.prefix)
-        return term_losses(
-            self.plan_terms, self.terms, StepInputs(s_logits, s_taps, t_logits, t_taps, targets)
-        )
+            inputs = StepInputs(s_logits, s_taps, t_logits, t_taps, targets)
+            return term_losses(self.plan_terms, self.terms, inputs)
+
+
+def fsdp_policy(dtype: torch.dtype | None) -> Any:
+    """FSDP2's mixed precision for an autocast dtype: parameters gathered in ``dtype``
+    (half the all-gather bytes), gradients reduced in fp32; None in fp32."""
+    if dtype is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 @dataclass
@@ -400,12 +419,11 @@ class Program(nn.Module):
             buffer = None if values is None else torch.tensor(values).view(1, -1, 1, 1)
             self.register_buffer(name, buffer, persistent=False)
         self.step: Callable[[Tensor, Tensor], dict[str, Tensor]] = self.forward
-        self.predict: Callable[[Tensor], Tensor] = self.student_logits
         if compile_mode is not None:
             self.step = torch.compile(self.forward, fullgraph=True, mode=compile_mode)
-            # Evaluation runs the student in eval mode: a graph of its own, so switching
-            # between training and evaluation never recompiles the training step.
-            self.predict = torch.compile(self.student_logits, fullgraph=True, mode=compile_mode)
+        # Evaluation runs the student in eval mode: a graph of its own, so switching between
+        # training and evaluation never recompiles the training step.
+        self.predict: Callable[[Tensor], Tensor] = self.predictor(student)
 
     @property
     def student(self) -> nn.Module:
@@ -439,22 +457,25 @@ class Program(nn.Module):
         self.step = step
 
     def shard(self) -> None:
-        """Shard the student side and the teacher across the process group with FSDP2
-        (``fully_shard`` per transformer block, then the rest), for pairs whose replicas do
-        not fit one device. The step runs eager: per-block all-gathers are FSDP's own."""
+        """Shard the student side (student, adapters, their gradients and optimizer state)
+        across the process group with FSDP2 (``fully_shard`` per transformer block, then the
+        rest), for students whose replicas and optimizer state do not fit one device.
+
+        Under bf16/fp16 autocast, parameters are gathered in that precision and gradients
+        reduced in fp32 (:func:`fsdp_policy`). The frozen teacher is not sharded: it has no
+        gradients or optimizer state, and gathering it again every step would cost a full
+        all-gather of its weights per step; each device keeps its own copy. The step runs
+        eager: per-block all-gathers are FSDP's own.
+        """
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        policy = fsdp_policy(self.autocast_dtype)
+        kwargs = {"mp_policy": policy} if policy is not None else {}
         for block in self.core.student.blocks:
-            fully_shard(block)
-        fully_shard(self.core)
+            fully_shard(block, **kwargs)
+        fully_shard(self.core, **kwargs)
         # Methods other than forward must gather the shards too.
         register_fsdp_forward_method(self.core, "logits")
-        if self.teacher is not None:
-            for block in self.teacher.blocks:
-                fully_shard(block)
-            fully_shard(self.teacher)
-            register_fsdp_forward_method(self.teacher, "forward_intermediates")
-            register_fsdp_forward_method(self.teacher, "forward_features")
         self._dist.sharded = True
         self.step = self.forward
         self.predict = self.core.logits
@@ -481,6 +502,19 @@ class Program(nn.Module):
         """The student's logits (for evaluation)."""
         with self._autocast(images.device.type):
             return single_logits(self.student(images))
+
+    def predictor(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
+        """Evaluation logits of ``model`` (the student, or its EMA copy) as the step runs it:
+        under the program's autocast and compiled when the step is. Evaluation batches are
+        padded to one size (see ``train.loop.evaluate``), so this is one graph."""
+
+        def logits(images: Tensor) -> Tensor:
+            with self._autocast(images.device.type):
+                return single_logits(model(images))
+
+        if self.compile_mode is None:
+            return logits
+        return torch.compile(logits, fullgraph=True, mode=self.compile_mode)
 
     def teacher_input(self, images: Tensor) -> Tensor:
         """The student's input batch normalised as the teacher's pretrained config wants."""
@@ -562,6 +596,8 @@ def build(
     compile mode (``"off"``, ``"default"``, ``"max-autotune"``, ``"auto"``).
     """
     dev = resolve_device(device)
+    if dev.type == "cuda":  # TF32 for the matmuls left in fp32 (bf16 autocast does the rest)
+        torch.set_float32_matmul_precision("high")
     student = create_model(plan.student, dev)
     if load and plan.student.weights:
         load_weights(student, plan.student.weights, "student")

@@ -400,3 +400,29 @@ def test_embedded_digits_are_the_fixed_split_without_scikit_learn() -> None:
     )
     for got, ref in zip((x_tr, x_va, y_tr, y_va), want, strict=True):
         assert np.array_equal(got, ref)
+
+
+def test_the_device_side_input_path_gives_the_same_batches(tmp_path: Path) -> None:
+    """On a GPU, decoded images travel as uint8 and are normalised on the device (timm's
+    PrefetchLoader); run here on the CPU, it must give the batches of the float path."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in range(2):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                pixels = np.random.default_rng(10 * c + i).integers(0, 255, (20, 20, 3))
+                Image.fromarray(pixels.astype("uint8")).save(folder / f"{i}.png")
+    common = {"source": "imagefolder", "root": str(root), "image_size": 16, "batch_size": 4,
+              "augment": "none"}
+    plain = build_loaders(DataConfig(**common))
+    device_side = build_loaders(DataConfig(**common, prefetch_device="cpu"))
+    inner = next(iter(device_side[0].loader))[0]
+    assert inner.dtype == torch.uint8  # what crosses the bus
+    for a, b in ((plain[0], device_side[0]), (plain[1], device_side[1])):
+        set_epoch(a, 0, seed=0)
+        set_epoch(b, 0, seed=0)
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert xb.dtype == torch.float32 and torch.equal(ya, yb)
+            torch.testing.assert_close(xa, xb, atol=1e-5, rtol=1e-5)
+    assert len(device_side[0]) == len(plain[0])

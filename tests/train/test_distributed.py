@@ -156,8 +156,9 @@ def test_two_process_resume_is_bit_exact_and_ranks_keep_their_own_streams(tmp_pa
 def test_fsdp_checkpoints_load_on_one_device(tmp_path) -> None:
     (tmp_path / "teacher.vkd").write_text(TEACHER)
     student = tmp_path / "student.vkd"
+    # clip_grad small enough to clip every step: the norm is taken over sharded gradients.
     student.write_text(
-        STUDENT.replace("epochs = 1", "epochs = 2  shard = fsdp").replace(
+        STUDENT.replace("epochs = 1", "epochs = 2  shard = fsdp  clip_grad = 0.05").replace(
             "depth = 1  embed_dim = 16  num_heads = 2\n    num_classes = 10  drop_path = 0",
             "depth = 2  embed_dim = 16  num_heads = 2\n    num_classes = 10  drop_path = 0",
         )
@@ -169,6 +170,22 @@ def test_fsdp_checkpoints_load_on_one_device(tmp_path) -> None:
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is None  # shards differ
     exported = load_file(str(runs / "pair" / "student.safetensors"))
     assert exported["blocks.1.attn.qkv.weight"].shape == (48, 16)  # full, not a shard
+    # The same 6 steps in one unsharded process at the same global batch: the same weights,
+    # so clipping saw the global gradient norm.
+    args = [
+        "--set",
+        "recipe.name=single",
+        "--set",
+        "data.batch_size=32",
+        "--set",
+        "train.shard=none",
+    ]
+    assert (
+        main(["run", str(student), "--out", str(runs), "--quiet", "--max-steps", "6", *args]) == 0
+    )
+    single = load_file(str(runs / "single" / "student.safetensors"))
+    for key in exported:
+        assert torch.allclose(exported[key], single[key], atol=1e-5, rtol=1e-4), key
     # The sharded run's checkpoint continues in one process.
     assert (
         main(["run", str(student), "--out", str(runs), "--resume", "--quiet", "--max-steps", "16"])

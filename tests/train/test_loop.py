@@ -337,3 +337,30 @@ def test_the_papers_design_space_trains(tmp_path, capsys) -> None:
     assert [r["step"] for r in train] == [1, 2, 3]
     for name in ("mha", "rel", "maps", "gen", "lin", "nkd", "labels"):
         assert all(r[name] >= 0 for r in train), name
+
+
+def test_evaluation_pads_the_last_batch_into_one_graph() -> None:
+    """360 digits at batch 32 leave a last batch of 8: padded, so a compiled predictor sees
+    one shape (one graph), and the padding never counts."""
+    from vitkdl.train.data import DataConfig, build_loaders
+    from vitkdl.train.loop import evaluate
+
+    _, val, _ = build_loaders(DataConfig(source="digits", image_size=8, in_chans=1, batch_size=32))
+    graphs: list[object] = []
+
+    def backend(gm, example_inputs):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return gm.forward
+
+    weights = torch.randn(64, 10)
+    torch._dynamo.reset()
+    predict = torch.compile(lambda x: x.flatten(1) @ weights, backend=backend, fullgraph=True)
+    top1, top5 = evaluate(predict, val, torch.device("cpu"))
+    assert len(graphs) == 1
+    expected = [], []
+    for images, labels in val:
+        top = (images.flatten(1) @ weights).topk(5, dim=-1).indices
+        expected[0].append(top[:, 0].eq(labels))
+        expected[1].append(top.eq(labels[:, None]).any(dim=-1))
+    assert top1 == pytest.approx(100 * float(torch.cat(expected[0]).float().mean()))
+    assert top5 == pytest.approx(100 * float(torch.cat(expected[1]).float().mean()))

@@ -156,4 +156,8 @@ def run(args: argparse.Namespace) -> int:
     except (TrainError, DataError, CheckpointError) as exc:
         err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
         return 1
+    finally:
+        from vitkdl.train import distributed
+
+        distributed.shutdown()
     return 0

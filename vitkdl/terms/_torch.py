@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 ALIGN_KINDS = ("linear", "identity", "mlp", "auto")
@@ -54,3 +55,13 @@ def hard_labels(target: Tensor) -> Tensor:
     if target.dim() == 2:
         return target.argmax(dim=1)
     return target.long()
+
+
+def adapter_input(x: Tensor, module: nn.Module) -> Tensor:
+    """``x`` as an adapter should see it: as it is under autocast (which runs the adapter's
+    matmuls in the autocast dtype), else in the adapter's own dtype (bf16 features into an
+    fp32 adapter outside autocast)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    p = next(module.parameters(), None)
+    return x if p is None else x.to(p.dtype)

@@ -237,7 +237,7 @@ def module_class() -> type[nn.Module]:
     import torch
     from torch import nn
 
-    from vitkdl.terms._torch import as_list, check_tokens, make_align
+    from vitkdl.terms._torch import adapter_input, as_list, check_tokens, make_align
 
     class Generate(nn.Module):
         r"""ViTKD deep feature generation.
@@ -365,7 +365,9 @@ def module_class() -> type[nn.Module]:
                     f"Generate: mask must be [B, N] = {(b, n)}, got {tuple(mask.shape)}"
                 )
             m = mask.to(torch.bool).unsqueeze(-1)  # [B, N, 1]
-            x = self.align(s.float())
+            # Adapter and generator run in the step's precision (bf16 convolutions under
+            # autocast); the error and its reduction in fp32.
+            x = self.align(adapter_input(s, self))
             x = torch.where(m, self.mask_token.to(x.dtype), x)  # [B, N, Dt]
             y = self._generate(x).float()
             sq = (y - t.detach().float()).pow(2) * m

@@ -232,7 +232,7 @@ def module_class() -> type[nn.Module]:
     import torch.nn.functional as F
     from torch import nn
 
-    from vitkdl.terms._torch import as_list, check_tokens, make_align
+    from vitkdl.terms._torch import adapter_input, as_list, check_tokens, make_align
 
     class Mimic(nn.Module):
         r"""ViTKD feature mimicking.
@@ -335,9 +335,13 @@ def module_class() -> type[nn.Module]:
                 return (t * (log_t - log_s)).sum(dim=-1).mean()
             check_tokens("Mimic", s, t)
             if self.loss_kind == "relation":
-                rs, rt = relation(s.float()), relation(t.float())
-                return (rs - rt).pow(2).sum() / s.shape[0]
-            sq = (adapter(s.float()).float() - t.float()).pow(2)
+                # Similarities in fp32 even under autocast: their squared differences are small.
+                with torch.autocast(s.device.type, enabled=False):
+                    rs, rt = relation(s.float()), relation(t.float())
+                    return (rs - rt).pow(2).sum() / s.shape[0]
+            # The adapter runs in the step's precision (bf16 matmuls under autocast); the error
+            # and its reduction in fp32.
+            sq = (adapter(adapter_input(s, adapter)).float() - t.float()).pow(2)
             return sq.sum() / s.shape[0] if self.loss_kind == "mse" else sq.mean()
 
         def extra_repr(self) -> str:

@@ -67,6 +67,7 @@ __all__ = [
     "mix_seed",
     "resolve_norm",
     "set_epoch",
+    "unwrap",
 ]
 
 SOURCES: tuple[str, ...] = tuple(SOURCE_FACTS)
@@ -109,6 +110,11 @@ class DataConfig:
         interpolation: Resize interpolation for ``imagefolder`` (timm name, e.g. ``bicubic``).
         crop_pct: Eval centre-crop fraction for ``imagefolder``.
         seed: Seed for shuffling, sampler and worker seeding, and ``synthetic`` content.
+        prefetch_device: For sources that decode files, a device (``"cuda:0"``) to which the
+            workers' uint8 batches are copied on a side stream and normalised (and randomly
+            erased) there, by timm's ``PrefetchLoader``: a quarter of the bytes of float32
+            over the bus, and no float work in the workers. None: float batches normalised by
+            the workers (the CPU path).
     """
 
     source: str
@@ -128,6 +134,7 @@ class DataConfig:
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
     seed: int = 0
+    prefetch_device: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from a parsed plan) but store hashable tuples.
@@ -370,6 +377,8 @@ def build_transforms(cfg: DataConfig) -> tuple[Callable[[Any], Any], Callable[[A
         "mean": mean,
         "std": std,
         "crop_pct": cfg.crop_pct,
+        # uint8 out, normalisation and random erasing on the device (see prefetch_device)
+        "use_prefetcher": _prefetch(cfg),
     }
     eval_tf = create_transform(is_training=False, **common)
     if cfg.augment == "deit":
@@ -385,6 +394,39 @@ def build_transforms(cfg: DataConfig) -> tuple[Callable[[Any], Any], Callable[[A
     else:
         train_tf = eval_tf
     return train_tf, eval_tf
+
+
+def _prefetch(cfg: DataConfig) -> bool:
+    """Whether batches travel as uint8 to ``cfg.prefetch_device`` (sources that decode)."""
+    return cfg.prefetch_device is not None and source(cfg.source).decodes
+
+
+def _device_side(cfg: DataConfig, train: DataLoader, val: DataLoader) -> tuple[Any, Any]:
+    """Both loaders wrapped in timm's ``PrefetchLoader``: the copy of the next batch overlaps
+    the step on a side stream; normalisation (and DeiT's random erasing, for training) runs
+    on the device."""
+    from timm.data.loader import PrefetchLoader
+
+    mean, std = resolve_norm(cfg.mean, cfg.std, cfg.in_chans)
+    device = torch.device(str(cfg.prefetch_device))
+
+    def wrap(loader: DataLoader, re_prob: float) -> Any:
+        return PrefetchLoader(
+            loader,
+            mean=mean,
+            std=std,
+            channels=cfg.in_chans,
+            device=device,
+            re_prob=re_prob,
+            re_mode=DEIT_RE_MODE,
+        )
+
+    return wrap(train, DEIT_RE_PROB if cfg.augment == "deit" else 0.0), wrap(val, 0.0)
+
+
+def unwrap(loader: Any) -> DataLoader:
+    """The torch ``DataLoader`` inside a prefetching loader (or the loader itself)."""
+    return getattr(loader, "loader", loader)
 
 
 def _root_error(path: str, problem: str) -> DataError:
@@ -618,6 +660,10 @@ def build_loaders(
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": cfg.workers > 0,
     }
+    if _prefetch(cfg):
+        from timm.data.loader import fast_collate
+
+        common["collate_fn"] = fast_collate  # uint8 images stacked as they are
     train_gen = torch.Generator().manual_seed(cfg.seed + rank)
     val_gen = torch.Generator().manual_seed(cfg.seed + rank)
     train_loader = DataLoader(
@@ -637,6 +683,8 @@ def build_loaders(
         generator=val_gen,
         **common,
     )
+    if _prefetch(cfg):
+        return (*_device_side(cfg, train_loader, val_loader), num_classes)
     return train_loader, val_loader, num_classes
 
 
@@ -649,11 +697,12 @@ def set_epoch(loader: DataLoader, epoch: int, *, seed: int, rank: int = 0) -> No
     resumed in epoch ``e`` gives its workers the augmentation streams the uninterrupted run
     gave them, and each rank's workers draw their own.
     """
-    sampler = loader.sampler
+    inner = unwrap(loader)
+    sampler = inner.sampler
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
-    if loader.generator is not None:
-        loader.generator.manual_seed(mix_seed(seed, rank, epoch))
+    if inner.generator is not None:
+        inner.generator.manual_seed(mix_seed(seed, rank, epoch))
 
 
 def build_mixup(cfg: DataConfig, num_classes: int) -> Callable[..., Any] | None:

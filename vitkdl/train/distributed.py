@@ -30,17 +30,37 @@ class Dist:
         return self.world_size > 1
 
 
-def init_from_env() -> Dist:
-    """Join the process group torchrun set up; a plain process is rank 0 of 1."""
+def backend_for(device: str | None) -> str:
+    """NCCL when the run's device is a GPU (``--device`` left out and CUDA present, or
+    ``cuda[:N]``), gloo otherwise (``--device cpu`` on a GPU machine included)."""
+    wants_cuda = device is None or str(device).startswith("cuda")
+    return "nccl" if wants_cuda and torch.cuda.is_available() else "gloo"
+
+
+def init_from_env(device: str | None = None) -> Dist:
+    """Join the process group torchrun set up, for a run on ``device``; a plain process is
+    rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(device)
+        kwargs: dict[str, Any] = {}
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_rank)
+            # Bound to its GPU from the start: NCCL connects eagerly, and barriers know the
+            # device instead of guessing it.
+            kwargs["device_id"] = torch.device("cuda", local_rank)
+        dist.init_process_group(backend=backend, **kwargs)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of ``vitkdl run``), so the launcher sees a clean
+    exit and NCCL frees its resources."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> Dist:

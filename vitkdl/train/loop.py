@@ -33,7 +33,14 @@ from vitkdl.train.checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from vitkdl.train.data import DataConfig, build_loaders, build_mixup, mix_seed, set_epoch
+from vitkdl.train.data import (
+    DataConfig,
+    build_loaders,
+    build_mixup,
+    mix_seed,
+    set_epoch,
+    unwrap,
+)
 from vitkdl.train.report import PLOTS_MISSING, MetricsLog, write_curves
 from vitkdl.train.step import Update, configure_optimizer, model_param_groups, train_step
 
@@ -63,8 +70,9 @@ class RunOptions:
     resume_from: Path | None = None
 
 
-def data_config(plan: Plan) -> DataConfig:
-    """The data layer's view of the plan."""
+def data_config(plan: Plan, device: torch.device | None = None) -> DataConfig:
+    """The data layer's view of the plan; on a GPU, batches of decoded images travel as uint8
+    and are normalised there (``DataConfig.prefetch_device``)."""
     d, s = plan.data, plan.student
     return DataConfig(
         source=d.source,
@@ -84,6 +92,7 @@ def data_config(plan: Plan) -> DataConfig:
         interpolation=s.interpolation,
         crop_pct=s.crop_pct,
         seed=plan.seed,
+        prefetch_device=str(device) if device is not None and device.type == "cuda" else None,
     )
 
 
@@ -97,21 +106,28 @@ def _seed_everything(seed: int) -> None:
 def evaluate(
     predict: Any, loader: Any, device: torch.device, max_batches: int | None = None
 ) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of ``predict`` over ``loader``."""
-    correct1 = correct5 = total = 0
+    """Top-1 and top-5 accuracy (%) of ``predict`` over ``loader``.
+
+    A last, partial batch is padded to the loader's batch size and its padding ignored, so a
+    compiled ``predict`` sees one shape (one graph, no recompile). The counts stay on the
+    device until the end: one synchronisation per evaluation, not per batch.
+    """
+    size = unwrap(loader).batch_size
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1, top-5, images
     for i, (images, labels) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        images, labels = images.to(device), labels.to(device)
-        logits = predict(images).float()
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
+        n = labels.shape[0]
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if size is not None and n < size:
+            images = torch.cat([images, images.new_zeros((size - n, *images.shape[1:]))])
+        logits = predict(images)[:n].float()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = top.eq(labels[:, None])
-        correct1 += int(hits[:, 0].sum())
-        correct5 += int(hits.any(dim=-1).sum())
-        total += labels.numel()
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum(), labels.new_tensor(n)])
     # Each rank evaluates its own shard; the counts add up over ranks.
-    correct1, correct5, total = distributed.all_reduce_sum([correct1, correct5, total], device)
+    correct1, correct5, total = distributed.all_reduce_sum(counts.tolist(), device)
     return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
 
 
@@ -203,7 +219,7 @@ class Run:
             # Tiny models: thread hand-offs cost more than the maths (measured 5x on 2 cores).
             torch.set_num_threads(1)
         program = self.program = build(plan, device, load=opts.load_weights, runs_dir=opts.runs_dir)
-        self.cfg = data_config(plan)
+        self.cfg = data_config(plan, device)
         self.train_loader, self.val_loader, num_classes = build_loaders(
             self.cfg, distributed=job.enabled, rank=job.rank, world_size=job.world_size
         )
@@ -270,6 +286,8 @@ class Run:
                 updates_per_epoch=len(self.train_loader),
             )
         self.ema = timm.utils.ModelEmaV3(program.student, decay=plan.ema) if plan.ema else None
+        # The EMA copy is evaluated as the student is: under autocast, compiled with the step.
+        self.ema_predict = program.predictor(self.ema.module) if self.ema is not None else None
         self.update = Update(
             self.optimizer,
             program.trainable_parameters(),
@@ -332,6 +350,7 @@ class Run:
         plan = self.plan
         start = self.loop_start = time.perf_counter()
         self.last_log = start
+        self.last_info = "loss -"
         self.bad_terms: torch.Tensor | None = None
         self.program.train()
         try:
@@ -383,16 +402,25 @@ class Run:
         self._report(result)
 
     def _report(self, result: dict[str, torch.Tensor]) -> None:
-        """A log line (and metrics record) every ``log_every`` steps; the live bar between."""
+        """A log line (and metrics record) every ``log_every`` steps, the only steps that wait
+        for the device (one transfer of every term's value); between them the live bar moves
+        on host-side counts alone."""
         plan, step = self.plan, self.step
         if step % plan.log_every == 0 or step == self.total_steps:
             self._stop_if_not_finite(list(result))
+            values = dict(
+                zip(
+                    result,
+                    torch.stack([v.detach().float() for v in result.values()]).tolist(),
+                    strict=True,
+                )
+            )
             now = time.perf_counter()
             record = {
                 "kind": "train",
                 "step": step,
                 "epoch": self.epoch,
-                **{k: round(float(v.detach()), 6) for k, v in result.items()},
+                **{k: round(v, 6) for k, v in values.items()},
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "images_per_second": round(
                     plan.log_every * self.global_batch / (now - self.last_log), 2
@@ -401,16 +429,14 @@ class Run:
             self.last_log = now
             if self.log is not None:
                 self.log.write(record)
-            info = " ".join(f"{k} {float(v.detach()):.4g}" for k, v in result.items())
+            info = " ".join(f"{k} {v:.4g}" for k, v in values.items())
             info += f", lr {record['lr']:.3g}, {record['images_per_second']:.0f} img/s"
+            self.last_info = f"loss {values['loss']:.4g} at step {step}"
             self.progress.update(step, self.epoch, info, log_line=True)
         elif self.progress.live:
             rate = self.images_seen / max(time.perf_counter() - self.loop_start, 1e-9)
             self.progress.update(
-                step,
-                self.epoch,
-                f"loss {float(result['loss'].detach()):.4g}, {rate:.0f} img/s",
-                log_line=False,
+                step, self.epoch, f"{self.last_info}, {rate:.0f} img/s", log_line=False
             )
 
     def _end_of_epoch(self, epoch: int, stop: bool) -> None:
@@ -428,9 +454,9 @@ class Run:
                 self.program.predict, self.val_loader, self.device, self.opts.max_eval_batches
             )
             ema_top1 = None
-            if self.ema is not None:
+            if self.ema_predict is not None:
                 ema_top1, _ = evaluate(
-                    self.ema.module, self.val_loader, self.device, self.opts.max_eval_batches
+                    self.ema_predict, self.val_loader, self.device, self.opts.max_eval_batches
                 )
             self.program.train()
             self.best_top1 = max(self.best_top1, top1)

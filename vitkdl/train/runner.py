@@ -241,7 +241,7 @@ def run_many(
         write_comparison,
     )
 
-    job = distributed.init_from_env()
+    job = distributed.init_from_env(req.device)
     if not job.is_main:
         console = Console(quiet=True)  # rank 0 alone reports
     shown: dict[str, dict[str, Any]] = {}
