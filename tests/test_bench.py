@@ -241,3 +241,15 @@ def test_recipes_without_a_hand_written_peer_are_benched_without_it(tmp_path: Pa
     assert set(result.configs) == {"compiled", "eager", "floor"}
     assert result.ratios["compiled_vs_hooks"] is None
     assert any(n.startswith("hooks not measured") and "blocks.0.attn" in n for n in result.notes)
+
+
+def test_peak_flops_match_cards_strictly() -> None:
+    from vitkdl.bench import peak_flops_of
+
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_of("NVIDIA H100 NVL") == 835e12
+    assert peak_flops_of("NVIDIA H200") == 989e12
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_of("NVIDIA H100 XYZ") is None  # unknown variant: no MFU, not a guess
+    assert peak_flops_of("NVIDIA GeForce RTX 4090") is None

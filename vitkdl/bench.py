@@ -96,12 +96,16 @@ __all__ = [
 BACKENDS = ("inductor", "aot_eager", "eager")
 FLOOR_MODES = ("auto", "eager", "compiled", "best")
 
-#: Dense bf16/fp16 tensor-core peak FLOP/s by card name (first match wins).
+#: Dense bf16/fp16 tensor-core peak FLOP/s by card, as ``torch.cuda.get_device_name`` spells
+#: it (a regular expression, searched; the first match wins). Cards not listed (an H100 NVL or
+#: PCIe variant we have not seen, consumer cards) get no MFU rather than a wrong one.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
+    (r"\bH100 PCIe\b", 756e12),
+    (r"\bH100 NVL\b", 835e12),
+    (r"\bH100 (80GB HBM3|SXM)", 989e12),
+    (r"\bH200 NVL\b", 835e12),
+    (r"\bH200( SXM| 141GB|$)", 989e12),
+    (r"\bA100\b", 312e12),
 )
 
 Progress = Callable[[str], None]
@@ -181,8 +185,14 @@ def peak_flops(device: torch.device) -> float | None:
     """The card's dense bf16/fp16 peak FLOP/s from :data:`PEAK_FLOPS`, or None."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
+    """The dense bf16/fp16 peak of a card by its CUDA name, or None when unknown."""
+    import re
+
+    return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, name)), None)
 
 
 def _sync(device: torch.device) -> None:
