@@ -413,8 +413,13 @@ def test_the_device_side_input_path_gives_the_same_batches(tmp_path: Path) -> No
             for i in range(4):
                 pixels = np.random.default_rng(10 * c + i).integers(0, 255, (20, 20, 3))
                 Image.fromarray(pixels.astype("uint8")).save(folder / f"{i}.png")
-    common = {"source": "imagefolder", "root": str(root), "image_size": 16, "batch_size": 4,
-              "augment": "none"}
+    common = {
+        "source": "imagefolder",
+        "root": str(root),
+        "image_size": 16,
+        "batch_size": 4,
+        "augment": "none",
+    }
     plain = build_loaders(DataConfig(**common))
     device_side = build_loaders(DataConfig(**common, prefetch_device="cpu"))
     inner = next(iter(device_side[0].loader))[0]

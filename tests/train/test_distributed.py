@@ -4,6 +4,7 @@ global batch."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -192,3 +193,49 @@ def test_fsdp_checkpoints_load_on_one_device(tmp_path) -> None:
         == 0
     )
     assert json.loads((runs / "pair" / "summary.json").read_text())["steps"] == 16
+
+
+DDP_COMPILE = """
+import json, os, sys, torch, torch.distributed as dist
+import vitkdl
+from vitkdl.train.step import Update, configure_optimizer, model_param_groups, train_step
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+plan = vitkdl.plan(vitkdl.load(sys.argv[2], overrides={"data.source": "synthetic",
+                                                        "teacher.depth": 2}, strict=False))
+x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+losses = {}
+for name in ("plain", "ddp"):
+    torch.manual_seed(0)
+    p = vitkdl.build(plan, "cpu", load=False, compile="default")
+    if name == "ddp":
+        p.distribute(None)
+    groups = model_param_groups(p.student, p.terms.named_parameters(), 0.05)
+    u = Update(configure_optimizer(plan, groups), p.trainable_parameters(), 1.0,
+               torch.device("cpu"), None)
+    torch.manual_seed(1)
+    losses[name] = [float(train_step(p.step, u, x, y)["loss"].detach()) for _ in range(3)]
+print(json.dumps(losses))
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_with_torch_compile_matches_the_compiled_step(tmp_path) -> None:
+    """DDP's graph splitting (dynamo's DDP optimizer) with inductor, in one gloo process:
+    the same losses as the plain compiled step (this failed in backward before term values
+    were stacked; see program.term_losses)."""
+    script = tmp_path / "ddp_compile.py"
+    script.write_text(DDP_COMPILE)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    proc = subprocess.run(
+        [sys.executable, str(script), "29561", str(ROOT / "recipes" / "quickstart.vkd")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain, ddp = losses["plain"], losses["ddp"]
+    assert plain == pytest.approx(ddp, rel=1e-6) and len(plain) == 3
