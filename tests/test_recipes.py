@@ -39,4 +39,8 @@ def test_each_ablation_changes_one_thing_of_the_paper_recipe(path) -> None:
     assert spec.extends == ("recipes/deit_tiny_vitkd.vkd", "recipes/base/deit_imagenet.vkd")
     paper = vitkdl.load(RECIPES / "deit_tiny_vitkd.vkd")
     assert (spec.student, spec.teacher, spec.data, spec.train) == (
-        paper.student, paper.teacher, paper.data, paper.train)
+        paper.student,
+        paper.teacher,
+        paper.data,
+        paper.train,
+    )

@@ -115,6 +115,31 @@ def evaluate(
     return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
 
 
+@torch.no_grad()
+def evaluate_heads(
+    predict_heads: Any, loader: Any, device: torch.device, max_batches: int | None = None
+) -> tuple[float, float, float, float]:
+    """A distilled student's top-1 and top-5 (%) with its two heads averaged (timm's
+    inference rule), and each head's own top-1: ``(top1, top5, class_top1, dist_top1)``."""
+    counts = [0, 0, 0, 0, 0]  # averaged top-1, top-5, class head, distillation head, total
+    for i, (images, labels) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        images, labels = images.to(device), labels.to(device)
+        cls, dist = (x.float() for x in predict_heads(images))
+        logits = (cls + dist) / 2
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hits = top.eq(labels[:, None])
+        counts[0] += int(hits[:, 0].sum())
+        counts[1] += int(hits.any(dim=-1).sum())
+        counts[2] += int(cls.argmax(dim=-1).eq(labels).sum())
+        counts[3] += int(dist.argmax(dim=-1).eq(labels).sum())
+        counts[4] += labels.numel()
+    c = distributed.all_reduce_sum(counts, device)
+    top1, top5, class_top1, dist_top1 = (100.0 * x / max(c[4], 1) for x in c[:4])
+    return top1, top5, class_top1, dist_top1
+
+
 class Progress:
     """Rich progress bars on a terminal; one plain line per interval otherwise."""
 
@@ -424,9 +449,18 @@ class Run:
         position = (epoch + 1, 0) if done else (epoch, self.batch_in_epoch)
         if last_epoch or (epoch + 1) % plan.eval_every == 0:
             self.program.eval()
-            top1, top5 = evaluate(
-                self.program.predict, self.val_loader, self.device, self.opts.max_eval_batches
-            )
+            heads: dict[str, float] = {}
+            if self.program.distilled:  # the two heads trained apart: each one's top-1 too
+                top1, top5, heads["class_head_top1"], heads["dist_head_top1"] = evaluate_heads(
+                    self.program.predict_heads,
+                    self.val_loader,
+                    self.device,
+                    self.opts.max_eval_batches,
+                )
+            else:
+                top1, top5 = evaluate(
+                    self.program.predict, self.val_loader, self.device, self.opts.max_eval_batches
+                )
             ema_top1 = None
             if self.ema is not None:
                 ema_top1, _ = evaluate(
@@ -441,6 +475,7 @@ class Run:
                 "top1": top1,
                 "top5": top5,
                 "ema_top1": ema_top1,
+                **heads,
             }
             self.history.append(record)
             if self.log is not None:
@@ -448,6 +483,12 @@ class Run:
             self.progress.note(
                 f"  epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}%"
                 + (f" (EMA {ema_top1:.2f}%)" if ema_top1 is not None else "")
+                + (
+                    f"; class head {heads['class_head_top1']:.2f}%, distillation head "
+                    f"{heads['dist_head_top1']:.2f}%"
+                    if heads
+                    else ""
+                )
             )
             if top1 >= self.best_top1:
                 self.save(*position, "best.pt")
@@ -520,6 +561,9 @@ class Run:
             "top5": last.get("top5"),
             "best_top1": self.best_top1 if self.history else None,
             "ema_top1": last.get("ema_top1"),
+            # A distilled student whose heads were trained apart (a token term): each head.
+            "class_head_top1": last.get("class_head_top1"),
+            "dist_head_top1": last.get("dist_head_top1"),
             "teacher_top1": self.teacher_top1,
             "epochs": self.epoch + 1,
             "steps": self.step,
