@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vitkdl
+from tests.test_program import one_graph
 from vitkdl.cli import main
 from vitkdl.terms import KINDS
 from vitkdl.terms.token import module_class, reference_class
@@ -70,6 +71,7 @@ def test_the_class_head_learns_the_labels_the_distillation_head_the_teacher(
     program.train()
     torch.manual_seed(0)
     out = program.forward(images, labels)
+    assert torch.equal(one_graph(program, images, labels)["labels"], out["labels"])
     with torch.no_grad():
         cls, dist = program.student(images)  # timm's two heads in distilled training
         teacher = program.teacher(images)
