@@ -9,6 +9,7 @@ weights file that is not there yet) is an error there.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from vitkdl import hub
 from vitkdl.errors import Diagnostic, error, one_of, warning
 from vitkdl.models import ModelError, ModelFacts, model_facts
-from vitkdl.sources import known_classes
+from vitkdl.sources import expand_braces, known_classes, source
 from vitkdl.spec import ModelSpec, PairedTermSpec, RecipeSpec, SliceSpec, TapSpec
 from vitkdl.terms import KINDS, needs_teacher
 from vitkdl.terms.base import TapPoint
@@ -290,6 +291,9 @@ def check_data(ctx: Context) -> Iterable[Diagnostic]:
     """An imagefolder root exists and has train/ and val/ (a warning until ``run``)."""
     data = ctx.spec.data
     report = error if ctx.strict else warning
+    if source(data.source).package is not None:
+        yield from _check_reader_data(ctx)
+        return
     if data.source != "imagefolder":
         if data.root is not None:
             yield warning(f"data.root is not used by the {data.source} data", data.at("root"))
@@ -315,6 +319,80 @@ def check_data(ctx: Context) -> Iterable[Diagnostic]:
                 f"data root {data.root} has no {split}/ folder",
                 data.at("root"),
                 expected=f"{data.root}/{split}/<class>/<images>",
+            )
+
+
+def _check_reader_data(ctx: Context) -> Iterable[Diagnostic]:
+    """``hfds`` and ``wds``: the optional package, where the data is, that it is there."""
+    data = ctx.spec.data
+    facts = source(data.source)
+    report = error if ctx.strict else warning
+    if importlib.util.find_spec(facts.package or "") is None:
+        yield report(
+            f"data {data.source} needs the {facts.package} package, which is not installed",
+            data.at("source"),
+            hint=f'pip install -e ".[{facts.extra}]" (or pip install {facts.package})',
+        )
+    if data.source == "hfds":
+        if data.name is not None and data.root is not None:
+            yield error(
+                "data hfds takes a hub name or a local directory, not both",
+                data.at("root"),
+                hint='keep name = "org/dataset" or root = "DIR" (written by save_to_disk)',
+            )
+        elif data.name is None and data.root is None:
+            yield report(
+                "data hfds has neither name nor root",
+                data.at("source"),
+                hint='set name = "org/dataset" (the hub, through the datasets cache) or '
+                "--set data.root=DIR (a directory written by save_to_disk)",
+            )
+        elif data.root is not None and not Path(data.root).is_dir():
+            yield report(
+                f"data root {data.root} does not exist",
+                data.at("root"),
+                expected="a directory written by datasets' save_to_disk",
+            )
+        return
+    for field_name in ("root", "val_root"):
+        pattern = getattr(data, field_name)
+        if pattern is None:
+            yield report(
+                f"data wds has no {field_name}",
+                data.at("source"),
+                hint=f"pass --set data.{field_name}=shards/"
+                f"{'train' if field_name == 'root' else 'val'}-{{0000..0099}}.tar",
+            )
+            continue
+        shards = expand_braces(pattern)
+        missing = [x for x in shards if not Path(x).is_file()]
+        if missing:
+            yield report(
+                f"{len(missing)} of the {len(shards)} shards of data.{field_name} do not exist "
+                f"({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''})",
+                data.at(field_name),
+                hint=f"pass --set data.{field_name}=... (paths are relative to the working "
+                "directory)",
+            )
+
+
+def check_source_fields(ctx: Context) -> Iterable[Diagnostic]:
+    """Fields of a data block that its source does not read."""
+    data = ctx.spec.data
+    users = {
+        "name": ("hfds",),
+        "split": ("hfds",),
+        "val_split": ("hfds",),
+        "val_root": ("wds",),
+        "image_key": ("hfds", "wds"),
+        "label_key": ("hfds", "wds"),
+    }
+    for name, sources in users.items():
+        if name in data.spans and data.source not in sources:
+            yield warning(
+                f"data.{name} is not used by the {data.source} data",
+                data.at(name),
+                hint=f"it applies to data {' and '.join(sources)}",
             )
 
 
@@ -462,6 +540,7 @@ CHECKS: tuple[Check, ...] = (
     check_weights,
     check_schedule,
     check_unused_fields,
+    check_source_fields,
 )
 
 

@@ -101,6 +101,13 @@ class DataPlan(_Plain):
     num_classes: int
     train_images: int | None
     val_images: int | None
+    # hfds / wds (see vitkdl.sources): hub name, splits, validation shards, columns
+    name: str | None = None
+    split: str = "train"
+    val_split: str | None = None
+    val_root: str | None = None
+    image_key: str | None = None
+    label_key: str | None = None
 
 
 class OptimizerPlan(_Plain):
@@ -290,6 +297,12 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
             num_classes=student.num_classes,
             train_images=train_images,
             val_images=val_images,
+            name=data.name,
+            split=data.split,
+            val_split=data.val_split,
+            val_root=data.val_root,
+            image_key=data.image_key,
+            label_key=data.label_key,
         ),
         optimizer=OptimizerPlan(
             name=opt.name,

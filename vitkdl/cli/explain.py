@@ -211,9 +211,21 @@ def render_plan(plan: Plan, out: Console) -> None:
         if d.train_images is not None
         else ""
     )
+    where = " ".join(
+        x
+        for x in (
+            d.name,
+            d.root,
+            f"(split {d.split}, validation {d.val_split or 'validation'})"
+            if d.source == "hfds"
+            else None,
+            f"(validation {d.val_root})" if d.val_root else None,
+        )
+        if x
+    )
     setup.add_row(
         "data",
-        escape(f"{d.source}{' ' + d.root if d.root else ''}{sizes}, {d.num_classes} classes"),
+        escape(f"{d.source}{' ' + where if where else ''}{sizes}, {d.num_classes} classes"),
     )
     setup.add_row(
         "images",

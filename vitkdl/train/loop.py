@@ -84,6 +84,12 @@ def data_config(plan: Plan) -> DataConfig:
         interpolation=s.interpolation,
         crop_pct=s.crop_pct,
         seed=plan.seed,
+        name=d.name,
+        split=d.split,
+        val_split=d.val_split,
+        val_root=d.val_root,
+        image_key=d.image_key,
+        label_key=d.label_key,
     )
 
 
