@@ -265,7 +265,7 @@ def test_what_timms_own_tasks_can_express(tmp_path: Path, tiny: Path) -> None:
     path.write_text(TOKEN)
     plan = vitkdl.plan(vitkdl.load(path))
     assert timm_task_kwargs(plan) == {
-        "task": "token",
+        "task": "TokenDistillationTask",
         "distill_type": "soft",
         "temperature": 2.0,
         "distill_loss_weight": 0.5,
@@ -275,7 +275,7 @@ def test_what_timms_own_tasks_can_express(tmp_path: Path, tiny: Path) -> None:
     path.write_text(
         TOKEN.replace("token { mode = soft  temperature = 2.0", "kd { temperature = 3.0")
     )
-    assert timm_task_kwargs(vitkdl.plan(vitkdl.load(path)))["task"] == "logit"
+    assert timm_task_kwargs(vitkdl.plan(vitkdl.load(path)))["task"] == "LogitDistillationTask"
     with pytest.raises(BenchError, match="cannot express the mimic term 'mimic'"):
         timm_task_kwargs(vitkdl.plan(vitkdl.load(tiny)))
     path.write_text(

@@ -649,12 +649,9 @@ def _timm_timer(s: _Setup) -> _Timer:
         "device": s.device,
         "verbose": False,
     }
-    if kwargs["task"] == "token":
-        task: nn.Module = timm.task.TokenDistillationTask(
-            student, teacher, distill_type=kwargs["distill_type"], **common
-        )
-    else:
-        task = timm.task.LogitDistillationTask(student, teacher, **common)
+    if "distill_type" in kwargs:
+        common["distill_type"] = kwargs["distill_type"]
+    task: nn.Module = getattr(timm.task, kwargs["task"])(student, teacher, **common)
     task.train()
     if s.backend == "inductor":
         task.compile(mode=s.mode)

@@ -89,7 +89,7 @@ def test_the_class_head_learns_the_labels_the_distillation_head_the_teacher(
         c, d = program.predict_heads(images)
         torch.testing.assert_close(program.student_logits(images), (c + d) / 2)
     assert KINDS["token"].timm_task(next(t for t in plan.terms if t.kind == "token")) == {
-        "task": "token",
+        "task": "TokenDistillationTask",
         "distill_type": "soft",
         "temperature": 2.0,
         "distill_loss_weight": 0.5,

@@ -266,10 +266,11 @@ class Kind:
         return None
 
     def timm_task(self, entry: TermPlan) -> dict[str, Any] | None:
-        """How timm's own training tasks (``timm.task``) express this term, as keyword
-        arguments of the task (``{"task": "logit" | "token", ...}``; the label loss gives the
-        task loss's weight), or None when they cannot: ``vitkdl bench`` measures timm's task
-        as a peer only when every term of a recipe maps onto one task."""
+        """How timm's own training tasks (``timm.task``) express this term: the task's class
+        name and keyword arguments (``{"task": "LogitDistillationTask", "temperature": ...}``;
+        the label loss gives the task loss's weight and no class), or None when they cannot:
+        ``vitkdl bench`` measures timm's task as a peer only when every term of a recipe maps
+        onto one task."""
         return None
 
 

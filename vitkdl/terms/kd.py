@@ -77,7 +77,11 @@ class KD(Kind):
 
     def timm_task(self, entry: TermPlan) -> dict[str, Any] | None:
         o = KDOptions.model_validate(entry.options)
-        return {"task": "logit", "temperature": o.temperature, "distill_loss_weight": entry.weight}
+        return {
+            "task": "LogitDistillationTask",
+            "temperature": o.temperature,
+            "distill_loss_weight": entry.weight,
+        }
 
 
 KIND = KD()

@@ -120,7 +120,7 @@ class Token(Kind):
     def timm_task(self, entry: TermPlan) -> dict[str, Any] | None:
         o = TokenOptions.model_validate(entry.options)
         return {
-            "task": "token",
+            "task": "TokenDistillationTask",
             "distill_type": o.mode,
             "temperature": o.temperature or 1.0,
             "distill_loss_weight": entry.weight,
