@@ -209,6 +209,15 @@ def check_sharded_taps(ctx: Context) -> Iterable[Diagnostic]:
     blocks need ``shard = none``."""
     if ctx.spec.train.shard != "fsdp":
         return
+    for role in ("student", "teacher"):  # sharded per ViT block
+        facts, model = ctx.facts(role), getattr(ctx.spec, role)
+        if facts is not None and model is not None and not facts.vit:
+            yield error(
+                f"shard = fsdp shards per ViT block, and the {role} {facts.name} "
+                f"({facts.family}) has none",
+                ctx.spec.train.at("shard"),
+                hint="train with shard = none (DDP)",
+            )
     for term in _paired(ctx.spec):
         for tap in (*term.student, *term.teacher):
             if tap.sub in ("attn", "attn_map"):
