@@ -410,6 +410,13 @@ class StudentSide(nn.Module):
         with _autocast(images.device.type, self.autocast_dtype):
             return single_logits(self.student(images))
 
+    def heads(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """A distilled student's class and distillation logits, for evaluation (eval mode;
+        their mean is what :meth:`logits` returns)."""
+        with _autocast(images.device.type, self.autocast_dtype):
+            x = self.student.forward_features(images)
+            return self.student.head(x[:, 0]), self.student.head_dist(x[:, 1])
+
     def forward(
         self, images: Tensor, targets: Tensor, t_logits: Tensor | None, t_taps: dict[str, Tensor]
     ) -> dict[str, Tensor]:
@@ -546,6 +553,7 @@ class Program(nn.Module):
         fully_shard(self.core)
         # Methods other than forward must gather the shards too.
         register_fsdp_forward_method(self.core, "logits")
+        register_fsdp_forward_method(self.core, "heads")
         if self.teacher is not None:
             for block in self.teacher.blocks:
                 fully_shard(block)
@@ -555,6 +563,7 @@ class Program(nn.Module):
         self._dist.sharded = True
         self.step = self.forward
         self.predict = self.core.logits
+        self.predict_heads = self.core.heads
 
     @property
     def sharded(self) -> bool:
@@ -588,9 +597,7 @@ class Program(nn.Module):
     def student_heads(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """A distilled student's class and distillation logits (for evaluation, eval mode;
         their mean is what :meth:`student_logits` returns)."""
-        with self._autocast(images.device.type):
-            x = self.student.forward_features(images)
-            return self.student.head(x[:, 0]), self.student.head_dist(x[:, 1])
+        return self.core.heads(images)
 
     def teacher_input(self, images: Tensor) -> Tensor:
         """The student's input batch as the teacher's pretrained config wants it: normalised
