@@ -1,6 +1,7 @@
 """Data layer of the ViTKD trainer: datasets, loaders and mixup/cutmix.
 
-Three sources are supported (``DataConfig.source``):
+Five sources are supported (``DataConfig.source``); ``hfds`` (Hugging Face datasets) and
+``wds`` (webdataset shards) live in :mod:`vitkdl.train.readers`, the other three here:
 
 ``"digits"``
     the 1797 8x8 handwritten digits that scikit-learn bundles, embedded in the package
