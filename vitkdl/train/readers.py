@@ -272,8 +272,10 @@ def scan_shards(urls: Sequence[str], label_key: str | None) -> list[tuple[int, i
     """``(samples, largest label)`` per local shard, read from the tar headers (and the small
     label members), without decoding an image."""
     out = []
+    label_ext = "json" if label_key else "cls"
     for url in urls:
-        samples: dict[str, int] = {}
+        images: set[str] = set()
+        largest = -1
         try:
             with tarfile.open(url) as tar:
                 for member in tar:
@@ -281,15 +283,13 @@ def scan_shards(urls: Sequence[str], label_key: str | None) -> list[tuple[int, i
                         continue
                     key, ext = _split_key(member.name)
                     if ext in WDS_IMAGE_KEYS:
-                        samples.setdefault(key, -1)
-                    label_ext = "json" if label_key else "cls"
-                    if ext == label_ext:
+                        images.add(key)
+                    elif ext == label_ext:
                         raw = tar.extractfile(member)
-                        label = _label(raw.read() if raw else b"", label_key)
-                        samples[key] = max(samples.get(key, -1), label)
-        except (OSError, tarfile.TarError, ValueError) as exc:
+                        largest = max(largest, _label(raw.read() if raw else b"", label_key))
+        except (OSError, tarfile.TarError, ValueError, KeyError) as exc:
             raise DataError(f"cannot read webdataset shard {url}: {exc}") from None
-        out.append((len(samples), max(samples.values(), default=-1)))
+        out.append((len(images), largest))
     return out
 
 
