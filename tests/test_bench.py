@@ -18,6 +18,7 @@ from vitkdl.bench import (
     bench_plan,
     register_feature_hooks,
     run_bench,
+    timm_task_kwargs,
 )
 from vitkdl.cli import main
 from vitkdl.planner import TapPoint
@@ -253,3 +254,88 @@ def test_peak_flops_match_cards_strictly() -> None:
     assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops_of("NVIDIA H100 XYZ") is None  # unknown variant: no MFU, not a guess
     assert peak_flops_of("NVIDIA GeForce RTX 4090") is None
+
+
+TOKEN = """recipe token_bench
+teacher vit_tiny_patch16_224 {
+    img_size = 16  patch_size = 4  depth = 1  embed_dim = 48  num_heads = 2  num_classes = 10
+}
+student deit_tiny_distilled_patch16_224 {
+    img_size = 16  patch_size = 4  depth = 1  embed_dim = 32  num_heads = 2  num_classes = 10
+}
+distill {
+    token { mode = soft  temperature = 2.0  weight = 0.5 }
+    labels { weight = 0.5 }
+}
+data synthetic { batch_size = 8  size = 32 }
+train { epochs = 1  precision = fp32  compile = off }
+"""
+
+
+def test_what_timms_own_tasks_can_express(tmp_path: Path, tiny: Path) -> None:
+    path = tmp_path / "token.vkd"
+    path.write_text(TOKEN)
+    plan = vitkdl.plan(vitkdl.load(path))
+    assert timm_task_kwargs(plan) == {
+        "task": "TokenDistillationTask",
+        "distill_type": "soft",
+        "temperature": 2.0,
+        "distill_loss_weight": 0.5,
+        "task_loss_weight": 0.5,
+        "smoothing": 0.0,
+    }
+    path.write_text(
+        TOKEN.replace("token { mode = soft  temperature = 2.0", "kd { temperature = 3.0")
+    )
+    assert timm_task_kwargs(vitkdl.plan(vitkdl.load(path)))["task"] == "LogitDistillationTask"
+    with pytest.raises(BenchError, match="cannot express the mimic term 'mimic'"):
+        timm_task_kwargs(vitkdl.plan(vitkdl.load(tiny)))
+    path.write_text(
+        TOKEN.replace(
+            "img_size = 16  patch_size = 4  depth = 1  embed_dim = 48",
+            "img_size = 32  patch_size = 4  depth = 1  embed_dim = 48",
+        )
+    )
+    with pytest.raises(BenchError, match="resizes the teacher's input to 32x32"):
+        timm_task_kwargs(vitkdl.plan(vitkdl.load(path)))
+
+
+def test_timms_token_task_computes_the_same_loss(tmp_path: Path) -> None:
+    import timm.task
+
+    path = tmp_path / "token.vkd"
+    path.write_text(TOKEN)
+    plan = vitkdl.plan(vitkdl.load(path))
+    program = vitkdl.build(plan, "cpu", load=False)
+    program.train()
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([1, 2, 3, 4])
+    ours = program.forward(images, labels)["loss"]
+    task = timm.task.TokenDistillationTask(
+        program.student,
+        program.teacher,
+        criterion=torch.nn.CrossEntropyLoss(),
+        distill_type="soft",
+        temperature=2.0,
+        distill_loss_weight=0.5,
+        task_loss_weight=0.5,
+        verbose=False,
+    )
+    task.train()
+    torch.testing.assert_close(task(images, labels)["loss"], ours, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_measures_timms_own_task_as_a_peer(tmp_path: Path) -> None:
+    path = tmp_path / "token.vkd"
+    path.write_text(TOKEN)
+    result = run_bench(
+        path,
+        steps=1,
+        warmup=1,
+        device="cpu",
+        compile_backend="eager",
+        breakdown=False,
+        loader=False,
+    )
+    assert set(result.configs) == {"compiled", "eager", "hooks", "timm", "floor"}
+    assert result.ratios["compiled_vs_timm"] > 0

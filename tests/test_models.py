@@ -180,13 +180,25 @@ def test_bad_argument() -> None:
     assert info.value.suggestions[0] == "depth"
 
 
-def test_not_vit() -> None:
-    with pytest.raises(ModelError) as info:
-        model_facts("resnet18")
-    err = info.value
-    assert err.kind == "not_vit"
-    for word in ("blocks", "patch_embed", "forward_intermediates"):
-        assert word in err.message
+def test_a_classifier_without_vit_blocks_has_facts_for_logit_terms() -> None:
+    facts = model_facts("resnet18", {"num_classes": 10})
+    assert not facts.vit and facts.not_vit and "blocks" in facts.not_vit
+    assert (facts.family, facts.embed_dim, facts.depth, facts.grid) == ("ResNet", 512, 0, (0, 0))
+    assert (facts.img_size, facts.in_chans, facts.num_classes) == ((224, 224), 3, 10)
+    assert facts.crop_pct == 0.95 and facts.flops > 3e9  # its own pretrained config
+    assert (facts.pretrained_tag, facts.hf_hub_id) == ("a1_in1k", "timm/resnet18.a1_in1k")
+    # a CNN takes no img_size: it is the resolution the model is fed, not a timm argument
+    small = model_facts("resnet18", {"num_classes": 10, "img_size": 32})
+    assert small.img_size == (32, 32) and not small.takes_img_size
+    assert small.flops < facts.flops / 40
+
+
+def test_a_distilled_deit_and_a_dinov2_with_registers() -> None:
+    deit = model_facts("deit_tiny_distilled_patch16_224", {"depth": 1})
+    assert deit.vit and deit.distilled and deit.num_prefix_tokens == 2
+    dino = model_facts("vit_small_patch14_reg4_dinov2", {"img_size": 224, "depth": 1})
+    assert dino.vit and not dino.distilled and dino.num_prefix_tokens == 5
+    assert dino.grid == (16, 16) and dino.patch_size == (14, 14)
 
 
 def test_build_failed_is_one_line() -> None:

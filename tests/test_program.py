@@ -20,6 +20,7 @@ import vitkdl
 from tests.conftest import RECIPES, shipped_recipes
 from vitkdl import program as program_module
 from vitkdl.errors import VkdError
+from vitkdl.models import model_facts
 from vitkdl.planner import TapPoint
 from vitkdl.program import Program, resolve_compile, resolve_precision
 from vitkdl.runs import run_dir
@@ -57,7 +58,9 @@ def reduced(path: Path) -> dict[str, object]:
         }
     )
     if spec.teacher is not None and spec.teacher.from_recipe is None:
-        over.update({"teacher.depth": 2, "teacher.img_size": 32, "teacher.num_classes": 10})
+        over.update({"teacher.img_size": 32, "teacher.num_classes": 10})
+        if model_facts(spec.teacher.model).vit:  # a CNN teacher keeps its depth
+            over["teacher.depth"] = 2
     return over
 
 
@@ -202,11 +205,15 @@ def test_compile_report_one_graph_no_breaks(acceptance: Program) -> None:
 
 
 # The ablations repeat the paper recipe's pair with one term changed (each kind of change is in
-# the fast tier through test_sub_block_taps_relation_maps_and_generators_are_one_graph).
+# the fast tier through test_sub_block_taps_relation_maps_and_generators_are_one_graph); the
+# token recipes' RegNetY-16GF takes 6-9 s to trace (the token term's graph is in the fast tier
+# through tests/terms/test_token.py, a CNN teacher's through test_a_cnn_teacher_...).
 @pytest.mark.parametrize(
     "path",
     [
-        pytest.param(p, marks=pytest.mark.slow) if p.parent.name == "ablations" else p
+        pytest.param(p, marks=pytest.mark.slow)
+        if p.parent.name == "ablations" or p.stem.endswith("_token")
+        else p
         for p in shipped_recipes()
     ],
     ids=lambda p: p.stem,
@@ -831,3 +838,113 @@ def test_sub_block_taps_relation_maps_and_generators_are_one_graph(tmp_path: Pat
     assert all(p.grad is None for p in program.teacher.parameters())
     report = program.compile_report(*batch(program))
     assert (report.graphs, report.breaks, report.recompiles) == (1, 0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Teachers as users have them: any timm classifier, its own resolution, another token grid
+
+
+def test_a_cnn_teacher_for_logit_terms_sees_its_own_resolution(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "cnn",
+        "teacher resnet18 { img_size = 24  num_classes = 10 }\n"
+        "student vit_tiny_patch16_224 { img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  "
+        "num_heads = 2  num_classes = 10 }\n"
+        "data synthetic { image_size = 16 }\n"
+        "distill { kd { temperature = 2.0 } }\n",
+    )
+    program = build(path)
+    t = program.plan.teacher
+    assert t is not None and not t.vit and t.input_size == (24, 24)
+    assert "img_size" not in t.timm_kwargs  # a ResNet takes none: it is only its input size
+    assert program.teacher_resize == ((24, 24), "bicubic")
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    program.eval()
+    with torch.no_grad():
+        seen = program.teacher_input(images)
+        assert seen.shape == (2, 3, 24, 24)  # affine to its statistics, then resized
+        scale, shift = program.teacher_scale, program.teacher_shift
+        expected_in = torch.nn.functional.interpolate(
+            images * scale + shift, size=(24, 24), mode="bicubic", align_corners=False
+        )
+        assert torch.allclose(seen, expected_in, atol=1e-6)
+        out = program.forward(images, labels)
+        expected = 4.0 * torch.nn.functional.kl_div(
+            torch.log_softmax(program.student(images) / 2, -1),
+            torch.softmax(program.teacher(expected_in) / 2, -1),
+            reduction="batchmean",
+        )
+        assert torch.allclose(out["kd"], expected, atol=1e-5)
+    program.train()
+    check_out(one_graph(program, images, labels), ["kd", "labels"])
+
+
+DINO = (
+    "teacher vit_small_patch14_reg4_dinov2 { img_size = 56  depth = 2  embed_dim = 32  "
+    "num_heads = 2  num_classes = 10 }\n"
+    "student deit_tiny_patch16_224 { img_size = 24  patch_size = 8  depth = 2  embed_dim = 16  "
+    "num_heads = 2  num_classes = 10 }\n"
+    "data synthetic { image_size = 24 }\n"
+    "distill {\n"
+    "    mimic student.blocks[0, 1] -> teacher.blocks[0, 1] { weight = 1e-3 }\n"
+    "    mimic student.blocks[1].attn -> teacher.blocks[1].attn as mha { resample = area }\n"
+    "    generate student.norm -> teacher.norm { weight = 1e-4 }\n"
+    "    kd { }\n"
+    "}\n"
+)
+
+
+def test_a_dinov2_teacher_with_registers_on_another_grid(tmp_path: Path, capsys) -> None:
+    from vitkdl.cli import main
+
+    path = write(tmp_path, "dino", DINO)
+    assert main(["explain", str(path)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "16 on a 4x4 grid (+5 prefix)" in text and "9 on a 3x3 grid (+1 prefix)" in text
+    assert "teacher grid 4x4 -> student grid 3x3 (bilinear resampling" in text
+    assert "teacher grid 4x4 -> student grid 3x3 (area resampling" in text
+    assert "resizes the teacher's input to 56x56 (bicubic)" in text
+    program = build(path)
+    gen = next(t for t in program.plan.terms if t.kind == "generate")
+    assert gen.options["grid"] == (3, 3) and gen.teacher_shape == [9, 32]
+    images, labels = torch.randn(2, 3, 24, 24), torch.tensor([1, 2])
+    program.eval()
+    with torch.no_grad():
+        out = program.forward(images, labels)
+        # by hand: the teacher alone on its own input, its patch tokens (5 prefix tokens
+        # dropped) laid on its 4x4 grid and interpolated to the student's 3x3
+        _, feats = program.teacher.forward_intermediates(
+            program.teacher_input(images), indices=[0, 1], output_fmt="NLC"
+        )
+        _, s_feats = program.student.forward_intermediates(images, indices=[0, 1])
+        total = 0.0
+        for i, (s, t) in enumerate(zip(s_feats, feats, strict=True)):
+            assert t.shape == (2, 16, 32)
+            grid = t.transpose(1, 2).reshape(2, 32, 4, 4)
+            t3 = torch.nn.functional.interpolate(grid, size=(3, 3), mode="bilinear")
+            t3 = t3.flatten(2).transpose(1, 2)
+            s = s.flatten(2).transpose(1, 2)
+            pred = program.terms["mimic"].align[i](s)
+            total = total + (pred - t3).pow(2).sum() / 2
+        assert torch.allclose(out["mimic"], 1e-3 * total, rtol=1e-5)
+    program.train()
+    out = one_graph(program, images, labels)
+    check_out(out, ["mimic", "mha", "generate", "kd", "labels"])
+    out["loss"].backward()  # it trains: the student and every adapter get gradients
+    assert all(p.grad is not None for p in program.trainable_parameters())
+    assert all(p.grad is None for p in program.teacher.parameters())
+
+
+def test_resample_tokens() -> None:
+    from vitkdl.terms._torch import resample_tokens
+
+    x = torch.randn(2, 16, 5)
+    assert torch.equal(resample_tokens(x, (4, 4), (4, 4), "area"), x)
+    area = resample_tokens(x, (4, 4), (2, 2), "area")
+    grid = x.transpose(1, 2).reshape(2, 5, 4, 4)
+    assert torch.allclose(area[:, 0], grid[:, :, :2, :2].mean(dim=(2, 3)))  # a 2x2 cell's mean
+    up = resample_tokens(x, (4, 4), (8, 8), "bilinear")
+    assert up.shape == (2, 64, 5)
+    with pytest.raises(ValueError, match="do not lie on a 3x3 grid"):
+        resample_tokens(x, (3, 3), (2, 2), "area")

@@ -96,7 +96,7 @@ def test_different_grids_are_refused_with_the_reason(tmp_path) -> None:
     "teacher, message",
     [
         ("deit3_smal_patch16_224", "did you mean 'deit3_small_patch16_224'"),
-        ("resnet50", "is not usable: vitkdl needs a timm Vision Transformer"),
+        ("resnet50", r"resnet50 \(ResNet\) is not usable for ViTKD's layout: it has no ViT"),
     ],
 )
 def test_unusable_models_are_refused(tmp_path, teacher, message) -> None:

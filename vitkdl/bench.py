@@ -15,6 +15,12 @@ machine hits all of them alike:
               capture the features, ``teacher(images)`` and ``student(images)`` run as two full
               forwards, a separate hand-written loss module (:class:`HandWrittenLoss`, written
               here independently of :mod:`vitkdl.strategies`) computes the same terms; eager.
+``timm``      (e) what timm users run today where timm can express the recipe: timm's own
+              ``timm.task.LogitDistillationTask`` (``kd``) or ``TokenDistillationTask``
+              (``token``), with the label loss as its task loss, compiled with the same
+              backend through ``task.compile()``, the same optimizer step. Left out, with the
+              reason in the notes, for recipes it cannot express (feature terms, NKD, several
+              distillation losses, a teacher at another resolution).
 ``floor``     (d) the least a distillation step can cost: a student-only training step on the
               labels plus a teacher inference forward, each timed alone, each at its best
               (compiled on CUDA, eager on CPU; ``floor="best"`` measures both and keeps the
@@ -68,11 +74,14 @@ from vitkdl.planner import Plan, TapPoint
 from vitkdl.program import (
     Program,
     create_model,
+    distilled_heads,
     model_taps,
+    resize_input,
     resolve_device,
     resolve_precision,
     single_logits,
     tap_pass,
+    teacher_resize,
     term_losses,
 )
 from vitkdl.sources import teacher_affine
@@ -91,6 +100,7 @@ __all__ = [
     "peak_flops",
     "register_feature_hooks",
     "run_bench",
+    "timm_task_kwargs",
 ]
 
 BACKENDS = ("inductor", "aot_eager", "eager")
@@ -574,19 +584,98 @@ def _hooks_timer(s: _Setup) -> _Timer:
         if affine is not None:
             scale, shift = (torch.tensor(v, device=s.device).view(1, -1, 1, 1) for v in affine)
             t_images = s.images * scale + shift
+    resize = teacher_resize(plan)
+    dist_head = any(KINDS[t.kind].reads_dist_logits for t in plan.terms)
+    if dist_head:  # DeiT's distillation token: the two heads apart, as DeiT's code does
+        student.set_distilled_training(True)
 
     def one_step() -> None:
-        t_logits = None
+        t_logits, s_dist = None, None
         with _autocast(s.device, s.dtype):
             if teacher is not None:
                 with torch.no_grad():
-                    t_logits = single_logits(teacher(t_images))
-            s_logits = single_logits(student(s.images))
-        out = criterion(StepInputs(s_logits, s_feats, t_logits, t_feats, s.targets))
+                    seen = resize_input(t_images, *resize) if resize else t_images
+                    t_logits = single_logits(teacher(seen))
+            out = student(s.images)
+            if dist_head:
+                s_logits, s_dist = distilled_heads(out)
+            else:
+                s_logits = single_logits(out)
+        out = criterion(StepInputs(s_logits, s_feats, t_logits, t_feats, s.targets, s_dist))
         update.backward(out["loss"])
         update.step()
 
     return _Timer("hooks", one_step, False)
+
+
+def timm_task_kwargs(plan: Plan) -> dict[str, Any]:
+    """How timm's own training task expresses a recipe (each term's kind says how it maps,
+    :meth:`vitkdl.terms.base.Kind.timm_task`), or :class:`BenchError` saying why it cannot."""
+    if plan.teacher is None or not plan.teacher_used:
+        raise BenchError("timm's distillation tasks need a teacher")
+    merged: dict[str, Any] = {"task_loss_weight": 0.0, "smoothing": plan.data.smoothing}
+    tasks = []
+    for t in plan.terms:
+        mapped = KINDS[t.kind].timm_task(t)
+        if mapped is None:
+            raise BenchError(f"timm's tasks cannot express the {t.kind} term '{t.name}'")
+        if "task" in mapped:
+            tasks.append(t.name)
+        merged.update(mapped)
+    if len(tasks) != 1:
+        raise BenchError(f"timm's tasks take one distillation loss, the recipe has {len(tasks)}")
+    if teacher_resize(plan) is not None:
+        size = plan.teacher.input_size
+        raise BenchError(
+            f"timm's tasks feed the teacher the student's resolution; this recipe resizes the "
+            f"teacher's input to {size[0]}x{size[1]}"
+        )
+    return merged
+
+
+def _timm_timer(s: _Setup) -> _Timer:
+    """(e) timm's own distillation task (the logit or the token task), compiled with the same
+    backend, then the same optimizer step."""
+    import timm.loss
+    import timm.task
+
+    plan = s.plan
+    kwargs = timm_task_kwargs(plan)
+    assert plan.teacher is not None
+    torch.manual_seed(plan.seed)
+    student = create_model(plan.student, s.device)
+    teacher = create_model(plan.teacher, s.device).eval()
+    soft = s.targets.dim() > 1
+    criterion: nn.Module = (
+        timm.loss.SoftTargetCrossEntropy()
+        if soft
+        else nn.CrossEntropyLoss(label_smoothing=kwargs["smoothing"])
+    )
+    common = {
+        "criterion": criterion,
+        "temperature": kwargs["temperature"],
+        "distill_loss_weight": kwargs["distill_loss_weight"],
+        "task_loss_weight": kwargs["task_loss_weight"],
+        "device": s.device,
+        "verbose": False,
+    }
+    if "distill_type" in kwargs:
+        common["distill_type"] = kwargs["distill_type"]
+    task: nn.Module = getattr(timm.task, kwargs["task"])(student, teacher, **common)
+    task.train()
+    if s.backend == "inductor":
+        task.compile(mode=s.mode)
+    elif s.backend != "eager":
+        task.compile(backend=s.backend)
+    update = _update(plan, [], student, s)
+
+    def one_step() -> None:
+        with _autocast(s.device, s.dtype):
+            out = task(s.images, s.targets)
+        update.backward(out["loss"])
+        update.step()
+
+    return _Timer("timm", one_step, s.backend != "eager")
 
 
 def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
@@ -609,9 +698,13 @@ def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
             return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits, targets, label_smoothing=smoothing)
 
+    resize = teacher_resize(plan)
+
     def infer(images: Tensor) -> Tensor:
         assert teacher is not None
         with torch.no_grad(), _autocast(s.device, s.dtype):
+            if resize is not None:  # the teacher at its own resolution
+                images = resize_input(images, *resize)
             return single_logits(teacher(images))
 
     timers = []
@@ -790,6 +883,7 @@ def bench_plan(
         for name, make in (
             ("eager", lambda: [_program_timer(s, False)[0]]),
             ("hooks", lambda: [_hooks_timer(s)]),
+            ("timm", lambda: [_timm_timer(s)]),
             ("floor", lambda: _floor_timers(s, floor_modes)),
         ):
             say(f"build and warm up: {name}")
@@ -830,7 +924,7 @@ def bench_plan(
         )
 
     configs: dict[str, ConfigResult] = {}
-    for name in ("compiled", "eager", "hooks"):
+    for name in ("compiled", "eager", "hooks", "timm"):
         if name not in timers:
             continue
         t = timers[name]
@@ -895,12 +989,15 @@ def bench_plan(
         )
     a, b = configs["compiled"], configs["eager"]
     c, d = configs.get("hooks"), configs["floor"]
+    e = configs.get("timm")
     floor_flops = plan.cost.teacher_forward + plan.cost.student_forward_backward
     ratios: dict[str, float | None] = {
         "compiled_vs_eager": b.ms_per_step / a.ms_per_step,
         "compiled_vs_hooks": c.ms_per_step / a.ms_per_step if c else None,
         "overhead_vs_floor": a.ms_per_step / d.ms_per_step - 1,
         "eager_vs_hooks": c.ms_per_step / b.ms_per_step if c else None,
+        # timm's own task, where it expresses the recipe: what timm users run today
+        "compiled_vs_timm": e.ms_per_step / a.ms_per_step if e else None,
         # The floor leaves out the adapters' work (ViTKD's generator: 10-18 % of the FLOPs of
         # the paper's pairs, more at reduced depth), so by FLOPs alone the step costs this much
         # more than the floor ...

@@ -9,13 +9,15 @@ weights file that is not there yet) is an error there.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vitkdl import hub
 from vitkdl.errors import Diagnostic, error, one_of, warning
 from vitkdl.models import ModelError, ModelFacts, model_facts
-from vitkdl.sources import known_classes
+from vitkdl.sources import expand_braces, known_classes, source
 from vitkdl.spec import ModelSpec, PairedTermSpec, RecipeSpec, SliceSpec, TapSpec
 from vitkdl.terms import KINDS, needs_teacher
 from vitkdl.terms.base import TapPoint
@@ -77,6 +79,8 @@ _POINTS = {None: "out", "mlp": "out", "attn": "attn", "attn_map": "attn_map"}
 def resolve_tap(tap: TapSpec, facts: ModelFacts) -> tuple[list[TapPoint], list[Diagnostic]]:
     """A tap's absolute points: blocks (with the point inside them) or the final norm, with
     errors for indices out of range and points the model's blocks do not have."""
+    if not facts.vit:
+        return [], [not_a_vit_tap(tap, facts)]
     if tap.point == "norm":
         return [TapPoint(point="norm")], []
     depth = facts.depth
@@ -117,6 +121,19 @@ def resolve_tap(tap: TapSpec, facts: ModelFacts) -> tuple[list[TapPoint], list[D
                 )
             )
     return out, diags
+
+
+def not_a_vit_tap(tap: TapSpec, facts: ModelFacts) -> Diagnostic:
+    """A tap on a model without ViT blocks: which models support taps, and what it can do."""
+    logit = ", ".join(k for k, kind in KINDS.items() if not kind.paired)
+    return error(
+        f"{tap.text()}: {facts.name} ({facts.family}) cannot be tapped: it has "
+        f"{facts.not_vit or 'no ViT blocks'}",
+        tap.span,
+        expected="a timm Vision Transformer with blocks on one patch grid (ViT, DeiT, "
+        "DeiT III, EVA, BEiT, DINOv2, ...) on this side of the tap",
+        hint=f"a model without ViT blocks takes part in logit terms only ({logit})",
+    )
 
 
 def make_context(spec: RecipeSpec, strict: bool = False) -> Context:
@@ -187,26 +204,20 @@ def check_tap_counts(ctx: Context) -> Iterable[Diagnostic]:
             )
 
 
-def check_token_grids(ctx: Context) -> Iterable[Diagnostic]:
-    """Paired taps need the same token grid on both sides."""
-    s, t = ctx.student, ctx.teacher
-    if s is None or t is None or not _paired(ctx.spec) or s.grid == t.grid:
-        return
-    yield error(
-        f"the student's token grid {s.grid[0]}x{s.grid[1]} differs from the teacher's "
-        f"{t.grid[0]}x{t.grid[1]}",
-        ctx.spec.student.at("model") if ctx.spec.student else None,
-        expected="the same image size / patch size on both models",
-        hint=f"student: img {s.img_size[0]} / patch {s.patch_size[0]}; teacher: img "
-        f"{t.img_size[0]} / patch {t.patch_size[0]}",
-    )
-
-
 def check_sharded_taps(ctx: Context) -> Iterable[Diagnostic]:
     """Under FSDP, blocks run whole (each gathers its shards in its own forward): taps inside
     blocks need ``shard = none``."""
     if ctx.spec.train.shard != "fsdp":
         return
+    for role in ("student", "teacher"):  # sharded per ViT block
+        facts, model = ctx.facts(role), getattr(ctx.spec, role)
+        if facts is not None and model is not None and not facts.vit:
+            yield error(
+                f"shard = fsdp shards per ViT block, and the {role} {facts.name} "
+                f"({facts.family}) has none",
+                ctx.spec.train.at("shard"),
+                hint="train with shard = none (DDP)",
+            )
     for term in _paired(ctx.spec):
         for tap in (*term.student, *term.teacher):
             if tap.sub in ("attn", "attn_map"):
@@ -251,14 +262,16 @@ def check_classes(ctx: Context) -> Iterable[Diagnostic]:
 
 
 def check_image_size(ctx: Context) -> Iterable[Diagnostic]:
-    """The data's image size is what both models were built for."""
+    """The data's image size is what the student's ViT was built for (the loader produces the
+    student's resolution; the teacher's input is resized to its own inside the step, and a
+    model without ViT blocks takes any size)."""
     spec = ctx.spec
     size = spec.data.image_size
     if size is None:
         return
-    for role, facts in (("student", ctx.student), ("teacher", ctx.teacher)):
+    for role, facts in (("student", ctx.student),):
         model = getattr(spec, role)
-        if facts is not None and model is not None and facts.img_size != (size, size):
+        if facts is not None and model is not None and facts.vit and facts.img_size != (size, size):
             yield error(
                 f"data.image_size is {size} but the {role} takes "
                 f"{facts.img_size[0]}x{facts.img_size[1]} images",
@@ -287,6 +300,9 @@ def check_data(ctx: Context) -> Iterable[Diagnostic]:
     """An imagefolder root exists and has train/ and val/ (a warning until ``run``)."""
     data = ctx.spec.data
     report = error if ctx.strict else warning
+    if source(data.source).package is not None:
+        yield from _check_reader_data(ctx)
+        return
     if data.source != "imagefolder":
         if data.root is not None:
             yield warning(f"data.root is not used by the {data.source} data", data.at("root"))
@@ -315,6 +331,80 @@ def check_data(ctx: Context) -> Iterable[Diagnostic]:
             )
 
 
+def _check_reader_data(ctx: Context) -> Iterable[Diagnostic]:
+    """``hfds`` and ``wds``: the optional package, where the data is, that it is there."""
+    data = ctx.spec.data
+    facts = source(data.source)
+    report = error if ctx.strict else warning
+    if importlib.util.find_spec(facts.package or "") is None:
+        yield report(
+            f"data {data.source} needs the {facts.package} package, which is not installed",
+            data.at("source"),
+            hint=f'pip install -e ".[{facts.extra}]" (or pip install {facts.package})',
+        )
+    if data.source == "hfds":
+        if data.name is not None and data.root is not None:
+            yield error(
+                "data hfds takes a hub name or a local directory, not both",
+                data.at("root"),
+                hint='keep name = "org/dataset" or root = "DIR" (written by save_to_disk)',
+            )
+        elif data.name is None and data.root is None:
+            yield report(
+                "data hfds has neither name nor root",
+                data.at("source"),
+                hint='set name = "org/dataset" (the hub, through the datasets cache) or '
+                "--set data.root=DIR (a directory written by save_to_disk)",
+            )
+        elif data.root is not None and not Path(data.root).is_dir():
+            yield report(
+                f"data root {data.root} does not exist",
+                data.at("root"),
+                expected="a directory written by datasets' save_to_disk",
+            )
+        return
+    for field_name in ("root", "val_root"):
+        pattern = getattr(data, field_name)
+        if pattern is None:
+            yield report(
+                f"data wds has no {field_name}",
+                data.at("source"),
+                hint=f"pass --set data.{field_name}=shards/"
+                f"{'train' if field_name == 'root' else 'val'}-{{0000..0099}}.tar",
+            )
+            continue
+        shards = expand_braces(pattern)
+        missing = [x for x in shards if not Path(x).is_file()]
+        if missing:
+            yield report(
+                f"{len(missing)} of the {len(shards)} shards of data.{field_name} do not exist "
+                f"({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''})",
+                data.at(field_name),
+                hint=f"pass --set data.{field_name}=... (paths are relative to the working "
+                "directory)",
+            )
+
+
+def check_source_fields(ctx: Context) -> Iterable[Diagnostic]:
+    """Fields of a data block that its source does not read."""
+    data = ctx.spec.data
+    users = {
+        "name": ("hfds",),
+        "split": ("hfds",),
+        "val_split": ("hfds",),
+        "val_root": ("wds",),
+        "image_key": ("hfds", "wds"),
+        "label_key": ("hfds", "wds"),
+    }
+    for name, sources in users.items():
+        if name in data.spans and data.source not in sources:
+            yield warning(
+                f"data.{name} is not used by the {data.source} data",
+                data.at(name),
+                hint=f"it applies to data {' and '.join(sources)}",
+            )
+
+
 def check_weights(ctx: Context) -> Iterable[Diagnostic]:
     """Local weight files exist (a warning until ``run``); a teacher without weights is
     random."""
@@ -323,7 +413,10 @@ def check_weights(ctx: Context) -> Iterable[Diagnostic]:
         model: ModelSpec | None = getattr(ctx.spec, role)
         if model is None:
             continue
-        if model.weights is not None and not Path(model.weights).is_file():
+        yield from _hub_weights(ctx, role, model)
+        if model.weights is not None and hub.is_hub_name(model.weights):
+            pass
+        elif model.weights is not None and not Path(model.weights).is_file():
             yield report(
                 f"weights file {model.weights} does not exist",
                 model.at("weights"),
@@ -340,6 +433,69 @@ def check_weights(ctx: Context) -> Iterable[Diagnostic]:
                 model.at("model"),
                 hint='set weights = "path/to/teacher.safetensors"',
             )
+
+
+def _hub_weights(ctx: Context, role: str, model: ModelSpec) -> Iterable[Diagnostic]:
+    """Weights by name (``pretrained = true``, ``weights = "hf-hub:..."``): one source at a
+    time, in the hub cache or downloadable (offline and not cached: an error in ``run``, a
+    warning in ``validate``), and a pretrained head that fits."""
+    facts = ctx.facts(role)
+    if model.pretrained and model.weights is not None:
+        yield error(
+            f"the {role} has both pretrained = true and weights",
+            model.at("pretrained"),
+            hint="keep one: pretrained = true loads timm's tag, weights a file or hf-hub:org/repo",
+        )
+        return
+    if model.pretrained and model.from_recipe is not None:
+        return  # a teacher `from` a recipe is that recipe's student, not a timm tag
+    repo, files, span = None, hub.DEFAULT_FILES, model.at("weights")
+    if model.pretrained and facts is not None:
+        if facts.hf_hub_id is None:
+            yield error(
+                f"{facts.name} has no pretrained weights on the Hugging Face hub in timm",
+                model.at("pretrained"),
+                hint='set weights = "path/to/weights.safetensors"',
+            )
+            return
+        repo, files = facts.hf_hub_id, hub.weight_files(facts.hf_hub_filename)
+        span = model.at("pretrained")
+        if (
+            role == "teacher"
+            and facts.pretrained_classes
+            and facts.num_classes != facts.pretrained_classes
+        ):
+            yield warning(
+                f"the teacher's pretrained head has {facts.pretrained_classes} classes and it is "
+                f"built with {facts.num_classes}: its head starts random",
+                model.at("pretrained"),
+                hint=f"train on data with {facts.pretrained_classes} classes (num_classes = "
+                f"{facts.pretrained_classes}), or give it a teacher trained on yours",
+            )
+    elif hub.is_hub_name(model.weights):
+        repo = model.weights
+    if repo is None:
+        return
+    try:
+        found = hub.cached(repo, files)
+    except ImportError:
+        found = None
+    if found is not None:
+        return
+    name = hub.split_repo(repo)[0]
+    if hub.offline():
+        yield (error if ctx.strict else warning)(
+            f"{name} is not in the Hugging Face hub cache {hub.cache_dir()}, and "
+            "HF_HUB_OFFLINE is set",
+            span,
+            hint='run once online, or set weights = "path/to/weights.safetensors"',
+        )
+    elif not ctx.strict:
+        yield warning(
+            f"{name} is not in the Hugging Face hub cache {hub.cache_dir()}: "
+            "`vitkdl run` downloads it",
+            span,
+        )
 
 
 def check_schedule(ctx: Context) -> Iterable[Diagnostic]:
@@ -384,7 +540,6 @@ CHECKS: tuple[Check, ...] = (
     check_models,
     check_teacher,
     check_tap_counts,
-    check_token_grids,
     check_sharded_taps,
     check_terms,
     check_classes,
@@ -394,6 +549,7 @@ CHECKS: tuple[Check, ...] = (
     check_weights,
     check_schedule,
     check_unused_fields,
+    check_source_fields,
 )
 
 

@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: Bump when the layout of the cache file or of :class:`ModelFacts` changes.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 #: Keyword arguments of ``timm.create_model`` that would load weights; they are dropped because
 #: facts are always resolved with ``pretrained=False`` on the meta device.
@@ -110,6 +110,26 @@ class ModelFacts(BaseModel):
     sub_taps: bool = False
     """Whether the blocks are timm's ``Block`` in a ViT that vitkdl can run block by block, so
     points inside them (``.attn``, ``.attn_map``) can be tapped."""
+    vit: bool = True
+    """Whether the model is a Vision Transformer with ``blocks`` on one patch grid, whose
+    features can be tapped. Any other timm classifier (ResNet, RegNetY, ConvNeXt, Swin, ...)
+    takes part in logit terms only; its token fields (depth, heads, grid, prefix tokens) are
+    0 and ``embed_dim`` is its pooled feature width."""
+    not_vit: str | None = None
+    """Why a classifier's features cannot be tapped, in words (None for a ViT)."""
+    distilled: bool = False
+    """Whether the model has DeiT's distillation token and head (``head_dist``)."""
+    takes_img_size: bool = True
+    """Whether ``create_model`` accepts ``img_size`` (CNNs do not: their input size is only
+    the resolution vitkdl resizes their input to)."""
+    pretrained_tag: str | None = None
+    """The pretrained tag ``pretrained=True`` loads (the name's, else timm's default)."""
+    hf_hub_id: str | None = None
+    """Where that tag's weights live on the Hugging Face hub (``timm/resnet18.a1_in1k``)."""
+    hf_hub_filename: str | None = None
+    """The weights file in that repository when it is not timm's default name."""
+    pretrained_classes: int | None = None
+    """The classes the pretrained tag's head was trained on."""
 
 
 #: The points inside a block that a sub-block tap reads, and where the pass starts.
@@ -470,33 +490,47 @@ def _resolve(name: str, kwargs: dict[str, Any]) -> ModelFacts:
 def _build_and_measure(
     name: str, arch: str, tag: str | None, build_name: str, kwargs: dict[str, Any]
 ) -> ModelFacts:
-    import timm
-    import torch
-
+    takes_img_size = True
     try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            model = timm.create_model(build_name, pretrained=False, **kwargs)
+        model = _create_on_meta(build_name, kwargs)
     except TypeError as exc:
         bad = _bad_argument(exc, arch)
-        if bad is not None:
+        if bad is not None and bad.argument == "img_size" and "img_size" in kwargs:
+            # A CNN takes no img_size: there it is the resolution its input is resized to.
+            takes_img_size = False
+            try:
+                model = _create_on_meta(
+                    build_name, {k: v for k, v in kwargs.items() if k != "img_size"}
+                )
+            except TypeError as again:
+                raise _bad_argument(again, arch) or _build_failed(again) from None
+            except Exception as again:
+                raise _build_failed(again) from None
+        elif bad is not None:
             raise bad from None
-        raise _build_failed(exc) from None
+        else:
+            raise _build_failed(exc) from None
     except Exception as exc:
         raise _build_failed(exc) from None
 
-    if not all(hasattr(model, attr) for attr in ("blocks", "patch_embed", "forward_intermediates")):
-        raise ModelError(
-            "not_vit",
-            f"timm model {arch!r} ({type(model).__name__}) is not usable: vitkdl needs a timm "
-            "Vision Transformer with `blocks`, `patch_embed` and `forward_intermediates`",
-        )
     try:
+        if not all(hasattr(model, a) for a in ("blocks", "patch_embed", "forward_intermediates")):
+            reason = "no ViT blocks (`blocks` after a `patch_embed`)"
+            return _measure_classifier(model, name, arch, tag, kwargs, reason, takes_img_size)
         return _measure(model, name, arch, tag, kwargs)
     except ModelError:
         raise
     except Exception as exc:
         raise _build_failed(exc) from None
+
+
+def _create_on_meta(build_name: str, kwargs: Mapping[str, Any]) -> torch.nn.Module:
+    import timm
+    import torch
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return timm.create_model(build_name, pretrained=False, **kwargs)
 
 
 def _build_failed(exc: BaseException) -> ModelError:
@@ -639,12 +673,8 @@ def _measure(
         grid = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
     if img_size is None or patch_size is None or grid is None:
         # e.g. CrossViT (two patch embeddings) or Hiera (tokens pooled between stages)
-        raise ModelError(
-            "not_vit",
-            f"timm model {arch!r} ({type(model).__name__}) has no single patch grid: vitkdl "
-            "needs a timm Vision Transformer with `blocks`, `patch_embed` (one patch grid) "
-            "and `forward_intermediates`",
-        )
+        reason = "no single patch grid"
+        return _measure_classifier(model, name, arch, tag, kwargs, reason, True)
 
     num_prefix_tokens = getattr(model, "num_prefix_tokens", None)
     if not isinstance(num_prefix_tokens, int):
@@ -694,6 +724,80 @@ def _measure(
         crop_pct=float(cfg.get("crop_pct") or _DEFAULT_CROP_PCT),
         block_parts=tuple(n for n, _ in first.named_children()) if first is not None else (),
         sub_taps=bool(sub_taps),
+        distilled=hasattr(model, "head_dist") and hasattr(model, "set_distilled_training"),
+        **_pretrained_facts(cfg),
+    )
+
+
+def _pretrained_facts(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Where ``pretrained=True`` would load this model's weights from (timm's config)."""
+    classes = cfg.get("num_classes")
+    return {
+        "pretrained_tag": cfg.get("tag") or None,
+        "hf_hub_id": cfg.get("hf_hub_id") or None,
+        "hf_hub_filename": cfg.get("hf_hub_filename") or None,
+        "pretrained_classes": int(classes) if isinstance(classes, int) else None,
+    }
+
+
+def _measure_classifier(
+    model: torch.nn.Module,
+    name: str,
+    arch: str,
+    tag: str | None,
+    kwargs: Mapping[str, Any],
+    reason: str,
+    takes_img_size: bool,
+) -> ModelFacts:
+    """The facts of a timm classifier without ViT blocks (ResNet, RegNetY, ConvNeXt, Swin,
+    EfficientNet, ...): enough for logit terms and for its own preprocessing (input size,
+    statistics, interpolation), no taps."""
+    import torch
+
+    cfg: dict[str, Any] = dict(getattr(model, "pretrained_cfg", None) or {})
+    input_size = cfg.get("input_size") or (3, 224, 224)
+    patch_embed = getattr(model, "patch_embed", None)
+    in_chans = (
+        _first_conv_channels(model, cfg.get("first_conv"))
+        or kwargs.get("in_chans")
+        or input_size[0]
+    )
+    img_size = (
+        _pair(kwargs.get("img_size"))
+        or _pair(getattr(patch_embed, "img_size", None))
+        or _pair(input_size[-2:])
+    )
+    assert img_size is not None
+    model.eval().requires_grad_(False)
+    with torch.device("meta"), torch.no_grad():
+        flops = _count_flops(model, torch.empty(1, int(in_chans), *img_size))
+    width = getattr(model, "num_features", None) or getattr(model, "embed_dim", None) or 0
+    return ModelFacts(
+        name=name,
+        arch=arch,
+        tag=tag,
+        family=type(model).__name__,
+        embed_dim=int(width),
+        depth=0,
+        num_heads=0,
+        num_prefix_tokens=0,
+        grid=(0, 0),
+        num_patches=0,
+        img_size=img_size,
+        patch_size=(0, 0),
+        in_chans=int(in_chans),
+        num_classes=int(getattr(model, "num_classes", 0) or 0),
+        params=_count(model),
+        head_params=_count(model.get_classifier()) if hasattr(model, "get_classifier") else 0,
+        flops=flops,
+        mean=tuple(float(v) for v in cfg.get("mean") or _DEFAULT_MEAN),
+        std=tuple(float(v) for v in cfg.get("std") or _DEFAULT_STD),
+        interpolation=str(cfg.get("interpolation") or _DEFAULT_INTERPOLATION),
+        crop_pct=float(cfg.get("crop_pct") or _DEFAULT_CROP_PCT),
+        vit=False,
+        not_vit=reason,
+        takes_img_size=takes_img_size,
+        **_pretrained_facts(cfg),
     )
 
 

@@ -72,6 +72,18 @@ class ModelPlan(_Plain):
     std: tuple[float, ...]
     interpolation: str
     crop_pct: float
+    # The resolution this model sees (h, w): a ViT's img_size, else its pretrained config's
+    # input size or the img_size written for it. The loader produces the student's; a teacher
+    # at another one has its input resized in the step with its own interpolation.
+    input_size: tuple[int, int] = (0, 0)
+    vit: bool = True  # ViT blocks on one patch grid (taps); else logit terms only
+    distilled: bool = False  # DeiT's distillation token and head
+    # `pretrained = true`: the timm tag loaded through the Hugging Face hub cache.
+    pretrained: bool = False
+    pretrained_tag: str | None = None
+    hf_hub_id: str | None = None
+    hf_hub_filename: str | None = None
+    pretrained_classes: int | None = None
 
 
 class DataPlan(_Plain):
@@ -89,6 +101,13 @@ class DataPlan(_Plain):
     num_classes: int
     train_images: int | None
     val_images: int | None
+    # hfds / wds (see vitkdl.sources): hub name, splits, validation shards, columns
+    name: str | None = None
+    split: str = "train"
+    val_split: str | None = None
+    val_root: str | None = None
+    image_key: str | None = None
+    label_key: str | None = None
 
 
 class OptimizerPlan(_Plain):
@@ -164,23 +183,37 @@ COMPILE = {
 
 
 def _model_plan(
-    spec: ModelSpec, facts: ModelFacts, num_classes: int | None, source: str
+    spec: ModelSpec,
+    facts: ModelFacts,
+    num_classes: int | None,
+    source: str,
+    image_size: int | None = None,
 ) -> ModelPlan:
+    """One model's plan; ``image_size``: the data's, which a student without ViT blocks takes
+    as its resolution (a ViT's is its img_size)."""
     mean, std = input_norm(source, facts.mean, facts.std, facts.in_chans)
+    kwargs = spec.timm_kwargs(num_classes)
+    if not facts.takes_img_size:  # a CNN: img_size is only the resolution it is fed
+        kwargs.pop("img_size", None)
+    # A teacher `from` a recipe is that recipe's exported student, whatever it started from.
+    pretrained = spec.pretrained and spec.from_recipe is None
+    input_size = facts.img_size
+    if not facts.vit and image_size is not None and spec.img_size is None:
+        input_size = (image_size, image_size)
     return ModelPlan(
         role=spec.role,
         name=facts.name,
         arch=facts.arch,
         tag=facts.tag,
         family=facts.family,
-        timm_kwargs=spec.timm_kwargs(num_classes),
+        timm_kwargs=kwargs,
         width=facts.embed_dim,
         depth=facts.depth,
         heads=facts.num_heads,
         prefix_tokens=facts.num_prefix_tokens,
         grid=facts.grid,
         tokens=facts.num_patches,
-        img_size=facts.img_size[0],
+        img_size=input_size[0],
         patch_size=facts.patch_size[0],
         in_chans=facts.in_chans,
         num_classes=facts.num_classes,
@@ -195,6 +228,14 @@ def _model_plan(
         std=std,
         interpolation=facts.interpolation,
         crop_pct=facts.crop_pct,
+        input_size=input_size,
+        vit=facts.vit,
+        distilled=facts.distilled,
+        pretrained=pretrained,
+        pretrained_tag=facts.pretrained_tag if pretrained else None,
+        hf_hub_id=facts.hf_hub_id if pretrained else None,
+        hf_hub_filename=facts.hf_hub_filename if pretrained else None,
+        pretrained_classes=facts.pretrained_classes,
     )
 
 
@@ -203,7 +244,7 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
     assert spec.student is not None and ctx.student is not None
     data = spec.data
     student = _model_plan(
-        spec.student, ctx.student, default_classes(spec, spec.student), data.source
+        spec.student, ctx.student, default_classes(spec, spec.student), data.source, data.image_size
     )
     teacher = None
     if spec.teacher is not None and ctx.teacher is not None:
@@ -256,6 +297,12 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
             num_classes=student.num_classes,
             train_images=train_images,
             val_images=val_images,
+            name=data.name,
+            split=data.split,
+            val_split=data.val_split,
+            val_root=data.val_root,
+            image_key=data.image_key,
+            label_key=data.label_key,
         ),
         optimizer=OptimizerPlan(
             name=opt.name,

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkdl import hub
 from vitkdl.errors import VkdError, error
 from vitkdl.planner import ModelPlan, Plan, TapPoint, TermPlan
 from vitkdl.runs import run_dir
@@ -106,6 +108,8 @@ def load_weights(model: nn.Module, path: str | Path, role: str) -> None:
     """Load a local timm- or original-format checkpoint (timm's own filter converts the
     original DeiT III layout and resizes position embeddings); a mismatch becomes a
     :class:`VkdError` that lists the keys and shapes that do not fit."""
+    if hub.is_hub_name(str(path)):  # weights = "hf-hub:org/repo": the cached file
+        path = hub_file(str(path), hub.DEFAULT_FILES, f"the {role}'s weights {path}")
     path = Path(path)
     where = f"{role} weights {path}"
     if not path.is_file():
@@ -162,6 +166,34 @@ def load_weights(model: nn.Module, path: str | Path, role: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def hub_file(repo: str, files: tuple[str, ...], what: str) -> Path:
+    """A hub repository's weights file from the cache (downloaded when missing and online),
+    or a :class:`VkdError` naming the repository, the cache and the local-file alternative."""
+    try:
+        return hub.fetch(repo, files, what)
+    except hub.HubError as exc:
+        raise VkdError([error(exc.message, hint=exc.hint)]) from None
+
+
+def pretrained_model(m: ModelPlan, device: torch.device | str = "cpu") -> nn.Module:
+    """The timm model of a plan with its pretrained tag's weights (``pretrained = true``),
+    read from the hub cache through timm's own loader (position embeddings resized, a head
+    for other classes dropped, as ``create_model(pretrained=True)`` does)."""
+    import timm
+
+    assert m.hf_hub_id is not None
+    what = f"the {m.role}'s pretrained tag {m.arch}.{m.pretrained_tag}"
+    path = hub_file(m.hf_hub_id, hub.weight_files(m.hf_hub_filename), what)
+    overlay = {"file": str(path)}
+    try:
+        model = timm.create_model(
+            m.name, pretrained=True, pretrained_cfg_overlay=overlay, **m.timm_kwargs
+        )
+    except Exception as exc:
+        raise VkdError([error(f"{what} ({path}) does not load: {_read_failure(exc)}")]) from None
+    return model.to(device)
+
+
 def create_model(m: ModelPlan, device: torch.device | str = "cpu") -> nn.Module:
     """The timm model of a plan, randomly initialised (weights are loaded separately)."""
     import timm
@@ -190,6 +222,42 @@ def model_taps(terms: list[TermPlan], side: str) -> list[TapPoint]:
         for p in t.student if side == "student" else t.teacher:
             seen.setdefault(p.key, p)
     return sorted(seen.values(), key=lambda p: (p.block is None, p.block or 0, p.point))
+
+
+def distilled_heads(logits: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """A distilled DeiT's class and distillation logits: the pair timm returns in training
+    with ``distilled_training`` on (in eval mode timm returns their mean, which stands for
+    both)."""
+    if isinstance(logits, (tuple, list)):
+        return logits[0], logits[1]
+    return logits, logits
+
+
+#: timm's interpolation names -> ``F.interpolate`` modes (timm's default, bicubic, otherwise).
+_INTERPOLATION = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest", "box": "area"}
+
+
+def teacher_resize(plan: Plan) -> tuple[tuple[int, int], str] | None:
+    """The size and mode the teacher's input is resized to in the step, or None when the
+    teacher sees the student's resolution. The loader produces the student's resolution; a
+    teacher with another one (a 384-px ViT, a CNN at its pretrained input size, a DINOv2 at
+    patch 14) gets its own, with its own interpolation."""
+    t = plan.teacher
+    if t is None:
+        return None
+    size = tuple(t.input_size) if t.input_size != (0, 0) else (t.img_size, t.img_size)
+    if size == (plan.data.image_size, plan.data.image_size):
+        return None
+    return (int(size[0]), int(size[1])), _INTERPOLATION.get(t.interpolation, "bicubic")
+
+
+def resize_input(images: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """``images`` resized to ``size`` with ``mode`` (antialiased when shrinking, as PIL
+    does)."""
+    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    if mode in ("bilinear", "bicubic"):
+        return F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=shrink)
+    return F.interpolate(images, size=size, mode=mode)
 
 
 def single_logits(logits: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -224,8 +292,19 @@ class CompileReport:
 def tap_pass(
     model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One pass of a timm ViT: its logits and the requested taps (patch tokens only), keyed
+    """One pass of a timm ViT: its logits (a distilled DeiT's two heads averaged) and the
+    requested taps, as :func:`head_pass` gives them."""
+    logits, taps = head_pass(model, images, points, prefix)
+    return single_logits(logits), taps
+
+
+def head_pass(
+    model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int
+) -> tuple[Tensor | tuple[Tensor, ...], dict[str, Tensor]]:
+    """One pass of a timm ViT: what its head returns (a distilled DeiT in distilled training:
+    the class and distillation logits) and the requested taps (patch tokens only), keyed
     by :attr:`TapPoint.key`; the final norm's patch tokens are always there as ``norm``.
+    A model without ViT blocks (a CNN) runs its plain forward features and head.
 
     Block outputs come from timm's ``forward_intermediates``. When a point inside a block is
     tapped, the pass runs block by block: tapped blocks as their two halves (the attention
@@ -242,7 +321,7 @@ def tap_pass(
     else:
         final, taps = _block_pass(model, images, points, prefix)
     taps["norm"] = final[:, prefix:]
-    return single_logits(model.forward_head(final)), taps
+    return model.forward_head(final), taps
 
 
 def _block_pass(
@@ -332,11 +411,23 @@ class StudentSide(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.points = model_taps(plan.terms, "student")
         self.prefix = plan.student.prefix_tokens
+        # A term on the distillation head (DeiT's distillation token): the two heads reach
+        # the terms separately; every other logit term then reads the class head.
+        self.dist_head = any(KINDS[t.kind].reads_dist_logits for t in plan.terms)
+        if self.dist_head:
+            student.set_distilled_training(True)
 
     def logits(self, images: Tensor) -> Tensor:
         """The student's logits (evaluation of a sharded student goes through here)."""
         with _autocast(images.device.type, self.autocast_dtype):
             return single_logits(self.student(images))
+
+    def heads(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """A distilled student's class and distillation logits, for evaluation (eval mode;
+        their mean is what :meth:`logits` returns)."""
+        with _autocast(images.device.type, self.autocast_dtype):
+            x = self.student.forward_features(images)
+            return self.student.head(x[:, 0]), self.student.head_dist(x[:, 1])
 
     def forward(
         self, images: Tensor, targets: Tensor, t_logits: Tensor | None, t_taps: dict[str, Tensor]
@@ -344,8 +435,13 @@ class StudentSide(nn.Module):
         # The terms run under autocast too (their adapters' matmuls and convolutions in bf16 on
         # a GPU); each computes its error and reduction in fp32.
         with _autocast(images.device.type, self.autocast_dtype):
-            s_logits, s_taps = tap_pass(self.student, images, self.points, self.prefix)
-            inputs = StepInputs(s_logits, s_taps, t_logits, t_taps, targets)
+            out, s_taps = head_pass(self.student, images, self.points, self.prefix)
+            s_dist = None
+            if self.dist_head:
+                s_logits, s_dist = distilled_heads(out)
+            else:
+                s_logits = single_logits(out)
+            inputs = StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist)
             return term_losses(self.plan_terms, self.terms, inputs)
 
 
@@ -422,12 +518,18 @@ class Program(nn.Module):
         ):
             buffer = None if values is None else torch.tensor(values).view(1, -1, 1, 1)
             self.register_buffer(name, buffer, persistent=False)
+        self.teacher_resize = teacher_resize(plan)
         self.step: Callable[[Tensor, Tensor], dict[str, Tensor]] = self.forward
         if compile_mode is not None:
             self.step = torch.compile(self.forward, fullgraph=True, mode=compile_mode)
         # Evaluation runs the student in eval mode: a graph of its own, so switching between
         # training and evaluation never recompiles the training step.
         self.predict: Callable[[Tensor], Tensor] = self.predictor(student)
+        self.predict_heads: Callable[[Tensor], tuple[Tensor, Tensor]] = self.student_heads
+        if compile_mode is not None and self.core.dist_head:
+            self.predict_heads = torch.compile(
+                self.student_heads, fullgraph=True, mode=compile_mode
+            )
 
     @property
     def student(self) -> nn.Module:
@@ -480,9 +582,11 @@ class Program(nn.Module):
         fully_shard(self.core, **kwargs)
         # Methods other than forward must gather the shards too.
         register_fsdp_forward_method(self.core, "logits")
+        register_fsdp_forward_method(self.core, "heads")
         self._dist.sharded = True
         self.step = self.forward
         self.predict = self.core.logits
+        self.predict_heads = self.core.heads
 
     @property
     def sharded(self) -> bool:
@@ -520,11 +624,25 @@ class Program(nn.Module):
             return logits
         return torch.compile(logits, fullgraph=True, mode=self.compile_mode)
 
+    @property
+    def distilled(self) -> bool:
+        """Whether the student's distillation head is trained (a term reads it): evaluation
+        then reports each head's accuracy besides the averaged heads'."""
+        return self.core.dist_head
+
+    def student_heads(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """A distilled student's class and distillation logits (for evaluation, eval mode;
+        their mean is what :meth:`student_logits` returns)."""
+        return self.core.heads(images)
+
     def teacher_input(self, images: Tensor) -> Tensor:
-        """The student's input batch normalised as the teacher's pretrained config wants."""
-        if self.teacher_scale is None or self.teacher_shift is None:
-            return images
-        return images * self.teacher_scale + self.teacher_shift
+        """The student's input batch as the teacher's pretrained config wants it: normalised
+        with its statistics, then resized to its resolution with its interpolation."""
+        if self.teacher_scale is not None and self.teacher_shift is not None:
+            images = images * self.teacher_scale + self.teacher_shift
+        if self.teacher_resize is not None:
+            images = resize_input(images, *self.teacher_resize)
+        return images
 
     def teacher_logits(self, images: Tensor) -> Tensor:
         """The teacher's logits for a batch of student inputs (its accuracy at start)."""
@@ -602,14 +720,18 @@ def build(
     dev = resolve_device(device)
     if dev.type == "cuda":  # TF32 for the matmuls left in fp32 (bf16 autocast does the rest)
         torch.set_float32_matmul_precision("high")
-    student = create_model(plan.student, dev)
+    if load and plan.student.pretrained:
+        student = pretrained_model(plan.student, dev)
+    else:
+        student = create_model(plan.student, dev)
     if load and plan.student.weights:
         load_weights(student, plan.student.weights, "student")
     teacher = None
     if plan.teacher is not None:
-        teacher = create_model(plan.teacher, dev)
+        pretrained = load and plan.teacher.pretrained and plan.teacher.from_recipe is None
+        teacher = (pretrained_model if pretrained else create_model)(plan.teacher, dev)
         path = teacher_weights_path(plan.teacher, runs_dir)
-        if load and path is not None:
+        if load and path is not None and not pretrained:
             if not path.is_file() and plan.teacher.from_recipe is not None:
                 source = plan.teacher.from_recipe
                 message = (

@@ -17,8 +17,9 @@ coefficient is their weight (the logit terms) keep the paper's weight. The paper
 3e-5 and 3e-6 for its two wider pairs (coefficients 2x and 2.7x the reference's); the written
 recipe says so next to each weight.
 
-Feature terms pair tokens one to one: two models with different token grids are refused with
-a clear message (``vitkdl validate`` reports the same as an error).
+The paper's layout pairs tokens one to one: two models with different token grids are refused
+with a clear message (a recipe of one's own may resample a teacher's grid), and so are models
+without ViT blocks.
 """
 
 from __future__ import annotations
@@ -285,14 +286,21 @@ def init_recipe(
     paper_weights = {t.name: t.weight for t in reference.spec.terms}
     draft = _resolve(compose(paper_weights, None, None), where, check=False)  # its own sizes
     s, t = draft.context.student, draft.context.teacher
+    for model, facts in ((teacher, t), (student, s)):
+        if facts is not None and not facts.vit:
+            raise InitError(
+                f"{model} ({facts.family}) is not usable for ViTKD's layout: it has "
+                f"{facts.not_vit}; a model without ViT blocks takes part in logit terms only "
+                "(write a recipe with kd or token yourself)"
+            )
     if s is not None and t is not None and (s.grid != t.grid or s.img_size != t.img_size):
         raise InitError(
             f"{student} sees a {s.grid[0]}x{s.grid[1]} token grid ({s.img_size[0]} px, patch "
             f"{s.patch_size[0]}) and {teacher} a {t.grid[0]}x{t.grid[1]} grid ({t.img_size[0]} "
-            f"px, patch {t.patch_size[0]}): ViTKD's feature terms pair the tokens one to one, "
-            "so both models need the same image and patch size (`vitkdl validate` reports a "
-            "recipe with different grids as an error). Pick a pair with equal grids, or set "
-            "img_size / patch_size on one of them in a recipe of your own."
+            f"px, patch {t.patch_size[0]}): the paper's layout pairs the tokens one to one, "
+            "so init needs the same image and patch size. Pick a pair with equal grids, or "
+            "write a recipe of your own (feature terms resample a teacher's grid to the "
+            "student's: resample = bilinear)."
         )
     errors = [d for d in draft.diagnostics if d.is_error]
     if errors or draft.plan is None:

@@ -30,6 +30,10 @@ class SourceFacts:
     normalised: bool  # whether the loader normalises pixels with the model's statistics
     augment: dict[str, str]  # augment choice -> what it does, in words
     decodes: bool = False  # reads and decodes files: worth loader worker processes
+    root: str | None = None  # what data.root names for this source (None: not used)
+    package: str | None = None  # the optional package it needs (imported by the data layer)
+    extra: str | None = None  # the pip extra that installs it: pip install -e ".[EXTRA]"
+    streamed: bool = False  # read in order as a stream (no random access, no sampler)
 
 
 _DEIT_WORDS = {
@@ -41,7 +45,45 @@ _DEIT_WORDS = {
 SOURCES: dict[str, SourceFacts] = {
     s.name: s
     for s in (
-        SourceFacts("imagefolder", None, None, None, True, _DEIT_WORDS, decodes=True),
+        SourceFacts(
+            "imagefolder",
+            None,
+            None,
+            None,
+            True,
+            _DEIT_WORDS,
+            decodes=True,
+            root="a folder with train/<class>/* and val/<class>/*",
+        ),
+        # A Hugging Face dataset: by hub name (`name`, through the datasets cache) or a local
+        # directory written by save_to_disk (`root`); classes from its label feature.
+        SourceFacts(
+            "hfds",
+            None,
+            None,
+            None,
+            True,
+            _DEIT_WORDS,
+            decodes=True,
+            root="a local dataset directory written by datasets' save_to_disk",
+            package="datasets",
+            extra="hf",
+        ),
+        # webdataset shards (`root`, `val_root`: brace patterns), streamed; sizes and classes
+        # are counted from the shards' headers when a run starts.
+        SourceFacts(
+            "wds",
+            None,
+            None,
+            None,
+            True,
+            _DEIT_WORDS,
+            decodes=True,
+            root="webdataset training shards, e.g. shards/train-{0000..0099}.tar",
+            package="webdataset",
+            extra="wds",
+            streamed=True,
+        ),
         # scikit-learn's 8x8 digits: a fixed stratified 80/20 split of 1797 images.
         SourceFacts(
             "digits",
@@ -144,3 +186,24 @@ def teacher_affine(
     scale = tuple(a / b for a, b in zip(ss, st, strict=True))
     shift = tuple((a - b) / c for a, b, c in zip(ms, mt, st, strict=True))
     return scale, shift
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shard names of a brace pattern, as webdataset expands them:
+    ``train-{0000..0002}.tar`` -> ``train-0000.tar``, ``train-0001.tar``, ``train-0002.tar``
+    (zero-padded to the first bound's width); ``{a,b}`` alternatives; several groups."""
+    start = pattern.find("{")
+    end = pattern.find("}", start)
+    if start < 0 or end < 0:
+        return [pattern]
+    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
+    if ".." in body and "," not in body:
+        lo, _, hi = body.partition("..")
+        if lo.isdigit() and hi.isdigit():
+            width = len(lo) if lo.startswith("0") else 0
+            items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+        else:
+            items = [body]
+    else:
+        items = body.split(",")
+    return [head + item + rest for item in items for rest in expand_braces(tail)]

@@ -168,7 +168,7 @@ class PairedTermSpec(TermSpec):
 class DataSpec(Node):
     """``data SOURCE { ... }``; the embedded ``digits`` data when a recipe names none."""
 
-    source: Literal["imagefolder", "digits", "synthetic"] = "digits"
+    source: Literal["imagefolder", "digits", "synthetic", "hfds", "wds"] = "digits"
     root: str | None = None
     image_size: Annotated[int, Field(gt=0)] | None = None
     batch_size: Annotated[int, Field(gt=0)] = 64
@@ -179,6 +179,14 @@ class DataSpec(Node):
     smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     size: Annotated[int, Field(gt=0)] = 1024
     classes: Annotated[int, Field(gt=1)] | None = None
+    # hfds: a dataset by hub name (or `root`: a save_to_disk directory), its splits and
+    # columns; wds: the validation shards and the sample members.
+    name: str | None = None
+    split: str = "train"
+    val_split: str | None = None
+    val_root: str | None = None
+    image_key: str | None = None
+    label_key: str | None = None
 
 
 OPTIMIZERS = (

@@ -569,7 +569,7 @@ def parse(text: str, file: str = "<recipe>", max_errors: int = 20) -> SyntaxTree
             tree = parser.parse(attempt, start="start")
             break
         except UnexpectedInput as exc:
-            tok = getattr(exc, "token", None)
+            tok = exc.token if isinstance(exc, UnexpectedToken) else None
             at_end = isinstance(exc, UnexpectedEOF) or (tok is not None and tok.type == "$END")
             if not (at_end and skipped_brace):  # an end-of-file error after a skipped '}'
                 diagnostics.append(_syntax_diagnostic(exc, file, text, parser))

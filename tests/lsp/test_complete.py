@@ -29,7 +29,7 @@ def labels(text_with_cursor: str) -> list[str]:
             list(language.fields_of(language.block_models()["student"], "student")),
         ),
         ("student x {\n  pretrained = |\n}", ["false", "true"]),
-        ("data |", ["imagefolder", "digits", "synthetic"]),
+        ("data |", ["imagefolder", "digits", "synthetic", "hfds", "wds"]),
         ("data imagefolder {\n  augment = |\n}", ["deit", "basic", "none"]),
         ("train {\n  precision = b|\n}", ["bf16"]),
         ("train {\n  optimizer = adamw(|)\n}", ["lr", "weight_decay"]),
@@ -38,7 +38,7 @@ def labels(text_with_cursor: str) -> list[str]:
         ("distill {\n  generate student.norm -> teacher.n|\n}", ["norm"]),
         (
             "distill {\n  mimic student.blocks[0] -> teacher.norm {\n    |\n  }\n}",
-            ["align", "loss", "heads", "weight"],
+            ["align", "loss", "heads", "resample", "weight"],
         ),
         (
             "distill {\n  mimic student.blocks[0] -> teacher.norm { align = |",

@@ -172,7 +172,7 @@ def test_completion_inside_a_term_body_offers_its_fields_and_choices(client, tmp
     )
     uri = client.open(tmp_path / "typing.vkd", text)
     body = client.request("textDocument/completion", client.at(uri, 4, 8))
-    assert _labels(body) == ["align", "loss", "heads", "weight"]
+    assert _labels(body) == ["align", "loss", "heads", "resample", "weight"]
     assert body["items"][0]["kind"] == 5  # Field
     choices = client.request("textDocument/completion", client.at(uri, 5, 16))
     assert _labels(choices) == ["linear", "identity", "mlp"]

@@ -364,3 +364,44 @@ def test_evaluation_pads_the_last_batch_into_one_graph() -> None:
         expected[1].append(top.eq(labels[:, None]).any(dim=-1))
     assert top1 == pytest.approx(100 * float(torch.cat(expected[0]).float().mean()))
     assert top5 == pytest.approx(100 * float(torch.cat(expected[1]).float().mean()))
+
+
+@pytest.mark.slow
+def test_a_resnet_teacher_trains_a_distilled_deit_through_its_token(tmp_path, capsys) -> None:
+    """DeiT's setting in small: a CNN teacher (its own statistics and resolution, resized in
+    the step) teaches the distillation head; the class head learns the labels; the summary
+    reports each head."""
+    recipe = write(
+        tmp_path,
+        "token.vkd",
+        """
+        teacher resnet18 { img_size = 24 }
+        student deit_tiny_distilled_patch16_224 {
+            img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  num_heads = 2
+        }
+        data synthetic { batch_size = 8  size = 32  classes = 10 }
+        distill {
+            token { mode = hard  weight = 0.5 }
+            kd { temperature = 2.0  weight = 0.5 }
+            labels { weight = 0.5 }
+        }
+        train { epochs = 1  log_every = 1 }
+        """,
+    )
+    assert run(str(recipe), "--out", str(tmp_path / "runs"), "--max-steps", "2") == 0
+    summary = _summary(tmp_path / "runs" / "token")
+    assert summary["steps"] == 2 and summary["teacher_top1"] is not None
+    assert summary["class_head_top1"] is not None and summary["dist_head_top1"] is not None
+    records = [json.loads(x) for x in (tmp_path / "runs" / "token" / "metrics.jsonl").open()]
+    assert {"token", "kd", "labels"} <= set(records[0])
+
+
+@pytest.mark.slow
+def test_a_dinov2_teacher_on_another_grid_trains(tmp_path, capsys) -> None:
+    from tests.test_program import DINO
+
+    recipe = write(tmp_path, "dino.vkd", DINO + "train { epochs = 1  log_every = 1 }\n")
+    assert run(str(recipe), "--out", str(tmp_path / "runs"), "--max-steps", "2") == 0
+    records = [json.loads(x) for x in (tmp_path / "runs" / "dino" / "metrics.jsonl").open()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 2 and all(r["mimic"] > 0 and r["generate"] > 0 for r in train)

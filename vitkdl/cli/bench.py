@@ -16,7 +16,9 @@ from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
 HELP = """Measure, in one process on the recipe's real models (random weights) and synthetic
 batches of its shapes: (a) vitkdl's compiled step, (b) the same step eager, (c) a plain eager
 implementation with forward hooks, two full forwards and a hand-written loss module, (d) the
-floor: a student-only training step plus teacher inference. Prints images/s, ms/step, peak
+floor: a student-only training step plus teacher inference, (e) for recipes timm can express
+(kd or token with the labels), timm's own LogitDistillationTask / TokenDistillationTask.
+Prints images/s, ms/step, peak
 memory, the ratios a/b, a/c and the overhead of a over d, a breakdown of the compiled step and
 the data loader's own images/s. Each configuration is warmed up (--warmup steps; the first
 compiles, its extra time is shown as compile time), then all are timed in --steps interleaved
@@ -195,6 +197,7 @@ def render(r: dict[str, Any], out: Console) -> None:
         "compiled": "(a) vitkdl compiled",
         "eager": "(b) vitkdl eager",
         "hooks": "(c) hooks + loss module",
+        "timm": "(e) timm's own task",
         "floor": "(d) floor: student + teacher inf.",
     }
     for key, label in labels.items():
@@ -227,6 +230,11 @@ def render(r: dict[str, Any], out: Console) -> None:
         f"{_f(_pct(q['overhead_vs_floor']))}% (the adapters' FLOPs alone add "
         f"{_f(_pct(q.get('overhead_vs_floor_from_flops')))}%: work the floor leaves out)"
     )
+    if q.get("compiled_vs_timm") is not None:
+        out.print(
+            f"  compiled vs timm's own task (what timm users run today): "
+            f"{_f(q['compiled_vs_timm'], '.2f')}x"
+        )
     if q.get("overhead_vs_floor_plus_losses") is not None:
         out.print(
             f"  overhead over the floor plus the measured adapters and losses: "

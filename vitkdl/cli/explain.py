@@ -69,6 +69,58 @@ def _stats(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
+def _width(m: ModelPlan) -> str:
+    if not m.vit:
+        return f"{m.width} features, no ViT blocks (logit terms only)"
+    return f"{m.width} x {m.depth} blocks, {m.heads} heads"
+
+
+def _tokens(m: ModelPlan) -> str:
+    if not m.vit:
+        return "none (a classifier without patch tokens)"
+    return f"{m.tokens} on a {m.grid[0]}x{m.grid[1]} grid (+{m.prefix_tokens} prefix)"
+
+
+def _input(m: ModelPlan) -> str:
+    h, w = m.input_size if m.input_size != (0, 0) else (m.img_size, m.img_size)
+    patch = f", patch {m.patch_size}" if m.vit else ""
+    return f"{h}x{w}x{m.in_chans}{patch}, {m.interpolation}"
+
+
+def _weights(m: ModelPlan) -> str:
+    if m.from_recipe:
+        return f"final student of {m.from_recipe}"
+    if m.pretrained:
+        where = f" (hub {m.hf_hub_id})" if m.hf_hub_id else ""
+        return f"timm pretrained {m.arch}.{m.pretrained_tag}{where}"
+    return m.weights or "random init"
+
+
+def _heads(m: ModelPlan, plan: Plan) -> str:
+    if not m.distilled:
+        return "one"
+    if m.role == "student" and any(KINDS[t.kind].reads_dist_logits for t in plan.terms):
+        return (
+            "class + distillation: trained apart (class head <- labels, distillation "
+            "head <- teacher), evaluated averaged"
+        )
+    return "class + distillation, averaged"
+
+
+def _teacher_resize(plan: Plan) -> str | None:
+    t = plan.teacher
+    if t is None or not plan.teacher_used:
+        return None
+    size = t.input_size if t.input_size != (0, 0) else (t.img_size, t.img_size)
+    if tuple(size) == (plan.data.image_size, plan.data.image_size):
+        return None
+    return (
+        f"the loader produces the student's {plan.data.image_size}x{plan.data.image_size}; "
+        f"the step resizes the teacher's input to {size[0]}x{size[1]} ({t.interpolation}) "
+        "in-graph"
+    )
+
+
 def render_plan(plan: Plan, out: Console) -> None:
     """Print a plan as tables (what ``vitkdl explain`` shows)."""
     out.print(f"[bold]recipe {escape(plan.recipe)}[/]  {escape(plan.file)}  hash {plan.hash}")
@@ -85,28 +137,25 @@ def render_plan(plan: Plan, out: Console) -> None:
     rows: list[tuple[str, Callable[[ModelPlan], str]]] = [
         ("model", lambda m: m.name),
         ("family", lambda m: m.family),
-        ("width x depth", lambda m: f"{m.width} x {m.depth} blocks, {m.heads} heads"),
-        (
-            "tokens",
-            lambda m: f"{m.tokens} on a {m.grid[0]}x{m.grid[1]} grid (+{m.prefix_tokens} prefix)",
-        ),
-        ("input", lambda m: f"{m.img_size}x{m.img_size}x{m.in_chans}, patch {m.patch_size}"),
+        ("width x depth", _width),
+        ("tokens", _tokens),
+        ("input", _input),
         ("input mean", lambda m: _stats(m.mean)),
         ("input std", lambda m: _stats(m.std)),
         ("classes", lambda m: str(m.num_classes)),
         ("parameters", lambda m: f"{_n(m.params)} ({m.params:,})"),
         ("forward FLOPs", lambda m: f"{_n(m.forward_flops)} per image"),
-        (
-            "weights",
-            lambda m: (
-                f"final student of {m.from_recipe}" if m.from_recipe else m.weights or "random init"
-            ),
-        ),
+        ("weights", _weights),
         ("trains", lambda m: "yes" if m.trainable else "no (frozen, eval mode, no grad)"),
     ]
+    if any(m.distilled for m in shown):
+        rows.insert(4, ("heads", lambda m: _heads(m, plan)))
     for label, get in rows:
         models.add_row(label, *(escape(get(m)) for m in shown))
     out.print(models)
+    resize = _teacher_resize(plan)
+    if resize is not None:
+        out.print(f"  {escape(resize)}")
     if plan.teacher is not None:
         affine = teacher_affine(
             (plan.student.mean, plan.student.std), (plan.teacher.mean, plan.teacher.std)
@@ -140,6 +189,8 @@ def render_plan(plan: Plan, out: Console) -> None:
             opts = ", ".join(f"{k} {_value(v)}" for k, v in t.options.items() if v is not None)
             out.print(f"   {escape(opts)}")
         out.print(f"   {escape(words.formula)}  [dim]({escape(words.reduction)})[/]")
+        for note in words.notes:
+            out.print(f"   {escape(note)}")
     out.print(
         "   [dim]coefficient: weight x the elements a sum-reduced term sums over per "
         "image, i.e. its weight on the mean-reduced loss[/]"
@@ -160,9 +211,21 @@ def render_plan(plan: Plan, out: Console) -> None:
         if d.train_images is not None
         else ""
     )
+    where = " ".join(
+        x
+        for x in (
+            d.name,
+            d.root,
+            f"(split {d.split}, validation {d.val_split or 'validation'})"
+            if d.source == "hfds"
+            else None,
+            f"(validation {d.val_root})" if d.val_root else None,
+        )
+        if x
+    )
     setup.add_row(
         "data",
-        escape(f"{d.source}{' ' + d.root if d.root else ''}{sizes}, {d.num_classes} classes"),
+        escape(f"{d.source}{' ' + where if where else ''}{sizes}, {d.num_classes} classes"),
     )
     setup.add_row(
         "images",
@@ -253,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
         for term, entry in zip(data["terms"], plan.terms, strict=True):  # the plan in words
             words = KINDS[entry.kind].words(entry)
             term["formula"], term["reduction"] = words.formula, words.reduction
+            term["notes"] = list(words.notes)
         if report is not None:
             data["compile_report"] = report
         out.print_json(data=data)

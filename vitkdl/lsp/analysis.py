@@ -87,6 +87,18 @@ def _count(x: float) -> str:
 def _model_text(role: str, facts: Any, from_recipe: str | None) -> str:
     origin = f", the final student of `{from_recipe}`" if from_recipe else ""
     grid = f"{facts.grid[0]}x{facts.grid[1]}"
+    if not facts.vit:  # a classifier without ViT blocks: logit terms only
+        return "\n".join(
+            [
+                f"**{facts.name}** ({facts.family}), the {role}{origin}",
+                "",
+                f"- {facts.embed_dim} features, no ViT blocks: logit terms only",
+                f"- input: {facts.img_size[0]}x{facts.img_size[1]}x{facts.in_chans}; "
+                f"{facts.num_classes} classes",
+                f"- parameters: {_count(facts.params)} ({facts.params:,}); forward "
+                f"{_count(facts.flops)}FLOPs per image",
+            ]
+        )
     return "\n".join(
         [
             f"**{facts.name}** ({facts.family}), the {role}{origin}",

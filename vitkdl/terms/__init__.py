@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from vitkdl.terms import generate, kd, labels, mimic, nkd
+from vitkdl.terms import generate, kd, labels, mimic, nkd, token
 from vitkdl.terms.base import Kind, StepInputs, TapPoint, TermPlan, Words
 
 __all__ = [
@@ -38,7 +38,7 @@ def register(k: Kind) -> Kind:
     return k
 
 
-for _module in (mimic, generate, kd, nkd, labels):
+for _module in (mimic, generate, kd, nkd, token, labels):
     register(_module.KIND)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ALIGN_KINDS = ("linear", "identity", "mlp", "auto")
@@ -65,3 +66,20 @@ def adapter_input(x: Tensor, module: nn.Module) -> Tensor:
         return x
     p = next(module.parameters(), None)
     return x if p is None else x.to(p.dtype)
+
+
+def resample_tokens(x: Tensor, src: tuple[int, int], dst: tuple[int, int], mode: str) -> Tensor:
+    """Tokens ``[B, h*w, D]`` laid out row-major on the ``src`` grid, resampled to the ``dst``
+    grid: ``[B, h'*w', D]``. ``bilinear`` interpolates (``align_corners=False``); ``area``
+    averages each destination cell's footprint (adaptive average pooling)."""
+    b, n, d = x.shape
+    if n != src[0] * src[1]:
+        raise ValueError(f"resample: {n} tokens do not lie on a {src[0]}x{src[1]} grid")
+    grid = x.transpose(1, 2).reshape(b, d, src[0], src[1])
+    if mode == "area":
+        out = F.adaptive_avg_pool2d(grid, dst)
+    elif mode == "bilinear":
+        out = F.interpolate(grid, size=dst, mode="bilinear", align_corners=False)
+    else:
+        raise ValueError(f"resample: unknown mode {mode!r}; expected 'bilinear' or 'area'")
+    return out.flatten(2).transpose(1, 2)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from vitkdl.errors import Diagnostic
+from vitkdl.errors import Diagnostic, error
 from vitkdl.spec import TermSpec
 
 if TYPE_CHECKING:  # typing only: checks and the planner import this module, not the reverse
@@ -90,23 +90,30 @@ class TermPlan(_Plain):
 
 @dataclass(frozen=True)
 class Words:
-    """What ``explain`` prints for a term: its formula and how it reduces."""
+    """What ``explain`` prints for a term: its formula, how it reduces, and notes (one line
+    each, e.g. how the teacher's token grid is resampled)."""
 
     formula: str
     reduction: str
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
 class StepInputs:
     """What one step hands to every term: logits and taps of both models (keys as
     :attr:`TapPoint.key`; the teacher's are None/empty when no term reads the teacher) and the
-    targets (class indices ``[B]`` or mixed soft labels ``[B, C]``)."""
+    targets (class indices ``[B]`` or mixed soft labels ``[B, C]``).
+
+    ``s_dist_logits`` is the student's distillation head (DeiT's distillation token) when a
+    kind that reads it (:attr:`Kind.reads_dist_logits`) is in the recipe; ``s_logits`` is then
+    the class head alone, otherwise the heads' mean (timm's inference rule)."""
 
     s_logits: Tensor
     s_taps: dict[str, Tensor]
     t_logits: Tensor | None
     t_taps: dict[str, Tensor]
     targets: Tensor
+    s_dist_logits: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +231,9 @@ class Kind:
     """Compares the two models' class distributions (both heads need the same classes)."""
     default: ClassVar[bool] = False
     """Present in every recipe unless the recipe writes it (the student's label loss)."""
+    reads_dist_logits: ClassVar[bool] = False
+    """Trains the student's distillation head (DeiT's distillation token): the program then
+    hands the two heads over separately (:class:`StepInputs`)."""
 
     def check(self, term: Any, ctx: Context) -> Iterable[Diagnostic]:
         """The kind's own checks on a term (after taps were resolved into ``ctx.taps``)."""
@@ -255,6 +265,14 @@ class Kind:
         tests; None when the kind has none."""
         return None
 
+    def timm_task(self, entry: TermPlan) -> dict[str, Any] | None:
+        """How timm's own training tasks (``timm.task``) express this term: the task's class
+        name and keyword arguments (``{"task": "LogitDistillationTask", "temperature": ...}``;
+        the label loss gives the task loss's weight and no class), or None when they cannot:
+        ``vitkdl bench`` measures timm's task as a peer only when every term of a recipe maps
+        onto one task."""
+        return None
+
 
 def paired_taps(entry: TermPlan, inputs: StepInputs) -> tuple[list[Tensor], list[Tensor]]:
     """The student and teacher tensors of a paired term, in pairing order."""
@@ -262,3 +280,76 @@ def paired_taps(entry: TermPlan, inputs: StepInputs) -> tuple[list[Tensor], list
         [inputs.s_taps[t.key] for t in entry.student],
         [inputs.t_taps[t.key] for t in entry.teacher],
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Token grids: a teacher on another grid is resampled to the student's
+
+
+RESAMPLE_CHOICES = ("bilinear", "area", "none")
+
+
+def grids(ctx: Context) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The teacher's and the student's patch grids when both are ViTs, else None."""
+    s, t = ctx.student, ctx.teacher
+    if s is None or t is None or not s.vit or not t.vit:
+        return None
+    return t.grid, s.grid
+
+
+def grid_words(g: Sequence[int]) -> str:
+    return f"{g[0]}x{g[1]}"
+
+
+def check_resample(term: Any, ctx: Context) -> Iterable[Diagnostic]:
+    """``resample = none`` makes a grid mismatch an error (the hint says what else to do)."""
+    pair = grids(ctx)
+    if pair is None or pair[0] == pair[1] or term.resample != "none":
+        return
+    s, t = ctx.student, ctx.teacher
+    assert s is not None and t is not None
+    yield error(
+        f"{term.kind} '{term.name}': the teacher's token grid {grid_words(t.grid)} differs "
+        f"from the student's {grid_words(s.grid)}, and resample = none",
+        term.at("resample"),
+        expected="the same image size / patch size on both models",
+        hint=f"resample = bilinear (the default) or area resamples the teacher's patch tokens "
+        f"to the student's grid; or match the grids (student: img {s.img_size[0]} / patch "
+        f"{s.patch_size[0]}; teacher: img {t.img_size[0]} / patch {t.patch_size[0]})",
+    )
+
+
+def resample_options(resample: str, ctx: Context) -> dict[str, Any]:
+    """The grid options of a feature term: the mode and both grids when they differ (the
+    teacher's taps are then resampled in the step), nothing when they agree."""
+    pair = grids(ctx)
+    if pair is None or pair[0] == pair[1]:
+        return {"resample": None, "teacher_grid": None, "student_grid": None}
+    return {"resample": resample, "teacher_grid": pair[0], "student_grid": pair[1]}
+
+
+def resample_notes(options: BaseModel) -> tuple[str, ...]:
+    """``teacher grid 16x16 -> student grid 14x14 (bilinear ...)`` when the grids differ."""
+    teacher, student = (
+        getattr(options, "teacher_grid", None),
+        getattr(options, "student_grid", None),
+    )
+    if teacher is None or student is None:
+        return ()
+    return (
+        f"teacher grid {grid_words(teacher)} -> student grid {grid_words(student)} "
+        f"({getattr(options, 'resample', None)} resampling of the teacher's patch tokens, "
+        "in the step)",
+    )
+
+
+def teacher_on_student_grid(entry: TermPlan, tensors: list[Tensor]) -> list[Tensor]:
+    """The teacher's tapped tokens ``[B, N_t, D]`` on the student's grid ``[B, N_s, D]``
+    (unchanged when the grids agree): the resampling a feature term plans, in the step."""
+    mode = entry.options.get("resample")
+    if mode is None:
+        return tensors
+    from vitkdl.terms._torch import resample_tokens
+
+    src, dst = entry.options["teacher_grid"], entry.options["student_grid"]
+    return [resample_tokens(x, tuple(src), tuple(dst), mode) for x in tensors]

@@ -8,6 +8,10 @@ teacher's tokens and the squared error counts the masked tokens only, summed, / 
 Generators (the paper compared them): ``conv`` (the paper's: Conv3x3 - ReLU - Conv3x3 on the
 token grid), ``attention`` (one transformer block at the teacher's width over all tokens, mask
 tokens included) and ``linear`` (per token: the control without context).
+
+A teacher on another token grid has its tapped tokens resampled to the student's grid in the
+step (``resample = bilinear`` by default, ``area``; ``none`` makes a mismatch an error): the
+target is the resampled teacher grid, and the generator runs on the student's grid.
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ from vitkdl.terms.base import (
     TermPlan,
     Words,
     align,
+    check_resample,
     linear,
     paired_taps,
+    resample_notes,
+    resample_options,
+    teacher_on_student_grid,
     term_plan,
 )
 
@@ -49,6 +57,7 @@ class GenerateSpec(PairedTermSpec):
     mask: float = 0.5
     generator: Literal["conv", "attention", "linear"] = "conv"
     align: Literal["linear", "identity"] = "linear"
+    resample: Literal["bilinear", "area", "none"] = "bilinear"
     weight: float = 3e-6
 
 
@@ -57,8 +66,12 @@ class GenerateOptions(BaseModel):
     masked_tokens: int
     generator: str
     align: str
-    grid: tuple[int, int]
+    grid: tuple[int, int]  # where the generator runs: the student's grid
     heads: int | None  # of the attention generator
+    # When the teacher's grid differs from the student's: how its taps are resampled.
+    resample: str | None = None
+    teacher_grid: tuple[int, int] | None = None
+    student_grid: tuple[int, int] | None = None
 
 
 def masked(tokens: int, mask: float) -> int:
@@ -132,14 +145,18 @@ class Generate(Kind):
                 hint="the paper masks half the tokens: mask = 0.5",
             )
         s, t = ctx.student, ctx.teacher
-        if t is None:
+        if t is None or not t.vit:
             return
-        if 0 < term.mask < 1 and masked(t.num_patches, term.mask) == 0:
-            yield error(f"mask = {term.mask} masks no token of {t.num_patches}", term.at("mask"))
-        if term.generator == "conv" and t.grid[0] != t.grid[1]:
+        yield from check_resample(term, ctx)
+        # The generator runs on the student's grid (the teacher's, resampled, when they differ).
+        on = s if s is not None and s.vit else t
+        whose = "the teacher's" if on.grid == t.grid else "the student's"
+        if 0 < term.mask < 1 and masked(on.num_patches, term.mask) == 0:
+            yield error(f"mask = {term.mask} masks no token of {on.num_patches}", term.at("mask"))
+        if term.generator == "conv" and on.grid[0] != on.grid[1]:
             yield error(
                 f"generate '{term.name}' with generator = conv needs a square token "
-                f"grid, the teacher's is {t.grid[0]}x{t.grid[1]}",
+                f"grid, {whose} is {on.grid[0]}x{on.grid[1]}",
                 term.span,
                 hint="generator = attention or linear take any grid",
             )
@@ -168,8 +185,9 @@ class Generate(Kind):
             masked_tokens=k,
             generator=term.generator,
             align=term.align,
-            grid=t.grid,
+            grid=s.grid,
             heads=t.num_heads if term.generator == "attention" else None,
+            **resample_options(term.resample, ctx),
         )
         # Summed over k masked tokens x Dt channels, divided by mask: k * Dt / mask elements.
         return term_plan(
@@ -191,6 +209,7 @@ class Generate(Kind):
             f"{entry.weight:g} * sum_masked(({gen}(mask(align(s))) - t)^2) / (B * {o.mask:g})",
             f"sum over {o.masked_tokens} masked of {n} tokens x {dt} channels / "
             f"(batch x {o.mask:g})",
+            resample_notes(o),
         )
 
     def module_class(self) -> type[nn.Module]:
@@ -211,7 +230,8 @@ class Generate(Kind):
         )
 
     def loss(self, module: nn.Module, entry: TermPlan, inputs: StepInputs) -> Tensor:
-        return module(*paired_taps(entry, inputs))
+        student, teacher = paired_taps(entry, inputs)
+        return module(student, teacher_on_student_grid(entry, teacher))
 
     def reference(self, entry: TermPlan, plan: Plan) -> nn.Module | None:
         o = GenerateOptions.model_validate(entry.options)

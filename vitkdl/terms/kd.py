@@ -75,6 +75,14 @@ class KD(Kind):
         o = KDOptions.model_validate(entry.options)
         return reference_class()(o.temperature, entry.weight)
 
+    def timm_task(self, entry: TermPlan) -> dict[str, Any] | None:
+        o = KDOptions.model_validate(entry.options)
+        return {
+            "task": "LogitDistillationTask",
+            "temperature": o.temperature,
+            "distill_loss_weight": entry.weight,
+        }
+
 
 KIND = KD()
 

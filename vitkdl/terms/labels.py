@@ -71,6 +71,10 @@ class Labels(Kind):
         o = LabelsOptions.model_validate(entry.options)
         return reference_class()(o.smoothing, entry.weight)
 
+    def timm_task(self, entry: TermPlan) -> dict[str, Any] | None:
+        o = LabelsOptions.model_validate(entry.options)
+        return {"task_loss_weight": entry.weight, "smoothing": o.smoothing}
+
 
 KIND = Labels()
 

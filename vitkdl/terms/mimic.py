@@ -12,6 +12,13 @@
   query token's attention distribution over the patch tokens, mean over batch, heads and
   queries; heads are paired when both models have as many, ``heads = mean`` averages them
   first otherwise.
+
+A teacher on another token grid (another patch size or resolution: a DINOv2 teacher at patch
+14, a 384-px teacher) has its tapped patch tokens resampled to the student's grid in the step,
+``resample = bilinear`` (the default) or ``area``; ``resample = none`` makes a mismatch an
+error. Attention maps are not resampled: ``loss = kl`` between different grids is an error
+(a map's rows and columns both index tokens, and a resampled map is no longer the attention
+the teacher computed).
 """
 
 from __future__ import annotations
@@ -31,7 +38,13 @@ from vitkdl.terms.base import (
     TermPlan,
     Words,
     align,
+    check_resample,
+    grid_words,
+    grids,
     paired_taps,
+    resample_notes,
+    resample_options,
+    teacher_on_student_grid,
     term_plan,
 )
 
@@ -49,6 +62,7 @@ class MimicSpec(PairedTermSpec):
     align: Literal["linear", "identity", "mlp"] = "linear"
     loss: Literal["mse", "mse_mean", "relation", "kl"] = "mse"
     heads: Literal["pair", "mean"] = "pair"
+    resample: Literal["bilinear", "area", "none"] = "bilinear"
     weight: float = 3e-5
 
 
@@ -58,6 +72,10 @@ class MimicOptions(BaseModel):
     heads: str | None  # how attention heads pair (loss = kl)
     layers: int
     tokens: int
+    # When the teacher's grid differs from the student's: how its taps are resampled.
+    resample: str | None = None
+    teacher_grid: tuple[int, int] | None = None
+    student_grid: tuple[int, int] | None = None
 
 
 def _maps(term: MimicSpec) -> bool:
@@ -99,6 +117,18 @@ class Mimic(Kind):
             yield warning(f"align is not used by loss = {term.loss} (no adapter)", term.at("align"))
         if s is None or t is None:
             return
+        pair = grids(ctx)
+        if term.loss == "kl" and pair is not None and pair[0] != pair[1]:
+            yield error(
+                f"mimic '{term.name}' compares attention maps, and the teacher's token grid "
+                f"{grid_words(pair[0])} differs from the student's {grid_words(pair[1])}",
+                term.span,
+                expected="attention maps on one token grid (maps are not resampled)",
+                hint="mimic tokens across grids (blocks[i] or blocks[i].attn, loss = mse), "
+                "or give both models the same grid (img_size / patch_size)",
+            )
+        else:
+            yield from check_resample(term, ctx)
         if (
             term.loss in ("mse", "mse_mean")
             and term.align == "identity"
@@ -147,6 +177,7 @@ class Mimic(Kind):
             heads=term.heads if term.loss == "kl" else None,
             layers=layers,
             tokens=n,
+            **resample_options(term.resample, ctx),
         )
         return term_plan(
             term,
@@ -162,20 +193,24 @@ class Mimic(Kind):
     def words(self, entry: TermPlan) -> Words:
         o = MimicOptions.model_validate(entry.options)
         w, n = f"{entry.weight:g}", o.tokens
+        notes = resample_notes(o)
         if o.loss == "mse":
             return Words(
                 f"{w} * sum((align(s) - t)^2) / B",
                 f"sum over {o.layers} x {n} tokens x {entry.teacher_shape[-1]} channels / batch",
+                notes,
             )
         if o.loss == "mse_mean":
             return Words(
                 f"{w} * sum_layers mean((align(s) - t)^2)",
                 "mean over tokens and channels, summed over layers",
+                notes,
             )
         if o.loss == "relation":
             return Words(
                 f"{w} * sum((R(s) - R(t))^2) / B,  R(x) = cos(x_i, x_j)",
                 f"sum over {o.layers} x {n} x {n} token pairs / batch",
+                notes,
             )
         maps = "per-head maps" if o.heads == "pair" else "maps averaged over heads"
         return Words(
@@ -200,7 +235,8 @@ class Mimic(Kind):
         )
 
     def loss(self, module: nn.Module, entry: TermPlan, inputs: StepInputs) -> Tensor:
-        return module(*paired_taps(entry, inputs))
+        student, teacher = paired_taps(entry, inputs)
+        return module(student, teacher_on_student_grid(entry, teacher))
 
     def reference(self, entry: TermPlan, plan: Plan) -> nn.Module | None:
         o = MimicOptions.model_validate(entry.options)

@@ -1,6 +1,7 @@
 """Data layer of the ViTKD trainer: datasets, loaders and mixup/cutmix.
 
-Three sources are supported (``DataConfig.source``):
+Five sources are supported (``DataConfig.source``); ``hfds`` (Hugging Face datasets) and
+``wds`` (webdataset shards) live in :mod:`vitkdl.train.readers`, the other three here:
 
 ``"digits"``
     the 1797 8x8 handwritten digits that scikit-learn bundles, embedded in the package
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
 from vitkdl.sources import (
     DEIT_AUTO_AUGMENT,
@@ -115,6 +116,14 @@ class DataConfig:
             erased) there, by timm's ``PrefetchLoader``: a quarter of the bytes of float32
             over the bus, and no float work in the workers. None: float batches normalised by
             the workers (the CPU path).
+        name: ``hfds``: the dataset's hub name (else ``root`` is a save_to_disk directory).
+        split: ``hfds``: the training split.
+        val_split: ``hfds``: the validation split (default: validation, val, valid or test).
+        val_root: ``wds``: the validation shards (a brace pattern).
+        image_key: ``hfds``: the image column (``image``); ``wds``: the image members
+            (``jpg;jpeg;png;webp``).
+        label_key: ``hfds``: the label column (``label``); ``wds``: a field of the ``.json``
+            member (default: the ``.cls`` member).
     """
 
     source: str
@@ -135,6 +144,12 @@ class DataConfig:
     crop_pct: float = 0.875
     seed: int = 0
     prefetch_device: str | None = None
+    name: str | None = None
+    split: str = "train"
+    val_split: str | None = None
+    val_root: str | None = None
+    image_key: str | None = None
+    label_key: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from a parsed plan) but store hashable tuples.
@@ -165,8 +180,8 @@ def _validate(cfg: DataConfig) -> None:
         raise bad("crop_pct", cfg.crop_pct, "expected a value in (0, 1]")
     if any(s <= 0 for s in cfg.std):
         raise bad("std", cfg.std, "expected positive values")
-    if cfg.source == "imagefolder" and cfg.in_chans not in (1, 3):
-        raise bad("in_chans", cfg.in_chans, "imagefolder supports 1 (grayscale) or 3 (RGB)")
+    if source(cfg.source).decodes and cfg.in_chans not in (1, 3):
+        raise bad("in_chans", cfg.in_chans, f"{cfg.source} supports 1 (grayscale) or 3 (RGB)")
     resolve_norm(cfg.mean, cfg.std, cfg.in_chans)
 
 
@@ -589,19 +604,36 @@ def _short(names: Sequence[str], limit: int = 10) -> str:
 # public builders
 
 
-def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
+def build_datasets(
+    cfg: DataConfig, *, rank: int = 0, world_size: int = 1
+) -> tuple[Dataset, Dataset, int]:
     """Build ``(train, val, num_classes)`` for ``cfg.source``.
 
     Every dataset yields ``(image, label)`` with ``image`` a float32 tensor
     ``[in_chans, image_size, image_size]`` and ``label`` an ``int`` in ``[0, num_classes)``.
     The val split is never augmented.  Raises :class:`DataError` for a missing/empty root or
     split, or val classes that are not a subset of train classes (``imagefolder``).
+    ``rank`` / ``world_size``: how a streamed source (``wds``) splits itself.
     """
     if cfg.source == "digits":
         return _build_digits(cfg)
     if cfg.source == "synthetic":
         return _build_synthetic(cfg)
+    if source(cfg.source).package is not None:
+        return _build_reader(cfg, rank, world_size)
     return _build_imagefolder(cfg)
+
+
+def _build_reader(cfg: DataConfig, rank: int, world_size: int) -> tuple[Dataset, Dataset, int]:
+    """Hugging Face datasets and webdataset shards (:mod:`vitkdl.train.readers`)."""
+    from vitkdl.train import readers
+
+    try:
+        if source(cfg.source).streamed:
+            return readers.build_wds(cfg, build_transforms(cfg), rank, world_size)
+        return readers.build_hfds(cfg, build_transforms(cfg))
+    except readers.DataError as exc:
+        raise DataError(str(exc)) from None
 
 
 def build_loaders(
@@ -629,7 +661,11 @@ def build_loaders(
     """
     if distributed and not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside [0, world_size={world_size})")
-    train_ds, val_ds, num_classes = build_datasets(cfg)
+    if not distributed:
+        rank, world_size = 0, 1
+    train_ds, val_ds, num_classes = build_datasets(cfg, rank=rank, world_size=world_size)
+    if isinstance(train_ds, IterableDataset):
+        return _stream_loaders(cfg, train_ds, val_ds, num_classes)
 
     # The train order is DistributedSampler's even on one process: the permutation of epoch e
     # is randperm(n, seed + e) whatever the world size, so N processes at batch B / N see the
@@ -688,6 +724,28 @@ def build_loaders(
     return train_loader, val_loader, num_classes
 
 
+def _stream_loaders(
+    cfg: DataConfig, train_ds: Dataset, val_ds: Dataset, num_classes: int
+) -> tuple[DataLoader, DataLoader, int]:
+    """Loaders of a streamed source: it splits itself across ranks and workers and yields
+    whole batches only (no sampler)."""
+    common: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": cfg.workers > 0,
+    }
+    if _prefetch(cfg):
+        from timm.data.loader import fast_collate
+
+        common["collate_fn"] = fast_collate  # uint8 images stacked as they are
+    train = DataLoader(train_ds, drop_last=True, **common)
+    val = DataLoader(val_ds, drop_last=False, **common)
+    if _prefetch(cfg):
+        return (*_device_side(cfg, train, val), num_classes)
+    return train, val, num_classes
+
+
 def set_epoch(loader: DataLoader, epoch: int, *, seed: int, rank: int = 0) -> None:
     """Make ``loader``'s order and its workers' random streams a function of
     ``(seed, rank, epoch)``; call once per epoch, before ``iter(loader)``.
@@ -701,6 +759,9 @@ def set_epoch(loader: DataLoader, epoch: int, *, seed: int, rank: int = 0) -> No
     sampler = inner.sampler
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
+    dataset_epoch = getattr(inner.dataset, "set_epoch", None)
+    if callable(dataset_epoch):  # a streamed source shuffles per epoch itself
+        dataset_epoch(epoch)
     if inner.generator is not None:
         inner.generator.manual_seed(mix_seed(seed, rank, epoch))
 

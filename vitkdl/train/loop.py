@@ -93,6 +93,12 @@ def data_config(plan: Plan, device: torch.device | None = None) -> DataConfig:
         crop_pct=s.crop_pct,
         seed=plan.seed,
         prefetch_device=str(device) if device is not None and device.type == "cuda" else None,
+        name=d.name,
+        split=d.split,
+        val_split=d.val_split,
+        val_root=d.val_root,
+        image_key=d.image_key,
+        label_key=d.label_key,
     )
 
 
@@ -104,16 +110,23 @@ def _seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(
-    predict: Any, loader: Any, device: torch.device, max_batches: int | None = None
-) -> tuple[float, float]:
+    predict: Any,
+    loader: Any,
+    device: torch.device,
+    max_batches: int | None = None,
+    heads: bool = False,
+) -> tuple[float, ...]:
     """Top-1 and top-5 accuracy (%) of ``predict`` over ``loader``.
+
+    With ``heads``, ``predict`` returns a distilled student's class and distillation logits:
+    top-1 and top-5 of their mean (timm's inference rule), then each head's own top-1.
 
     A last, partial batch is padded to the loader's batch size and its padding ignored, so a
     compiled ``predict`` sees one shape (one graph, no recompile). The counts stay on the
     device until the end: one synchronisation per evaluation, not per batch.
     """
     size = unwrap(loader).batch_size
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1, top-5, images
+    counts = torch.zeros(5 if heads else 3, dtype=torch.int64, device=device)
     for i, (images, labels) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -122,13 +135,22 @@ def evaluate(
         labels = labels.to(device, non_blocking=True)
         if size is not None and n < size:
             images = torch.cat([images, images.new_zeros((size - n, *images.shape[1:]))])
-        logits = predict(images)[:n].float()
+        out = predict(images)
+        per_head: list[torch.Tensor] = []
+        if heads:
+            cls, dist = (x[:n].float() for x in out)
+            logits = (cls + dist) / 2
+            per_head = [h.argmax(dim=-1).eq(labels).sum() for h in (cls, dist)]
+        else:
+            logits = out[:n].float()
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = top.eq(labels[:, None])
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum(), labels.new_tensor(n)])
+        counts += torch.stack(
+            [hits[:, 0].sum(), hits.any(dim=-1).sum(), *per_head, labels.new_tensor(n)]
+        )
     # Each rank evaluates its own shard; the counts add up over ranks.
-    correct1, correct5, total = distributed.all_reduce_sum(counts.tolist(), device)
-    return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
+    *correct, total = distributed.all_reduce_sum(counts.tolist(), device)
+    return tuple(100.0 * c / max(total, 1) for c in correct)
 
 
 class Progress:
@@ -450,9 +472,19 @@ class Run:
         position = (epoch + 1, 0) if done else (epoch, self.batch_in_epoch)
         if last_epoch or (epoch + 1) % plan.eval_every == 0:
             self.program.eval()
-            top1, top5 = evaluate(
-                self.program.predict, self.val_loader, self.device, self.opts.max_eval_batches
-            )
+            heads: dict[str, float] = {}
+            if self.program.distilled:  # the two heads trained apart: each one's top-1 too
+                top1, top5, heads["class_head_top1"], heads["dist_head_top1"] = evaluate(
+                    self.program.predict_heads,
+                    self.val_loader,
+                    self.device,
+                    self.opts.max_eval_batches,
+                    heads=True,
+                )
+            else:
+                top1, top5 = evaluate(
+                    self.program.predict, self.val_loader, self.device, self.opts.max_eval_batches
+                )
             ema_top1 = None
             if self.ema_predict is not None:
                 ema_top1, _ = evaluate(
@@ -467,6 +499,7 @@ class Run:
                 "top1": top1,
                 "top5": top5,
                 "ema_top1": ema_top1,
+                **heads,
             }
             self.history.append(record)
             if self.log is not None:
@@ -474,6 +507,12 @@ class Run:
             self.progress.note(
                 f"  epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}%"
                 + (f" (EMA {ema_top1:.2f}%)" if ema_top1 is not None else "")
+                + (
+                    f"; class head {heads['class_head_top1']:.2f}%, distillation head "
+                    f"{heads['dist_head_top1']:.2f}%"
+                    if heads
+                    else ""
+                )
             )
             if top1 >= self.best_top1:
                 self.save(*position, "best.pt")
@@ -546,6 +585,9 @@ class Run:
             "top5": last.get("top5"),
             "best_top1": self.best_top1 if self.history else None,
             "ema_top1": last.get("ema_top1"),
+            # A distilled student whose heads were trained apart (a token term): each head.
+            "class_head_top1": last.get("class_head_top1"),
+            "dist_head_top1": last.get("dist_head_top1"),
             "teacher_top1": self.teacher_top1,
             "epochs": self.epoch + 1,
             "steps": self.step,

@@ -131,6 +131,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("student top-5", summary.get("top5")),
         ("best top-1", summary.get("best_top1")),
         ("EMA top-1", summary.get("ema_top1")),
+        ("class head top-1", summary.get("class_head_top1")),
+        ("distillation head top-1", summary.get("dist_head_top1")),
         ("teacher top-1", summary.get("teacher_top1")),
         ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
         ("images/s", summary.get("images_per_second")),
