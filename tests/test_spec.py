@@ -172,3 +172,15 @@ def test_misspelt_term_kinds_get_the_registrys_suggestion(tmp_path) -> None:
         (3, "unknown distill term 'generat'", "did you mean 'generate'?"),
         (4, "unknown distill term 'mimick'", "did you mean 'mimic'?"),
     ]
+
+
+def test_a_teacher_from_a_recipe_is_its_finished_run_not_its_initialisation(tmp_path) -> None:
+    """The dependency's student started from a weights file; the teacher is what it became."""
+    (tmp_path / "first.vkd").write_text(
+        'student deit_tiny_patch16_224 { weights = "init.safetensors"  pretrained = false }\n'
+    )
+    (tmp_path / "second.vkd").write_text(
+        'teacher from "first.vkd"\nstudent deit_tiny_patch16_224\ndistill { kd }\n'
+    )
+    spec, _, _ = load_spec(tmp_path / "second.vkd")
+    assert spec.teacher.weights is None and spec.teacher.from_name == "first"

@@ -202,12 +202,12 @@ def create_model(m: ModelPlan, device: torch.device | str = "cpu") -> nn.Module:
 
 
 def teacher_weights_path(m: ModelPlan, runs_dir: str | Path) -> Path | None:
-    """Where the teacher's weights come from: its file, or the exported student of the
-    recipe it is taken ``from``."""
-    if m.weights is not None:
-        return Path(m.weights)
+    """Where the teacher's weights come from: the exported student of the recipe it is taken
+    ``from``, or its own file."""
     if m.from_name is not None and m.from_hash is not None:
         return run_dir(Path(runs_dir), m.from_name, m.from_hash) / "student.safetensors"
+    if m.weights is not None:
+        return Path(m.weights)
     return None
 
 

@@ -1035,8 +1035,11 @@ def _teacher_from(
         return None
     data, spans = _block_data(block)
     extra = {k: data.pop(k) for k in list(data) if k not in MODEL_FIELDS}
+    # The architecture of the dependency's student, not where its training started from: the
+    # teacher's weights are that recipe's finished run (its `weights` / `pretrained` were
+    # the student's initialisation).
     base = dep.student.model_dump(
-        exclude={"role", "extra", "from_recipe", "from_name", "from_hash"}
+        exclude={"role", "extra", "from_recipe", "from_name", "from_hash", "weights", "pretrained"}
     )
     merged = {
         **base,
