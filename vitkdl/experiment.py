@@ -841,6 +841,14 @@ class Outcome:
         return self.status in ("done", "reused")
 
 
+def _status(outcome: Outcome | None) -> str:
+    """A run's status in the report: ``done`` whether it trained now or before (the report of
+    a finished experiment is the same however often it is run)."""
+    if outcome is None:
+        return "missing"
+    return "done" if outcome.ok else outcome.status
+
+
 def _value(summary: dict[str, Any] | None) -> float | None:
     if summary is None:
         return None
@@ -877,7 +885,7 @@ def assemble_report(
                     "wall_seconds": (summary or {}).get("wall_seconds")
                     if value is not None
                     else None,
-                    "status": outcome.status if outcome is not None else "missing",
+                    "status": _status(outcome),
                     "message": outcome.message if outcome is not None else "",
                 }
             )
@@ -915,7 +923,7 @@ def assemble_report(
                 "folder": str(run.folder(out_root)),
                 METRIC: _value(summary),
                 "seed": run.seed,
-                "status": outcome.status if outcome is not None else "missing",
+                "status": _status(outcome),
             }
         )
     failed = [

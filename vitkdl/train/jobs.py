@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rich.console import Console
+from rich.markup import escape
 
 from vitkdl.experiment import Experiment, Outcome, PlannedRun, assemble_report
 from vitkdl.runs import LOG, done, experiment_dir, point_latest, read_summary
@@ -353,10 +354,10 @@ class Board:
     def started(self, run: PlannedRun, slot: int, folder: Path) -> None:
         if self.bar is not None:
             self.tasks[run.key] = self.bar.add_task(
-                f"[{slot + 1}] {run.label}", total=None, info=""
+                escape(f"[{slot + 1}] {run.label}"), total=None, info=""
             )
         else:
-            self.note(f"started {run.label} in {folder}")
+            self.note(escape(f"started {run.label} in {folder}"))
 
     def progress(self, key: str, step: int, total: int, epoch: int) -> None:
         task = self.tasks.get(key)
@@ -372,12 +373,12 @@ class Board:
         if outcome.ok:
             top1 = (summary or {}).get("top1")
             value = f": top-1 {top1:.2f}" if isinstance(top1, (int, float)) else ""
-            self.note(f"[green]done[/] {run.label}{value}{took}")
+            self.note(f"[green]done[/] {escape(run.label)}{value}{took}")
         else:
             why = f": {outcome.message}" if outcome.message else ""
+            log = f" (log: {outcome.log})" if outcome.log else ""
             self.console.print(
-                f"[bold red]{outcome.status}[/] {run.label}{why}{took}"
-                + (f" (log: {outcome.log})" if outcome.log else ""),
+                f"[bold red]{outcome.status}[/] " + escape(f"{run.label}{why}{took}{log}"),
                 highlight=False,
             )
 
@@ -621,7 +622,7 @@ def _report(
     notes = experiment_notes(report)
     out.print(table)
     for line in notes:
-        out.print(line, highlight=False, soft_wrap=True)
+        out.print(line, highlight=False, soft_wrap=True, markup=False)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -629,7 +630,7 @@ def _report(
         plain = Console(file=text, width=160, no_color=True, highlight=False)
         plain.print(table)
         for line in notes:
-            plain.print(line, soft_wrap=True)
+            plain.print(line, soft_wrap=True, markup=False)
         (folder / "report.txt").write_text(text.getvalue())
         plotted = write_experiment_plot(report, folder / "report.png")
         point_latest(folder.parent, experiment.label, folder)

@@ -242,20 +242,8 @@ def experiment_table(report: dict[str, Any]) -> Table:
     title = f"{report['experiment']}: {report['metric'].replace('top1', 'top-1')} (%)"
     if seeds is not None:
         title += f", seeds {', '.join(map(str, seeds))}"
-    overrides = report.get("overrides") or []
-    caption_lines = [
-        f"mean ± sample sd over the seeds; vs baseline: mean paired difference [{level}% "
-        "interval, paired t], n pairs, wins of the row"
-    ]
-    if overrides:
-        caption_lines.append("every run with --set " + " --set ".join(overrides))
-    table = Table(
-        title=title,
-        title_justify="left",
-        caption="\n".join(caption_lines),
-        caption_justify="left",
-    )
-    table.add_column("run", justify="left")
+    table = Table(title=title, title_justify="left")
+    table.add_column("run", justify="left", no_wrap=True)
     columns = [f"seed {s}" for s in seeds] if seeds is not None else ["seed", "top-1"]
     for col in columns:
         table.add_column(col, justify="right")
@@ -291,8 +279,17 @@ def experiment_table(report: dict[str, Any]) -> Table:
 
 
 def experiment_notes(report: dict[str, Any]) -> list[str]:
-    """The lines under the table: the teachers, the runs that did not finish."""
-    lines = []
+    """The lines under the table: what the columns mean, the overrides every run had, the
+    teachers, the runs that did not finish."""
+    level = round(100 * report.get("level", 0.95))
+    lines = [
+        f"mean ± sd: over the seeds (sample sd); vs baseline: the mean of the differences "
+        f"with the baseline's run of the same seed, [its {level}% interval, paired t with n - 1 "
+        "degrees of freedom]; n: the pairs; wins: the seeds where the row is better"
+    ]
+    overrides = report.get("overrides") or []
+    if overrides:
+        lines.append("every run with --set " + " --set ".join(overrides))
     for t in report.get("teachers", []):
         value = f"{t['top1']:.2f}" if t.get("top1") is not None else t.get("status", "-")
         lines.append(
@@ -343,10 +340,12 @@ def write_experiment_plot(report: dict[str, Any], out: Path) -> bool:
         m = arm["stats"]["mean"]
         return None if i is None or m is None else (m - i[0], i[1] - m)
 
+    arms_with = [a for a in arms if a["stats"]["mean"] is not None]  # runs that finished
+
     if numeric is not None:
         path, numbers = numeric
         groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for arm in arms:
+        for arm in arms_with:
             if path not in arm["cell"]:
                 continue
             others = " ".join(
@@ -370,10 +369,13 @@ def write_experiment_plot(report: dict[str, Any], out: Path) -> bool:
                 ys = values(a)
                 ax.scatter([x] * len(ys), ys, s=12, alpha=0.4, color=line[0].get_color())
             indices = [a.get("baseline") for a in members]
-            if all(i is not None for i in indices):
+            if all(i is not None and arms[i]["stats"]["mean"] is not None for i in indices):
                 bases = [arms[i] for i in indices]
                 if len(set(indices)) == 1:  # one baseline for every value of the axis
                     bx, bm = [min(xs), max(xs)], [bases[0]["stats"]["mean"]] * 2
+                    band = bases[0]["stats"]["interval"]
+                    if band is not None:
+                        ax.axhspan(band[0], band[1], color="grey", alpha=0.15, lw=0)
                 else:
                     bx, bm = xs, [b["stats"]["mean"] for b in bases]
                 ax.plot(bx, bm, ls="--", color="grey", label=f"{bases[0]['label']} (baseline)")
@@ -392,7 +394,12 @@ def write_experiment_plot(report: dict[str, Any], out: Path) -> bool:
             xs = [i + (k - (n - 1) / 2) * 0.08 for k in range(n)]
             ax.scatter(xs, ys, s=16, color=colour, zorder=3)
         ax.set_xticks(range(len(arms)))
-        ax.set_xticklabels([a["label"] for a in arms], rotation=20, ha="right", fontsize=8)
+        ax.set_xticklabels(
+            [a["label"] + (" (baseline)" if a["role"] == "baseline" else "") for a in arms],
+            rotation=20,
+            ha="right",
+            fontsize=8,
+        )
         lows = [y for a in arms for y in values(a)]
         if lows:
             ax.set_ylim(bottom=max(0.0, min(lows) - 5))
