@@ -49,6 +49,14 @@ def recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def no_curves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run's curves.png costs more than its training here (tested with the loop)."""
+    from vitkdl.train import loop
+
+    monkeypatch.setattr(loop, "write_curves", lambda *args, **kwargs: True)
+
+
 @pytest.fixture
 def trained(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[str, ...]]]:
     """Every training that actually happens: (recipe, overrides)."""

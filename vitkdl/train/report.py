@@ -247,7 +247,9 @@ def experiment_table(report: dict[str, Any]) -> Table:
     columns = [f"seed {s}" for s in seeds] if seeds is not None else ["seed", "top-1"]
     for col in columns:
         table.add_column(col, justify="right")
-    for col in ("mean ± sd", f"vs baseline [{level}% CI]", "n", "wins"):
+    compared = any(a.get("vs_baseline") for a in report["arms"])
+    extra = (f"vs baseline [{level}% CI]", "n", "wins") if compared else ()
+    for col in ("mean ± sd", *extra):
         table.add_column(col, justify="right")
     for arm in report["arms"]:
         label = arm["label"] + (" (baseline)" if arm["role"] == "baseline" else "")
@@ -274,7 +276,7 @@ def experiment_table(report: dict[str, Any]) -> Table:
             )
             n = str(vs["n"])
             wins = f"{vs['wins']}/{vs['n']}" + (f", {vs['ties']} tied" if vs["ties"] else "")
-        table.add_row(label, *cells, spread, versus, n, wins)
+        table.add_row(label, *cells, spread, *((versus, n, wins) if compared else ()))
     return table
 
 
@@ -282,11 +284,13 @@ def experiment_notes(report: dict[str, Any]) -> list[str]:
     """The lines under the table: what the columns mean, the overrides every run had, the
     teachers, the runs that did not finish."""
     level = round(100 * report.get("level", 0.95))
-    lines = [
-        f"mean ± sd: over the seeds (sample sd); vs baseline: the mean of the differences "
-        f"with the baseline's run of the same seed, [its {level}% interval, paired t with n - 1 "
-        "degrees of freedom]; n: the pairs; wins: the seeds where the row is better"
-    ]
+    lines = ["mean ± sd: over the seeds (sample sd)"]
+    if any(a.get("vs_baseline") for a in report["arms"]):
+        lines[0] += (
+            "; vs baseline: the mean of the differences with the baseline's run of the same "
+            f"seed, [its {level}% interval, paired t with n - 1 degrees of freedom]; n: the "
+            "pairs; wins: the seeds where the row is better"
+        )
     overrides = report.get("overrides") or []
     if overrides:
         lines.append("every run with --set " + " --set ".join(overrides))
