@@ -608,9 +608,13 @@ class _Planner:
     known: dict[tuple[str, tuple[str, ...]], list[Diagnostic]] = field(default_factory=dict)
 
     def add(self, run: PlannedRun) -> str:
-        """Keep ``run`` (once per folder: a baseline shared by two cells runs once)."""
-        if run.key not in self.runs:
+        """Keep ``run`` (once per folder: a baseline shared by two cells runs once; a run that
+        is also a teacher runs to the end, whatever ``--max-steps`` says)."""
+        old = self.runs.get(run.key)
+        if old is None:
             self.runs[run.key] = run
+        elif old.max_steps is not None and (run.max_steps is None or run.max_steps > old.max_steps):
+            self.runs[run.key] = replace(old, max_steps=run.max_steps)
         return run.key
 
     def dependency(self, path: str, stack: tuple[str, ...] = ()) -> str | None:

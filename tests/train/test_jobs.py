@@ -102,7 +102,7 @@ def test_seeds_train_each_run_once_and_a_rerun_trains_nothing(
         assert f"train.seed={run['seed']}" in summary["overrides"]
     assert data["teachers"][0]["recipe"] == "teacher"
     folder = recipes / "runs" / "experiments" / "student"
-    assert (folder / "report.txt").read_text().startswith("student: top-1 (%), seeds 0, 1")
+    assert (folder / "report.txt").read_text().startswith("student: top-1 (%) per seed\n")
     assert (folder / "report.png").is_file()
     assert "seed 0" in first and "vs baseline" in first and "report: runs/experiments/" in first
 

@@ -608,7 +608,7 @@ def _report(
     from vitkdl.train.report import (
         PLOTS_MISSING,
         experiment_notes,
-        experiment_table,
+        experiment_tables,
         write_experiment_plot,
     )
 
@@ -618,17 +618,19 @@ def _report(
         summaries[run.key] = summary if summary and summary.get("hash") == run.hash else None
     report = assemble_report(experiment, summaries, outcomes, opts.out_root)
     folder = experiment_dir(opts.out_root, experiment.label, experiment.hash())
-    table = experiment_table(report)
+    tables = experiment_tables(report)
     notes = experiment_notes(report)
-    out.print(table)
+    for table in tables:
+        out.print(table)
     for line in notes:
-        out.print(line, highlight=False, soft_wrap=True, markup=False)
+        out.print(line, highlight=False, markup=False)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         text = io.StringIO()
         plain = Console(file=text, width=160, no_color=True, highlight=False)
-        plain.print(table)
+        for table in tables:
+            plain.print(table)
         for line in notes:
             plain.print(line, soft_wrap=True, markup=False)
         (folder / "report.txt").write_text(text.getvalue())

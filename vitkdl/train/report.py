@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 class MetricsLog:
@@ -234,31 +236,42 @@ def _cell_value(run: dict[str, Any]) -> str:
     return _STATUS_WORDS.get(run.get("status", "missing"), "-")
 
 
-def experiment_table(report: dict[str, Any]) -> Table:
-    """The report of an experiment: each arm (a recipe under one cell) with its runs per
-    seed, mean and standard deviation, and its paired comparison with its baseline."""
+def experiment_tables(report: dict[str, Any]) -> list[Any]:
+    """The report of an experiment as two tables: each arm (a recipe under one cell) with its
+    run per seed; then each arm's mean and standard deviation and its paired comparison with
+    its baseline (the mean difference, its interval, n and the wins)."""
     seeds = report.get("seeds")
     level = round(100 * report.get("level", 0.95))
-    title = f"{report['experiment']}: {report['metric'].replace('top1', 'top-1')} (%)"
-    if seeds is not None:
-        title += f", seeds {', '.join(map(str, seeds))}"
-    table = Table(title=title, title_justify="left")
-    table.add_column("run", justify="left", no_wrap=True)
-    columns = [f"seed {s}" for s in seeds] if seeds is not None else ["seed", "top-1"]
+    metric = report["metric"].replace("top1", "top-1")
+    arms = report["arms"]
+
+    def table() -> Table:
+        return Table(box=box.SIMPLE_HEAD, pad_edge=False)
+
+    heading = f"{report['experiment']}: {metric} (%) per seed"
+    per_seed = table()
+    per_seed.add_column("run", no_wrap=True)
+    columns = [f"seed {s}" for s in seeds] if seeds is not None else ["seed", metric]
     for col in columns:
-        table.add_column(col, justify="right")
-    compared = any(a.get("vs_baseline") for a in report["arms"])
-    extra = (f"vs baseline [{level}% CI]", "n", "wins") if compared else ()
-    for col in ("mean ± sd", *extra):
-        table.add_column(col, justify="right")
-    for arm in report["arms"]:
-        label = arm["label"] + (" (baseline)" if arm["role"] == "baseline" else "")
+        per_seed.add_column(col, justify="right", no_wrap=True)
+    for arm in arms:
         runs = arm["runs"]
         if seeds is not None:
             by_seed = {r["seed"]: r for r in runs}
             cells = [_cell_value(by_seed[s]) if s in by_seed else "" for s in seeds]
         else:
             cells = [" ".join(str(r["seed"]) for r in runs), " ".join(map(_cell_value, runs))]
+        per_seed.add_row(arm["label"], *cells)
+
+    compared = any(a.get("vs_baseline") for a in arms)
+    summary = table()
+    summary.add_column("run", no_wrap=True)
+    for col in ("runs", "mean ± sd"):
+        summary.add_column(col, justify="right", no_wrap=True)
+    if compared:
+        for col in ("vs baseline", f"{level}% CI (paired t)", "n", "wins"):
+            summary.add_column(col, justify="right", no_wrap=True)
+    for arm in arms:
         stats = arm["stats"]
         if stats["n"] == 0:
             spread = "-"
@@ -266,18 +279,25 @@ def experiment_table(report: dict[str, Any]) -> Table:
             spread = f"{stats['mean']:.2f}"
         else:
             spread = f"{stats['mean']:.2f} ± {stats['sd']:.2f}"
-        vs = arm.get("vs_baseline")
-        if vs is None or vs["n"] == 0:
-            versus, n, wins = "", "", ""
-        else:
-            interval = vs["interval"]
-            versus = _pm(vs["mean"]) + (
-                f" [{_pm(interval[0])}, {_pm(interval[1])}]" if interval else ""
-            )
-            n = str(vs["n"])
-            wins = f"{vs['wins']}/{vs['n']}" + (f", {vs['ties']} tied" if vs["ties"] else "")
-        table.add_row(label, *cells, spread, *((versus, n, wins) if compared else ()))
-    return table
+        row = [arm["label"], str(stats["n"]), spread]
+        if compared:
+            vs = arm.get("vs_baseline")
+            if arm["role"] == "baseline":
+                row += ["(baseline)", "", "", ""]
+            elif vs is None or vs["n"] == 0:
+                row += ["", "", "", ""]
+            else:
+                interval = vs["interval"]
+                ci = f"[{_pm(interval[0])}, {_pm(interval[1])}]" if interval else "-"
+                wins = f"{vs['wins']}/{vs['n']}" + (f", {vs['ties']} tied" if vs["ties"] else "")
+                row += [_pm(vs["mean"]), ci, str(vs["n"]), wins]
+        summary.add_row(*row)
+    return [
+        Text(heading, style="bold"),
+        per_seed,
+        Text(f"{report['experiment']}: {metric} (%) over the seeds", style="bold"),
+        summary,
+    ]
 
 
 def experiment_notes(report: dict[str, Any]) -> list[str]:
@@ -288,8 +308,8 @@ def experiment_notes(report: dict[str, Any]) -> list[str]:
     if any(a.get("vs_baseline") for a in report["arms"]):
         lines[0] += (
             "; vs baseline: the mean of the differences with the baseline's run of the same "
-            f"seed, [its {level}% interval, paired t with n - 1 degrees of freedom]; n: the "
-            "pairs; wins: the seeds where the row is better"
+            f"seed, and its {level}% interval (paired t, n - 1 degrees of freedom); n: the pairs; "
+            "wins: the seeds where the row is better"
         )
     overrides = report.get("overrides") or []
     if overrides:
@@ -300,8 +320,7 @@ def experiment_notes(report: dict[str, Any]) -> list[str]:
             f"teacher {t['recipe']}: top-1 {value} (one run, its recipe's seed {t['seed']}, "
             f"shared by every run; {t['folder']})"
         )
-    single = [a for a in report["arms"] if a["stats"]["n"] == 1]
-    if single and report.get("seeds") is None:
+    if all(a["stats"]["n"] <= 1 for a in report["arms"]):
         lines.append("one run per row: no spread and no interval (--seeds 0-4 runs five)")
     for f in report.get("not_ok", []):
         why = f": {f['message']}" if f.get("message") else ""
