@@ -168,6 +168,8 @@ def visible_gpus(device: str | None) -> list[str]:
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
+    if sys.platform.startswith("linux") and not Path("/proc/driver/nvidia/gpus").is_dir():
+        return []  # no NVIDIA driver: no need to import torch to count nothing
     try:
         import torch
 
@@ -176,19 +178,100 @@ def visible_gpus(device: str | None) -> list[str]:
         return []
 
 
+class _Worker:
+    """A worker process that runs task after task (``python -m vitkdl.train.worker --serve``):
+    torch is imported once per worker, not once per run."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        read, write = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vitkdl.train.worker", "--serve", str(write)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            pass_fds=(write,),
+            text=True,
+        )
+        os.close(write)
+        os.set_blocking(read, False)
+        self.results = read
+        self.buffer = b""
+
+    def send(self, task: Task) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(task.to_json() + "\n")
+        self.proc.stdin.flush()
+
+    def result(self) -> dict[str, Any] | None:
+        """The next result line, if one has arrived."""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.results, 65536):
+                self.buffer += chunk
+        if b"\n" not in self.buffer:
+            return None
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.results)
+
+
+@dataclass
+class _Served:
+    """A run on a persistent worker."""
+
+    run: PlannedRun
+    started: float
+    worker: _Worker
+    folder: Path
+    message: str = ""
+
+    def poll(self) -> int | None:
+        result = self.worker.result()
+        if result is not None:
+            self.message = result.get("message", "")
+            return int(result["code"])
+        if self.worker.alive():
+            return None
+        result = self.worker.result()  # written just before it ended
+        if result is not None:
+            self.message = result.get("message", "")
+            return int(result["code"])
+        code = self.worker.proc.returncode
+        self.message = f"its worker process ended (exit status {code})"
+        return code if code else FAILED
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.worker.proc.send_signal(signal.SIGTERM)
+
+    def reason(self) -> str:
+        return self.message or failure_reason(self.folder)
+
+
 class LocalLauncher:
-    """Each run a process of this machine: the CPU cores split between the runs at once, or
-    each run its own GPU(s)."""
+    """Runs as processes of this machine, ``jobs`` at once: the CPU cores split between them,
+    or each its own GPU(s). A run of one process goes to the slot's worker (started once,
+    restarted if it dies); a run of several processes is a torchrun of its own."""
 
     def __init__(self, opts: JobOptions, jobs: int, gpus: list[str]) -> None:
         self.opts, self.jobs, self.gpus = opts, jobs, gpus
         per = opts.nproc or 1
         self.threads = None if gpus else max(1, (os.cpu_count() or 1) // (jobs * per))
+        self.workers: dict[int, _Worker] = {}
 
-    def task_threads(self) -> int | None:
-        return self.threads
-
-    def start(self, run: PlannedRun, task: Task, slot: int) -> Handle:
+    def env(self, slot: int) -> dict[str, str]:
         env = dict(os.environ)
         if self.threads is not None:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
@@ -196,6 +279,15 @@ class LocalLauncher:
             per = self.opts.nproc or 1
             mine = [self.gpus[(slot * per + i) % len(self.gpus)] for i in range(per)]
             env["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+        return env
+
+    def start(self, run: PlannedRun, task: Task, slot: int) -> Handle:
+        if (self.opts.nproc or 1) == 1:
+            worker = self.workers.get(slot)
+            if worker is None or not worker.alive():
+                worker = self.workers[slot] = _Worker(self.env(slot))
+            worker.send(task)
+            return _Served(run, time.monotonic(), worker, task.folder)
         log = log_file(task)
         try:
             proc = subprocess.Popen(
@@ -203,11 +295,16 @@ class LocalLauncher:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env=self.env(slot),
             )
         finally:
             log.close()
         return _Process(run, time.monotonic(), proc, task.folder)
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
+        self.workers.clear()
 
 
 class SubmititRun:
@@ -395,7 +492,7 @@ class Board:
 def _status(code: int) -> str:
     if code == OK:
         return "done"
-    if code == PREEMPTED:
+    if code in (PREEMPTED, -signal.SIGTERM, 128 + signal.SIGTERM):
         return "preempted"
     if code in (INTERRUPTED, -signal.SIGINT):
         return "interrupted"
@@ -592,6 +689,8 @@ def _run_pending(
         scheduler.running.clear()
     finally:
         board.close()
+        if hasattr(launcher, "close"):
+            launcher.close()
     for run in scheduler.waiting:  # never started: stopped before their turn
         outcomes.setdefault(run.key, Outcome(run.key, "missing", "not started"))
     return scheduler.stop_reason

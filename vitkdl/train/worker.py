@@ -97,11 +97,15 @@ def read_progress(folder: Path) -> dict[str, int] | None:
 
 
 @contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    """Run with ``count`` CPU threads, and give the process its count back after (a run may
-    lower it for itself)."""
+def _fresh(count: int | None) -> Iterator[None]:
+    """Run as a fresh process would, in one that may have run others: with ``count`` CPU
+    threads (the process gets its count back after: a run may lower it for itself) and no
+    compiled graphs or compile counters left from an earlier run."""
     import torch
 
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
     before = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(count)
@@ -137,7 +141,7 @@ def execute(
         on_step=on_step,
     )
     try:
-        with _threads(task.threads):
+        with _fresh(task.threads):
             summary, _ = run_recipe(task.path, req, console)
     except VkdError as exc:
         print_diagnostics(console, exc.diagnostics, exc.sources)
@@ -182,12 +186,71 @@ def failure_reason(folder: Path) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _output_to(log: TextIO) -> Iterator[None]:
+    """This process's stdout and stderr (the file descriptors: C code's output too) go to
+    ``log`` while inside."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def serve(result_fd: int) -> int:
+    """``python -m vitkdl.train.worker --serve FD``: a worker that runs task after task (one
+    JSON task per line on stdin) in this one process, so that torch is imported once per
+    worker, not once per run. Each run's output goes to its log; a line ``{"key", "code",
+    "message"}`` per run goes to file descriptor ``FD``. Ends at the end of its input.
+    Between runs Ctrl-C and SIGTERM do not end it (the experiment ends it by closing its
+    input); during a run they stop that run with a checkpoint."""
+    import signal
+
+    import torch  # noqa: F401 (once, before the first run)
+
+    results = os.fdopen(result_fd, "w", buffering=1)
+    idle = {s: signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)}
+    busy = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    for sig, handler in idle.items():
+        signal.signal(sig, handler)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        task = Task.from_json(line)
+        progress = ProgressFile(task.folder)
+        with log_file(task) as log, _output_to(log):
+            for sig, handler in busy.items():
+                signal.signal(sig, handler)
+            try:
+                console = Console(file=log, highlight=False, width=120, no_color=True)
+                code, message = execute(task, console, progress)
+            except KeyboardInterrupt:  # before or after the training loop
+                code, message = 130, "interrupted"
+            finally:
+                for sig, handler in idle.items():
+                    signal.signal(sig, handler)
+                progress.remove()
+        results.write(json.dumps({"key": task.key, "code": code, "message": message}) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m vitkdl.train.worker TASK_JSON``: run one task; output goes wherever this
-    process's stdout and stderr go (the run's log)."""
+    process's stdout and stderr go (the run's log). ``--serve FD``: see :func:`serve`."""
     from vitkdl.train import distributed
 
     args = sys.argv[1:] if argv is None else argv
+    if args[0] == "--serve":
+        return serve(int(args[1]))
     task = Task.from_json(args[0])
     job = distributed.init_from_env()
     console = Console(stderr=True, highlight=False, width=120, quiet=not job.is_main)
