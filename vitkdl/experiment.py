@@ -44,6 +44,7 @@ from vitkdl import syntax as syn
 from vitkdl.errors import Diagnostic, Sources, Span, VkdError, error
 from vitkdl.runs import run_dir
 from vitkdl.spec import Assignment, RecipeSpec, load_spec
+from vitkdl.spec import _display as _display  # the name a recipe's spans carry
 from vitkdl.stats import paired, sample
 
 #: The sweep item that lists the seeds, and the field it sets.
@@ -118,15 +119,6 @@ class Axis:
     @property
     def texts(self) -> tuple[str, ...]:
         return tuple(v.text for v in self.values)
-
-    def numbers(self) -> list[float] | None:
-        """The values as numbers, or None when one is not a number."""
-        out = []
-        for v in self.values:
-            if not isinstance(v.value, syn.Number) or isinstance(v.value.value, bool):
-                return None
-            out.append(float(v.value.value))
-        return out
 
 
 @dataclass(frozen=True)
@@ -429,13 +421,6 @@ def combine(
     return grid_out, diags
 
 
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 # --------------------------------------------------------------------------------------------
 # Checking every cell
 
@@ -606,6 +591,7 @@ class _Planner:
     runs: dict[str, PlannedRun] = field(default_factory=dict)
     teachers: list[str] = field(default_factory=list)
     known: dict[tuple[str, tuple[str, ...]], list[Diagnostic]] = field(default_factory=dict)
+    dependencies: dict[str, str | None] = field(default_factory=dict)
 
     def add(self, run: PlannedRun) -> str:
         """Keep ``run`` (once per folder: a baseline shared by two cells runs once; a run that
@@ -619,7 +605,12 @@ class _Planner:
 
     def dependency(self, path: str, stack: tuple[str, ...] = ()) -> str | None:
         """The run of a ``teacher from`` recipe, as written there (no overrides), after its
-        own dependencies."""
+        own dependencies (planned once per recipe file)."""
+        if path not in self.dependencies:
+            self.dependencies[path] = self._dependency(path, stack)
+        return self.dependencies[path]
+
+    def _dependency(self, path: str, stack: tuple[str, ...]) -> str | None:
         spec, diags = _load_checked(path, (), self.sources, (), self.strict)
         self.diags.extend(diags)
         if spec is None or any(d.is_error for d in diags):

@@ -313,7 +313,11 @@ def experiment_notes(report: dict[str, Any]) -> list[str]:
         )
     overrides = report.get("overrides") or []
     if overrides:
-        lines.append("every run with --set " + " --set ".join(overrides))
+        lines.append(
+            "the recipes ran with --set "
+            + " --set ".join(overrides)
+            + " (their baselines with those of student.*, data.* and train.*)"
+        )
     for t in report.get("teachers", []):
         value = f"{t['top1']:.2f}" if t.get("top1") is not None else t.get("status", "-")
         lines.append(
