@@ -231,3 +231,21 @@ def test_a_named_recipe_that_is_also_a_teacher_runs_to_the_end(recipes: Path) ->
     assert experiment.runs[0] == teacher and experiment.teachers == (teacher.key,)
     student = next(r for r in experiment.runs if r.recipe == "student")
     assert student.max_steps == 3 and student.deps == (teacher.key,)
+
+
+def test_the_command_line_adds_and_replaces_axes_of_a_sweep_block(recipes: Path) -> None:
+    experiment, _ = plan_experiment(
+        ["ablation.vkd"],
+        grid=["distill.mimic.weight=5e-3", "distill.nkd.gamma=1,2"],
+        seeds="4",
+    )
+    assert experiment.axes == (
+        ("distill.mimic.weight", ("5e-3",)),  # replaced
+        ("distill.nkd.gamma", ("1", "2")),  # added
+    )
+    assert experiment.seeds == (4,)  # replaced the block's 0, 1, 2
+    recipe_runs = [r for r in experiment.runs if r.role == "recipe"]
+    assert [r.overrides for r in recipe_runs] == [
+        ("distill.mimic.weight=5e-3", "distill.nkd.gamma=1", "train.seed=4"),
+        ("distill.mimic.weight=5e-3", "distill.nkd.gamma=2", "train.seed=4"),
+    ]
