@@ -217,6 +217,7 @@ def serve(result_fd: int) -> int:
 
     import torch  # noqa: F401 (once, before the first run)
 
+    _stop_with_parent()
     results = os.fdopen(result_fd, "w", buffering=1)
     idle = {s: signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)}
     busy = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
@@ -239,8 +240,23 @@ def serve(result_fd: int) -> int:
                 for sig, handler in idle.items():
                     signal.signal(sig, handler)
                 progress.remove()
-        results.write(json.dumps({"key": task.key, "code": code, "message": message}) + "\n")
+        with contextlib.suppress(OSError):  # the experiment may be gone
+            results.write(json.dumps({"key": task.key, "code": code, "message": message}) + "\n")
     return 0
+
+
+def _stop_with_parent() -> None:
+    """On Linux, have the kernel send this worker SIGTERM when the experiment that started it
+    dies (even by SIGKILL): its run then saves a checkpoint and stops, instead of training on
+    unseen while a rerun of the experiment starts the same run again."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 def main(argv: list[str] | None = None) -> int:
