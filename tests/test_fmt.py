@@ -310,8 +310,7 @@ def test_layout_rules(text, canonical) -> None:
 
 
 EXTENDED = """
-# sub-block taps and a term kind not registered yet (the grammar knows no kind), and the planned
-# sweep block
+# sub-block taps, a term kind not registered yet (the grammar knows no kind), and a sweep
 student deit_tiny_distilled_patch16_224
 distill{ mimic student.blocks[0:2].attn->teacher.blocks[0:2] . attn {weight=3e-5}
   token{mode=hard weight = 0.5} # distillation token
@@ -320,8 +319,7 @@ sweep {distill.generate.mask=[0.25,0.5,0.75,]   seeds=[0,1,2]}
 """
 
 EXTENDED_CANONICAL = """\
-# sub-block taps and a term kind not registered yet (the grammar knows no kind), and the planned
-# sweep block
+# sub-block taps, a term kind not registered yet (the grammar knows no kind), and a sweep
 student deit_tiny_distilled_patch16_224
 
 distill {
@@ -341,12 +339,9 @@ sweep {
 """
 
 
-def test_sub_block_taps_and_new_term_kinds_format_with_the_grammar() -> None:
-    text, canonical = (
-        x.split("sweep {")[0].rstrip() + "\n" for x in (EXTENDED, EXTENDED_CANONICAL)
-    )
-    assert format_text(text) == canonical
-    assert format_text(canonical) == canonical
+def test_sub_block_taps_new_term_kinds_and_sweeps_format_with_the_grammar() -> None:
+    assert format_text(EXTENDED) == EXTENDED_CANONICAL
+    assert format_text(EXTENDED_CANONICAL) == EXTENDED_CANONICAL
 
 
 def test_grammar_extensions_need_no_formatter_change(monkeypatch) -> None:
@@ -356,11 +351,11 @@ def test_grammar_extensions_need_no_formatter_change(monkeypatch) -> None:
 
     grammar = syntax.concrete_parser().source_grammar
     for old, new in [
-        ("          | train\n", "          | train\n          | sweep\n"),
+        ("          | sweep\n", "          | sweep\n          | compare\n"),
         (
             "train: _TRAIN body\n",
-            'train: _TRAIN body\nsweep: _SWEEP "{" sweep_item* "}"\n'
-            'sweep_item: NAME ("." NAME)* "=" value\n_SWEEP.2: /sweep(?![\\w-])/\n',
+            'train: _TRAIN body\ncompare: _COMPARE "{" compare_item* "}"\n'
+            'compare_item: NAME ("." NAME)* "=" value\n_COMPARE.2: /compare(?![\\w-])/\n',
         ),
     ]:
         assert old in grammar
@@ -375,5 +370,7 @@ def test_grammar_extensions_need_no_formatter_change(monkeypatch) -> None:
     )
     monkeypatch.setattr(syntax, "concrete_parser", lambda: parser)
     monkeypatch.setattr(syntax, "parse", lambda text, file: None)  # the old typed tree
-    assert format_text(EXTENDED) == EXTENDED_CANONICAL
-    assert format_text(EXTENDED_CANONICAL) == EXTENDED_CANONICAL
+    text = EXTENDED + "compare {a.b=[1,2,] c = x}"
+    canonical = EXTENDED_CANONICAL + "\ncompare {\n    a.b = [1, 2]\n    c = x\n}\n"
+    assert format_text(text) == canonical
+    assert format_text(canonical) == canonical

@@ -56,11 +56,17 @@ def override_list(overrides: Overrides) -> list[str]:
 
 
 def validate(
-    path: str | Path, overrides: Overrides = None, *, strict: bool = False, text: str | None = None
+    path: str | Path,
+    overrides: Overrides = None,
+    *,
+    strict: bool = False,
+    text: str | None = None,
+    sweep: bool = True,
 ) -> tuple[RecipeSpec | None, list[Diagnostic], Any]:
     """Load and check a recipe without raising: ``(spec, diagnostics, sources)``.
 
     ``text``: the recipe's unsaved text (an editor buffer); ``path`` still names it.
+    ``sweep``: check the recipe's ``sweep`` block too, every cell and seed of it.
     """
     from vitkdl.checks import run_checks
     from vitkdl.spec import load_spec
@@ -69,6 +75,12 @@ def validate(
     if spec is not None and spec.student is not None:
         _, more = run_checks(spec, strict=strict)
         diags = diags + more
+    if sweep and spec is not None:
+        from vitkdl.experiment import check_sweep
+
+        diags = diags + check_sweep(
+            path, override_list(overrides), sources, strict=strict, text=text, known=diags
+        )
     return spec, diags, sources
 
 
@@ -78,7 +90,7 @@ def load(path: str | Path, overrides: Overrides = None, *, strict: bool = False)
     Raises :class:`VkdError` carrying every diagnostic when any is an error. ``strict`` turns
     what ``validate`` only warns about (missing data root or weight files) into errors.
     """
-    spec, diags, sources = validate(path, overrides, strict=strict)
+    spec, diags, sources = validate(path, overrides, strict=strict, sweep=False)
     if spec is None or any(d.is_error for d in diags):
         raise VkdError(diags, sources)
     return spec

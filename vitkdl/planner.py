@@ -18,7 +18,7 @@ from vitkdl.checks import Context, default_classes
 from vitkdl.models import ModelFacts
 from vitkdl.optim import NO_DECAY_NAMES
 from vitkdl.sources import input_norm, source, split_sizes
-from vitkdl.spec import ModelSpec, RecipeSpec
+from vitkdl.spec import ModelSpec, RecipeSpec, checkpoint_interval
 from vitkdl.terms import KINDS, needs_teacher
 from vitkdl.terms.base import AdapterPlan, TapPoint, TermPlan
 
@@ -162,10 +162,11 @@ class Plan(_Plain):
     shard: str
     seed: int
     eval_every: int
-    checkpoint_every: int
+    checkpoint_every: int | float  # in checkpoint_unit
     log_every: int
     world_size: int
     cost: CostPlan
+    checkpoint_unit: Literal["epochs", "steps", "minutes"] = "epochs"
 
 
 PRECISION = {
@@ -330,7 +331,8 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
         shard=spec.train.shard,
         seed=spec.train.seed,
         eval_every=spec.train.eval_every,
-        checkpoint_every=spec.train.checkpoint_every,
+        checkpoint_every=checkpoint_interval(spec.train.checkpoint_every)[0],
+        checkpoint_unit=checkpoint_interval(spec.train.checkpoint_every)[1],
         log_every=spec.train.log_every,
         world_size=world_size,
         cost=cost,

@@ -5,7 +5,12 @@
 or one recipe under different overrides, never write into the same folder. ``OUT/NAME`` is a
 symbolic link to the latest of them, so ``runs/quickstart/summary.json`` is the newest run of
 the quickstart. A run is *finished* when its ``summary.json`` carries its hash, says it
-completed every epoch, and its exported student exists. Torch-free.
+completed every epoch, and its exported student exists. Its checkpoints are ``last.pt`` (where
+it stopped) and ``best.pt``; its log, when a sweep ran it, is ``log.txt``.
+
+An experiment (several seeds, a sweep) writes its report to ``OUT/experiments/LABEL-HASH/``
+(``OUT/experiments/LABEL`` links to the latest), LABEL naming its recipes and HASH the runs
+it is made of. Torch-free.
 """
 
 from __future__ import annotations
@@ -19,6 +24,12 @@ from typing import Any
 def run_dir(root: Path, name: str, recipe_hash: str) -> Path:
     """The folder of the run of recipe ``name`` with hash ``recipe_hash`` under ``root``."""
     return Path(root) / f"{name}-{recipe_hash}"
+
+
+#: What a sweep's run writes besides the trainer's files: its output, and where it is while
+#: it trains (removed at its end).
+LOG = "log.txt"
+PROGRESS = "progress.json"
 
 
 def latest_link(root: Path, name: str) -> Path:
@@ -43,6 +54,35 @@ def finished(folder: Path, recipe_hash: str) -> dict[str, Any] | None:
     if not (Path(folder) / "student.safetensors").is_file():
         return None
     return summary
+
+
+def done(folder: Path, recipe_hash: str, max_steps: int | None = None) -> dict[str, Any] | None:
+    """The summary of a run of this recipe that needs no more training: finished, or (when
+    ``max_steps`` bounds the request) stopped at ``max_steps`` or later; else None."""
+    summary = finished(folder, recipe_hash)
+    if summary is not None or max_steps is None:
+        return summary
+    summary = read_summary(folder)
+    if summary is None or summary.get("hash") != recipe_hash:
+        return None
+    if (summary.get("steps") or 0) < max_steps:
+        return None
+    return summary if (Path(folder) / "student.safetensors").is_file() else None
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The run's checkpoints in the order a resume tries them: ``last.pt`` first, then any
+    other ``*.pt`` (``best.pt``), newest first."""
+    folder = Path(folder)
+    last = folder / "last.pt"
+    others = [p for p in folder.glob("*.pt") if p.name != last.name and p.is_file()]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return ([last] if last.is_file() else []) + others
+
+
+def experiment_dir(root: Path, label: str, experiment_hash: str) -> Path:
+    """The folder of an experiment's report under ``root``."""
+    return Path(root) / "experiments" / f"{label}-{experiment_hash}"
 
 
 def point_latest(root: Path, name: str, folder: Path) -> str | None:

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+)
 
 from vitkdl import syntax as syn
 from vitkdl.errors import Diagnostic, Sources, Span, VkdError, did_you_mean, error, one_of
@@ -229,6 +236,41 @@ class ScheduleSpec(Node):
     decay_rate: Annotated[float, Field(gt=0)] = 0.1
 
 
+#: The units of ``checkpoint_every`` and the words that name them.
+INTERVAL_UNITS = {
+    "epochs": ("epoch", "epochs"),
+    "steps": ("step", "steps"),
+    "minutes": ("min", "mins", "minute", "minutes"),
+}
+
+
+def checkpoint_interval(value: int | str) -> tuple[int | float, str]:
+    """``checkpoint_every`` as (amount, unit): a whole number counts epochs (``2``); a string
+    names its unit, ``"2 epochs"``, ``"500 steps"`` or ``"30 min"`` (minutes may be
+    fractional). Raises ValueError, in words, for anything else."""
+    if isinstance(value, int):
+        return value, "epochs"
+    words = value.split()
+    units = [w for names in INTERVAL_UNITS.values() for w in names]
+    example = 'write e.g. "2 epochs", "500 steps" or "30 min"'
+    if len(words) != 2:
+        raise ValueError(f"expected an amount and a unit, got {value!r}; {example}")
+    amount_text, unit_word = words
+    unit = next((u for u, names in INTERVAL_UNITS.items() if unit_word.lower() in names), None)
+    if unit is None:
+        hint = did_you_mean(unit_word, units)
+        units_text = "units: epochs, steps, min" + (f"; {hint}" if hint else "")
+        raise ValueError(f"unknown unit {unit_word!r} ({units_text})")
+    try:
+        amount: int | float = int(amount_text) if unit != "minutes" else float(amount_text)
+    except ValueError:
+        whole = "a number" if unit == "minutes" else "a whole number"
+        raise ValueError(f"the amount of {unit} must be {whole}, got {amount_text!r}") from None
+    if not amount > 0:
+        raise ValueError(f"the amount must be positive, got {amount_text}")
+    return amount, unit
+
+
 class TrainSpec(Node):
     """``train { ... }``: the optimisation, precision and compile settings."""
 
@@ -242,8 +284,15 @@ class TrainSpec(Node):
     shard: Literal["none", "fsdp"] = "none"
     seed: Annotated[int, Field(ge=0)] = 0
     eval_every: Annotated[int, Field(gt=0)] = 1
-    checkpoint_every: Annotated[int, Field(gt=0)] = 1
+    # A whole number of epochs, or a string with its unit: "500 steps", "30 min".
+    checkpoint_every: Annotated[int, Field(gt=0)] | str = 1
     log_every: Annotated[int, Field(gt=0)] = 50
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _interval(cls, value: int | str) -> int | str:
+        checkpoint_interval(value)
+        return value
 
 
 class RecipeSpec(Node):
@@ -387,6 +436,8 @@ def _merge_tree(raw: RawRecipe, tree: syn.SyntaxTree, diags: list[Diagnostic]) -
             )
             continue
         seen[st.kind] = st.span
+        if st.kind == "sweep":  # the experiment over this recipe: vitkdl.experiment reads it
+            continue
         if st.kind == "recipe":
             raw.name, raw.name_span = st.arg, st.arg_span
         elif st.kind == "distill":
@@ -523,8 +574,16 @@ _OVERRIDE_ROOTS = ("teacher", "student", "data", "train", "distill", "recipe")
 
 
 def _set_path(
-    raw: RawRecipe, parts: list[str], value: syn.Value, span: Span, diags: list[Diagnostic]
+    raw: RawRecipe,
+    parts: list[str],
+    value: syn.Value,
+    span: Span,
+    diags: list[Diagnostic],
+    at: Span | None = None,
 ) -> None:
+    """Set the field at ``parts`` to ``value``. ``span`` is where the path was written (its
+    errors point there); ``at`` where the value's own errors point (default: ``span``)."""
+    at = at or span
     root = parts[0]
     if root not in _OVERRIDE_ROOTS:
         diags.append(
@@ -572,7 +631,7 @@ def _set_path(
                     )
                 )
                 return
-        term.fields[fname] = _as_field(fname, value, span)
+        term.fields[fname] = _as_field(fname, value, at)
         return
     if len(parts) < 2:
         diags.append(
@@ -607,7 +666,7 @@ def _set_path(
             diags.append(error(f"{root}.{fname} takes a name", value.span))
         return
     if len(parts) == 2:
-        block.fields[fname] = _as_field(fname, value, span)
+        block.fields[fname] = _as_field(fname, value, at)
         return
     if len(parts) == 3 and root == "train" and fname in ("optimizer", "schedule"):
         old = block.fields.get(fname)
@@ -619,7 +678,7 @@ def _set_path(
         else:
             call = syn.Call(default, (), span, span)
         kwargs = [k for k in call.kwargs if k.name != parts[2]]
-        kwargs.append(_as_field(parts[2], value, span))
+        kwargs.append(_as_field(parts[2], value, at))
         block.fields[fname] = _as_field(
             fname, syn.Call(call.name, tuple(kwargs), call.span, call.name_span), span
         )
@@ -742,6 +801,8 @@ def _translate(
     if kind in bounds:
         limit = next(iter(ctx.values())) if ctx else "?"
         return error(f"{name} must be {bounds[kind]} {limit}, got {shown}", span)
+    if kind == "value_error" and "error" in ctx:  # a field's own check, in words
+        return error(f"{name}: {ctx['error']}", span)
     return error(f"{name}: {err['msg']}", span)
 
 
@@ -1056,6 +1117,24 @@ def _teacher_from(
     return _validate(ModelSpec, merged, spans, "the teacher block", block.span, diags)
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """A field set from outside the recipe, positioned where it was written: one value of a
+    sweep axis (``PATH = [v1, v2]`` in a ``sweep`` block, or ``--grid PATH=v1,v2``). It acts
+    as ``--set PATH=TEXT`` would, but its errors point at ``value`` (the path's at
+    ``path_span``). ``text`` is the value as written."""
+
+    path: str
+    value: syn.Value
+    path_span: Span
+    text: str
+
+    @property
+    def override(self) -> str:
+        """The same as a ``--set`` argument, ``PATH=TEXT``."""
+        return f"{self.path}={self.text}"
+
+
 def _load_spec(
     path: Path,
     overrides: Sequence[str],
@@ -1063,12 +1142,16 @@ def _load_spec(
     diags: list[Diagnostic],
     stack: tuple[Path, ...] = (),
     text: str | None = None,
+    assignments: Sequence[Assignment] = (),
 ) -> RecipeSpec | None:
     raw = _load_raw(path, sources, diags, stack, None, text)
     if raw is None:
         return None
     if overrides:
         _apply_overrides(raw, overrides, sources, diags)
+    for a in assignments:
+        _set_path(raw, a.path.split("."), a.value, a.path_span, diags, at=a.value.span)
+    overrides = [*overrides, *(a.override for a in assignments)]
     return _build_spec(raw, raw.file, overrides, sources, diags, (*stack, path.resolve()))
 
 
@@ -1078,15 +1161,19 @@ def load_spec(
     sources: Sources | None = None,
     *,
     text: str | None = None,
+    assignments: Sequence[Assignment] = (),
 ) -> tuple[RecipeSpec | None, list[Diagnostic], Sources]:
     """Load a recipe into a :class:`RecipeSpec`, collecting every diagnostic.
 
     Returns ``(spec, diagnostics, sources)``; ``spec`` is None only when the file could not be
     read or parsed. ``text`` is the recipe's text when it is not (yet) what the file at
     ``path`` holds, e.g. an editor's unsaved buffer; ``path`` still names it and anchors its
-    relative ``extends`` and ``teacher from`` paths. Nothing here imports torch or timm.
+    relative ``extends`` and ``teacher from`` paths. ``assignments`` (one cell of a sweep)
+    are applied after ``overrides``. Nothing here imports torch or timm.
     """
     sources = sources or Sources()
     diags: list[Diagnostic] = []
-    spec = _load_spec(Path(path), list(overrides), sources, diags, text=text)
+    spec = _load_spec(
+        Path(path), list(overrides), sources, diags, text=text, assignments=assignments
+    )
     return spec, diags, sources

@@ -129,7 +129,8 @@ class Term:
 @dataclass(frozen=True)
 class Statement:
     """A top-level statement: ``recipe``, ``extends``, ``teacher``, ``student``, ``data``,
-    ``distill`` or ``train``. ``arg`` is the model name, data source, name or path."""
+    ``distill``, ``train`` or ``sweep`` (whose fields are named by dotted paths). ``arg`` is
+    the model name, data source, name or path."""
 
     kind: str
     arg: str | None
@@ -365,6 +366,19 @@ class _Build(Transformer):
     def train(self, meta: Any, items: list[Any]) -> Statement:
         return self._statement("train", meta, None, items[0])
 
+    @v_args(meta=True)
+    def sweep_item(self, meta: Any, items: list[Any]) -> Field:
+        *names, value = items
+        first, last = self._s(names[0]), self._s(names[-1])
+        path_span = first.model_copy(
+            update={"end_line": last.end_line, "end_column": last.end_column}
+        )
+        return Field(".".join(str(n) for n in names), value, path_span, self._s(meta))
+
+    @v_args(meta=True)
+    def sweep(self, meta: Any, items: list[Any]) -> Statement:
+        return self._statement("sweep", meta, None, tuple(items))
+
     def start(self, items: list[Statement]) -> tuple[Statement, ...]:
         return tuple(items)
 
@@ -392,7 +406,7 @@ _TOKEN_WORDS = {
     "$END": "end of file",
 }
 
-_BLOCKS = ("recipe", "extends", "teacher", "student", "data", "distill", "train")
+_BLOCKS = ("recipe", "extends", "teacher", "student", "data", "distill", "train", "sweep")
 
 
 def _word_for(name: str, parser: Lark) -> str:

@@ -239,3 +239,42 @@ def test_ddp_with_torch_compile_matches_the_compiled_step(tmp_path) -> None:
     losses = json.loads(proc.stdout.strip().splitlines()[-1])
     plain, ddp = losses["plain"], losses["ddp"]
     assert plain == pytest.approx(ddp, rel=1e-6) and len(plain) == 3
+
+
+def test_two_processes_save_by_steps_and_stop_together_on_sigterm(tmp_path) -> None:
+    """Checkpoints every N steps and a SIGTERM to the launcher: both ranks save at the same
+    step (no rank waits for the other), the launcher exits 75, --resume finishes the run."""
+    import os
+    import signal
+    import time
+
+    (tmp_path / "teacher.vkd").write_text(TEACHER)
+    student = tmp_path / "student.vkd"
+    student.write_text(
+        STUDENT.replace(
+            "epochs = 1  log_every = 5", 'epochs = 3  log_every = 1  checkpoint_every = "7 steps"'
+        )
+    )
+    runs = tmp_path / "runs"
+    assert main(["run", str(tmp_path / "teacher.vkd"), "--out", str(runs), "--quiet"]) == 0
+    cmd = [sys.executable, "-m", "vitkdl", "run", str(student), "--nproc-per-node", "2"]
+    cmd += ["--out", str(runs), "--quiet"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = runs / "pair" / "metrics.jsonl"
+    deadline = time.time() + 200
+    while time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count('"train"') >= 50:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "stopped by SIGTERM" in err
+    saved = torch.load(runs / "pair" / "last.pt", weights_only=True)
+    assert saved["step"] >= 50 and saved["step"] % 10 == 0  # where the ranks agreed to stop
+    assert len(saved["rng"]) == 2
+    resumed = run_two(student, runs, "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((runs / "pair" / "summary.json").read_text())
+    assert summary["steps"] == 3 * ((1437 // 2) // 16) and summary["ranks_in_sync"]

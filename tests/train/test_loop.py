@@ -195,10 +195,18 @@ def test_corrupt_checkpoint_and_missing_checkpoint(tmp_path, capsys) -> None:
     assert run(str(recipe), "--out", str(out), "--resume") == 1
     assert "no checkpoint at" in capsys.readouterr().err
     assert run(str(recipe), "--out", str(out), "--max-steps", "2") == 0
-    (out / "tiny" / "last.pt").write_bytes(b"PK\x03\x04 truncated")  # runs/tiny: the latest
+    folder = (out / "tiny").resolve()  # runs/tiny: the latest
+    (folder / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    # best.pt still loads: --resume falls back to it, and says so.
+    assert run(str(recipe), "--out", str(out), "--resume", "--max-steps", "3") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot be read" in err and f"resuming from {folder / 'best.pt'} instead" in err
+    assert _summary(folder)["steps"] == 3
+    for name in ("last.pt", "best.pt"):
+        (folder / name).write_bytes(b"PK\x03\x04 truncated")
     assert run(str(recipe), "--out", str(out), "--resume") == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert "cannot be read" in err and "Traceback" not in err
+    assert err.count("cannot be read") == 2 and "Traceback" not in err
 
 
 def test_nan_loss_names_the_term_and_keeps_the_checkpoint(tmp_path, capsys) -> None:
@@ -405,3 +413,111 @@ def test_a_dinov2_teacher_on_another_grid_trains(tmp_path, capsys) -> None:
     records = [json.loads(x) for x in (tmp_path / "runs" / "dino" / "metrics.jsonl").open()]
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 2 and all(r["mimic"] > 0 and r["generate"] > 0 for r in train)
+
+
+def _saves(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every checkpoint written: (file name, step)."""
+    from vitkdl.train import loop
+
+    saved: list[tuple[str, int]] = []
+    real = loop.save_atomic
+
+    def recording(state, path):  # type: ignore[no-untyped-def]
+        saved.append((Path(path).name, state["step"]))
+        real(state, path)
+
+    monkeypatch.setattr(loop, "save_atomic", recording)
+    return saved
+
+
+def test_checkpoint_every_steps(tmp_path, monkeypatch) -> None:
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
+    saved = _saves(monkeypatch)
+    args = ["--out", str(tmp_path / "runs"), "--max-steps", "12"]
+    assert run(str(recipe), *args, "--set", "train.checkpoint_every=5 steps") == 0
+    assert [step for name, step in saved if name == "last.pt"] == [5, 10, 12]
+    last = torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=True)
+    assert (last["epoch"], last["batch"], last["step"]) == (0, 12, 12)  # mid-epoch
+
+
+def test_checkpoint_every_minutes(tmp_path) -> None:
+    """A clock that moves 25 s per step: with "1 min", a checkpoint every third step."""
+    import vitkdl
+    from vitkdl.train import loop
+
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
+    spec = vitkdl.load(recipe, ["train.checkpoint_every=1 min"])
+    plan = vitkdl.plan(spec)
+    assert (plan.checkpoint_every, plan.checkpoint_unit) == (1.0, "minutes")
+    clock = [0.0]
+    steps: list[int] = []
+    real_save = loop.Run.save
+
+    def save(self, epoch, batch, name="last.pt"):  # type: ignore[no-untyped-def]
+        if name == "last.pt":
+            steps.append(self.step)
+        real_save(self, epoch, batch, name)
+
+    def tick(step: int, total: int, epoch: int) -> None:
+        clock[0] += 25.0
+
+    opts = loop.RunOptions(out_dir=tmp_path / "out", max_steps=10, quiet=True, on_step=tick)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop.time, "monotonic", lambda: clock[0])
+        mp.setattr(loop.Run, "save", save)
+        loop.train(plan, opts)
+    assert steps == [3, 6, 9, 10]  # 75 s, 150 s, 225 s after the last save; the stop
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigusr1_mid_epoch_save_and_resume_to_the_same_weights(tmp_path) -> None:
+    """SIGTERM (preemption) and SIGUSR1 (sbatch --signal) stop a run at its next step with a
+    checkpoint and exit 75; --resume continues it to the weights of an uninterrupted run."""
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=3, log_every=1))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "vitkdl", "run", str(recipe), "--quiet"]
+    subprocess.run(
+        [*cmd, "--out", str(tmp_path / "whole")], check=True, env=env, cwd=ROOT, capture_output=True
+    )
+    out = tmp_path / "signalled"
+    metrics = out / "tiny" / "metrics.jsonl"
+    steps_per_epoch = 1437 // 32
+    for sig, after, resume in (
+        (signal.SIGTERM, steps_per_epoch + 5, []),
+        (signal.SIGUSR1, 2 * steps_per_epoch + 7, ["--resume"]),
+    ):
+        proc = subprocess.Popen(
+            [*cmd, "--out", str(out), *resume],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until the run is a few steps into the epoch
+            if metrics.exists():
+                lines = metrics.read_text().splitlines()
+                steps = [json.loads(x)["step"] for x in lines[-3:] if x.strip().endswith("}")]
+                if steps and max(steps) >= after:
+                    break
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 75, err
+        assert f"stopped by {sig.name}" in err and "--resume" in err
+        saved = torch.load(out / "tiny" / "last.pt", weights_only=True)
+        assert saved["step"] >= after and saved["batch"] not in (0, steps_per_epoch)  # mid-epoch
+        assert not (out / "tiny" / "summary.json").exists()
+
+    subprocess.run(
+        [*cmd, "--out", str(out), "--resume"], check=True, env=env, cwd=ROOT, capture_output=True
+    )
+    a, b = _summary(tmp_path / "whole" / "tiny"), _summary(out / "tiny")
+    for key in ("top1", "top5", "best_top1", "ema_top1", "epochs", "steps"):
+        assert a[key] == b[key], key
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "whole" / "tiny" / "student.safetensors"))
+    wb = load_file(str(out / "tiny" / "student.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

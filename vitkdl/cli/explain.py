@@ -264,7 +264,11 @@ def render_plan(plan: Plan, out: Console) -> None:
         f"clip_grad {plan.clip_grad if plan.clip_grad else 'off'}, "
         f"ema {plan.ema if plan.ema else 'off'}, seed {plan.seed}, eval "
         f"every {plan.eval_every}, checkpoint every "
-        f"{plan.checkpoint_every} epoch(s)",
+        + (
+            f"{plan.checkpoint_every} epoch(s)"
+            if plan.checkpoint_unit == "epochs"
+            else f"{plan.checkpoint_every:g} {plan.checkpoint_unit}"
+        ),
     )
     setup.add_row("precision", PRECISION[plan.precision])
     setup.add_row("compile", COMPILE[plan.compile])

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from rich.console import Console
 
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
 
@@ -24,6 +27,16 @@ EPILOG = """examples:
   vitkdl run recipes/deit_tiny_vitkd_kd.vkd --set data.root=/data/imagenet
   vitkdl run recipes/deit_base_vitkd_kd.vkd --smoke      a few steps on synthetic data
   vitkdl run recipes/quickstart.vkd --resume             continue a killed run
+  vitkdl run recipes/quickstart.vkd --seeds 0-4          five seeds, means and paired intervals
+  vitkdl run recipes/quickstart.vkd --seeds 0-2 --grid distill.generate.mask=0.25,0.5,0.75
+  vitkdl run recipes/quickstart.vkd --seeds 0-3 --jobs 2 two runs at once
+
+Experiments (--seeds, --grid, a recipe's sweep block, --jobs, --launcher): every run is an
+ordinary run (reused when finished, continued from its checkpoint when unfinished); the report
+(per seed, mean ± sd, the paired difference with the baseline and its 95% interval, wins) is
+printed and written to OUT/experiments/. Exit status: 0 all finished, 1 a run failed (the
+others went on), 2 bad input, 75 stopped by SIGTERM/SIGUSR1 with checkpoints saved (run the
+same command again), 130 stopped by Ctrl-C (the same).
 """
 
 
@@ -72,7 +85,59 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "each, or gloo on CPU). For several machines call torchrun yourself: "
         "torchrun --nnodes ... -m vitkdl run RECIPE",
     )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="SEEDS",
+        help="run each recipe (and its baseline) once per seed: 0,1,2 or 0-4; the report "
+        "gives means, standard deviations and paired 95%% intervals",
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="PATH=V1,V2,...",
+        help="an axis of a sweep (repeatable: the cartesian product), e.g. "
+        "--grid distill.generate.mask=0.25,0.5,0.75; values as in --set",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="runs at once, in dependency order (default: 1 on CPU, one per GPU); "
+        "on CPU the cores are split between them",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=("local", "submitit"),
+        default="local",
+        help="local processes (default) or one SLURM job per run through submitit "
+        '(pip install -e ".[submitit]")',
+    )
+    p.add_argument(
+        "--launcher-arg",
+        dest="launcher_args",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a submitit parameter (repeatable): slurm_partition=gpu, timeout_min=600, "
+        "cluster=local (local processes)",
+    )
     p.set_defaults(func=run)
+
+
+def is_experiment(args: argparse.Namespace) -> bool:
+    """Whether the command asks for an experiment (several seeds, a sweep, parallel runs)
+    rather than the single runs of each recipe."""
+    if args.seeds is not None or args.grid or args.jobs is not None:
+        return True
+    if args.launcher != "local" or args.launcher_args:
+        return True
+    from vitkdl.errors import Sources
+    from vitkdl.experiment import read_sweep
+
+    return any(not read_sweep(path, Sources())[0].empty for path in args.recipes)
 
 
 _LAUNCHER_NOISE = re.compile(r"^(E|W)\d{4} .*(elastic|distributed)|^\*{5,}|^Setting OMP_NUM")
@@ -103,16 +168,27 @@ def launch_torchrun(nproc: int) -> int:
         "vitkdl",
         *rest,
     ]
+    from vitkdl.train.signals import PREEMPTED, stop_signals
+
     # The workers report their own errors; what the launcher prints after a failure (its
     # traceback and failure table) adds nothing for a user, so it is held back.
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
+    stopped: list[str] = []
+
+    def forward(name: str) -> None:  # torchrun passes SIGTERM on to its workers
+        stopped.append(name)
+        proc.send_signal(signal.SIGTERM)
+
     hiding = False
-    for line in proc.stderr:
-        hiding = hiding or line.startswith(("Traceback (most recent call last):", "====="))
-        if not hiding and not _LAUNCHER_NOISE.match(line):
-            sys.stderr.write(line)
-    code = proc.wait()
+    with stop_signals(forward):
+        for line in proc.stderr:
+            hiding = hiding or line.startswith(("Traceback (most recent call last):", "====="))
+            if not hiding and not _LAUNCHER_NOISE.match(line):
+                sys.stderr.write(line)
+        code = proc.wait()
+    if stopped:  # the workers saved a checkpoint at their next step
+        return PREEMPTED
     if code != 0:
         sys.stderr.write(
             f"vitkdl run: a worker process failed (exit status {code}); its message is above\n"
@@ -121,22 +197,26 @@ def launch_torchrun(nproc: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkdl.errors import VkdError
-    from vitkdl.train.checkpoint import CheckpointError
-    from vitkdl.train.data import DataError
-    from vitkdl.train.loop import TrainError
-    from vitkdl.train.runner import RunRequest, run_many
-
-    _, err = consoles()
+    out, err = consoles()
     if args.max_steps is not None and args.max_steps < 1:
         err.print("vitkdl run: error: --max-steps must be at least 1")
         return 2
-    if args.nproc_per_node is not None:
-        if args.nproc_per_node < 1:
-            err.print("vitkdl run: error: --nproc-per-node must be at least 1")
-            return 2
-        if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
-            return launch_torchrun(args.nproc_per_node)
+    if args.jobs is not None and args.jobs < 1:
+        err.print("vitkdl run: error: --jobs must be at least 1")
+        return 2
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        err.print("vitkdl run: error: --nproc-per-node must be at least 1")
+        return 2
+    if "WORLD_SIZE" not in os.environ and is_experiment(args):
+        return run_experiment(args, out, err)
+    if (args.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_torchrun(args.nproc_per_node)
+    from vitkdl.errors import VkdError
+    from vitkdl.train.checkpoint import CheckpointError
+    from vitkdl.train.data import DataError
+    from vitkdl.train.loop import Interrupted, TrainError
+    from vitkdl.train.runner import RunRequest, run_many
+
     req = RunRequest(
         out_root=args.out,
         overrides=tuple(args.overrides),
@@ -153,6 +233,9 @@ def run(args: argparse.Namespace) -> int:
     except VkdError as exc:
         print_diagnostics(err, exc.diagnostics, exc.sources)
         return 2
+    except Interrupted as exc:  # a checkpoint was saved: 130 for Ctrl-C, 75 for SIGTERM/USR1
+        err.print(f"[bold yellow]vitkdl run:[/] {exc}", highlight=False)
+        return exc.code
     except (TrainError, DataError, CheckpointError) as exc:
         err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
         return 1
@@ -161,3 +244,47 @@ def run(args: argparse.Namespace) -> int:
 
         distributed.shutdown()
     return 0
+
+
+def run_experiment(args: argparse.Namespace, out: Console, err: Console) -> int:
+    """``--seeds`` / ``--grid`` / a sweep block / ``--jobs`` / ``--launcher``: plan every run,
+    run what is missing, report (:mod:`vitkdl.train.jobs`)."""
+    from vitkdl.errors import VkdError
+    from vitkdl.experiment import plan_experiment
+    from vitkdl.train.jobs import JobOptions, LaunchError
+    from vitkdl.train.jobs import run_experiment as run_all
+
+    bad = [a for a in args.launcher_args if "=" not in a]
+    if bad:
+        err.print(f"vitkdl run: error: --launcher-arg is KEY=VALUE, got '{bad[0]}'")
+        return 2
+    try:
+        experiment, _ = plan_experiment(
+            args.recipes,
+            args.overrides,
+            args.grid,
+            args.seeds,
+            max_steps=args.max_steps,
+            smoke=args.smoke,
+            baseline=args.baseline,
+        )
+    except VkdError as exc:
+        print_diagnostics(err, exc.diagnostics, exc.sources)
+        return 2
+    opts = JobOptions(
+        out_root=args.out,
+        jobs=args.jobs,
+        launcher=args.launcher,
+        launcher_args=tuple(tuple(a.split("=", 1)) for a in args.launcher_args),  # type: ignore[misc]
+        device=args.device,
+        nproc=args.nproc_per_node,
+        force=args.force,
+        smoke=args.smoke,
+        quiet=args.quiet,
+    )
+    try:
+        code, _ = run_all(experiment, opts, out, err)
+    except LaunchError as exc:
+        err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
+        return 2
+    return code

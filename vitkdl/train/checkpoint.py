@@ -58,6 +58,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def load_first(paths: list[Path]) -> tuple[dict[str, Any], Path, list[str]]:
+    """The first checkpoint of ``paths`` that loads, its path, and what was wrong with each
+    one tried before it; :class:`CheckpointError` naming every problem when none loads."""
+    problems: list[str] = []
+    for path in paths:
+        try:
+            return load_checkpoint(path), Path(path), problems
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    if not paths:
+        raise CheckpointError("no checkpoint to resume from")
+    raise CheckpointError("; ".join(problems))
+
+
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
     """This process's python, numpy and torch RNG states as plain data: the CPU generator and,
     on a GPU, the generator of this process's own device only (a checkpoint must load on a

@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ from rich.console import Console
 
 from vitkdl.planner import Plan
 from vitkdl.program import Program, build, resolve_device
+from vitkdl.runs import checkpoint_files
 from vitkdl.train import distributed
 from vitkdl.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    load_first,
     rank_states,
     rng_state,
     save_atomic,
@@ -42,6 +45,7 @@ from vitkdl.train.data import (
     unwrap,
 )
 from vitkdl.train.report import PLOTS_MISSING, MetricsLog, write_curves
+from vitkdl.train.signals import INTERRUPTED, PREEMPTED, stop_signals
 from vitkdl.train.step import Update, configure_optimizer, model_param_groups, train_step
 
 SMALL_STEP_FLOPS = 5e9  # below this per step, one CPU thread beats several
@@ -49,6 +53,21 @@ SMALL_STEP_FLOPS = 5e9  # below this per step, one CPU thread beats several
 
 class TrainError(Exception):
     """A run that cannot start or cannot go on; the message says why and what to do."""
+
+
+#: Under torch.distributed the ranks agree every this many steps whether a stop signal
+#: arrived or a checkpoint is due by the clock (one small all-reduce).
+CONTROL_EVERY = 10
+
+
+class Interrupted(TrainError):
+    """A run stopped by a signal after saving a checkpoint to continue from; ``code`` is
+    the exit status that says so (:data:`INTERRUPTED` for Ctrl-C, :data:`PREEMPTED`)."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.code = INTERRUPTED if signal_name == "SIGINT" else PREEMPTED
 
 
 @dataclass
@@ -68,6 +87,9 @@ class RunOptions:
     # Resume from this checkpoint instead of OUT/last.pt (a run of an earlier version of the
     # recipe, continued under --force into this run's own folder).
     resume_from: Path | None = None
+    # Called after every optimizer step with (step, total steps, epoch): how a sweep shows
+    # each run's progress. Cheap calls only (no device sync happens for it).
+    on_step: Callable[[int, int, int], None] | None = None
 
 
 def data_config(plan: Plan, device: torch.device | None = None) -> DataConfig:
@@ -199,22 +221,32 @@ class Progress:
 
 
 def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[str, Any]:
-    """Train the plan's student; returns the summary (also written to ``summary.json``)."""
+    """Train the plan's student; returns the summary (also written to ``summary.json``).
+
+    Ctrl-C, SIGTERM and SIGUSR1 stop the run with a checkpoint of where it stopped (a signal
+    at the next step) and raise :class:`Interrupted`, whose ``code`` is the exit status
+    (:mod:`vitkdl.train.signals`)."""
     run = Run(plan, opts, console or Console(stderr=True))
-    run.evaluate_teacher()
-    try:
-        run.loop()
-    except KeyboardInterrupt:
-        run.progress.close()
-        run.save(run.epoch, run.batch_in_epoch)
-        if run.log is not None:
-            run.log.close()
-        raise TrainError(
-            f"interrupted at step {run.step}; saved {run.ckpt_path}. Continue with --resume."
-        ) from None
-    finally:
-        run.progress.close()
-    return run.finish()
+    with stop_signals(lambda name: setattr(run, "stop_signal", name)):
+        run.evaluate_teacher()
+        try:
+            run.loop()
+        except KeyboardInterrupt:
+            run.progress.close()
+            run.save(run.epoch, run.batch_in_epoch)
+            if run.log is not None:
+                run.log.close()
+            raise Interrupted(
+                f"interrupted at step {run.step}; saved {run.ckpt_path}. Continue with --resume.",
+                "SIGINT",
+            ) from None
+        except Interrupted:
+            if run.log is not None:
+                run.log.close()
+            raise
+        finally:
+            run.progress.close()
+        return run.finish()
 
 
 class Run:
@@ -234,7 +266,7 @@ class Run:
             device = torch.device("cuda", job.local_rank)
         self.device = device
         self.ckpt_path = self.out / "last.pt"
-        self.checkpoint = _resume_point(plan, opts, opts.resume_from or self.ckpt_path)
+        self.checkpoint = _resume_point(plan, opts, console if job.is_main else None)
 
         _seed_everything(plan.seed)
         if device.type == "cpu" and plan.cost.total * plan.data.batch_size < SMALL_STEP_FLOPS:
@@ -280,6 +312,8 @@ class Run:
         self.progress = Progress(console, opts.quiet or not job.is_main, self.total_steps)
         self.epoch, self.batch_in_epoch = self.start_epoch, 0
         self.images_seen, self.wall = 0, 0.0
+        self.stop_signal: str | None = None  # set by SIGTERM / SIGUSR1 (see train())
+        self.last_save = time.monotonic()
         self._announce()
 
     def _optimizer(self) -> None:
@@ -402,9 +436,46 @@ class Run:
             if max_steps is not None and self.step >= max_steps:
                 return True
             self._step(images, labels)
+            self._control()
             if max_steps is not None and self.step >= max_steps:
                 return True
         return False
+
+    def _control(self) -> None:
+        """After a step: stop with a checkpoint when a stop signal arrived, and save one when
+        ``checkpoint_every`` (in steps or minutes) says so. Under torch.distributed the ranks
+        decide together (every :data:`CONTROL_EVERY` steps), so every rank saves or stops at
+        the same step."""
+        plan, step = self.plan, self.step
+        unit = plan.checkpoint_unit
+        due = unit == "steps" and step % int(plan.checkpoint_every) == 0
+        if self.job.enabled and step % CONTROL_EVERY != 0:
+            stop, late = False, False
+        else:
+            stop = self.stop_signal is not None
+            late = unit == "minutes" and (
+                time.monotonic() - self.last_save >= plan.checkpoint_every * 60
+            )
+            if self.job.enabled:  # one rank's signal or clock decides for all
+                votes = distributed.all_reduce_sum([float(stop), float(late)], self.device)
+                stop, late = votes[0] > 0, votes[1] > 0
+        if stop:
+            self._stop_if_not_finite(list(self._term_names()))
+            self.save(self.epoch, self.batch_in_epoch)
+            self.progress.close()
+            name = self.stop_signal or "a signal on another rank"
+            raise Interrupted(
+                f"stopped by {name} at step {step} (epoch {self.epoch}, batch "
+                f"{self.batch_in_epoch}); saved {self.ckpt_path}. Continue with --resume "
+                f"(exit status {PREEMPTED}).",
+                self.stop_signal or "SIGTERM",
+            )
+        if due or late:
+            self._stop_if_not_finite(list(self._term_names()))
+            self.save(self.epoch, self.batch_in_epoch)
+
+    def _term_names(self) -> list[str]:
+        return [t.name for t in self.plan.terms] + ["loss"]
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         images = images.to(self.device, non_blocking=True)
@@ -428,6 +499,8 @@ class Run:
         for the device (one transfer of every term's value); between them the live bar moves
         on host-side counts alone."""
         plan, step = self.plan, self.step
+        if self.opts.on_step is not None:
+            self.opts.on_step(step, self.total_steps, self.epoch)
         if step % plan.log_every == 0 or step == self.total_steps:
             self._stop_if_not_finite(list(result))
             values = dict(
@@ -516,7 +589,8 @@ class Run:
             )
             if top1 >= self.best_top1:
                 self.save(*position, "best.pt")
-        if last_epoch or (epoch + 1) % plan.checkpoint_every == 0:
+        by_epochs = plan.checkpoint_unit == "epochs"
+        if last_epoch or (by_epochs and (epoch + 1) % int(plan.checkpoint_every) == 0):
             self.save(*position)
 
     def _stop_if_not_finite(self, names: list[str]) -> None:
@@ -554,6 +628,8 @@ class Run:
             "rng": rng,
         }
         save_atomic(state, self.out / name)
+        if name == "last.pt":
+            self.last_save = time.monotonic()
 
     # ---- the end -----------------------------------------------------------------------
 
@@ -678,15 +754,35 @@ def check_writable(out: Path) -> None:
         ) from None
 
 
-def _resume_point(plan: Plan, opts: RunOptions, path: Path) -> dict[str, Any] | None:
+def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict[str, Any] | None:
+    """The checkpoint to resume from: ``opts.resume_from`` when given, else the run's own
+    newest checkpoint that loads (``last.pt``; when that cannot be read, ``best.pt`` or
+    another, with a warning)."""
     if not opts.resume:
         return None
-    if not path.exists():
-        raise TrainError(f"--resume: no checkpoint at {path}; start without --resume")
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise TrainError(str(exc)) from None
+    if opts.resume_from is not None:
+        path = opts.resume_from
+        if not path.exists():
+            raise TrainError(f"--resume: no checkpoint at {path}; start without --resume")
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise TrainError(str(exc)) from None
+    else:
+        candidates = checkpoint_files(opts.out_dir)
+        if not candidates:
+            path = opts.out_dir / "last.pt"
+            raise TrainError(f"--resume: no checkpoint at {path}; start without --resume")
+        try:
+            ckpt, path, problems = load_first(candidates)
+        except CheckpointError as exc:
+            raise TrainError(str(exc)) from None
+        if problems and console is not None:
+            console.print(
+                f"[yellow]warning:[/] {'; '.join(problems)}; resuming from {path} instead "
+                f"(step {ckpt['step']}, epoch {ckpt['epoch']})",
+                highlight=False,
+            )
     if ckpt["hash"] != plan.hash and not opts.force:
         raise TrainError(
             f"--resume: {path} was written by a different version of the recipe "

@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 class MetricsLog:
@@ -212,3 +214,229 @@ def write_comparison(summaries: Sequence[dict[str, Any]], out: Path) -> bool:
 
 def print_summary(console: Console, summary: dict[str, Any]) -> None:
     console.print(summary_table(summary))
+
+
+# --------------------------------------------------------------------------------------------
+# Experiments: several seeds, a sweep (the data comes from vitkdl.experiment.assemble_report)
+
+_STATUS_WORDS = {
+    "failed": "failed",
+    "skipped": "skipped",
+    "preempted": "stopped",
+    "interrupted": "stopped",
+    "missing": "-",
+}
+
+
+def _pm(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:+.{digits}f}"
+
+
+def _cell_value(run: dict[str, Any]) -> str:
+    if run.get("top1") is not None:
+        return f"{run['top1']:.2f}"
+    return _STATUS_WORDS.get(run.get("status", "missing"), "-")
+
+
+def experiment_tables(report: dict[str, Any]) -> list[Any]:
+    """The report of an experiment as two tables: each arm (a recipe under one cell) with its
+    run per seed; then each arm's mean and standard deviation and its paired comparison with
+    its baseline (the mean difference, its interval, n and the wins)."""
+    seeds = report.get("seeds")
+    level = round(100 * report.get("level", 0.95))
+    metric = report["metric"].replace("top1", "top-1")
+    arms = report["arms"]
+
+    def table() -> Table:
+        return Table(box=box.SIMPLE_HEAD, pad_edge=False)
+
+    heading = f"{report['experiment']}: {metric} (%) per seed"
+    per_seed = table()
+    per_seed.add_column("run", no_wrap=True)
+    columns = [f"seed {s}" for s in seeds] if seeds is not None else ["seed", metric]
+    for col in columns:
+        per_seed.add_column(col, justify="right", no_wrap=True)
+    for arm in arms:
+        runs = arm["runs"]
+        if seeds is not None:
+            by_seed = {r["seed"]: r for r in runs}
+            cells = [_cell_value(by_seed[s]) if s in by_seed else "" for s in seeds]
+        else:
+            cells = [" ".join(str(r["seed"]) for r in runs), " ".join(map(_cell_value, runs))]
+        per_seed.add_row(arm["label"], *cells)
+
+    compared = any(a.get("vs_baseline") for a in arms)
+    summary = table()
+    summary.add_column("run", no_wrap=True)
+    for col in ("runs", "mean ± sd"):
+        summary.add_column(col, justify="right", no_wrap=True)
+    if compared:
+        for col in ("vs baseline", f"{level}% CI (paired t)", "n", "wins"):
+            summary.add_column(col, justify="right", no_wrap=True)
+    for arm in arms:
+        stats = arm["stats"]
+        if stats["n"] == 0:
+            spread = "-"
+        elif stats["sd"] is None:
+            spread = f"{stats['mean']:.2f}"
+        else:
+            spread = f"{stats['mean']:.2f} ± {stats['sd']:.2f}"
+        row = [arm["label"], str(stats["n"]), spread]
+        if compared:
+            vs = arm.get("vs_baseline")
+            if arm["role"] == "baseline":
+                row += ["(baseline)", "", "", ""]
+            elif vs is None or vs["n"] == 0:
+                row += ["", "", "", ""]
+            else:
+                interval = vs["interval"]
+                ci = f"[{_pm(interval[0])}, {_pm(interval[1])}]" if interval else "-"
+                wins = f"{vs['wins']}/{vs['n']}" + (f", {vs['ties']} tied" if vs["ties"] else "")
+                row += [_pm(vs["mean"]), ci, str(vs["n"]), wins]
+        summary.add_row(*row)
+    return [
+        Text(heading, style="bold"),
+        per_seed,
+        Text(f"{report['experiment']}: {metric} (%) over the seeds", style="bold"),
+        summary,
+    ]
+
+
+def experiment_notes(report: dict[str, Any]) -> list[str]:
+    """The lines under the table: what the columns mean, the overrides every run had, the
+    teachers, the runs that did not finish."""
+    level = round(100 * report.get("level", 0.95))
+    lines = ["mean ± sd: over the seeds (sample sd)"]
+    if any(a.get("vs_baseline") for a in report["arms"]):
+        lines[0] += (
+            "; vs baseline: the mean of the differences with the baseline's run of the same "
+            f"seed, and its {level}% interval (paired t, n - 1 degrees of freedom); n: the pairs; "
+            "wins: the seeds where the row is better"
+        )
+    overrides = report.get("overrides") or []
+    if overrides:
+        lines.append(
+            "the recipes ran with --set "
+            + " --set ".join(overrides)
+            + " (their baselines with those of student.*, data.* and train.*)"
+        )
+    for t in report.get("teachers", []):
+        value = f"{t['top1']:.2f}" if t.get("top1") is not None else t.get("status", "-")
+        lines.append(
+            f"teacher {t['recipe']}: top-1 {value} (one run, its recipe's seed {t['seed']}, "
+            f"shared by every run; {t['folder']})"
+        )
+    if all(a["stats"]["n"] <= 1 for a in report["arms"]):
+        lines.append("one run per row: no spread and no interval (--seeds 0-4 runs five)")
+    for f in report.get("not_ok", []):
+        why = f": {f['message']}" if f.get("message") else ""
+        log = f" (log: {f['log']})" if f.get("log") else ""
+        lines.append(f"{f['status']}: {f['run']}{why}{log}")
+    return lines
+
+
+def _numeric_axis(report: dict[str, Any]) -> tuple[str, dict[str, float]] | None:
+    """The first axis whose values are all numbers (and that has several), with each value's
+    number."""
+    for path, values in (report.get("axes") or {}).items():
+        try:
+            numbers = {v: float(v) for v in values}
+        except ValueError:
+            continue
+        if len(numbers) > 1:
+            return path, numbers
+    return None
+
+
+def write_experiment_plot(report: dict[str, Any], out: Path) -> bool:
+    """``report.png``: over a numeric axis, each recipe's mean with its interval against the
+    axis (a line per combination of the other axes; the seeds as dots; the baseline dashed);
+    otherwise every arm with its seeds as dots, its mean as a bar and its interval as a
+    whisker. False (nothing written) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    arms = report["arms"]
+    level = round(100 * report.get("level", 0.95))
+    numeric = _numeric_axis(report)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(arms) + 2), 4))
+
+    def values(arm: dict[str, Any]) -> list[float]:
+        return [r["top1"] for r in arm["runs"] if r.get("top1") is not None]
+
+    def whisker(arm: dict[str, Any]) -> tuple[float, float] | None:
+        i = arm["stats"]["interval"]
+        m = arm["stats"]["mean"]
+        return None if i is None or m is None else (m - i[0], i[1] - m)
+
+    arms_with = [a for a in arms if a["stats"]["mean"] is not None]  # runs that finished
+
+    if numeric is not None:
+        path, numbers = numeric
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for arm in arms_with:
+            if path not in arm["cell"]:
+                continue
+            others = " ".join(
+                f"{k.split('.')[-1]}={v}" for k, v in arm["cell"].items() if k != path
+            )
+            groups.setdefault((arm["recipe"], others), []).append(arm)
+        for (recipe, others), members in groups.items():
+            members.sort(key=lambda a: numbers[a["cell"][path]])
+            xs = [numbers[a["cell"][path]] for a in members]
+            means = [a["stats"]["mean"] for a in members]
+            errs = [whisker(a) or (0.0, 0.0) for a in members]
+            line = ax.errorbar(
+                xs,
+                means,
+                yerr=list(zip(*errs, strict=True)),
+                marker="o",
+                capsize=4,
+                label=f"{recipe} {others}".strip(),
+            )
+            for x, a in zip(xs, members, strict=True):
+                ys = values(a)
+                ax.scatter([x] * len(ys), ys, s=12, alpha=0.4, color=line[0].get_color())
+            indices = [a.get("baseline") for a in members]
+            if all(i is not None and arms[i]["stats"]["mean"] is not None for i in indices):
+                bases = [arms[i] for i in indices]
+                if len(set(indices)) == 1:  # one baseline for every value of the axis
+                    bx, bm = [min(xs), max(xs)], [bases[0]["stats"]["mean"]] * 2
+                    band = bases[0]["stats"]["interval"]
+                    if band is not None:
+                        ax.axhspan(band[0], band[1], color="grey", alpha=0.15, lw=0)
+                else:
+                    bx, bm = xs, [b["stats"]["mean"] for b in bases]
+                ax.plot(bx, bm, ls="--", color="grey", label=f"{bases[0]['label']} (baseline)")
+        ax.set_xlabel(path)
+    else:
+        for i, arm in enumerate(arms):
+            colour = "tab:grey" if arm["role"] == "baseline" else "tab:blue"
+            m = arm["stats"]["mean"]
+            if m is not None:
+                ax.bar(i, m, color=colour, alpha=0.35, width=0.6)
+                w = whisker(arm)
+                if w is not None:
+                    ax.errorbar([i], [m], yerr=[[w[0]], [w[1]]], color="black", capsize=6)
+            ys = values(arm)
+            n = len(ys)
+            xs = [i + (k - (n - 1) / 2) * 0.08 for k in range(n)]
+            ax.scatter(xs, ys, s=16, color=colour, zorder=3)
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels(
+            [a["label"] + (" (baseline)" if a["role"] == "baseline" else "") for a in arms],
+            rotation=20,
+            ha="right",
+            fontsize=8,
+        )
+        lows = [y for a in arms for y in values(a)]
+        if lows:
+            ax.set_ylim(bottom=max(0.0, min(lows) - 5))
+    ax.set_ylabel(f"top-1 (%): seeds as dots, mean, {level}% interval")
+    ax.set_title(report["experiment"])
+    if numeric is not None:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return True

@@ -16,7 +16,7 @@ only in what the recipe adds.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,17 +25,15 @@ from rich.console import Console
 
 import vitkdl
 from vitkdl.errors import VkdError
-from vitkdl.runs import finished, latest_link, point_latest, run_dir
+from vitkdl.experiment import BASELINE_ROOTS, baseline_of, baseline_overrides, smoke_overrides
+from vitkdl.runs import checkpoint_files, finished, latest_link, point_latest, run_dir
 from vitkdl.spec import RecipeSpec, load_spec
 from vitkdl.train import distributed
 from vitkdl.train.loop import RunOptions, TrainError, check_writable, train
 
-SMOKE_STEPS = 3
+__all__ = ["BASELINE_ROOTS", "RunRequest", "baseline_overrides", "run_many", "run_recipe"]
 
-#: Override roots that carry over to a recipe's student-only baseline. Overrides of the
-#: teacher and the distill terms have nothing to act on there, and ``recipe.name`` would give
-#: the baseline the recipe's own name.
-BASELINE_ROOTS = ("student", "data", "train")
+SMOKE_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -54,25 +52,8 @@ class RunRequest:
     # Continue an unfinished run of the same recipe instead of refusing to start over (how
     # dependencies and baselines are run: the user did not ask for them by name).
     continue_unfinished: bool = False
-
-
-def smoke_overrides(spec: RecipeSpec) -> list[str]:
-    """Synthetic data of the recipe's own shapes, a small batch, a few steps."""
-    batch = min(spec.data.batch_size, 8)
-    return [
-        "data.source=synthetic",
-        f"data.batch_size={batch}",
-        f"data.size={batch * 4}",
-        "data.workers=0",
-        "train.epochs=1",
-        "train.eval_every=1",
-    ]
-
-
-def baseline_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
-    """The overrides given for a run that apply to its baseline as well (same seed, epochs,
-    data root, student settings), so that the comparison is like with like."""
-    return tuple(o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] in BASELINE_ROOTS)
+    # Called after every optimizer step with (step, total steps, epoch) (a sweep's progress).
+    on_step: Callable[[int, int, int], None] | None = None
 
 
 def _ensure(
@@ -102,10 +83,11 @@ def _start(spec: RecipeSpec, out: Path, req: RunRequest) -> tuple[str, Path | No
     """How a run starts: ``("reuse", None)`` for a finished run, ``("resume", checkpoint)``,
     or ``("fresh", None)``; refuses (TrainError) where going on would lose or mix work."""
     ckpt = out / "last.pt"
+    saved = bool(checkpoint_files(out))  # last.pt, or best.pt when last.pt is gone
     if finished(out, spec.hash()) is not None and not req.force:
         return "reuse", None
     if req.resume:
-        if ckpt.exists():
+        if saved:
             return "resume", ckpt
         latest = latest_link(req.out_root, spec.name)
         other = latest.resolve() / "last.pt" if latest.is_symlink() else None
@@ -119,7 +101,7 @@ def _start(spec: RecipeSpec, out: Path, req: RunRequest) -> tuple[str, Path | No
                 "recipe as it is now, or start without --resume."
             )
         raise TrainError(f"--resume: no checkpoint at {ckpt}; start without --resume")
-    if ckpt.exists() and not req.force and not req.smoke:
+    if saved and not req.force and not req.smoke:
         if req.continue_unfinished:
             return "resume", ckpt
         raise TrainError(
@@ -173,7 +155,7 @@ def run_recipe(
     summaries.append(summary)
 
     # The baseline runs as far as this run did (--max-steps too): like is compared with like.
-    baseline = _baseline_of(spec) if req.baseline and not req.smoke else None
+    baseline = baseline_of(spec) if req.baseline and not req.smoke else None
     if baseline is not None:
         summaries += _ensure(
             baseline,
@@ -208,6 +190,7 @@ def _train(
         load_weights=not req.smoke,
         runs_dir=req.out_root,
         recipe=resolved,
+        on_step=req.on_step,
     )
     if job.is_main:
         (out / "recipe.json").write_text(json.dumps(resolved, indent=2) + "\n")
@@ -216,18 +199,6 @@ def _train(
         if note is not None and not req.quiet:
             console.print(note, highlight=False)
     return train(plan, opts, console)
-
-
-def _baseline_of(spec: RecipeSpec) -> str | None:
-    """The recipe ``spec`` extends directly, when it is a complete student-only recipe."""
-    if not spec.extends or spec.teacher is None:
-        return None
-    base, diags, _ = load_spec(spec.extends[0])
-    if base is None or base.student is None or base.teacher is not None:
-        return None
-    if any(d.is_error for d in diags):
-        return None
-    return spec.extends[0]
 
 
 def run_many(

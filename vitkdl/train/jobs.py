@@ -1,0 +1,745 @@
+"""Running an experiment: its runs in dependency order, several at once, then its report.
+
+:func:`run_experiment` takes the plan of :func:`vitkdl.experiment.plan_experiment`. A run that
+is already finished (same hash, so same seed and values) is reused and never trained again;
+the others run once their dependencies have finished (a run whose teacher failed is skipped,
+and said so), each through :mod:`vitkdl.train.worker`:
+
+- ``--jobs 1`` (the default on CPU): one run after the other, in this process;
+- ``--jobs N``: N runs at once, each a process of its own (``python -m vitkdl.train.worker``,
+  or torchrun when a run uses several processes), its output in its folder's ``log.txt``. On
+  CPU the cores are split between them (``OMP_NUM_THREADS``); on GPUs each gets its own
+  device(s) (``CUDA_VISIBLE_DEVICES``; the default is one run per device);
+- ``--launcher submitit``: each run a job of its own (SLURM through submitit; ``cluster=local``
+  runs them as local processes), submitted once its dependencies have finished.
+
+One live line per running run (on a terminal); a run that fails is reported with the reason
+and the others go on. An unfinished run (killed, preempted) is continued from its checkpoint
+when the experiment is run again. SIGTERM or SIGUSR1 asks every running run to stop at its next
+step with a checkpoint; Ctrl-C does the same. At the end the report (:mod:`vitkdl.experiment`,
+:mod:`vitkdl.train.report`) is printed and written to ``OUT/experiments/LABEL-HASH/``:
+``report.json``, ``report.txt`` and ``report.png``.
+
+Exit status: 0 every run finished; 1 some run failed or was skipped (the others finished and
+the report says which); 75 stopped by SIGTERM / SIGUSR1 (checkpoints saved: run the same
+command again to continue); 130 stopped by Ctrl-C (the same).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from rich.console import Console
+from rich.markup import escape
+
+from vitkdl.experiment import Experiment, Outcome, PlannedRun, assemble_report
+from vitkdl.runs import LOG, done, experiment_dir, point_latest, read_summary
+from vitkdl.train.signals import INTERRUPTED, PREEMPTED, stop_signals
+from vitkdl.train.worker import Task, execute, failure_reason, log_file, read_progress
+
+#: Exit statuses (see the module's docstring).
+OK, FAILED = 0, 1
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How to run the runs of an experiment."""
+
+    out_root: Path = Path("runs")
+    jobs: int | None = None  # runs at once (None: 1 on CPU, one per GPU)
+    launcher: str = "local"  # or "submitit"
+    launcher_args: tuple[tuple[str, str], ...] = ()  # submitit parameters, KEY=VALUE
+    device: str | None = None
+    nproc: int | None = None  # processes per run (torchrun)
+    force: bool = False  # train the named recipes' runs again
+    smoke: bool = False
+    quiet: bool = False
+    poll_seconds: float = 0.25
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers: how one run is started
+
+
+class Handle(Protocol):
+    """A started run."""
+
+    run: PlannedRun
+    started: float
+
+    def poll(self) -> int | None:
+        """Its exit status once it has ended, else None."""
+
+    def stop(self) -> None:
+        """Ask it to stop at its next step with a checkpoint."""
+
+    def reason(self) -> str:
+        """Why it failed (after it ended)."""
+
+
+def worker_command(task: Task, nproc: int | None) -> list[str]:
+    """The command that runs ``task``: the worker, under torchrun for several processes."""
+    worker = ["-m", "vitkdl.train.worker", task.to_json()]
+    if nproc is not None and nproc > 1:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            *worker,
+        ]
+    return [sys.executable, *worker]
+
+
+@dataclass
+class _Ended:
+    """A run that ran in this process (already over when ``start`` returns)."""
+
+    run: PlannedRun
+    started: float
+    code: int
+    message: str
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def stop(self) -> None:
+        pass
+
+    def reason(self) -> str:
+        return self.message
+
+
+class InlineLauncher:
+    """One run at a time, in this process: no start-up cost per run."""
+
+    def __init__(self, opts: JobOptions, board: Board) -> None:
+        self.opts, self.board = opts, board
+
+    def start(self, run: PlannedRun, task: Task, slot: int) -> Handle:
+        started = time.monotonic()
+        log = log_file(task)
+        console = Console(file=log, width=120, highlight=False, no_color=True)
+
+        def on_step(step: int, total: int, epoch: int) -> None:
+            self.board.progress(run.key, step, total, epoch)
+
+        try:
+            with contextlib.redirect_stderr(log):  # warnings of the run go to its log too
+                code, message = execute(task, console, on_step)
+        finally:
+            log.close()
+        return _Ended(run, started, code, message)
+
+
+@dataclass
+class _Process:
+    run: PlannedRun
+    started: float
+    proc: subprocess.Popen[bytes]
+    folder: Path
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.send_signal(signal.SIGTERM)
+
+    def reason(self) -> str:
+        return failure_reason(self.folder)
+
+
+def visible_gpus(device: str | None) -> list[str]:
+    """The GPUs runs may use (none when the device is the CPU)."""
+    if device is not None and not device.startswith("cuda"):
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
+    if sys.platform.startswith("linux") and not Path("/proc/driver/nvidia/gpus").is_dir():
+        return []  # no NVIDIA driver: no need to import torch to count nothing
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+class _Worker:
+    """A worker process that runs task after task (``python -m vitkdl.train.worker --serve``):
+    torch is imported once per worker, not once per run."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        read, write = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vitkdl.train.worker", "--serve", str(write)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            pass_fds=(write,),
+            text=True,
+        )
+        os.close(write)
+        os.set_blocking(read, False)
+        self.results = read
+        self.buffer = b""
+
+    def send(self, task: Task) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(task.to_json() + "\n")
+        self.proc.stdin.flush()
+
+    def result(self) -> dict[str, Any] | None:
+        """The next result line, if one has arrived."""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.results, 65536):
+                self.buffer += chunk
+        if b"\n" not in self.buffer:
+            return None
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.results)
+
+
+@dataclass
+class _Served:
+    """A run on a persistent worker."""
+
+    run: PlannedRun
+    started: float
+    worker: _Worker
+    folder: Path
+    message: str = ""
+
+    def poll(self) -> int | None:
+        result = self.worker.result()
+        if result is not None:
+            self.message = result.get("message", "")
+            return int(result["code"])
+        if self.worker.alive():
+            return None
+        result = self.worker.result()  # written just before it ended
+        if result is not None:
+            self.message = result.get("message", "")
+            return int(result["code"])
+        code = self.worker.proc.returncode
+        self.message = f"its worker process ended (exit status {code})"
+        return code if code else FAILED
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.worker.proc.send_signal(signal.SIGTERM)
+
+    def reason(self) -> str:
+        return self.message or failure_reason(self.folder)
+
+
+class LocalLauncher:
+    """Runs as processes of this machine, ``jobs`` at once: the CPU cores split between them,
+    or each its own GPU(s). A run of one process goes to the slot's worker (started once,
+    restarted if it dies); a run of several processes is a torchrun of its own."""
+
+    def __init__(self, opts: JobOptions, jobs: int, gpus: list[str]) -> None:
+        self.opts, self.jobs, self.gpus = opts, jobs, gpus
+        per = opts.nproc or 1
+        self.threads = None if gpus else max(1, (os.cpu_count() or 1) // (jobs * per))
+        self.workers: dict[int, _Worker] = {}
+
+    def env(self, slot: int) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.threads is not None:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        if self.gpus:
+            per = self.opts.nproc or 1
+            mine = [self.gpus[(slot * per + i) % len(self.gpus)] for i in range(per)]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+        return env
+
+    def start(self, run: PlannedRun, task: Task, slot: int) -> Handle:
+        if (self.opts.nproc or 1) == 1:
+            worker = self.workers.get(slot)
+            if worker is None or not worker.alive():
+                worker = self.workers[slot] = _Worker(self.env(slot))
+            worker.send(task)
+            return _Served(run, time.monotonic(), worker, task.folder)
+        log = log_file(task)
+        try:
+            proc = subprocess.Popen(
+                worker_command(task, self.opts.nproc),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env(slot),
+            )
+        finally:
+            log.close()
+        return _Process(run, time.monotonic(), proc, task.folder)
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
+        self.workers.clear()
+
+
+class SubmititRun:
+    """What a submitit job runs: the worker command, its output to the run's log. On
+    preemption or time-out (submitit's signal) the run is asked to save a checkpoint and the
+    job is requeued; the requeued job continues it."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __call__(self, task_json: str, nproc: int | None) -> int:
+        task = Task.from_json(task_json)
+        with log_file(task) as log:
+            self.proc = subprocess.Popen(
+                worker_command(task, nproc), stdout=log, stderr=subprocess.STDOUT
+            )
+            return self.proc.wait()
+
+    def checkpoint(self, task_json: str, nproc: int | None) -> Any:
+        import submitit
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)  # saves at its next step
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=120)
+        self.proc = None
+        return submitit.helpers.DelayedSubmission(SubmititRun(), task_json, nproc)
+
+
+def _launcher_value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text, text)
+
+
+@dataclass
+class _Job:
+    run: PlannedRun
+    started: float
+    job: Any
+    folder: Path
+
+    def poll(self) -> int | None:
+        if not self.job.done():
+            return None
+        try:
+            return int(self.job.result())
+        except Exception:
+            return FAILED
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.job.cancel()  # SLURM sends SIGTERM first: the run saves a checkpoint
+
+    def reason(self) -> str:
+        why = failure_reason(self.folder)
+        if why:
+            return why
+        with contextlib.suppress(Exception):
+            return str(self.job.exception() or "")
+        return ""
+
+
+class SubmititLauncher:
+    """Each run a job through submitit (SLURM; ``cluster=local`` for local processes).
+    ``--launcher-arg KEY=VALUE`` sets submitit parameters (``slurm_partition=gpu``,
+    ``timeout_min=600``, ...); a run of several processes asks for that many GPUs on one node
+    and starts torchrun there."""
+
+    def __init__(self, opts: JobOptions) -> None:
+        try:
+            import submitit
+        except ImportError:
+            raise LaunchError(
+                '--launcher submitit needs submitit: pip install -e ".[submitit]" '
+                "(or pip install submitit)"
+            ) from None
+        params = {k: _launcher_value(v) for k, v in opts.launcher_args}
+        cluster = params.pop("cluster", None)
+        self.folder = opts.out_root / "submitit"
+        self.executor = submitit.AutoExecutor(folder=self.folder, cluster=cluster)
+        if opts.nproc and opts.nproc > 1:
+            params.setdefault("gpus_per_node", opts.nproc)
+            params.setdefault("tasks_per_node", 1)
+        params.setdefault("name", "vitkdl")
+        try:
+            self.executor.update_parameters(**params)
+        except Exception as exc:
+            raise LaunchError(f"--launcher-arg: {exc}") from None
+        self.opts = opts
+
+    def start(self, run: PlannedRun, task: Task, slot: int) -> Handle:
+        job = self.executor.submit(SubmititRun(), task.to_json(), self.opts.nproc)
+        return _Job(run, time.monotonic(), job, task.folder)
+
+
+class LaunchError(Exception):
+    """The launcher cannot start (a missing optional package, bad parameters)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The live board: one line per running run
+
+
+class Board:
+    """What the experiment shows while it runs: one live line per running run on a terminal
+    (rich), one line per start and end otherwise."""
+
+    def __init__(self, console: Console, total: int, quiet: bool) -> None:
+        self.console, self.quiet = console, quiet
+        self.live = console.is_terminal and not quiet
+        self.tasks: dict[str, Any] = {}
+        self.bar: Any = None
+        if self.live:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=console,
+                transient=True,
+            )
+            self.overall = self.bar.add_task("[bold]runs[/]", total=total, info="")
+            self.bar.start()
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, highlight=False)
+
+    def started(self, run: PlannedRun, slot: int, folder: Path) -> None:
+        if self.bar is not None:
+            self.tasks[run.key] = self.bar.add_task(
+                escape(f"[{slot + 1}] {run.label}"), total=None, info=""
+            )
+        else:
+            self.note(escape(f"started {run.label} in {folder}"))
+
+    def progress(self, key: str, step: int, total: int, epoch: int) -> None:
+        task = self.tasks.get(key)
+        if task is not None and self.bar is not None:
+            self.bar.update(task, completed=step, total=total, info=f"epoch {epoch + 1}")
+
+    def finished(self, run: PlannedRun, outcome: Outcome, summary: dict[str, Any] | None) -> None:
+        task = self.tasks.pop(run.key, None)
+        if task is not None and self.bar is not None:
+            self.bar.remove_task(task)
+            self.bar.advance(self.overall)
+        took = f" in {outcome.seconds:.0f} s" if outcome.seconds is not None else ""
+        if outcome.ok:
+            top1 = (summary or {}).get("top1")
+            value = f": top-1 {top1:.2f}" if isinstance(top1, (int, float)) else ""
+            self.note(f"[green]done[/] {escape(run.label)}{value}{took}")
+        else:
+            why = f": {outcome.message}" if outcome.message else ""
+            log = f" (log: {outcome.log})" if outcome.log else ""
+            self.console.print(
+                f"[bold red]{outcome.status}[/] " + escape(f"{run.label}{why}{took}{log}"),
+                highlight=False,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+# --------------------------------------------------------------------------------------------
+# The scheduler
+
+
+def _status(code: int) -> str:
+    if code == OK:
+        return "done"
+    if code in (PREEMPTED, -signal.SIGTERM, 128 + signal.SIGTERM):
+        return "preempted"
+    if code in (INTERRUPTED, -signal.SIGINT):
+        return "interrupted"
+    return "failed"
+
+
+class _Scheduler:
+    def __init__(
+        self,
+        experiment: Experiment,
+        opts: JobOptions,
+        pending: list[PlannedRun],
+        board: Board,
+        outcomes: dict[str, Outcome],
+    ) -> None:
+        self.experiment, self.opts, self.board = experiment, opts, board
+        self.waiting = list(pending)
+        self.outcomes = outcomes
+        self.running: dict[int, Handle] = {}
+        self.stop_reason: str | None = None
+
+    def stop(self, name: str) -> None:
+        """A stop signal: start nothing more, and ask every running run to save and stop."""
+        self.stop_reason = name
+        for handle in list(self.running.values()):
+            handle.stop()
+
+    def task(self, run: PlannedRun, threads: int | None) -> Task:
+        return Task(
+            path=run.path,
+            key=run.key,
+            out_root=str(self.opts.out_root),
+            overrides=run.overrides,
+            max_steps=run.max_steps,
+            force=self.opts.force and run.role == "recipe",
+            smoke=self.opts.smoke,
+            device=self.opts.device,
+            threads=threads,
+        )
+
+    def run(self, launcher: Any, slots: int) -> None:
+        threads = getattr(launcher, "threads", None)
+        while self.waiting or self.running:
+            if self.stop_reason is None:
+                self._start_ready(launcher, slots, threads)
+            for slot, handle in list(self.running.items()):
+                code = handle.poll()
+                if code is None:
+                    self._show_progress(handle)
+                    continue
+                del self.running[slot]
+                self._end(handle, code)
+            if self.stop_reason is not None and not self.running:
+                break
+            if self.running:
+                time.sleep(self.opts.poll_seconds)
+
+    def _start_ready(self, launcher: Any, slots: int, threads: int | None) -> None:
+        for run in list(self.waiting):
+            if self.stop_reason is not None:
+                return
+            failed = [d for d in run.deps if d in self.outcomes and not self.outcomes[d].ok]
+            if failed:
+                self.waiting.remove(run)
+                dep = self.experiment.run(failed[0])
+                self._record(
+                    run, Outcome(run.key, "skipped", f"it needs {dep.label}, which did not finish")
+                )
+                continue
+            if any(d not in self.outcomes for d in run.deps):
+                continue  # its dependency is still running or waiting
+            free = [s for s in range(slots) if s not in self.running]
+            if not free:
+                return
+            slot = free[0]
+            self.waiting.remove(run)
+            task = self.task(run, threads)
+            self.board.started(run, slot, task.folder)
+            handle = launcher.start(run, task, slot)
+            self.running[slot] = handle
+            if isinstance(handle, _Ended):  # it ran here: take its end now
+                del self.running[slot]
+                self._end(handle, handle.code)
+
+    def _show_progress(self, handle: Handle) -> None:
+        info = read_progress(handle.run.folder(self.opts.out_root))
+        if info:
+            self.board.progress(
+                handle.run.key, info.get("step", 0), info.get("total", 0), info.get("epoch", 0)
+            )
+
+    def _end(self, handle: Handle, code: int) -> None:
+        run = handle.run
+        status = _status(code)
+        folder = run.folder(self.opts.out_root)
+        message = ""
+        if status != "done":
+            message = handle.reason() or f"exit status {code}"
+        if status in ("preempted", "interrupted") and self.stop_reason is None:
+            self.stop_reason = "SIGINT" if status == "interrupted" else "SIGTERM"
+            for other in self.running.values():
+                other.stop()
+        outcome = Outcome(
+            run.key,
+            status,  # type: ignore[arg-type]
+            message,
+            time.monotonic() - handle.started,
+            str(folder / LOG) if status != "done" else None,
+        )
+        self._record(run, outcome)
+
+    def _record(self, run: PlannedRun, outcome: Outcome) -> None:
+        self.outcomes[run.key] = outcome
+        folder = run.folder(self.opts.out_root)
+        summary = read_summary(folder) if outcome.ok else None
+        self.board.finished(run, outcome, summary)
+
+
+def _jobs(opts: JobOptions, gpus: list[str]) -> int:
+    if opts.jobs is not None:
+        return opts.jobs
+    if gpus:
+        return max(1, len(gpus) // (opts.nproc or 1))
+    return 1
+
+
+def run_experiment(
+    experiment: Experiment, opts: JobOptions, out: Console, err: Console
+) -> tuple[int, dict[str, Any]]:
+    """Run what the experiment still needs, then print and write its report. Returns the
+    exit status and the report's data."""
+    outcomes: dict[str, Outcome] = {}
+    pending: list[PlannedRun] = []
+    for run in experiment.runs:
+        forced = opts.force and run.role == "recipe"
+        summary = done(run.folder(opts.out_root), run.hash, run.max_steps)
+        if summary is not None and not forced:
+            outcomes[run.key] = Outcome(run.key, "reused")
+        else:
+            pending.append(run)
+    reused = len(outcomes)
+    if not opts.quiet:
+        err.print(
+            f"[bold]{experiment.label}[/]: {len(experiment.runs)} runs, {reused} finished "
+            f"already (reused), {len(pending)} to run",
+            highlight=False,
+        )
+    stopped: str | None = None
+    if pending:
+        stopped = _run_pending(experiment, opts, pending, outcomes, err)
+    report = _report(experiment, opts, outcomes, out, err)
+    if stopped is not None:
+        code = INTERRUPTED if stopped == "SIGINT" else PREEMPTED
+        err.print(
+            f"[bold yellow]stopped by {stopped}[/]: the running runs saved checkpoints; run the "
+            "same command again to continue (finished runs are kept)",
+            highlight=False,
+        )
+        return code, report
+    return (OK if all(o.ok for o in outcomes.values()) else FAILED), report
+
+
+def _run_pending(
+    experiment: Experiment,
+    opts: JobOptions,
+    pending: list[PlannedRun],
+    outcomes: dict[str, Outcome],
+    err: Console,
+) -> str | None:
+    """Run the pending runs; returns the name of the signal that stopped them, if one did."""
+    gpus = [] if opts.launcher == "submitit" else visible_gpus(opts.device)
+    slots = _jobs(opts, gpus)
+    board = Board(err, len(pending), opts.quiet)
+    launcher: Any
+    if opts.launcher == "submitit":
+        launcher = SubmititLauncher(opts)
+        slots = opts.jobs or len(pending)
+    elif slots == 1 and (opts.nproc or 1) == 1:
+        launcher = InlineLauncher(opts, board)
+    else:
+        launcher = LocalLauncher(opts, slots, gpus)
+    scheduler = _Scheduler(experiment, opts, pending, board, outcomes)
+    try:
+        with stop_signals(scheduler.stop):
+            scheduler.run(launcher, slots)
+    except KeyboardInterrupt:
+        # Ctrl-C reached every process of the terminal's group: the runs save and stop.
+        scheduler.stop_reason = "SIGINT"
+        deadline = time.monotonic() + 120
+        for handle in scheduler.running.values():
+            while handle.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            scheduler._end(handle, handle.poll() or INTERRUPTED)
+        scheduler.running.clear()
+    finally:
+        board.close()
+        if hasattr(launcher, "close"):
+            launcher.close()
+    for run in scheduler.waiting:  # never started: stopped before their turn
+        outcomes.setdefault(run.key, Outcome(run.key, "missing", "not started"))
+    return scheduler.stop_reason
+
+
+def _report(
+    experiment: Experiment,
+    opts: JobOptions,
+    outcomes: dict[str, Outcome],
+    out: Console,
+    err: Console,
+) -> dict[str, Any]:
+    """Assemble, print and write the report (``report.json``, ``.txt``, ``.png``)."""
+    from vitkdl.train.report import (
+        PLOTS_MISSING,
+        experiment_notes,
+        experiment_tables,
+        write_experiment_plot,
+    )
+
+    summaries = {}
+    for run in experiment.runs:
+        summary = read_summary(run.folder(opts.out_root))
+        summaries[run.key] = summary if summary and summary.get("hash") == run.hash else None
+    report = assemble_report(experiment, summaries, outcomes, opts.out_root)
+    folder = experiment_dir(opts.out_root, experiment.label, experiment.hash())
+    tables = experiment_tables(report)
+    notes = experiment_notes(report)
+    for table in tables:
+        out.print(table)
+    for line in notes:
+        out.print(line, highlight=False, markup=False)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        text = io.StringIO()
+        plain = Console(file=text, width=160, no_color=True, highlight=False)
+        for table in tables:
+            plain.print(table)
+        for line in notes:
+            plain.print(line, soft_wrap=True, markup=False)
+        (folder / "report.txt").write_text(text.getvalue())
+        plotted = write_experiment_plot(report, folder / "report.png")
+        point_latest(folder.parent, experiment.label, folder)
+    except OSError as exc:
+        err.print(f"[yellow]warning:[/] the report could not be written to {folder}: {exc}")
+        return report
+    files = "report.json, report.txt" + (", report.png" if plotted else "")
+    out.print(f"report: {folder}/ ({files})", highlight=False, soft_wrap=True)
+    if not plotted:
+        out.print(f"report.png skipped: {PLOTS_MISSING}", highlight=False, soft_wrap=True)
+    return report
