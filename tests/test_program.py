@@ -204,18 +204,24 @@ def test_compile_report_one_graph_no_breaks(acceptance: Program) -> None:
 # 2. Every shipped recipe: one graph, no breaks, with index and with mixup targets
 
 
-# The ablations repeat the paper recipe's pair with one term changed (each kind of change is in
-# the fast tier through test_sub_block_taps_relation_maps_and_generators_are_one_graph); the
-# token recipes' RegNetY-16GF takes 6-9 s to trace (the token term's graph is in the fast tier
-# through tests/terms/test_token.py, a CNN teacher's through test_a_cnn_teacher_...).
+# The fast tier traces the quickstart recipes and the DeiT-Tiny ones; the DeiT-Small and -Base
+# recipes repeat their terms on wider pairs, and the ablations the paper recipe's pair with one
+# term changed (each kind of change is in the fast tier through
+# test_sub_block_taps_relation_maps_and_generators_are_one_graph); the token recipes'
+# RegNetY-16GF takes 6-9 s to trace (the token term's graph is in the fast tier through
+# tests/terms/test_token.py, a CNN teacher's through test_a_cnn_teacher_...).
+def _fast(path: Path) -> bool:
+    top = path.parent.name != "ablations"
+    return (
+        top
+        and not path.stem.endswith("_token")
+        and not path.stem.startswith(("deit_small", "deit_base"))
+    )
+
+
 @pytest.mark.parametrize(
     "path",
-    [
-        pytest.param(p, marks=pytest.mark.slow)
-        if p.parent.name == "ablations" or p.stem.endswith("_token")
-        else p
-        for p in shipped_recipes()
-    ],
+    [p if _fast(p) else pytest.param(p, marks=pytest.mark.slow) for p in shipped_recipes()],
     ids=lambda p: p.stem,
 )
 def test_every_recipe_is_one_graph(path: Path) -> None:
