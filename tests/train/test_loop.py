@@ -521,3 +521,13 @@ def test_sigterm_and_sigusr1_mid_epoch_save_and_resume_to_the_same_weights(tmp_p
     wa = load_file(str(tmp_path / "whole" / "tiny" / "student.safetensors"))
     wb = load_file(str(out / "tiny" / "student.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_runs_in_one_process_do_not_inherit_each_others_settings(tmp_path) -> None:
+    """A tiny run drops to one CPU thread; the next run in the same process starts from the
+    threads it was given, and counts only the graphs it compiled."""
+    threads = torch.get_num_threads()
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
+    assert run(str(recipe), "--out", str(tmp_path / "runs"), "--max-steps", "2") == 0
+    assert torch.get_num_threads() == threads
+    assert _summary(tmp_path / "runs" / "tiny")["compile"]["graphs_compiled"] == 0  # eager

@@ -226,7 +226,16 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
     Ctrl-C, SIGTERM and SIGUSR1 stop the run with a checkpoint of where it stopped (a signal
     at the next step) and raise :class:`Interrupted`, whose ``code`` is the exit status
     (:mod:`vitkdl.train.signals`)."""
+    threads, graphs = torch.get_num_threads(), _graphs_compiled()
+    try:
+        return _train(plan, opts, console, graphs)
+    finally:  # a later run in this process starts from the same settings
+        torch.set_num_threads(threads)
+
+
+def _train(plan: Plan, opts: RunOptions, console: Console | None, graphs: int) -> dict[str, Any]:
     run = Run(plan, opts, console or Console(stderr=True))
+    run.graphs_before = graphs
     with stop_signals(lambda name: setattr(run, "stop_signal", name)):
         run.evaluate_teacher()
         try:
@@ -257,6 +266,7 @@ class Run:
 
     def __init__(self, plan: Plan, opts: RunOptions, console: Console) -> None:
         self.plan, self.opts = plan, opts
+        self.graphs_before = 0  # graphs dynamo had compiled in this process before the run
         job = self.job = distributed.current()
         self.out = opts.out_dir
         if job.is_main:
@@ -674,7 +684,11 @@ class Run:
             "global_batch": self.global_batch,
             "ranks_in_sync": in_sync,
             "device": device.type,
-            "compile": {"mode": program.compile_mode, "graphs_compiled": _graphs_compiled()},
+            # graphs this run compiled (not the ones earlier runs in this process did)
+            "compile": {
+                "mode": program.compile_mode,
+                "graphs_compiled": _graphs_compiled() - self.graphs_before,
+            },
             "student_weights": str(out / "student.safetensors"),
             # How to load the export with timm (num_classes in the overlay keeps the head
             # when it differs from the architecture's default).
