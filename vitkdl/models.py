@@ -714,25 +714,26 @@ def _measure(
         img_size=img_size,
         patch_size=patch_size,
         in_chans=int(in_chans),
-        num_classes=int(getattr(model, "num_classes", 0) or 0),
-        params=_count(model),
-        head_params=_count(model.get_classifier()) if hasattr(model, "get_classifier") else 0,
-        flops=flops,
-        mean=tuple(float(v) for v in cfg.get("mean") or _DEFAULT_MEAN),
-        std=tuple(float(v) for v in cfg.get("std") or _DEFAULT_STD),
-        interpolation=str(cfg.get("interpolation") or _DEFAULT_INTERPOLATION),
-        crop_pct=float(cfg.get("crop_pct") or _DEFAULT_CROP_PCT),
+        **_shared_facts(model, cfg, flops),
         block_parts=tuple(n for n, _ in first.named_children()) if first is not None else (),
         sub_taps=bool(sub_taps),
         distilled=hasattr(model, "head_dist") and hasattr(model, "set_distilled_training"),
-        **_pretrained_facts(cfg),
     )
 
 
-def _pretrained_facts(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Where ``pretrained=True`` would load this model's weights from (timm's config)."""
+def _shared_facts(model: torch.nn.Module, cfg: Mapping[str, Any], flops: int) -> dict[str, Any]:
+    """The facts of every model, ViT or not: its head, size, cost, preprocessing (timm's
+    pretrained config) and where ``pretrained=True`` would load its weights from."""
     classes = cfg.get("num_classes")
     return {
+        "num_classes": int(getattr(model, "num_classes", 0) or 0),
+        "params": _count(model),
+        "head_params": _count(model.get_classifier()) if hasattr(model, "get_classifier") else 0,
+        "flops": flops,
+        "mean": tuple(float(v) for v in cfg.get("mean") or _DEFAULT_MEAN),
+        "std": tuple(float(v) for v in cfg.get("std") or _DEFAULT_STD),
+        "interpolation": str(cfg.get("interpolation") or _DEFAULT_INTERPOLATION),
+        "crop_pct": float(cfg.get("crop_pct") or _DEFAULT_CROP_PCT),
         "pretrained_tag": cfg.get("tag") or None,
         "hf_hub_id": cfg.get("hf_hub_id") or None,
         "hf_hub_filename": cfg.get("hf_hub_filename") or None,
@@ -786,18 +787,10 @@ def _measure_classifier(
         img_size=img_size,
         patch_size=(0, 0),
         in_chans=int(in_chans),
-        num_classes=int(getattr(model, "num_classes", 0) or 0),
-        params=_count(model),
-        head_params=_count(model.get_classifier()) if hasattr(model, "get_classifier") else 0,
-        flops=flops,
-        mean=tuple(float(v) for v in cfg.get("mean") or _DEFAULT_MEAN),
-        std=tuple(float(v) for v in cfg.get("std") or _DEFAULT_STD),
-        interpolation=str(cfg.get("interpolation") or _DEFAULT_INTERPOLATION),
-        crop_pct=float(cfg.get("crop_pct") or _DEFAULT_CROP_PCT),
+        **_shared_facts(model, cfg, flops),
         vit=False,
         not_vit=reason,
         takes_img_size=takes_img_size,
-        **_pretrained_facts(cfg),
     )
 
 
