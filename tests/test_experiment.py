@@ -224,10 +224,10 @@ def test_the_report_pairs_seeds_and_counts_wins(recipes: Path) -> None:
     assert [f["message"] for f in report["not_ok"]] == ["the loss became NaN"]
 
 
-def test_a_named_recipe_that_is_also_a_teacher_runs_to_the_end(recipes: Path) -> None:
+def test_max_steps_reaches_a_teacher_as_in_a_single_run(recipes: Path) -> None:
     experiment, _ = plan_experiment(["teacher.vkd", "student.vkd"], max_steps=3)
     teacher = next(r for r in experiment.runs if r.recipe == "teacher")
-    assert teacher.max_steps is None  # --max-steps does not cut a teacher short
+    assert teacher.max_steps == 3  # the whole graph, as `vitkdl run` without --seeds
     assert experiment.runs[0] == teacher and experiment.teachers == (teacher.key,)
     student = next(r for r in experiment.runs if r.recipe == "student")
     assert student.max_steps == 3 and student.deps == (teacher.key,)

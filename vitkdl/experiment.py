@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from vitkdl import syntax as syn
 from vitkdl.errors import Diagnostic, Sources, Span, VkdError, error
-from vitkdl.runs import run_dir
+from vitkdl.runs import run_dir, stopped_early
 from vitkdl.spec import Assignment, RecipeSpec, load_spec
 from vitkdl.spec import _display as _display  # the name a recipe's spans carry
 from vitkdl.stats import paired, sample
@@ -596,8 +596,8 @@ class _Planner:
     dependencies: dict[str, str | None] = field(default_factory=dict)
 
     def add(self, run: PlannedRun) -> str:
-        """Keep ``run`` (once per folder: a baseline shared by two cells runs once; a run that
-        is also a teacher runs to the end, whatever ``--max-steps`` says)."""
+        """Keep ``run`` (once per folder: a baseline shared by two cells runs once, as far as
+        the furthest of them asks)."""
         old = self.runs.get(run.key)
         if old is None:
             self.runs[run.key] = run
@@ -619,9 +619,18 @@ class _Planner:
             return None
         deps = self._teacher(spec, (*stack, path))
         key = f"{spec.name}-{spec.hash()}"
+        # --max-steps reaches teachers too, as in a single run (vitkdl.train.runner).
         return self.add(
             PlannedRun(
-                key, path, spec.name, spec.hash(), (), "teacher", deps, None, spec.train.seed
+                key,
+                path,
+                spec.name,
+                spec.hash(),
+                (),
+                "teacher",
+                deps,
+                self.max_steps,
+                spec.train.seed,
             )
         )
 
@@ -934,6 +943,12 @@ def assemble_report(
         for o in outcomes.values()
         if not o.ok
     ]
+    # Runs that --max-steps stopped before the end of their recipe (teachers included).
+    early = [
+        {"run": r.label, "note": note}
+        for r in experiment.runs
+        if (note := stopped_early(summaries.get(r.key) or {})) is not None
+    ]
     return {
         "experiment": experiment.label,
         "hash": experiment.hash(),
@@ -945,4 +960,5 @@ def assemble_report(
         "teachers": teachers,
         "arms": arms_out,
         "not_ok": failed,
+        "stopped_early": early,
     }

@@ -5,8 +5,12 @@
 or one recipe under different overrides, never write into the same folder. ``OUT/NAME`` is a
 symbolic link to the latest of them, so ``runs/quickstart/summary.json`` is the newest run of
 the quickstart. A run is *finished* when its ``summary.json`` carries its hash, says it
-completed every epoch, and its exported student exists. Its checkpoints are ``last.pt`` (where
-it stopped) and ``best.pt``; its log, when a sweep ran it, is ``log.txt``.
+completed every epoch, and its exported student exists; a run that ``--max-steps`` stopped
+early is *partial*: done for a request with that many steps or fewer (:func:`done`), and
+continued by ``--resume``. ``--max-steps`` is not part of the hash: it says how far to train
+a recipe, not which recipe, so a partial run and its continuation share one folder. Its
+checkpoints are ``last.pt`` (where it stopped) and ``best.pt``; its log, when a sweep ran
+it, is ``log.txt``.
 
 An experiment (several seeds, a sweep) writes its report to ``OUT/experiments/LABEL-HASH/``
 (``OUT/experiments/LABEL`` links to the latest), LABEL naming its recipes and HASH the runs
@@ -68,6 +72,17 @@ def done(folder: Path, recipe_hash: str, max_steps: int | None = None) -> dict[s
     if (summary.get("steps") or 0) < max_steps:
         return None
     return summary if (Path(folder) / "student.safetensors").is_file() else None
+
+
+def stopped_early(summary: dict[str, Any]) -> str | None:
+    """``"stopped early at step N of M"`` for a run that ``--max-steps`` stopped before the
+    end of its recipe (a *partial* run), else None."""
+    if summary.get("complete", True):
+        return None
+    planned = summary.get("planned_steps")
+    return f"stopped early at step {summary.get('steps')}" + (
+        f" of {planned}" if planned is not None else ""
+    )
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

@@ -85,7 +85,7 @@ def test_seeds_train_each_run_once_and_a_rerun_trains_nothing(
         ("base", ("train.seed=1",)),
         ("student", ("train.seed=0",)),
         ("student", ("train.seed=1",)),
-        ("teacher", ()),  # once, shared by both seeds, as written (no --max-steps)
+        ("teacher", ()),  # once, shared by both seeds, as written (and --max-steps too)
     ]
     first = capsys.readouterr().out
     data = report(recipes / "runs", "student")
@@ -99,12 +99,17 @@ def test_seeds_train_each_run_once_and_a_rerun_trains_nothing(
         folder = Path(run["folder"])
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["steps"] == 3 and (folder / "log.txt").is_file()
+        assert summary["teacher_stopped_early"]["steps"] == 3  # its teacher stopped too
         assert f"train.seed={run['seed']}" in summary["overrides"]
     assert data["teachers"][0]["recipe"] == "teacher"
     folder = recipes / "runs" / "experiments" / "student"
     assert (folder / "report.txt").read_text().startswith("student: top-1 (%) per seed\n")
     assert (folder / "report.png").is_file()
     assert "seed 0" in first and "vs baseline" in first and "report: runs/experiments/" in first
+    assert len(data["stopped_early"]) == 5  # two seeds of two arms, and the teacher
+    assert "stopped early by --max-steps (at step 3 of 22): 5 of the runs" in " ".join(
+        first.split()
+    )
 
     trained.clear()
     assert main(args) == 0

@@ -184,7 +184,8 @@ def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, capsys) -> None
     out = str(tmp_path / "runs")
     assert run(str(recipe), "--out", out, "--max-steps", "3") == 0
     capsys.readouterr()
-    assert run(str(recipe), "--out", out, "--resume", "--set", "train.epochs=2") == 1
+    # A refusal (exit status 2): nothing failed, the command needs --force.
+    assert run(str(recipe), "--out", out, "--resume", "--set", "train.epochs=2") == 2
     assert "different version of the recipe" in " ".join(capsys.readouterr().err.split())
     assert run(str(recipe), "--out", out, "--resume", "--force", "--set", "train.epochs=2") == 0
 
@@ -192,7 +193,7 @@ def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, capsys) -> None
 def test_corrupt_checkpoint_and_missing_checkpoint(tmp_path, capsys) -> None:
     recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
     out = tmp_path / "runs"
-    assert run(str(recipe), "--out", str(out), "--resume") == 1
+    assert run(str(recipe), "--out", str(out), "--resume") == 2  # a refusal: nothing to resume
     assert "no checkpoint at" in capsys.readouterr().err
     assert run(str(recipe), "--out", str(out), "--max-steps", "2") == 0
     folder = (out / "tiny").resolve()  # runs/tiny: the latest

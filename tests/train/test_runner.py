@@ -145,8 +145,48 @@ def test_an_unfinished_run_is_never_overwritten(recipes: Path, trained, capsys) 
     folder = run_dir(runs, "base", trained[0][1])
     assert not summary(folder)["complete"]
     capsys.readouterr()
-    assert main(args) == 1
+    # Nothing failed: the command needs --resume or --force (exit status 2, nothing trained).
+    assert main(args) == 2 and len(trained) == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert "holds an unfinished run" in err and "--resume" in err and "--force" in err
+    assert "holds an unfinished run" in err and "stopped early at step 3 of 22" in err
+    assert "--resume continues it to the end" in err and "--force" in err
+    assert main([*args, "--max-steps", "5"]) == 2  # a longer request: --resume continues it
+    assert "--resume continues it to step 5" in " ".join(capsys.readouterr().err.split())
     assert main([*args, "--resume"]) == 0  # continues to the end of the epoch
     assert summary(folder)["complete"] and summary(folder)["steps"] == 1437 // 64
+
+
+def test_max_steps_reaches_the_whole_graph_and_the_same_command_reuses_it(
+    recipes: Path, trained, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # table cells on one line each
+    runs = recipes / "runs"
+    args = ["run", str(recipes / "student.vkd"), "--out", str(runs), "--max-steps", "3"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert sorted(name for name, _, _ in trained) == ["base", "student", "teacher"]
+    folders = {name: run_dir(runs, name, h) for name, h, _ in trained}
+    for name, folder in folders.items():  # the teacher too: a quick pass over the graph
+        s = summary(folder)
+        assert (s["steps"], s["planned_steps"], s["max_steps"]) == (3, 22, 3), name
+        assert not s["complete"]
+    teacher = summary(folders["student"])["teacher_stopped_early"]
+    assert teacher == {"recipe": "teacher", "steps": 3, "planned_steps": 22}
+    out = capsys.readouterr().out
+    # The run's table and the comparison: each run's own entry, and the student's teacher's.
+    assert out.count("at step 3 of 22") == 6 and out.count("teacher at step 3 of 22") == 2
+
+    assert main(args) == 0  # the same command again: every partial run is reused
+    assert len(trained) == 3
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())
+    assert err.count("reusing it") == 3 and "as far as --max-steps 3 asks" in err
+    assert captured.out.count("at step 3 of 22") == 6
+
+
+def test_tables_go_to_stdout_and_the_rest_to_stderr(recipes: Path, trained, capsys) -> None:
+    args = ["run", str(recipes / "base.vkd"), "--out", str(recipes / "runs")]
+    assert main([*args, "--max-steps", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "student top-1" in captured.out and "epochs / steps" in captured.out
+    assert "student top-1" not in captured.err  # the table is not on stderr
+    assert "22 steps/epoch" in captured.err and "22 steps/epoch" not in captured.out

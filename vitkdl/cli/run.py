@@ -34,9 +34,12 @@ EPILOG = """examples:
 Experiments (--seeds, --grid, a recipe's sweep block, --jobs, --launcher): every run is an
 ordinary run (reused when finished, continued from its checkpoint when unfinished); the report
 (per seed, mean ± sd, the paired difference with the baseline and its 95% interval, wins) is
-printed and written to OUT/experiments/. Exit status: 0 all finished, 1 a run failed (the
-others went on), 2 bad input, 75 stopped by SIGTERM/SIGUSR1 with checkpoints saved (run the
-same command again), 130 stopped by Ctrl-C (the same).
+printed and written to OUT/experiments/. --max-steps N reaches every run the command starts
+(teachers and baselines too); the same command again reuses those partial runs, --resume
+with a larger N (or none) continues them. Final tables go to stdout, the rest to stderr.
+Exit status: 0 all finished, 1 a run failed (the others went on), 2 bad input (or an
+unfinished run that needs --resume or --force), 75 stopped by SIGTERM/SIGUSR1 with
+checkpoints saved (run the same command again), 130 stopped by Ctrl-C (the same).
 """
 
 
@@ -61,7 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--resume) continue a run of an earlier version of the recipe",
     )
     p.add_argument(
-        "--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps"
+        "--max-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop every run (teacher and baseline too) after N optimizer steps; the same "
+        "command again reuses the partial runs",
     )
     p.add_argument(
         "--smoke",
@@ -215,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkdl.train.checkpoint import CheckpointError
     from vitkdl.train.data import DataError
     from vitkdl.train.loop import Interrupted, TrainError
-    from vitkdl.train.runner import RunRequest, run_many
+    from vitkdl.train.runner import RunRefused, RunRequest, run_many
 
     req = RunRequest(
         out_root=args.out,
@@ -229,13 +237,16 @@ def run(args: argparse.Namespace) -> int:
         baseline=args.baseline,
     )
     try:
-        run_many(args.recipes, req, err)
+        run_many(args.recipes, req, err, out)  # tables on stdout, the rest on stderr
     except VkdError as exc:
         print_diagnostics(err, exc.diagnostics, exc.sources)
         return 2
     except Interrupted as exc:  # a checkpoint was saved: 130 for Ctrl-C, 75 for SIGTERM/USR1
         err.print(f"[bold yellow]vitkdl run:[/] {exc}", highlight=False)
         return exc.code
+    except RunRefused as exc:  # nothing failed: the command needs --resume or --force
+        err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
+        return 2
     except (TrainError, DataError, CheckpointError) as exc:
         err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
         return 1

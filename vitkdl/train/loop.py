@@ -677,6 +677,10 @@ class Run:
             "teacher_top1": self.teacher_top1,
             "epochs": self.epoch + 1,
             "steps": self.step,
+            # What the recipe plans and what --max-steps asked for: a run stopped by
+            # --max-steps is *partial*, reused by the same request (vitkdl.runs.done).
+            "planned_steps": plan.epochs * self.steps_per_epoch,
+            "max_steps": self.opts.max_steps,
             "images_per_second": round(self.images_seen / wall, 2) if wall > 0 else None,
             "wall_seconds": round(wall, 2),
             "peak_memory_mb": _peak_memory_mb(device),

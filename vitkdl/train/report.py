@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from vitkdl.runs import stopped_early
+
 
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (and TensorBoard when the
@@ -140,12 +142,26 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("images/s", summary.get("images_per_second")),
         ("wall time (s)", summary.get("wall_seconds")),
         ("peak memory (MB)", summary.get("peak_memory_mb")),
+        ("stopped early", _early(summary)),
     ]
     for name, value in rows:
         if value is None:
             continue
         table.add_row(name, f"{value:.2f}" if isinstance(value, float) else str(value))
     return table
+
+
+def _early(summary: dict[str, Any]) -> str | None:
+    """What stopped a run (or its teacher) before the end of its recipe, for the tables: such
+    a run is a smoke, not a result."""
+    notes = []
+    early = stopped_early(summary)
+    if early is not None:
+        notes.append(early.removeprefix("stopped early "))  # the row or column says the rest
+    teacher = summary.get("teacher_stopped_early")
+    if isinstance(teacher, dict):
+        notes.append(f"teacher at step {teacher.get('steps')} of {teacher.get('planned_steps')}")
+    return "; ".join(notes) or None
 
 
 def comparison_table(summaries: Sequence[dict[str, Any]]) -> Table:
@@ -162,13 +178,17 @@ def comparison_table(summaries: Sequence[dict[str, Any]]) -> Table:
     own = [[o for o in s if o not in shared] for s in sets]
     if any(own):  # what each run was given beyond what all share
         columns.append("--set")
+    early = [_early(s) for s in summaries]
+    if any(early):
+        columns.append("stopped early")
     for col in columns:
-        table.add_column(col, justify="left" if col in ("recipe", "--set") else "right")
+        left = col in ("recipe", "--set", "stopped early")
+        table.add_column(col, justify="left" if left else "right")
 
     def f(x: Any) -> str:
         return "-" if x is None else f"{x:.2f}"
 
-    for s, extra in zip(summaries, own, strict=True):
+    for s, extra, stop in zip(summaries, own, early, strict=True):
         row = [
             s["recipe"],
             f(s.get("teacher_top1")),
@@ -180,6 +200,8 @@ def comparison_table(summaries: Sequence[dict[str, Any]]) -> Table:
         ]
         if any(own):
             row.append(" ".join(extra) or "-")
+        if any(early):
+            row.append(stop or "-")
         table.add_row(*row)
     return table
 
@@ -328,6 +350,12 @@ def experiment_notes(report: dict[str, Any]) -> list[str]:
         )
     if all(a["stats"]["n"] <= 1 for a in report["arms"]):
         lines.append("one run per row: no spread and no interval (--seeds 0-4 runs five)")
+    early = report.get("stopped_early") or []
+    if early:
+        at = ", ".join(sorted({e["note"].removeprefix("stopped early ") for e in early}))
+        lines.append(
+            f"stopped early by --max-steps ({at}): {len(early)} of the runs (a smoke, not a result)"
+        )
     for f in report.get("not_ok", []):
         why = f": {f['message']}" if f.get("message") else ""
         log = f" (log: {f['log']})" if f.get("log") else ""

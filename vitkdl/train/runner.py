@@ -5,7 +5,13 @@ the resolved recipe, overrides and seed included; ``OUT/NAME`` links to the late
 run is reused, never trained again or replaced, unless ``--force``; an unfinished one is
 continued with ``--resume`` (or started over with ``--force``), never overwritten silently.
 
-A recipe whose teacher is the final student of another recipe needs that recipe's finished run
+``--max-steps N`` applies to every run the command starts, its teacher and baseline included,
+so ``vitkdl run quickstart.vkd --max-steps 5`` is a quick pass over the whole graph. A run it
+stopped early is *partial* (its summary says where it stopped); the same command again reuses
+it, and ``--resume`` (without ``--max-steps``, or with a larger one) continues it. A student
+whose teacher was partial says so in its summary and in the tables.
+
+A recipe whose teacher is the final student of another recipe needs that recipe's run
 (as written there: command-line overrides do not reach a dependency); when it is missing, that
 recipe is trained first. A recipe that extends a complete student-only recipe (its baseline,
 like ``quickstart.vkd`` extends ``quickstart_baseline.vkd``) is compared with it at the end,
@@ -26,14 +32,35 @@ from rich.console import Console
 import vitkdl
 from vitkdl.errors import VkdError
 from vitkdl.experiment import BASELINE_ROOTS, baseline_of, baseline_overrides, smoke_overrides
-from vitkdl.runs import checkpoint_files, finished, latest_link, point_latest, run_dir
+from vitkdl.runs import (
+    checkpoint_files,
+    done,
+    latest_link,
+    point_latest,
+    read_summary,
+    run_dir,
+    stopped_early,
+)
 from vitkdl.spec import RecipeSpec, load_spec
 from vitkdl.train import distributed
 from vitkdl.train.loop import RunOptions, TrainError, check_writable, train
 
-__all__ = ["BASELINE_ROOTS", "RunRequest", "baseline_overrides", "run_many", "run_recipe"]
+__all__ = [
+    "BASELINE_ROOTS",
+    "RunRefused",
+    "RunRequest",
+    "baseline_overrides",
+    "run_many",
+    "run_recipe",
+]
 
 SMOKE_STEPS = 3
+
+
+class RunRefused(TrainError):
+    """The command would lose or mix work (an unfinished run without ``--resume`` or
+    ``--force``, a ``--resume`` with nothing to resume): nothing failed, the command needs
+    another flag (exit status 2)."""
 
 
 @dataclass(frozen=True)
@@ -60,14 +87,21 @@ def _ensure(
     path: str, overrides: Sequence[str], req: RunRequest, console: Console, why: str
 ) -> list[dict[str, Any]]:
     """The summaries of a run of ``path`` under ``overrides`` and ``req.max_steps``: a
-    finished one is reused, else it is trained now (an unfinished run of it is continued)."""
+    finished one (or one already as far as ``--max-steps`` asks) is reused, else it is trained
+    now (an unfinished run of it is continued)."""
     spec = vitkdl.load(path, list(overrides), strict=True)
     out = run_dir(req.out_root, spec.name, spec.hash())
-    done = finished(out, spec.hash())
-    if done is not None:
-        console.print(f"{why}: {out / 'student.safetensors'} is up to date", highlight=False)
-        return [done]
-    console.print(f"{why}: missing or unfinished, training it first", highlight=False)
+    summary = done(out, spec.hash(), req.max_steps)
+    if summary is not None:
+        early = stopped_early(summary)
+        note = f" ({early}, as far as --max-steps {req.max_steps} asks)" if early else ""
+        console.print(
+            f"{why}: {out / 'student.safetensors'} is up to date{note}; reusing it",
+            highlight=False,
+        )
+        return [summary]
+    limit = f" (--max-steps {req.max_steps} applies to it too)" if req.max_steps else ""
+    console.print(f"{why}: missing or unfinished, training it first{limit}", highlight=False)
     dep_req = replace(
         req,
         overrides=tuple(overrides),
@@ -84,7 +118,7 @@ def _start(spec: RecipeSpec, out: Path, req: RunRequest) -> tuple[str, Path | No
     or ``("fresh", None)``; refuses (TrainError) where going on would lose or mix work."""
     ckpt = out / "last.pt"
     saved = bool(checkpoint_files(out))  # last.pt, or best.pt when last.pt is gone
-    if finished(out, spec.hash()) is not None and not req.force:
+    if done(out, spec.hash(), req.max_steps) is not None and not req.force:
         return "reuse", None
     if req.resume:
         if saved:
@@ -94,19 +128,24 @@ def _start(spec: RecipeSpec, out: Path, req: RunRequest) -> tuple[str, Path | No
         if other is not None and other.exists() and other.parent != out.resolve():
             if req.force:  # continue that run under the changed recipe, in this run's folder
                 return "resume", other
-            raise TrainError(
+            raise RunRefused(
                 f"--resume: {out} holds no checkpoint of this recipe; the latest run of "
                 f"{spec.name}, {other.parent}, is of a different version of the recipe "
                 "(resuming it would mix two recipes). Pass --force to continue it under the "
                 "recipe as it is now, or start without --resume."
             )
-        raise TrainError(f"--resume: no checkpoint at {ckpt}; start without --resume")
+        raise RunRefused(f"--resume: no checkpoint at {ckpt}; start without --resume")
     if saved and not req.force and not req.smoke:
         if req.continue_unfinished:
             return "resume", ckpt
-        raise TrainError(
-            f"{out} holds an unfinished run of this recipe ({ckpt.name}); "
-            "--resume continues it, --force starts it over"
+        summary = read_summary(out)
+        where = ckpt.name
+        if summary is not None and summary.get("hash") == spec.hash():
+            where = stopped_early(summary) or where
+        to = f" to step {req.max_steps}" if req.max_steps else " to the end"
+        raise RunRefused(
+            f"{out} holds an unfinished run of this recipe ({where}); "
+            f"--resume continues it{to}, --force starts it over"
         )
     return "fresh", None
 
@@ -131,27 +170,39 @@ def run_recipe(
     distributed.barrier()
     summaries: list[dict[str, Any]] = []
 
+    # Decided before the teacher trains: a refusal (an unfinished run without --resume)
+    # comes before any work.
+    how, checkpoint = _start(spec, out, req)
     teacher = spec.teacher
+    teacher_run: dict[str, Any] | None = None
     if teacher is not None and teacher.from_recipe is not None and not req.smoke:
-        # A teacher is a finished run, whatever --max-steps says for this one.
+        # --max-steps reaches the teacher too: a bounded command is a bounded smoke of the
+        # whole graph (the student then says its teacher stopped early).
         summaries += _ensure(
             teacher.from_recipe,
             (),
-            replace(req, max_steps=None),
+            req,
             console,
             f"[bold]{spec.name}[/]: its teacher, the final student of {teacher.from_recipe}",
         )
+        teacher_run = summaries[-1]  # the teacher's own run comes after its dependencies
 
-    how, checkpoint = _start(spec, out, req)
     if how == "reuse":
-        summary = finished(out, spec.hash())
+        summary = done(out, spec.hash(), req.max_steps)
         assert summary is not None
-        console.print(
-            f"[bold]{spec.name}[/]: {out} is finished; reusing it (--force trains it again)",
-            highlight=False,
+        early = stopped_early(summary)
+        state = (
+            f"{out} ran as far as --max-steps {req.max_steps} asks ({early}); reusing it "
+            "(--resume without --max-steps, or with a larger one, continues it; --force "
+            "trains it again)"
+            if early
+            else f"{out} is finished; reusing it (--force trains it again)"
         )
+        console.print(f"[bold]{spec.name}[/]: {state}", highlight=False)
     else:
         summary = _train(spec, out, how, checkpoint, req, console)
+        if job.is_main:
+            summary = _mark_teacher(out, summary, teacher_run)
     summaries.append(summary)
 
     # The baseline runs as far as this run did (--max-steps too): like is compared with like.
@@ -165,6 +216,23 @@ def run_recipe(
             f"[bold]{spec.name}[/]: its baseline {baseline}",
         )
     return summary, summaries
+
+
+def _mark_teacher(
+    out: Path, summary: dict[str, Any], teacher_run: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Record in the run's summary whether its teacher (a ``teacher from`` run) was partial:
+    a student distilled from a teacher that ``--max-steps`` stopped early is no result."""
+    early = stopped_early(teacher_run) if teacher_run is not None else None
+    if early is None and "teacher_stopped_early" not in summary:
+        return summary
+    summary = {k: v for k, v in summary.items() if k != "teacher_stopped_early"}
+    if early is not None:
+        assert teacher_run is not None
+        keys = ("recipe", "steps", "planned_steps")
+        summary["teacher_stopped_early"] = {k: teacher_run.get(k) for k in keys}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def _train(
@@ -202,9 +270,11 @@ def _train(
 
 
 def run_many(
-    paths: Sequence[str | Path], req: RunRequest, console: Console
+    paths: Sequence[str | Path], req: RunRequest, console: Console, tables: Console | None = None
 ) -> list[dict[str, Any]]:
-    """Run each recipe; with several (or a recipe and its baseline), a comparison at the end."""
+    """Run each recipe; with several (or a recipe and its baseline), a comparison at the end.
+    Progress and notes go to ``console`` (stderr), the final tables to ``tables`` (stdout;
+    ``console`` when not given), so ``vitkdl run R > results.txt`` keeps just the results."""
     from vitkdl.train.report import (
         PLOTS_MISSING,
         comparison_table,
@@ -215,17 +285,18 @@ def run_many(
     job = distributed.init_from_env(req.device)
     if not job.is_main:
         console = Console(quiet=True)  # rank 0 alone reports
+    tables = console if tables is None or not job.is_main else tables
     shown: dict[str, dict[str, Any]] = {}
     for path in paths:
         own, summaries = run_recipe(path, req, console)
         if not job.is_main:
             continue
-        print_summary(console, own)
+        print_summary(tables, own)
         for s in summaries:
             shown[f"{s['recipe']}-{s.get('hash')}"] = s  # one row per run folder
     if len(shown) > 1:
         rows = list(shown.values())
-        console.print(comparison_table(rows))
+        tables.print(comparison_table(rows))
         req.out_root.mkdir(parents=True, exist_ok=True)
         if not write_comparison(rows, req.out_root / "comparison.png"):
             console.print(f"comparison.png skipped: {PLOTS_MISSING}", highlight=False)
