@@ -499,6 +499,10 @@ def test_the_deit_transform_survives_thousands_of_images(tmp_path: Path, monkeyp
         if isinstance(op, auto_augment.AugmentOp) and op.name.startswith("Posterize")
     ]
     assert ops and all(op.aug_fn is posterize for op in ops)
+    import pickle  # spawned workers receive the transform pickled
+
+    copied = pickle.loads(pickle.dumps(train_tf))
+    assert any(op.aug_fn is posterize for t in copied.transforms for op in getattr(t, "ops", []))
     for op in ops:
         monkeypatch.setattr(op, "aug_fn", counting)
     random.seed(0)

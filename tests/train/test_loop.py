@@ -276,21 +276,28 @@ def test_a_data_worker_error_saves_the_last_step_and_resume_finishes(tmp_path, c
     capsys.readouterr()
 
     real = DigitsDataset.__getitem__
-    calls = [0]  # per process: each forked worker counts its own
 
-    def faulty(self, index):  # type: ignore[no-untyped-def]
-        if len(self) == 1437:  # the train split
-            calls[0] += 1
-            if calls[0] > 3 * 32:  # each worker's 4th batch: batch 6 (worker 0) comes first
-                raise ValueError("bits must be between or equal to 1 and 8")
-        return real(self, index)
+    def failing_after(batches: int):  # type: ignore[no-untyped-def]
+        calls = [0]  # per process: each forked worker counts its own
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(DigitsDataset, "__getitem__", faulty)
-    try:
-        code = run(str(recipe), "--out", str(tmp_path / "runs"))
-    finally:
-        mp.undo()
+        def faulty(self, index):  # type: ignore[no-untyped-def]
+            if len(self) == 1437:  # the train split
+                calls[0] += 1
+                if calls[0] > batches * 32:
+                    raise ValueError("bits must be between or equal to 1 and 8")
+            return real(self, index)
+
+        return faulty
+
+    def run_failing(batches: int, *args: str) -> int:
+        mp = pytest.MonkeyPatch()
+        mp.setattr(DigitsDataset, "__getitem__", failing_after(batches))
+        try:
+            return run(str(recipe), "--out", str(tmp_path / "runs"), *args)
+        finally:
+            mp.undo()
+
+    code = run_failing(3)  # each worker's 4th batch: batch 6 (worker 0's) comes first
     err = " ".join(capsys.readouterr().err.split())
     assert code == 1
     assert "the data pipeline failed at step 7 (epoch 0, batch 6): ValueError: bits must" in err
@@ -298,6 +305,13 @@ def test_a_data_worker_error_saves_the_last_step_and_resume_finishes(tmp_path, c
     assert "Traceback" not in err and "internal error" not in err
     folder = (tmp_path / "runs" / "tiny").resolve()
     assert "Traceback" in (folder / "error.txt").read_text()
+    last = torch.load(folder / "last.pt", weights_only=True)
+    assert (last["epoch"], last["batch"], last["step"]) == (0, 6, 6)
+
+    # failing again while the resumed run skips the 6 batches done: the checkpoint stands
+    assert run_failing(2, "--resume") == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "while skipping to batch 6 of epoch 0" in err and "resumed from is unchanged" in err
     last = torch.load(folder / "last.pt", weights_only=True)
     assert (last["epoch"], last["batch"], last["step"]) == (0, 6, 6)
 

@@ -445,8 +445,11 @@ class Run:
         batches = iter(self.train_loader)
         self.batch_in_epoch = 0
         if self.checkpoint is not None and epoch == self.start_epoch:
-            for _ in range(self.skip_batches):  # a checkpoint from the middle of an epoch
-                next(batches)
+            try:
+                for _ in range(self.skip_batches):  # a checkpoint from the middle of an epoch
+                    next(batches)
+            except Exception as exc:  # the checkpoint resumed from stands as it is
+                raise self._data_failed(exc, save=False) from exc
             self.batch_in_epoch = self.skip_batches
             _restore_rng(
                 self.checkpoint, self.plan.seed, self.step, self.job, self.device, self.progress
@@ -467,12 +470,14 @@ class Run:
                 return True
         return False
 
-    def _data_failed(self, exc: Exception) -> DataPipelineError:
+    def _data_failed(self, exc: Exception, save: bool = True) -> DataPipelineError:
         """The error for an exception raised by the data pipeline between two steps, after
         saving a checkpoint of the last completed step (its weights, optimizer and position
         are consistent: the next step had not begun). The full traceback (a worker's
         included) goes to ``error.txt`` in the run folder; the message keeps its last line.
-        Under torch.distributed one process cannot save alone: the last checkpoint stands."""
+        Under torch.distributed one process cannot save alone, and while a resumed run skips
+        to its checkpoint's batch (``save`` False) nothing new was done: the last checkpoint
+        stands."""
         self.progress.close()
         # A worker's exception carries its traceback in the message: its last line is the
         # original "Type: message".
@@ -480,17 +485,23 @@ class Run:
         cause = lines[-1] if lines else ""
         if not cause.split(" ", 1)[0].endswith(":"):
             cause = f"{type(exc).__name__}: {cause}".rstrip(": ")
-        where = f"at step {self.step + 1} (epoch {self.epoch}, batch {self.batch_in_epoch})"
+        where = (
+            f"at step {self.step + 1} (epoch {self.epoch}, batch {self.batch_in_epoch})"
+            if save
+            else f"while skipping to batch {self.skip_batches} of epoch {self.epoch} to resume"
+        )
         details = ""
         if self.job.is_main:
             trace = self.out / "error.txt"
             trace.write_text("".join(traceback.format_exception(exc)))
             details = f" (traceback in {trace})"
-        if self.job.enabled:
+        if not save:
+            saved = "the checkpoint it resumed from is unchanged"
+        elif self.job.enabled:
             saved = (
                 f"the last checkpoint is {self.ckpt_path} (step {self.saved_step})"
                 if self.saved_step is not None
-                else "no checkpoint was written yet (one process cannot save alone)"
+                else "no checkpoint was written yet"
             )
         else:
             self._stop_if_not_finite(self._term_names())  # an earlier NaN is the first cause
