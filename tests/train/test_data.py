@@ -18,6 +18,9 @@ from vitkdl.train.data import (
     build_datasets,
     build_loaders,
     build_mixup,
+    build_transforms,
+    patch_timm_posterize,
+    posterize,
     set_epoch,
 )
 
@@ -431,3 +434,82 @@ def test_the_device_side_input_path_gives_the_same_batches(tmp_path: Path) -> No
             assert xb.dtype == torch.float32 and torch.equal(ya, yb)
             torch.testing.assert_close(xa, xb, atol=1e-5, rtol=1e-5)
     assert len(device_side[0]) == len(plain[0])
+
+
+# ---------------------------------------------------------------------------- deit posterize
+
+
+def _old_pillow_posterize(img: Image.Image, bits: int) -> Image.Image:
+    """Pillow < 13's posterize, written out: keep the top ``bits`` bits of every level (0 bits:
+    every level to 0), for any ``bits`` in 0..8."""
+    mask = ~(2 ** (8 - bits) - 1)
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_posterize_shim_is_pillows_with_0_bits_black(mode: str) -> None:
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(0)
+    shape = (9, 7, 3) if mode == "RGB" else (9, 7)
+    img = Image.fromarray(rng.integers(1, 256, shape, dtype=np.uint8), mode)
+    black = posterize(img, 0)
+    assert black.mode == mode and black.size == img.size
+    assert not np.asarray(black).any()  # 0 bits: a black image, as DeiT trained with
+    for bits in range(9):  # the meaning every Pillow the project allows gave these bits
+        assert np.array_equal(np.asarray(posterize(img, bits)), _old_pillow_posterize(img, bits))
+    for bits in range(1, 9):  # and the installed Pillow's own op wherever it has one
+        assert np.array_equal(np.asarray(posterize(img, bits)), ImageOps.posterize(img, bits))
+
+
+def test_posterize_patch_is_idempotent_and_replaces_only_posterize() -> None:
+    from timm.data import auto_augment
+
+    before = dict(auto_augment.NAME_TO_OP)
+    patch_timm_posterize()
+    once = dict(auto_augment.NAME_TO_OP)
+    patch_timm_posterize()
+    assert once == auto_augment.NAME_TO_OP
+    changed = {k for k in once if once[k] is not before[k]}
+    assert changed <= {"Posterize", "PosterizeIncreasing", "PosterizeOriginal"}
+    assert once["PosterizeIncreasing"] is posterize
+
+
+def test_the_deit_transform_survives_thousands_of_images(tmp_path: Path, monkeypatch) -> None:
+    """DeiT's RandAugment draws posterize with 0 bits now and then (level 10 of
+    ``PosterizeIncreasing``); Pillow 13 raises there. Thousands of tiny images through the
+    real ``deit`` train transform, with a fixed seed: it must meet 0 bits and survive it."""
+    import random
+
+    from timm.data import auto_augment
+
+    zero_bits = []
+
+    def counting(img: Image.Image, bits_to_keep: int, **kw: object) -> Image.Image:
+        if bits_to_keep <= 0:
+            zero_bits.append(bits_to_keep)
+        return posterize(img, bits_to_keep, **kw)
+
+    cfg = DataConfig(source="imagefolder", root=str(tmp_path), image_size=16, augment="deit")
+    train_tf, _ = build_transforms(cfg)  # patches timm's op table first
+    ops = [
+        op
+        for t in getattr(train_tf, "transforms", [])
+        for op in getattr(t, "ops", [])
+        if isinstance(op, auto_augment.AugmentOp) and op.name.startswith("Posterize")
+    ]
+    assert ops and all(op.aug_fn is posterize for op in ops)
+    import pickle  # spawned workers receive the transform pickled
+
+    copied = pickle.loads(pickle.dumps(train_tf))
+    assert any(op.aug_fn is posterize for t in copied.transforms for op in getattr(t, "ops", []))
+    for op in ops:
+        monkeypatch.setattr(op, "aug_fn", counting)
+    random.seed(0)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(8)]
+    for i in range(4000):
+        x = train_tf(images[i % len(images)])
+        assert x.shape == (3, 16, 16) and torch.isfinite(x).all()
+    assert zero_bits  # the case that crashed was met

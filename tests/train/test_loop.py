@@ -224,7 +224,106 @@ def test_nan_loss_names_the_term_and_keeps_the_checkpoint(tmp_path, capsys) -> N
     )
     err = " ".join(capsys.readouterr().err.split())
     assert code == 1
-    assert "in term mimic" in err and "stopped" in err
+    assert "at step 1 (epoch 0) in term mimic;" in err and "stopped" in err
+    # the first term only: the others went NaN after it, from the weights it broke
+    assert "generate" not in err and "nkd" not in err
+
+
+def test_non_finite_names_the_first_step_and_its_first_term(tmp_path) -> None:
+    from vitkdl.train.loop import TrainError, _stop_if_not_finite
+
+    names = ["kd", "mimic", "generate", "loss"]
+    saved = (tmp_path / "last.pt", None)
+    cpu = torch.device("cpu")
+    _stop_if_not_finite(torch.zeros(4, dtype=torch.int64), names, 9, 4, saved, cpu)  # all finite
+    with pytest.raises(TrainError) as info:
+        _stop_if_not_finite(torch.tensor([0, 7, 6, 6]), names, 9, 4, saved, cpu)
+    message = str(info.value)
+    assert "at step 6 (epoch 1) in term generate;" in message and "stopped at step 9" in message
+    assert "mimic" not in message and "kd" not in message
+    assert "no checkpoint was written before step 6" in message
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(TrainError) as info:  # a sum of finite terms overflowed
+        _stop_if_not_finite(torch.tensor([0, 0, 0, 3]), names, 4, 4, (saved[0], 2), cpu)
+    message = str(info.value)
+    assert "at step 3 (epoch 0) in the total loss" in message
+    assert f"{tmp_path / 'last.pt'} (step 2)" in message and "--resume" in message
+
+
+@pytest.mark.slow
+def test_a_huge_learning_rate_names_only_the_first_term(tmp_path, capsys) -> None:
+    write(tmp_path, "teacher.vkd", TINY.format(name="teacher", epochs=1, log_every=10))
+    student = write(tmp_path, "student.vkd", STUDENT.format(name="student"))
+    code = run(str(student), "--out", str(tmp_path / "runs"), "--set", "train.optimizer.lr=1e3")
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1 and "the loss became NaN or infinite at step" in err
+    named = [t for t in ("mimic", "generate", "nkd") if f"in term {t};" in err]
+    assert len(named) == 1
+    assert [t for t in ("mimic", "generate", "nkd") if t in err] == named
+
+
+@pytest.mark.slow
+def test_a_data_worker_error_saves_the_last_step_and_resume_finishes(tmp_path, capsys) -> None:
+    """A DataLoader worker raises mid-epoch (as Pillow 13's posterize did): the run stops with
+    a checkpoint of its last completed step and a clean message, and --resume, once the cause
+    is gone, ends with the weights of a run that never failed."""
+    from vitkdl.train.data import DigitsDataset
+
+    text = TINY.format(name="tiny", epochs=1, log_every=10).replace(
+        "batch_size = 32", "batch_size = 32 workers = 2"
+    )
+    recipe = write(tmp_path, "tiny.vkd", text)
+    assert run(str(recipe), "--out", str(tmp_path / "clean")) == 0
+    capsys.readouterr()
+
+    real = DigitsDataset.__getitem__
+
+    def failing_after(batches: int):  # type: ignore[no-untyped-def]
+        calls = [0]  # per process: each forked worker counts its own
+
+        def faulty(self, index):  # type: ignore[no-untyped-def]
+            if len(self) == 1437:  # the train split
+                calls[0] += 1
+                if calls[0] > batches * 32:
+                    raise ValueError("bits must be between or equal to 1 and 8")
+            return real(self, index)
+
+        return faulty
+
+    def run_failing(batches: int, *args: str) -> int:
+        mp = pytest.MonkeyPatch()
+        mp.setattr(DigitsDataset, "__getitem__", failing_after(batches))
+        try:
+            return run(str(recipe), "--out", str(tmp_path / "runs"), *args)
+        finally:
+            mp.undo()
+
+    code = run_failing(3)  # each worker's 4th batch: batch 6 (worker 0's) comes first
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1
+    assert "the data pipeline failed at step 7 (epoch 0, batch 6): ValueError: bits must" in err
+    assert "the last completed step" in err and "--resume" in err
+    assert "Traceback" not in err and "internal error" not in err
+    folder = (tmp_path / "runs" / "tiny").resolve()
+    assert "Traceback" in (folder / "error.txt").read_text()
+    last = torch.load(folder / "last.pt", weights_only=True)
+    assert (last["epoch"], last["batch"], last["step"]) == (0, 6, 6)
+
+    # failing again while the resumed run skips the 6 batches done: the checkpoint stands
+    assert run_failing(2, "--resume") == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "while skipping to batch 6 of epoch 0" in err and "resumed from is unchanged" in err
+    last = torch.load(folder / "last.pt", weights_only=True)
+    assert (last["epoch"], last["batch"], last["step"]) == (0, 6, 6)
+
+    assert run(str(recipe), "--out", str(tmp_path / "runs"), "--resume") == 0
+    assert _summary(folder)["steps"] == 1437 // 32
+    from safetensors.torch import load_file
+
+    resumed = load_file(str(folder / "student.safetensors"))
+    clean = load_file(str((tmp_path / "clean" / "tiny").resolve() / "student.safetensors"))
+    assert resumed.keys() == clean.keys()
+    assert all(torch.equal(resumed[k], clean[k]) for k in clean)
 
 
 def test_teacher_from_trains_the_dependency_first_then_reuses_it(tmp_path, capsys) -> None:

@@ -66,6 +66,8 @@ __all__ = [
     "build_mixup",
     "build_transforms",
     "mix_seed",
+    "patch_timm_posterize",
+    "posterize",
     "resolve_norm",
     "set_epoch",
     "unwrap",
@@ -386,6 +388,8 @@ def build_transforms(cfg: DataConfig) -> tuple[Callable[[Any], Any], Callable[[A
     ``image_size / crop_pct``, centre crop) for training too.
     """
     mean, std = resolve_norm(cfg.mean, cfg.std, cfg.in_chans)
+    if cfg.augment == "deit":
+        patch_timm_posterize()
     common: dict[str, Any] = {
         "input_size": (cfg.in_chans, cfg.image_size, cfg.image_size),
         "interpolation": cfg.interpolation,
@@ -409,6 +413,39 @@ def build_transforms(cfg: DataConfig) -> tuple[Callable[[Any], Any], Callable[[A
     else:
         train_tf = eval_tf
     return train_tf, eval_tf
+
+
+def posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's ``posterize`` op, with 0 bits kept giving a black image on every Pillow.
+
+    DeiT's RandAugment (``rand-m9-mstd0.5-inc1``) draws ``PosterizeIncreasing`` levels up to
+    10, which timm maps to ``bits_to_keep = 0``. Pillow before 13 posterized with the mask
+    ``~(2 ** (8 - bits) - 1)``, so 0 bits gave an all-zero (black) image, which is what DeiT
+    trained with; Pillow 13 raises ``ValueError`` for bits outside 1..8 instead, and the
+    exception killed the DataLoader worker. 1..7 bits are Pillow's own posterize, 8 or more
+    the image unchanged (as timm does).
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:  # Pillow < 13's lookup table for 0 bits: every level to 0
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def patch_timm_posterize() -> None:
+    """Make timm's auto-augment ops use :func:`posterize` (idempotent).
+
+    timm's ``AugmentOp`` looks its function up in ``NAME_TO_OP`` when it is built, so the
+    entries that point at timm's own ``posterize`` are replaced before the transform is
+    created; anything else (already patched, or another op) is left alone.
+    """
+    from timm.data import auto_augment
+
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = posterize
 
 
 def _prefetch(cfg: DataConfig) -> bool:

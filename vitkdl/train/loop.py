@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,12 @@ class TrainError(Exception):
 #: Under torch.distributed the ranks agree every this many steps whether a stop signal
 #: arrived or a checkpoint is due by the clock (one small all-reduce).
 CONTROL_EVERY = 10
+
+
+class DataPipelineError(TrainError):
+    """The data pipeline raised in the middle of a run (a worker's exception, an unreadable
+    shard): the run stopped after a checkpoint of its last completed step, where ``--resume``
+    continues once the cause is fixed. Exit status 1 (a run failed)."""
 
 
 class Interrupted(TrainError):
@@ -249,7 +256,7 @@ def _train(plan: Plan, opts: RunOptions, console: Console | None, graphs: int) -
                 f"interrupted at step {run.step}; saved {run.ckpt_path}. Continue with --resume.",
                 "SIGINT",
             ) from None
-        except Interrupted:
+        except TrainError:  # a signal, a data pipeline error, a NaN/Inf loss
             if run.log is not None:
                 run.log.close()
             raise
@@ -324,6 +331,8 @@ class Run:
         self.images_seen, self.wall = 0, 0.0
         self.stop_signal: str | None = None  # set by SIGTERM / SIGUSR1 (see train())
         self.last_save = time.monotonic()
+        # The step of the newest last.pt (None: none yet): every save is of finite weights.
+        self.saved_step: int | None = self.step if self.checkpoint is not None else None
         self._announce()
 
     def _optimizer(self) -> None:
@@ -417,7 +426,8 @@ class Run:
         start = self.loop_start = time.perf_counter()
         self.last_log = start
         self.last_info = "loss -"
-        self.bad_terms: torch.Tensor | None = None
+        # Per term (and the total), the first step whose value was NaN/Inf (0: none yet).
+        self.first_bad: torch.Tensor | None = None
         self.program.train()
         try:
             for epoch in range(self.start_epoch, plan.epochs):
@@ -435,14 +445,23 @@ class Run:
         batches = iter(self.train_loader)
         self.batch_in_epoch = 0
         if self.checkpoint is not None and epoch == self.start_epoch:
-            for _ in range(self.skip_batches):  # a checkpoint from the middle of an epoch
-                next(batches)
+            try:
+                for _ in range(self.skip_batches):  # a checkpoint from the middle of an epoch
+                    next(batches)
+            except Exception as exc:  # the checkpoint resumed from stands as it is
+                raise self._data_failed(exc, save=False) from exc
             self.batch_in_epoch = self.skip_batches
             _restore_rng(
                 self.checkpoint, self.plan.seed, self.step, self.job, self.device, self.progress
             )  # after skipping: exactly where it stopped
         max_steps = self.opts.max_steps
-        for images, labels in batches:
+        while True:
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:  # the step after the last completed one never began
+                raise self._data_failed(exc) from exc
             if max_steps is not None and self.step >= max_steps:
                 return True
             self._step(images, labels)
@@ -450,6 +469,48 @@ class Run:
             if max_steps is not None and self.step >= max_steps:
                 return True
         return False
+
+    def _data_failed(self, exc: Exception, save: bool = True) -> DataPipelineError:
+        """The error for an exception raised by the data pipeline between two steps, after
+        saving a checkpoint of the last completed step (its weights, optimizer and position
+        are consistent: the next step had not begun). The full traceback (a worker's
+        included) goes to ``error.txt`` in the run folder; the message keeps its last line.
+        Under torch.distributed one process cannot save alone, and while a resumed run skips
+        to its checkpoint's batch (``save`` False) nothing new was done: the last checkpoint
+        stands."""
+        self.progress.close()
+        # A worker's exception carries its traceback in the message: its last line is the
+        # original "Type: message".
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        cause = lines[-1] if lines else ""
+        if not cause.split(" ", 1)[0].endswith(":"):
+            cause = f"{type(exc).__name__}: {cause}".rstrip(": ")
+        where = (
+            f"at step {self.step + 1} (epoch {self.epoch}, batch {self.batch_in_epoch})"
+            if save
+            else f"while skipping to batch {self.skip_batches} of epoch {self.epoch} to resume"
+        )
+        details = ""
+        if self.job.is_main:
+            trace = self.out / "error.txt"
+            trace.write_text("".join(traceback.format_exception(exc)))
+            details = f" (traceback in {trace})"
+        if not save:
+            saved = "the checkpoint it resumed from is unchanged"
+        elif self.job.enabled:
+            saved = (
+                f"the last checkpoint is {self.ckpt_path} (step {self.saved_step})"
+                if self.saved_step is not None
+                else "no checkpoint was written yet"
+            )
+        else:
+            self._stop_if_not_finite(self._term_names())  # an earlier NaN is the first cause
+            self.save(self.epoch, self.batch_in_epoch)
+            saved = f"saved {self.ckpt_path} at step {self.step}, the last completed step"
+        return DataPipelineError(
+            f"the data pipeline failed {where}: {cause}{details}; {saved}. Fix the cause, "
+            "then resume with the same command and --resume."
+        )
 
     def _control(self) -> None:
         """After a step: stop with a checkpoint when a stop signal arrived, and save one when
@@ -493,10 +554,13 @@ class Run:
         if self.mixup is not None:  # teacher and student see the same mixed batch
             images, targets = self.mixup(images, targets)
         result = train_step(self.program.step, self.update, images, targets, self.step + 1)
-        # Non-finite terms are remembered on the device (no sync per step) and checked at
-        # every log line and before anything is evaluated or saved.
+        # The first step at which each term was NaN/Inf is remembered on the device (no sync
+        # per step) and checked at every log line and before anything is evaluated or saved.
         flags = torch.stack([~torch.isfinite(v.detach()) for v in result.values()])
-        self.bad_terms = flags if self.bad_terms is None else self.bad_terms | flags
+        first = self.first_bad
+        if first is None:
+            first = torch.zeros_like(flags, dtype=torch.int64)
+        self.first_bad = torch.where(flags & (first == 0), self.step + 1, first)
         self.step += 1
         self.batch_in_epoch += 1
         self.images_seen += images.shape[0] * self.job.world_size
@@ -605,7 +669,12 @@ class Run:
 
     def _stop_if_not_finite(self, names: list[str]) -> None:
         _stop_if_not_finite(
-            self.bad_terms, names, self.step, self.epoch, self.ckpt_path, self.job, self.device
+            self.first_bad,
+            names,
+            self.step,
+            self.steps_per_epoch,
+            (self.ckpt_path, self.saved_step),
+            self.device,
         )
 
     # ---- checkpoints -------------------------------------------------------------------
@@ -640,6 +709,7 @@ class Run:
         save_atomic(state, self.out / name)
         if name == "last.pt":
             self.last_save = time.monotonic()
+            self.saved_step = self.step
 
     # ---- the end -----------------------------------------------------------------------
 
@@ -737,26 +807,49 @@ def _restore_rng(
 
 
 def _stop_if_not_finite(
-    flags: torch.Tensor | None,
+    first_bad: torch.Tensor | None,
     names: list[str],
     step: int,
-    epoch: int,
-    ckpt: Path,
-    job: distributed.Dist,
+    steps_per_epoch: int,
+    saved: tuple[Path, int | None],
     device: torch.device,
 ) -> None:
-    """Stop the run, naming the terms, once any loss term was NaN/Inf (on any rank)."""
-    if flags is None:
+    """Stop the run once any loss term was NaN/Inf (on any rank), naming the first step at
+    which one was and the first term that was at that step (later steps' NaNs, and the other
+    terms of that step, are its consequences, not causes).
+
+    ``first_bad`` holds, per name, the first step whose value was not finite (0: none), kept
+    on the device without a sync per step; this is the only place it is read. The weights
+    after that step are no longer finite, so nothing is saved: every ``last.pt`` was checked
+    before it was written, and ``saved`` (path, step) names the newest."""
+    if first_bad is None:
         return
-    counts = distributed.all_reduce_sum([float(f) for f in flags.tolist()], device)
-    bad = [n for n, c in zip(names, counts, strict=True) if c > 0 and n != "loss"]
+    counts = distributed.all_reduce_sum((first_bad > 0).double().tolist(), device)
     if not any(counts):
         return
+    per_rank = [r["s"].tolist() for r in distributed.all_gather_states({"s": first_bad.cpu()})]
+    firsts = [min((r[i] for r in per_rank if r[i] > 0), default=0) for i in range(len(names))]
+    at = min(f for f in firsts if f > 0)
+    bad = [n for n, f in zip(names, firsts, strict=True) if f == at]
+    term = next((n for n in bad if n != "loss"), None)
+    what = (
+        f"in term {term}"
+        if term is not None
+        else "in the total loss (every term finite: their sum overflowed)"
+    )
+    path, saved_step = saved
+    fix = f"the weight of {term}" if term is not None else "the terms' weights"
+    again = (
+        f"then continue from the last good checkpoint, {path} (step {saved_step}), with "
+        "--resume --force (the recipe changed), or start again"
+        if saved_step is not None and path.exists()
+        else f"and start again (no checkpoint was written before step {at})"
+    )
     raise TrainError(
-        f"the loss became NaN or infinite by step {step} (epoch {epoch}) in term "
-        f"{', '.join(bad) or 'loss'}; stopped without saving. The last good checkpoint is "
-        f"{ckpt if ckpt.exists() else 'not written yet'}. Lower the learning rate or that "
-        "term's weight."
+        f"the loss became NaN or infinite at step {at} (epoch "
+        f"{(at - 1) // max(steps_per_epoch, 1)}) {what}; stopped at step {step} without "
+        f"saving (the weights are no longer finite). Lower the learning rate or {fix}, "
+        f"{again}."
     )
 
 
