@@ -343,7 +343,7 @@ def test_several_recipes_end_with_a_comparison(tmp_path, capsys) -> None:
     a = write(tmp_path, "a.vkd", TINY.format(name="a", epochs=1, log_every=10))
     b = write(tmp_path, "b.vkd", TINY.format(name="b", epochs=1, log_every=10))
     assert main(["run", str(a), str(b), "--out", str(tmp_path / "runs"), "--max-steps", "5"]) == 0
-    assert "comparison" in capsys.readouterr().err
+    assert "comparison" in capsys.readouterr().out  # the tables go to stdout
     assert (tmp_path / "runs" / "comparison.png").is_file()
 
 
