@@ -1,5 +1,5 @@
 """The ``vitkdl`` command: one module per subcommand (validate, explain, run, bench, fmt,
-init, ls, cp, lsp)."""
+docs, init, ls, cp, lsp)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitkdl.cli import bench, cp, explain, fmt, init, ls, lsp, run, validate
+    from vitkdl.cli import bench, cp, docs, explain, fmt, init, ls, lsp, run, validate
 
     parser = _Parser(
         prog="vitkdl",
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vitkdl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (validate, explain, run, bench, fmt, init, ls, cp, lsp):
+    for module in (validate, explain, run, bench, fmt, docs, init, ls, cp, lsp):
         module.add_parser(sub)
     return parser
 
