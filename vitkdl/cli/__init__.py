@@ -16,6 +16,7 @@ EPILOG = """examples:
   vitkdl explain recipes/quickstart.vkd --json        the same as JSON
   vitkdl explain recipes/deit_tiny_vitkd_kd.vkd --set distill.generate.mask=0.75
   vitkdl fmt --check recipes                          is every recipe in the canonical layout?
+  vitkdl docs                                         regenerate docs/language.md (the reference)
   vitkdl init --teacher vit_base_patch16_224 --student vit_small_patch16_224 -o my.vkd
   vitkdl ls                                           the shipped recipes; vitkdl cp NAME DEST
 

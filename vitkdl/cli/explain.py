@@ -18,10 +18,11 @@ from vitkdl.terms import KINDS
 from vitkdl.terms.base import adapter_words, points_words
 
 HELP = """Print what the compiler will build after `extends`, overrides and defaults: models
-(width, depth, heads, token grid, prefix tokens, parameters), each term with its absolute block
-indices, tensor shapes, adapter modules and parameter counts, weight and per-element coefficient,
-the total loss, data pipeline, optimizer and schedule, precision, compile mode and the FLOPs per
-training image."""
+(width, depth, heads, token grid, prefix tokens, parameters) and each model's timm.create_model
+call with its arguments, each term with its absolute block indices, tensor shapes, adapter
+modules and parameter counts, weight and per-element coefficient (a warning when it is
+extreme), the total loss, data pipeline, optimizer and schedule, precision, compile mode, the
+FLOPs per training image, and a sweep block's cells and seeds."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
