@@ -73,8 +73,12 @@ def validate(
 
     spec, diags, sources = load_spec(path, override_list(overrides), text=text)
     if spec is not None and spec.student is not None:
-        _, more = run_checks(spec, strict=strict)
+        ctx, more = run_checks(spec, strict=strict)
         diags = diags + more
+        if not any(d.is_error for d in diags):  # the terms resolve: weigh their coefficients
+            from vitkdl.planner import coefficient_warnings, term_plans
+
+            diags = diags + coefficient_warnings(spec, term_plans(spec, ctx))
     if sweep and spec is not None:
         from vitkdl.experiment import check_sweep
 

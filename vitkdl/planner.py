@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from vitkdl.checks import Context, default_classes
+from vitkdl.errors import Diagnostic, warning
 from vitkdl.models import ModelFacts
 from vitkdl.optim import NO_DECAY_NAMES
 from vitkdl.sources import input_norm, source, split_sizes
@@ -32,6 +33,7 @@ __all__ = [
     "SchedulePlan",
     "TapPoint",
     "TermPlan",
+    "coefficient_warnings",
     "make_plan",
 ]
 
@@ -252,8 +254,7 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
         teacher = _model_plan(
             spec.teacher, ctx.teacher, default_classes(spec, spec.teacher), data.source
         )
-    # Each kind resolves its own terms; a term at weight 0 is left out (nothing to build).
-    terms = [KINDS[t.kind].plan(t, ctx) for t in spec.terms if t.weight > 0]
+    terms = term_plans(spec, ctx)
     image_size = data.image_size or student.img_size
     train_images, val_images = split_sizes(data.source, data.size, data.batch_size)
     workers = (
@@ -337,3 +338,51 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
         world_size=world_size,
         cost=cost,
     )
+
+
+def term_plans(spec: RecipeSpec, ctx: Context) -> list[TermPlan]:
+    """Each term resolved by its own kind; a term at weight 0 is left out (nothing to build)."""
+    return [KINDS[t.kind].plan(t, ctx) for t in spec.terms if t.weight > 0]
+
+
+#: The per-element coefficients (a term's weight on its mean-reduced loss) a recipe may use
+#: without a warning. The shipped recipes span 0.02 (quickstart's generate) to 12 (DeiT-B's
+#: mimic) and the logit terms sit at 0.5-1, so a coefficient above 1e3 outweighs every other
+#: term by two orders of magnitude or more (``mimic { loss = relation }`` at weight 1: ~4e4,
+#: the gradient swamps the label loss), and one below 1e-4 trains nothing (the paper's 3e-5
+#: for a sum-reduced ``mse`` left on ``loss = mse_mean``: 6e-5). Both are almost always a
+#: weight written for the other reduction; neither is an error (a researcher may mean it).
+COEFFICIENT_RANGE = (1e-4, 1e3)
+
+
+def coefficient_warnings(spec: RecipeSpec, terms: list[TermPlan]) -> list[Diagnostic]:
+    """A warning, at the term's weight, for each term whose per-element coefficient lies
+    outside :data:`COEFFICIENT_RANGE` (``validate`` and ``explain`` print them)."""
+    low, high = COEFFICIENT_RANGE
+    out: list[Diagnostic] = []
+    for entry in terms:
+        c = entry.coefficient
+        if low <= c <= high:
+            continue
+        term = spec.term(entry.name)
+        span = term.at("weight") if term is not None else None
+        out.append(
+            warning(
+                f"{entry.kind} '{entry.name}': per-element coefficient {_number(c)} "
+                f"(weight {_number(entry.weight)} x {entry.elements:,.0f} elements) is "
+                f"{'very large' if c > high else 'very small'}",
+                span,
+                expected=f"a coefficient between {low:g} and {high:g} "
+                "(the shipped recipes use 0.02 to 12)",
+                hint=f"the coefficient is the term's weight on its mean-reduced loss; "
+                f"weight = {_number(1 / entry.elements)} gives coefficient 1",
+            )
+        )
+    return out
+
+
+def _number(x: float) -> str:
+    """Three significant digits as a recipe writes numbers: ``38400``, ``2.6e-5``."""
+    from vitkdl.language import format_number
+
+    return format_number(float(f"{x:.3g}"))

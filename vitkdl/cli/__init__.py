@@ -1,5 +1,5 @@
 """The ``vitkdl`` command: one module per subcommand (validate, explain, run, bench, fmt,
-init, ls, cp, lsp)."""
+docs, init, ls, cp, lsp)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ EPILOG = """examples:
   vitkdl explain recipes/quickstart.vkd --json        the same as JSON
   vitkdl explain recipes/deit_tiny_vitkd_kd.vkd --set distill.generate.mask=0.75
   vitkdl fmt --check recipes                          is every recipe in the canonical layout?
+  vitkdl docs                                         regenerate docs/language.md (the reference)
   vitkdl init --teacher vit_base_patch16_224 --student vit_small_patch16_224 -o my.vkd
   vitkdl ls                                           the shipped recipes; vitkdl cp NAME DEST
 
@@ -35,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitkdl.cli import bench, cp, explain, fmt, init, ls, lsp, run, validate
+    from vitkdl.cli import bench, cp, docs, explain, fmt, init, ls, lsp, run, validate
 
     parser = _Parser(
         prog="vitkdl",
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vitkdl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (validate, explain, run, bench, fmt, init, ls, cp, lsp):
+    for module in (validate, explain, run, bench, fmt, docs, init, ls, cp, lsp):
         module.add_parser(sub)
     return parser
 

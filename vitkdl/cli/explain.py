@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
+from vitkdl.experiment import Grid, read_sweep
 from vitkdl.optim import NO_DECAY_WORDS
 from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan
 from vitkdl.sources import source, teacher_affine
@@ -17,10 +18,11 @@ from vitkdl.terms import KINDS
 from vitkdl.terms.base import adapter_words, points_words
 
 HELP = """Print what the compiler will build after `extends`, overrides and defaults: models
-(width, depth, heads, token grid, prefix tokens, parameters), each term with its absolute block
-indices, tensor shapes, adapter modules and parameter counts, weight and per-element coefficient,
-the total loss, data pipeline, optimizer and schedule, precision, compile mode and the FLOPs per
-training image."""
+(width, depth, heads, token grid, prefix tokens, parameters) and each model's timm.create_model
+call with its arguments, each term with its absolute block indices, tensor shapes, adapter
+modules and parameter counts, weight and per-element coefficient (a warning when it is
+extreme), the total loss, data pipeline, optimizer and schedule, precision, compile mode, the
+FLOPs per training image, and a sweep block's cells and seeds."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -96,6 +98,15 @@ def _weights(m: ModelPlan) -> str:
     return m.weights or "random init"
 
 
+def render_timm_calls(models: list[ModelPlan], out: Console) -> None:
+    """How each model is created, with the arguments as they go to timm (``drop_path`` is
+    ``drop_path_rate``; fields timm does not type, as written; no argument: the
+    architecture's defaults): what a researcher checks first (drop_path, img_size, classes)."""
+    for m in models:
+        args = "".join(f", {k}={v!r}" for k, v in m.timm_kwargs.items())
+        out.print(f"  {m.role}: timm.create_model({m.name!r}{escape(args)})", soft_wrap=True)
+
+
 def _heads(m: ModelPlan, plan: Plan) -> str:
     if not m.distilled:
         return "one"
@@ -153,6 +164,7 @@ def render_plan(plan: Plan, out: Console) -> None:
     for label, get in rows:
         models.add_row(label, *(escape(get(m)) for m in shown))
     out.print(models)
+    render_timm_calls(shown, out)
     resize = _teacher_resize(plan)
     if resize is not None:
         out.print(f"  {escape(resize)}")
@@ -314,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
     except VkdError as exc:
         print_diagnostics(err, exc.diagnostics, exc.sources)
         return 2
+    grid, _ = read_sweep(args.recipe, sources)  # its problems were reported by validate
     report = compile_report(plan) if args.compile else None
     if args.json:
         data = plan.model_dump(mode="json")
@@ -321,11 +334,15 @@ def run(args: argparse.Namespace) -> int:
             words = KINDS[entry.kind].words(entry)
             term["formula"], term["reduction"] = words.formula, words.reduction
             term["notes"] = list(words.notes)
+        if not grid.empty:
+            data["sweep"] = sweep_data(grid)
         if report is not None:
             data["compile_report"] = report
         out.print_json(data=data)
     else:
         render_plan(plan, out)
+        if not grid.empty:
+            render_sweep(grid, out)
         if report is not None:
             out.print(
                 "[bold]compile report[/] (torch._dynamo.explain of the training step, "
@@ -334,6 +351,38 @@ def run(args: argparse.Namespace) -> int:
             for line in report["lines"]:
                 out.print(f"  {escape(line)}")
     return 0
+
+
+def sweep_data(grid: Grid) -> dict[str, object]:
+    """A recipe's ``sweep`` block as data: its axes, seeds, and the runs they make."""
+    cells, seeds = len(grid.cells()), len(grid.seed_values)
+    return {
+        "axes": {a.path: list(a.texts) for a in grid.axes},
+        "seeds": list(grid.seeds.texts) if grid.seeds is not None else None,
+        "cells": cells,
+        "runs": cells * seeds,
+    }
+
+
+def render_sweep(grid: Grid, out: Console) -> None:
+    """``sweep: 3 cells x 3 seeds = 9 runs`` and each axis (the plan above is the recipe as
+    written; ``vitkdl run`` runs it once per cell and seed)."""
+    d = sweep_data(grid)
+    cells, runs = d["cells"], d["runs"]
+    seeds = (
+        f"{len(grid.seed_values)} seed{'s' * (len(grid.seed_values) != 1)}"
+        if grid.seeds is not None
+        else "the recipe's seed"
+    )
+    out.print(
+        f"[bold]sweep[/]: {cells} cell{'s' * (cells != 1)} x {seeds} = "
+        f"{runs} run{'s' * (runs != 1)}  [dim](vitkdl run runs each; the plan above is the "
+        "recipe as written)[/]"
+    )
+    for a in grid.axes:
+        out.print(f"  {escape(a.path)} = [{escape(', '.join(a.texts))}]")
+    if grid.seeds is not None:
+        out.print(f"  seeds = [{escape(', '.join(grid.seeds.texts))}]")
 
 
 def compile_report(plan: Plan) -> dict[str, object]:
