@@ -84,14 +84,14 @@ def test_overrides_reach_every_kind_of_field() -> None:
             "train.optimizer.lr=5e-4",
             "distill.nkd.gamma=1.5",
             "train.precision=bf16",
-            "distill.kd.temperature=4",
+            "+distill.kd.temperature=4",
         ],
     )
     assert spec.train.epochs == 1 and spec.data.root == "/data/imagenet"
     assert spec.term("generate").mask == 0.75 and spec.student.drop_path == 0
     assert spec.train.optimizer.lr == 5e-4 and spec.train.optimizer.weight_decay == 0.05
     assert spec.term("nkd").gamma == 1.5 and spec.train.precision == "bf16"
-    assert spec.term("kd").temperature == 4  # logit terms can be added by override
+    assert spec.term("kd").temperature == 4  # +: logit terms can be added by override
     assert spec.train.at("epochs").file == "--set"
 
 
