@@ -321,6 +321,23 @@ class RecipeSpec(Node):
         """The term called ``name``, or None."""
         return next((t for t in self.terms if t.name == name), None)
 
+    def origin(self, span: Span | None) -> str:
+        """Where a value came from, by its span: ``this file`` (the recipe named), ``base
+        FILE`` (a recipe it extends), ``--set``/``--grid``, or ``default`` (not written)."""
+        if span is None:
+            return "default"
+        if span.file == self.file:
+            return "this file"
+        if span.file in self.extends:
+            return f"base {span.file}"
+        return span.file
+
+    def call_origins(self, call: OptimizerSpec | ScheduleSpec) -> dict[str, str]:
+        """Each argument of an optimizer/schedule call, with :meth:`origin`."""
+        names = [n for n in type(call).model_fields if n not in ("name", "span", "spans")]
+        names = [n for n in names if n != "kwargs"] + list(getattr(call, "kwargs", {}))
+        return {n: self.origin(call.spans.get(n)) for n in names}
+
     def canonical(self) -> dict[str, Any]:
         """The resolved recipe as plain data (no spans, no file names)."""
         data = self.model_dump(mode="json", exclude={"file", "extends", "overrides"})

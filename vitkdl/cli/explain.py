@@ -121,6 +121,14 @@ def _teacher_resize(plan: Plan) -> str | None:
     )
 
 
+def _origins(origins: dict[str, str]) -> str:
+    """``lr, weight_decay: base FILE; min_lr: default``: a call's arguments by origin."""
+    groups: dict[str, list[str]] = {}
+    for name, origin in origins.items():
+        groups.setdefault(origin, []).append(name)
+    return ", ".join(f"{', '.join(names)} ({origin})" for origin, names in groups.items())
+
+
 def render_plan(plan: Plan, out: Console) -> None:
     """Print a plan as tables (what ``vitkdl explain`` shows)."""
     out.print(f"[bold]recipe {escape(plan.recipe)}[/]  {escape(plan.file)}  hash {plan.hash}")
@@ -258,6 +266,10 @@ def render_plan(plan: Plan, out: Console) -> None:
         f"{s.name} per {s.per} over {s.epochs} epochs, warm-up "
         f"{s.warmup_epochs:g} epochs from {s.warmup_lr:g}, min lr "
         f"{s.min_lr:g}",
+    )
+    setup.add_row(
+        "arguments from",
+        escape(f"optimizer {_origins(o.origins)}; schedule {_origins(s.origins)}"),
     )
     setup.add_row(
         "training",
