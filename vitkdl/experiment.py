@@ -733,7 +733,9 @@ def plan_experiment(
         planner.diags.extend(more)
         for a in recipe_grid.axes:
             axes.setdefault(a.path, a.texts)
-        own = list(overrides)
+        # A --set of a swept path is combine's error: the cells do not apply it again.
+        swept = {split_op(a.path)[1] for a in recipe_grid.axes}
+        own = [o for o in overrides if split_op(o.split("=", 1)[0])[1] not in swept]
         if smoke:
             probe, probe_diags, _ = load_spec(path, own, sources)
             if probe is None:

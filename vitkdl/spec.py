@@ -395,7 +395,7 @@ class RawRecipe:
     terms: dict[str, RawTerm] = field(default_factory=dict)
     extends: list[str] = field(default_factory=list)
     # Default kinds (labels) removed by ``~distill.KIND``: not added back when typing.
-    removed: set[str] = field(default_factory=set)
+    removed: dict[str, Span] = field(default_factory=dict)
 
 
 BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
@@ -738,7 +738,7 @@ def _set_distill(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
     has = term is not None or (
         default is not None and default.default and term_name not in raw.removed
     )
-    have = sorted({*raw.terms, *(k for k, v in KINDS.items() if v.default)} - raw.removed)
+    have = sorted({*raw.terms, *(k for k, v in KINDS.items() if v.default)} - set(raw.removed))
     if len(parts) == 2:  # ~distill.TERM: the same recipe without the term
         if not has:
             o.fail(
@@ -750,7 +750,7 @@ def _set_distill(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
             return
         raw.terms.pop(term_name, None)
         if default is not None and default.default:
-            raw.removed.add(term_name)
+            raw.removed[term_name] = o.span
         return
     fname = parts[2]
     if not has:
@@ -762,7 +762,9 @@ def _set_distill(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
                 f"no distill term named '{term_name}'",
                 diags,
                 expected=one_of(have) if have else "(no terms)",
-                hint=did_you_mean(term_name, have) or f"to add the term, write +{o.path}=...",
+                hint=" ".join(
+                    h for h in (did_you_mean(term_name, have), f"+{o.path}=... adds the term") if h
+                ),
             )
             return
         if default is None or default.paired:  # a term with taps is written in the recipe
@@ -775,7 +777,7 @@ def _set_distill(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
                 or "a term that pairs taps is written in the recipe's distill block",
             )
             return
-        raw.removed.discard(term_name)
+        raw.removed.pop(term_name, None)
     elif o.op == "+":
         o.exists(f"the recipe already has a distill term '{term_name}'", diags)
         return
@@ -1346,6 +1348,15 @@ def _build_spec(
             and not any(t.kind == kind.keyword for t in terms)
         ):
             terms.append(kind.spec(kind=kind.keyword, name=kind.keyword))
+    if not terms and raw.removed:  # ~distill.labels on a recipe with nothing else to learn from
+        name, at = next(iter(raw.removed.items()))
+        diags.append(
+            error(
+                f"removing {name} leaves the recipe without a loss term",
+                at,
+                hint="add one (+distill.kd.weight=1) or keep it (distill.labels.weight=...)",
+            )
+        )
     name = raw.name or Path(file).stem
     return RecipeSpec(
         name=name,
