@@ -199,8 +199,8 @@ def errors_of(path: Path, overrides: list[str]) -> list:
 def test_a_plain_set_changes_only_what_the_recipe_has() -> None:
     (err,) = errors_of(KD, ["distill.kd.temperature=4"])
     assert err.message == "no distill term named 'kd'" and err.span.file == "--set"
-    assert "generate, labels, mimic, nkd" in err.expected
-    assert "+distill.kd.temperature=... adds the term" in err.hint
+    assert "mimic, generate, nkd, labels" in err.expected
+    assert "+distill.kd.temperature=... adds a kd term" in err.hint
     # Schema fields exist with their defaults: a recipe need not write them to set them.
     spec, diags, _ = load_spec(
         RECIPES / "quickstart_baseline.vkd",

@@ -117,7 +117,6 @@ class OptimizerPlan(_Plain):
     kwargs: dict[str, Any]
     no_weight_decay: tuple[str, ...]  # parameter-name endings kept out of weight decay
     trainable_params: int
-    origins: dict[str, str] = {}  # each argument: where it came from (RecipeSpec.origin)
 
 
 class SchedulePlan(_Plain):
@@ -129,7 +128,6 @@ class SchedulePlan(_Plain):
     per: str
     decay_epochs: float | None
     decay_rate: float
-    origins: dict[str, str] = {}  # each argument: where it came from (RecipeSpec.origin)
 
 
 class CostPlan(_Plain):
@@ -314,7 +312,6 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
             kwargs=opt.kwargs,
             no_weight_decay=NO_DECAY_NAMES,
             trainable_params=student.params + adapters,
-            origins=spec.call_origins(opt),
         ),
         schedule=SchedulePlan(
             name=sched.name,
@@ -325,7 +322,6 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
             per="iteration",
             decay_epochs=sched.decay_epochs,
             decay_rate=sched.decay_rate,
-            origins=spec.call_origins(sched),
         ),
         epochs=spec.train.epochs,
         clip_grad=spec.train.clip_grad,

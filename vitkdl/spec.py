@@ -738,7 +738,9 @@ def _set_distill(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
     has = term is not None or (
         default is not None and default.default and term_name not in raw.removed
     )
-    have = sorted({*raw.terms, *(k for k, v in KINDS.items() if v.default)} - set(raw.removed))
+    defaults = [k for k, v in KINDS.items() if v.default and k not in raw.terms]
+    have = [n for n in (*raw.terms, *defaults) if n not in raw.removed]
+    addable = default is not None and not default.paired
     if len(parts) == 2:  # ~distill.TERM: the same recipe without the term
         if not has:
             o.fail(
@@ -763,8 +765,14 @@ def _set_distill(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
                 diags,
                 expected=one_of(have) if have else "(no terms)",
                 hint=" ".join(
-                    h for h in (did_you_mean(term_name, have), f"+{o.path}=... adds the term") if h
-                ),
+                    h
+                    for h in (
+                        did_you_mean(term_name, have),
+                        f"+{o.path}=... adds a {term_name} term" if addable else None,
+                    )
+                    if h
+                )
+                or None,
             )
             return
         if default is None or default.paired:  # a term with taps is written in the recipe

@@ -183,7 +183,7 @@ def test_explain_overrides_follow_hydras_rules_and_show_argument_origins(capsys)
     code, out, err = run(capsys, "explain", recipe, "--set", "distill.kd.temperature=4")
     assert code == 2 and "loss =" not in out
     assert "--set:1:1: error: no distill term named 'kd'" in err
-    assert "+distill.kd.temperature=... adds the term" in err
+    assert "+distill.kd.temperature=... adds a kd term" in err
     code, out, err = run(capsys, "explain", recipe, "--set", "+distill.kd.temperature=4")
     assert code == 0 and "loss = mimic + generate + nkd + kd + labels" in out
     code, out, err = run(capsys, "explain", recipe, "--set", "~distill.nkd")

@@ -129,7 +129,7 @@ def _origins(origins: dict[str, str]) -> str:
     return ", ".join(f"{', '.join(names)} ({origin})" for origin, names in groups.items())
 
 
-def render_plan(plan: Plan, out: Console) -> None:
+def render_plan(plan: Plan, out: Console, origins: dict[str, dict[str, str]] | None = None) -> None:
     """Print a plan as tables (what ``vitkdl explain`` shows)."""
     out.print(f"[bold]recipe {escape(plan.recipe)}[/]  {escape(plan.file)}  hash {plan.hash}")
     if plan.extends:
@@ -267,10 +267,14 @@ def render_plan(plan: Plan, out: Console) -> None:
         f"{s.warmup_epochs:g} epochs from {s.warmup_lr:g}, min lr "
         f"{s.min_lr:g}",
     )
-    setup.add_row(
-        "arguments from",
-        escape(f"optimizer {_origins(o.origins)}; schedule {_origins(s.origins)}"),
-    )
+    if origins is not None:
+        setup.add_row(
+            "arguments from",
+            escape(
+                f"optimizer {_origins(origins['optimizer'])}; "
+                f"schedule {_origins(origins['schedule'])}"
+            ),
+        )
     setup.add_row(
         "training",
         f"clip_grad {plan.clip_grad if plan.clip_grad else 'off'}, "
@@ -327,8 +331,15 @@ def run(args: argparse.Namespace) -> int:
         print_diagnostics(err, exc.diagnostics, exc.sources)
         return 2
     report = compile_report(plan) if args.compile else None
+    # Where each call argument came from: the spec's spans (the plan holds only values).
+    origins = {
+        "optimizer": spec.call_origins(spec.train.optimizer),
+        "schedule": spec.call_origins(spec.train.schedule),
+    }
     if args.json:
         data = plan.model_dump(mode="json")
+        for name, by_arg in origins.items():
+            data[name]["origins"] = by_arg
         for term, entry in zip(data["terms"], plan.terms, strict=True):  # the plan in words
             words = KINDS[entry.kind].words(entry)
             term["formula"], term["reduction"] = words.formula, words.reduction
@@ -337,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
             data["compile_report"] = report
         out.print_json(data=data)
     else:
-        render_plan(plan, out)
+        render_plan(plan, out, origins)
         if report is not None:
             out.print(
                 "[bold]compile report[/] (torch._dynamo.explain of the training step, "
