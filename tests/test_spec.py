@@ -246,6 +246,9 @@ def test_plus_adds_and_refuses_what_exists() -> None:
     assert "cannot add a distill term 'mimic2' from an override" in messages
     assert any(m.startswith("cannot add student.drop_path") for m in messages)
     assert [e.span.line for e in errs] == [1, 2, 3, 4]
+    # ++ sets whether or not the recipe has it.
+    spec = load_spec(KD, ["++distill.kd.weight=0.5", "++train.epochs=3"])[0]
+    assert spec.term("kd").weight == 0.5 and spec.train.epochs == 3
 
 
 def test_a_teacher_is_added_with_plus_only() -> None:
