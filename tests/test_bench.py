@@ -218,6 +218,9 @@ def test_bad_options_raise_bench_error(tiny: Path) -> None:
         bench_plan(plan, steps=0)
     with pytest.raises(BenchError, match="backend"):
         bench_plan(plan, compile_backend="tvm")
+    # --batch and --set data.batch_size are one path given twice, not "the last wins".
+    with pytest.raises(BenchError, match="both set the batch"):
+        run_bench(tiny, ["data.batch_size=4"], batch=2)
 
 
 def test_recipes_without_a_hand_written_peer_are_benched_without_it(tmp_path: Path) -> None:

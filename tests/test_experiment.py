@@ -17,6 +17,7 @@ from vitkdl.experiment import (
     parse_seeds,
     plan_experiment,
     read_sweep,
+    smoke_overrides,
 )
 from vitkdl.stats import paired, t_quantile
 
@@ -249,3 +250,41 @@ def test_the_command_line_adds_and_replaces_axes_of_a_sweep_block(recipes: Path)
         ("distill.mimic.weight=5e-3", "distill.nkd.gamma=1", "train.seed=4"),
         ("distill.mimic.weight=5e-3", "distill.nkd.gamma=2", "train.seed=4"),
     ]
+
+
+def test_grid_paths_follow_the_override_rules(recipes: Path) -> None:
+    # A plain path changes only what the recipe has; + adds (each cell adds the term).
+    with pytest.raises(VkdError) as info:
+        plan_experiment(["student.vkd"], grid=["distill.kd.weight=0.5,1"])
+    assert messages(info.value) == ["--grid:1:1: error: no distill term named 'kd'"]
+    experiment, _ = plan_experiment(["student.vkd"], grid=["+distill.kd.weight=0.5,1"])
+    recipe_runs = [r for r in experiment.runs if r.role == "recipe"]
+    assert [r.overrides for r in recipe_runs] == [
+        ("+distill.kd.weight=0.5",),
+        ("+distill.kd.weight=1",),
+    ]
+    spec = vitkdl.load("student.vkd", recipe_runs[0].overrides)
+    assert spec.term("kd").weight == 0.5
+    # ~ is not a value to sweep; the same path twice is an error naming both.
+    _, diags = parse_grid(["~distill.nkd=1", "train.epochs=1,2", "train.epochs=3"], Sources())
+    assert [d.message for d in diags] == [
+        "a grid axis sets values; ~PATH (remove) is not one",
+        "train.epochs is given twice: --grid train.epochs=1,2 and --grid train.epochs=3",
+    ]
+    assert [d.span.line for d in diags] == [1, 3]
+    # A --set of a swept path is the same path twice, with or without +.
+    with pytest.raises(VkdError) as info:
+        plan_experiment(
+            ["student.vkd"], grid=["+distill.kd.weight=0.5,1"], overrides=["+distill.kd.weight=2"]
+        )
+    assert messages(info.value) == ["--set:1:1: error: distill.kd.weight is swept"]
+
+
+def test_smoke_settings_leave_the_users_own_paths_alone(recipes: Path) -> None:
+    spec = vitkdl.load("student.vkd")
+    smoke = smoke_overrides(spec, ["train.epochs=2", "+data.workers=1"])
+    assert not any(o.startswith(("train.epochs=", "data.workers=")) for o in smoke)
+    assert "data.source=synthetic" in smoke
+    # The user's value is the one used, and is not "given twice".
+    experiment, _ = plan_experiment(["base.vkd"], overrides=["train.epochs=2"], smoke=True)
+    assert [vitkdl.load("base.vkd", r.overrides).train.epochs for r in experiment.runs] == [2]

@@ -84,14 +84,14 @@ def test_overrides_reach_every_kind_of_field() -> None:
             "train.optimizer.lr=5e-4",
             "distill.nkd.gamma=1.5",
             "train.precision=bf16",
-            "distill.kd.temperature=4",
+            "+distill.kd.temperature=4",
         ],
     )
     assert spec.train.epochs == 1 and spec.data.root == "/data/imagenet"
     assert spec.term("generate").mask == 0.75 and spec.student.drop_path == 0
     assert spec.train.optimizer.lr == 5e-4 and spec.train.optimizer.weight_decay == 0.05
     assert spec.term("nkd").gamma == 1.5 and spec.train.precision == "bf16"
-    assert spec.term("kd").temperature == 4  # logit terms can be added by override
+    assert spec.term("kd").temperature == 4  # +: logit terms can be added by override
     assert spec.train.at("epochs").file == "--set"
 
 
@@ -184,3 +184,144 @@ def test_a_teacher_from_a_recipe_is_its_finished_run_not_its_initialisation(tmp_
     )
     spec, _, _ = load_spec(tmp_path / "second.vkd")
     assert spec.teacher.weights is None and spec.teacher.from_name == "first"
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides: Hydra's rules (a plain path changes, +PATH adds, ~PATH removes)
+
+KD = RECIPES / "deit_tiny_vitkd_kd.vkd"  # mimic, generate, nkd (and labels by default)
+
+
+def errors_of(path: Path, overrides: list[str]) -> list:
+    return [d for d in load_spec(path, overrides)[1] if d.is_error]
+
+
+def test_a_plain_set_changes_only_what_the_recipe_has() -> None:
+    (err,) = errors_of(KD, ["distill.kd.temperature=4"])
+    assert err.message == "no distill term named 'kd'" and err.span.file == "--set"
+    assert "mimic, generate, nkd, labels" in err.expected
+    assert "+distill.kd.temperature=... adds a kd term" in err.hint
+    # Schema fields exist with their defaults: a recipe need not write them to set them.
+    spec, diags, _ = load_spec(
+        RECIPES / "quickstart_baseline.vkd",
+        ["student.drop_path=0.1", "distill.labels.weight=0.5", "train.ema=0.9"],
+    )
+    assert not [d for d in diags if d.is_error]
+    assert spec.student.drop_path == 0.1 and spec.term("labels").weight == 0.5
+    # An unknown model field would silently become a timm argument: it takes +.
+    (err,) = errors_of(KD, ["student.qkv_bais=false"])
+    assert "student block has no field qkv_bais" in err.message
+    assert "+student.qkv_bais=..." in err.hint
+    (err,) = errors_of(KD, ["train.optimizer.momentum=0.9"])
+    assert "has no argument momentum" in err.message
+
+
+def test_plus_adds_and_refuses_what_exists() -> None:
+    spec, diags, _ = load_spec(
+        KD,
+        [
+            "+distill.kd.temperature=4",
+            "+student.qkv_bias=false",
+            "+train.optimizer.momentum=0.9",
+        ],
+    )
+    assert not [d for d in diags if d.is_error]
+    assert spec.term("kd").temperature == 4 and spec.term("kd").weight == 1
+    assert spec.student.extra == {"qkv_bias": False}
+    assert spec.train.optimizer.kwargs == {"momentum": 0.9}
+    errs = errors_of(
+        KD,
+        [
+            "+distill.nkd.weight=2",
+            "+train.epochs=3",
+            "+distill.mimic2.weight=1",
+            "+student.drop_path=0.1",
+        ],
+    )
+    messages = [e.message for e in errs]
+    assert "cannot add distill.nkd.weight: the recipe already has a distill term 'nkd'" in (
+        messages
+    )
+    assert any(m.startswith("cannot add train.epochs") for m in messages)
+    assert "cannot add a distill term 'mimic2' from an override" in messages
+    assert any(m.startswith("cannot add student.drop_path") for m in messages)
+    assert [e.span.line for e in errs] == [1, 2, 3, 4]
+    # ++ sets whether or not the recipe has it.
+    spec = load_spec(KD, ["++distill.kd.weight=0.5", "++train.epochs=3"])[0]
+    assert spec.term("kd").weight == 0.5 and spec.train.epochs == 3
+
+
+def test_a_teacher_is_added_with_plus_only() -> None:
+    base = RECIPES / "quickstart_baseline.vkd"
+    (err,) = errors_of(base, ["teacher.drop_path=0.1"])
+    assert "the recipe has no teacher" in err.message and "+teacher.model=NAME" in err.hint
+    spec = load_spec(base, ["+teacher.model=deit_small_patch16_224"])[0]
+    assert spec.teacher is not None and spec.teacher.model == "deit_small_patch16_224"
+
+
+def test_tilde_removes_a_term_or_a_written_field() -> None:
+    spec, diags, _ = load_spec(KD, ["~distill.nkd", "~distill.labels"])
+    assert not [d for d in diags if d.is_error]
+    assert [t.name for t in spec.terms] == ["mimic", "generate"]  # labels not added back
+    spec, diags, _ = load_spec(
+        RECIPES / "quickstart_baseline.vkd", ["~train.optimizer.weight_decay"]
+    )
+    assert not [d for d in diags if d.is_error]
+    assert spec.train.optimizer.weight_decay == 0.0  # the optimizer's own default
+    errs = errors_of(KD, ["~distill.kd", "~student.drop_path", "~train.clip_grad=3"])
+    assert [e.message for e in errs] == [
+        "no distill term named 'kd'",
+        "cannot remove student.drop_path: the student block does not set drop_path",
+        "~PATH removes and takes no value, got '~train.clip_grad=3'",
+    ]
+    # Nothing left to learn from is an error at the ~, not an empty loss.
+    (err,) = errors_of(RECIPES / "quickstart_baseline.vkd", ["~distill.labels"])
+    assert "leaves the recipe without a loss term" in err.message and err.span.file == "--set"
+
+
+def test_the_same_path_twice_is_an_error_naming_both() -> None:
+    errs = errors_of(KD, ["train.epochs=1", "data.workers=0", "train.epochs=5"])
+    assert len(errs) == 1
+    assert errs[0].message == (
+        "train.epochs is given twice: --set train.epochs=1 and --set train.epochs=5"
+    )
+    assert errs[0].span.line == 3 and "argument 1" in errs[0].hint
+    (err,) = errors_of(KD, ["+distill.kd.weight=1", "distill.kd.weight=2"])
+    assert "distill.kd.weight is given twice" in err.message
+
+
+def test_a_written_call_replaces_the_whole_call(tmp_path) -> None:
+    write(
+        tmp_path,
+        "base.vkd",
+        """
+        student deit_tiny_patch16_224
+        train { optimizer = adamw(lr = 1e-3, weight_decay = 0.1) }""",
+    )
+    child = write(
+        tmp_path,
+        "child.vkd",
+        """
+        extends "base.vkd"
+        train { optimizer = sgd(lr = 0.1) }""",
+    )
+    spec = load_spec(child)[0]
+    assert spec.train.optimizer.name == "sgd" and spec.train.optimizer.weight_decay == 0.0
+    origins = spec.call_origins(spec.train.optimizer)
+    assert origins["lr"] == "this file" and origins["weight_decay"] == "default"
+    base = tmp_path / "base.vkd"
+    spec = load_spec(base, ["train.optimizer=sgd(lr=0.1)"])[0]
+    assert spec.train.optimizer.weight_decay == 0.0
+    assert spec.call_origins(spec.train.optimizer)["lr"] == "--set"
+    # One argument changed: the others are the call's as written.
+    spec = load_spec(base, ["train.optimizer.lr=0.5"])[0]
+    assert (spec.train.optimizer.lr, spec.train.optimizer.weight_decay) == (0.5, 0.1)
+    assert load_spec(child)[0].call_origins(load_spec(child)[0].train.schedule)["min_lr"] == (
+        "default"
+    )
+    # No optimizer written: the default call (DeiT's AdamW), one argument changed.
+    bare = write(tmp_path, "bare.vkd", "student deit_tiny_patch16_224")
+    spec = load_spec(bare, ["train.optimizer.lr=0.5"])[0]
+    assert (spec.train.optimizer.lr, spec.train.optimizer.weight_decay) == (0.5, 0.05)
+    spec = load_spec(RECIPES / "deit_tiny_vitkd_kd.vkd")[0]
+    assert spec.call_origins(spec.train.optimizer)["lr"] == "base recipes/base/deit_imagenet.vkd"

@@ -85,6 +85,7 @@ from vitkdl.program import (
     term_losses,
 )
 from vitkdl.sources import teacher_affine
+from vitkdl.spec import split_op
 from vitkdl.terms import KINDS, StepInputs
 from vitkdl.train.step import Update, configure_optimizer, model_param_groups, train_step
 
@@ -1084,6 +1085,9 @@ def run_bench(
     if batch is not None:
         if batch < 1:
             raise BenchError("--batch must be at least 1")
+        if any(split_op(o.split("=", 1)[0])[1] == "data.batch_size" for o in over):
+            # Two values for one path are an error (not "the last wins"), said in its words.
+            raise BenchError("--batch and --set data.batch_size both set the batch; give one")
         over.append(f"data.batch_size={batch}")
     plan = vitkdl.plan(vitkdl.load(path, over))
     return bench_plan(plan, **kwargs)

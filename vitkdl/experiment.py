@@ -43,7 +43,7 @@ from typing import Any, Literal
 from vitkdl import syntax as syn
 from vitkdl.errors import Diagnostic, Sources, Span, VkdError, error
 from vitkdl.runs import run_dir, stopped_early
-from vitkdl.spec import Assignment, RecipeSpec, load_spec
+from vitkdl.spec import Assignment, RecipeSpec, load_spec, split_op
 from vitkdl.spec import _display as _display  # the name a recipe's spans carry
 from vitkdl.stats import paired, sample
 
@@ -73,7 +73,7 @@ def baseline_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
 
 
 def _root(path: str) -> str:
-    return path.strip().split(".")[0]
+    return split_op(path)[1].split(".")[0]
 
 
 def baseline_of(spec: RecipeSpec) -> str | None:
@@ -91,10 +91,12 @@ def baseline_of(spec: RecipeSpec) -> str | None:
     return None
 
 
-def smoke_overrides(spec: RecipeSpec) -> list[str]:
-    """Synthetic data of the recipe's own shapes, a small batch, a few steps."""
+def smoke_overrides(spec: RecipeSpec, given: Sequence[str] = ()) -> list[str]:
+    """Synthetic data of the recipe's own shapes, a small batch, a few steps; less the paths
+    the user ``given`` sets (theirs count, and the same path twice is an error)."""
     batch = min(spec.data.batch_size, 8)
-    return [
+    theirs = {split_op(o.split("=", 1)[0])[1] for o in given}
+    smoke = [
         "data.source=synthetic",
         f"data.batch_size={batch}",
         f"data.size={batch * 4}",
@@ -102,6 +104,7 @@ def smoke_overrides(spec: RecipeSpec) -> list[str]:
         "train.epochs=1",
         "train.eval_every=1",
     ]
+    return [o for o in smoke if o.split("=", 1)[0] not in theirs]
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +311,7 @@ def parse_grid(args: Sequence[str], sources: Sources) -> tuple[list[Axis], list[
     sources.add(source, "\n".join(args))
     axes: list[Axis] = []
     diags: list[Diagnostic] = []
+    seen: dict[str, int] = {}
     for i, arg in enumerate(args):
         line = i + 1
         if "=" not in arg:
@@ -321,6 +325,27 @@ def parse_grid(args: Sequence[str], sources: Sources) -> tuple[list[Axis], list[
             continue
         path, rest = arg.split("=", 1)
         path_span = _cli_span(source, line, 1, len(path))
+        op, bare = split_op(path)
+        if op == "~":
+            diags.append(
+                error(
+                    "a grid axis sets values; ~PATH (remove) is not one",
+                    path_span,
+                    hint=f"run the recipe with and without it: --set ~{bare} in a second run",
+                )
+            )
+            continue
+        if bare in seen:
+            first = seen[bare]
+            diags.append(
+                error(
+                    f"{bare} is given twice: --grid {args[first]} and --grid {arg}",
+                    path_span,
+                    hint=f"the first is --grid argument {first + 1}; list every value there",
+                )
+            )
+            continue
+        seen[bare] = i
         values: list[syn.Value] = []
         for offset, piece in _split_top(rest):
             lead = len(piece) - len(piece.lstrip())
@@ -334,7 +359,7 @@ def parse_grid(args: Sequence[str], sources: Sources) -> tuple[list[Axis], list[
             except VkdError:  # as written, like --set data.root=/data/imagenet
                 value = syn.String(piece, _cli_span(source, line, column, len(piece)))
             values.append(value)
-        if path.strip() == SEED_PATH:
+        if bare == SEED_PATH:
             diags.append(error("the seeds are given with --seeds", path_span, hint="--seeds 0-4"))
             continue
         axis = _axis(path.strip(), path_span, values, sources, diags)
@@ -401,16 +426,16 @@ def combine(
     """The grid of one recipe: its sweep block's, with ``--grid`` axes added (replacing the
     block's axis of the same path) and ``--seeds`` replacing its seeds. A path that is both
     swept and ``--set`` is an error at the ``--set``."""
-    axes = {a.path: a for a in block.axes}
+    axes = {split_op(a.path)[1]: a for a in block.axes}
     for a in grid:
-        axes[a.path] = a
+        axes[split_op(a.path)[1]] = a
     grid_out = Grid(tuple(axes.values()), seeds if seeds is not None else block.seeds)
     diags: list[Diagnostic] = []
-    swept = {a.path for a in grid_out.axes} | ({SEED_PATH} if grid_out.seeds else set())
+    swept = set(axes) | ({SEED_PATH} if grid_out.seeds else set())
     if overrides and swept:
         sources.add("--set", "\n".join(overrides))
     for i, text in enumerate(overrides):
-        path = text.split("=", 1)[0].strip()
+        path = split_op(text.split("=", 1)[0])[1]
         if path in swept:
             how = "--seeds N" if path == SEED_PATH else f"--grid {path}=VALUE"
             diags.append(
@@ -717,13 +742,15 @@ def plan_experiment(
         planner.diags.extend(more)
         for a in recipe_grid.axes:
             axes.setdefault(a.path, a.texts)
-        own = list(overrides)
+        # A --set of a swept path is combine's error: the cells do not apply it again.
+        swept = {split_op(a.path)[1] for a in recipe_grid.axes}
+        own = [o for o in overrides if split_op(o.split("=", 1)[0])[1] not in swept]
         if smoke:
             probe, probe_diags, _ = load_spec(path, own, sources)
             if probe is None:
                 planner.diags.extend(probe_diags)
                 continue
-            own = smoke_overrides(probe) + own
+            own = smoke_overrides(probe, own) + own
         base_path: str | None = None
         for cell in recipe_grid.cells():
             recipe_runs: list[PlannedRun] = []

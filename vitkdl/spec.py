@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -221,12 +221,21 @@ class OptimizerSpec(Node):
 
     name: Literal[OPTIMIZERS] = "adamw"  # type: ignore[valid-type]
     lr: Annotated[float, Field(gt=0)] = 1e-3
+    # 0.05 is the default *call* (DeiT's AdamW), used when a recipe writes no optimizer. A
+    # written call replaces it whole: what it leaves out takes the optimizer's own default,
+    # timm's (CALL_DEFAULTS), not the value of the call it replaces.
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    #: The arguments of a written call whose default differs from the default call's.
+    CALL_DEFAULTS: ClassVar[dict[str, Any]] = {"weight_decay": 0.0}
 
 
 class ScheduleSpec(Node):
     """``schedule = cosine(warmup_epochs = 20, min_lr = 1e-5, warmup_lr = 1e-6)``."""
+
+    #: As for OptimizerSpec: the default call's values are the schedule's own.
+    CALL_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     name: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
     warmup_epochs: Annotated[float, Field(ge=0)] = 0
@@ -312,6 +321,23 @@ class RecipeSpec(Node):
         """The term called ``name``, or None."""
         return next((t for t in self.terms if t.name == name), None)
 
+    def origin(self, span: Span | None) -> str:
+        """Where a value came from, by its span: ``this file`` (the recipe named), ``base
+        FILE`` (a recipe it extends), ``--set``/``--grid``, or ``default`` (not written)."""
+        if span is None:
+            return "default"
+        if span.file == self.file:
+            return "this file"
+        if span.file in self.extends:
+            return f"base {span.file}"
+        return span.file
+
+    def call_origins(self, call: OptimizerSpec | ScheduleSpec) -> dict[str, str]:
+        """Each argument of an optimizer/schedule call, with :meth:`origin`."""
+        names = [n for n in type(call).model_fields if n not in ("name", "span", "spans")]
+        names = [n for n in names if n != "kwargs"] + list(getattr(call, "kwargs", {}))
+        return {n: self.origin(call.spans.get(n)) for n in names}
+
     def canonical(self) -> dict[str, Any]:
         """The resolved recipe as plain data (no spans, no file names)."""
         data = self.model_dump(mode="json", exclude={"file", "extends", "overrides"})
@@ -348,6 +374,9 @@ class RawBlock:
     fields: dict[str, syn.Field] = field(default_factory=dict)
     from_path: bool = False
     file: str = ""
+    # Call fields (optimizer, schedule) an override built on the default call rather than on
+    # one the recipe writes: their unwritten arguments keep the default call's values.
+    defaulted: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -365,6 +394,8 @@ class RawRecipe:
     blocks: dict[str, RawBlock] = field(default_factory=dict)
     terms: dict[str, RawTerm] = field(default_factory=dict)
     extends: list[str] = field(default_factory=list)
+    # Default kinds (labels) removed by ``~distill.KIND``: not added back when typing.
+    removed: dict[str, Span] = field(default_factory=dict)
 
 
 BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
@@ -540,28 +571,59 @@ def _override_span(index: int, column: int, length: int) -> Span:
 def _apply_overrides(
     raw: RawRecipe, overrides: Sequence[str], sources: Sources, diags: list[Diagnostic]
 ) -> None:
-    """Apply ``PATH=VALUE`` overrides to the merged raw recipe."""
+    """Apply ``PATH=VALUE``, ``+PATH=VALUE`` and ``~PATH`` overrides to the merged raw
+    recipe. The same path given twice is an error at the second, naming the first."""
     sources.add("--set", "\n".join(overrides))
+    seen: dict[str, int] = {}
     for i, text in enumerate(overrides):
-        if "=" not in text:
+        op, _ = split_op(text)
+        if op == "~":
+            if "=" in text:
+                diags.append(
+                    error(
+                        f"~PATH removes and takes no value, got '{text}'",
+                        _override_span(i, 1, len(text)),
+                        hint=f"write {text.split('=', 1)[0].strip()}",
+                    )
+                )
+                continue
+            path, value_text = text, None
+        elif "=" not in text:
             diags.append(
                 error(
                     f"an override is PATH=VALUE, got '{text}'",
                     _override_span(i, 1, len(text)),
-                    hint="e.g. --set train.epochs=1",
+                    hint="e.g. --set train.epochs=1 (+PATH=VALUE adds, ~PATH removes)",
                 )
             )
             continue
-        path, value_text = text.split("=", 1)
+        else:
+            path, value_text = text.split("=", 1)
         path_span = _override_span(i, 1, len(path))
-        try:
-            value = syn.move(syn.parse_value(value_text, "--set", column=len(path) + 2), line=i + 1)
-        except VkdError:
-            # Not a recipe value: take the text as written, as a shell user expects for paths
-            # (--set data.root=/data/imagenet). A field that wants a number still says so.
-            value = syn.String(value_text, _override_span(i, len(path) + 2, len(value_text)))
-        parts = path.strip().split(".")
-        _set_path(raw, parts, value, path_span, diags)
+        _, bare = split_op(path)
+        if bare in seen:
+            first = seen[bare]
+            diags.append(
+                error(
+                    f"{bare} is given twice: --set {overrides[first]} and --set {text}",
+                    path_span,
+                    hint=f"the first is --set argument {first + 1}; keep one",
+                )
+            )
+            continue
+        seen[bare] = i
+        value: syn.Value | None = None
+        if value_text is not None:
+            try:
+                value = syn.move(
+                    syn.parse_value(value_text, "--set", column=len(path) + 2), line=i + 1
+                )
+            except VkdError:
+                # Not a recipe value: take the text as written, as a shell user expects for
+                # paths (--set data.root=/data/imagenet). A field that wants a number still
+                # says so.
+                value = syn.String(value_text, _override_span(i, len(path) + 2, len(value_text)))
+        _set_path(raw, bare.split("."), value, path_span, diags, op=op)
 
 
 def _as_field(name: str, value: syn.Value, span: Span) -> syn.Field:
@@ -572,124 +634,344 @@ def _as_field(name: str, value: syn.Value, span: Span) -> syn.Field:
 
 _OVERRIDE_ROOTS = ("teacher", "student", "data", "train", "distill", "recipe")
 
+#: The operators an override path may start with, Hydra's: ``+PATH=V`` adds what the recipe
+#: does not have, ``~PATH`` removes what it has, ``++PATH=V`` sets whether or not it has it.
+#: A plain ``PATH=V`` changes only what the recipe (or a field's default) has.
+OVERRIDE_OPS = ("++", "+", "~")
+
+
+def split_op(path: str) -> tuple[str, str]:
+    """``"+distill.kd.weight"`` as ``("+", "distill.kd.weight")``; ``""`` for a plain path."""
+    path = path.strip()
+    for op in OVERRIDE_OPS:
+        if path.startswith(op):
+            return op, path[len(op) :].strip()
+    return "", path
+
+
+@dataclass
+class _Override:
+    """One override on its way into the raw recipe: ``op`` (``""``, ``+``, ``++``, ``~``),
+    the path's parts, the value (None for ``~``), where the path was written (``span``) and
+    where the value's own errors point (``at``)."""
+
+    op: str
+    parts: list[str]
+    value: syn.Value | None
+    span: Span
+    at: Span
+
+    @property
+    def path(self) -> str:
+        return ".".join(self.parts)
+
+    def fail(self, message: str, diags: list[Diagnostic], **kw: Any) -> None:
+        diags.append(error(message, self.span, **kw))
+
+    def exists(self, what: str, diags: list[Diagnostic], example: str | None = None) -> None:
+        """``+PATH`` on something the recipe has (Hydra: 'Could not append to config')."""
+        self.fail(
+            f"cannot add {self.path}: {what}",
+            diags,
+            hint=f"to change it, write {example or self.path}=... without the +",
+        )
+
+    def missing(self, what: str, diags: list[Diagnostic], **kw: Any) -> None:
+        self.fail(
+            f"cannot {'remove' if self.op == '~' else 'set'} {self.path}: {what}", diags, **kw
+        )
+
 
 def _set_path(
     raw: RawRecipe,
     parts: list[str],
-    value: syn.Value,
+    value: syn.Value | None,
     span: Span,
     diags: list[Diagnostic],
     at: Span | None = None,
+    op: str = "",
 ) -> None:
-    """Set the field at ``parts`` to ``value``. ``span`` is where the path was written (its
-    errors point there); ``at`` where the value's own errors point (default: ``span``)."""
-    at = at or span
-    root = parts[0]
-    if root not in _OVERRIDE_ROOTS:
-        diags.append(
-            error(
-                f"unknown override path '{'.'.join(parts)}'",
-                span,
-                expected=one_of(_OVERRIDE_ROOTS),
-                hint=did_you_mean(root, _OVERRIDE_ROOTS),
-            )
+    """Apply one override to the raw recipe: set (``op`` ``""``), add (``+``), set-or-add
+    (``++``) or remove (``~``, ``value`` None) what ``parts`` names. ``span`` is where the
+    path was written (its errors point there); ``at`` where the value's own errors point
+    (default: ``span``)."""
+    o = _Override(op, parts, value, span, at or span)
+    handler = _OVERRIDE_HANDLERS.get(parts[0])
+    if handler is None:
+        o.fail(
+            f"unknown override path '{o.path}'",
+            diags,
+            expected=one_of(_OVERRIDE_ROOTS),
+            hint=did_you_mean(parts[0], _OVERRIDE_ROOTS),
         )
         return
-    if root == "recipe":
-        if parts[1:] == ["name"] and isinstance(value, (syn.Word, syn.String)):
-            raw.name, raw.name_span = value.value, value.span
-        else:
-            diags.append(error("only recipe.name can be overridden", span))
-        return
-    if root == "distill":
-        if len(parts) != 3:
-            example = next(iter(raw.terms), "TERM")
-            diags.append(
-                error(
-                    f"a distill override is distill.TERM.FIELD, got '{'.'.join(parts)}'",
-                    span,
-                    hint=f"e.g. distill.{example}.weight",
-                )
-            )
-            return
-        _, term_name, fname = parts
-        term = raw.terms.get(term_name)
-        if term is None:
-            from vitkdl.terms import KINDS
+    handler(raw, o, diags)
 
-            kind = KINDS.get(term_name)
-            if kind is not None and not kind.paired:  # a term without taps can be added
-                t = syn.Term(term_name, (), (), None, None, (), span, span)
-                term = raw.terms[term_name] = RawTerm(term_name, t, {})
-            else:
-                diags.append(
-                    error(
-                        f"no distill term named '{term_name}'",
-                        span,
-                        expected=one_of(raw.terms) or "(no terms)",
-                        hint=did_you_mean(term_name, raw.terms),
-                    )
-                )
-                return
-        term.fields[fname] = _as_field(fname, value, at)
-        return
-    if len(parts) < 2:
-        diags.append(
-            error(
-                f"an override names a field: {root}.FIELD",
-                span,
-                hint=f"e.g. --set {root}.{'epochs' if root == 'train' else 'root'}=...",
-            )
+
+def _set_recipe(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
+    if (
+        o.parts[1:] == ["name"]
+        and o.op in ("", "++")
+        and isinstance(o.value, (syn.Word, syn.String))
+    ):
+        raw.name, raw.name_span = o.value.value, o.value.span
+    else:
+        o.fail("only recipe.name can be overridden, as recipe.name=NAME", diags)
+
+
+def _set_distill(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
+    from vitkdl.terms import KINDS
+
+    parts = o.parts
+    if not (len(parts) == 3 or (o.op == "~" and len(parts) == 2)):
+        example = next(iter(raw.terms), "TERM")
+        o.fail(
+            f"a distill override is distill.TERM.FIELD, got '{o.path}'",
+            diags,
+            hint=f"e.g. distill.{example}.weight, or ~distill.{example} to remove the term",
         )
         return
-    block = raw.blocks.get(root)
-    if block is None:
-        if root in ("teacher", "student"):
-            diags.append(
-                error(
-                    f"the recipe has no {root} to override",
-                    span,
-                    hint=f"add `{root} MODEL {{ ... }}` to the recipe",
-                )
+    term_name = parts[1]
+    term = raw.terms.get(term_name)
+    default = KINDS.get(term_name)
+    # A default kind (labels) is in every recipe that does not remove it.
+    has = term is not None or (
+        default is not None and default.default and term_name not in raw.removed
+    )
+    defaults = [k for k, v in KINDS.items() if v.default and k not in raw.terms]
+    have = [n for n in (*raw.terms, *defaults) if n not in raw.removed]
+    addable = default is not None and not default.paired
+    if len(parts) == 2:  # ~distill.TERM: the same recipe without the term
+        if not has:
+            o.fail(
+                f"no distill term named '{term_name}'",
+                diags,
+                expected=one_of(have) if have else "(no terms)",
+                hint=did_you_mean(term_name, have),
             )
             return
-        block = raw.blocks[root] = RawBlock(
-            root, "digits" if root == "data" else None, None, span, file="--set"
+        raw.terms.pop(term_name, None)
+        if default is not None and default.default:
+            raw.removed[term_name] = o.span
+        return
+    fname = parts[2]
+    if not has:
+        if o.op == "~":
+            o.fail(f"no distill term named '{term_name}'", diags, expected=one_of(have))
+            return
+        if o.op == "":
+            o.fail(
+                f"no distill term named '{term_name}'",
+                diags,
+                expected=one_of(have) if have else "(no terms)",
+                hint=" ".join(
+                    h
+                    for h in (
+                        did_you_mean(term_name, have),
+                        f"+{o.path}=... adds a {term_name} term" if addable else None,
+                    )
+                    if h
+                )
+                or None,
+            )
+            return
+        if default is None or default.paired:  # a term with taps is written in the recipe
+            o.fail(
+                f"cannot add a distill term '{term_name}' from an override",
+                diags,
+                expected="a kind without taps: "
+                + one_of(sorted(k for k, v in KINDS.items() if not v.paired)),
+                hint=did_you_mean(term_name, KINDS)
+                or "a term that pairs taps is written in the recipe's distill block",
+            )
+            return
+        raw.removed.pop(term_name, None)
+    elif o.op == "+":
+        o.exists(f"the recipe already has a distill term '{term_name}'", diags)
+        return
+    if term is None:  # an unwritten default kind, or a kind being added
+        t = syn.Term(term_name, (), (), None, None, (), o.span, o.span)
+        term = raw.terms[term_name] = RawTerm(term_name, t, {})
+    if o.op == "~":
+        if fname not in term.fields:
+            o.missing(
+                f"the {term_name} term does not set {fname}",
+                diags,
+                expected=one_of(term.fields) if term.fields else "(no fields written)",
+            )
+            return
+        del term.fields[fname]
+        return
+    assert o.value is not None
+    # A field the term's kind does not know is the term's own error, reported once.
+    term.fields[fname] = _as_field(fname, o.value, o.at)
+
+
+def _block_for(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> RawBlock | None:
+    """The block an override of ``teacher``/``student``/``data``/``train`` goes to: data
+    and train always exist (with their defaults); a model block only when written, or
+    added by ``+ROLE.model=NAME``."""
+    root = o.parts[0]
+    block = raw.blocks.get(root)
+    if block is not None:
+        return block
+    if root in ("teacher", "student"):
+        if o.op in ("+", "++") and o.parts[1:] == ["model"]:
+            block = raw.blocks[root] = RawBlock(root, None, None, o.span, file="--set")
+            return block
+        o.missing(
+            f"the recipe has no {root}",
+            diags,
+            hint=f"add one with +{root}.model=NAME, or write `{root} MODEL {{ ... }}`",
         )
+        return None
+    block = raw.blocks[root] = RawBlock(
+        root, "digits" if root == "data" else None, None, o.span, file="--set"
+    )
+    return block
+
+
+def _set_block(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
+    root, parts = o.parts[0], o.parts
+    if len(parts) < 2:
+        o.fail(
+            f"an override names a field: {root}.FIELD",
+            diags,
+            hint=f"e.g. --set {root}.{'epochs' if root == 'train' else 'root'}=...",
+        )
+        return
+    had_model = root in raw.blocks
+    block = _block_for(raw, o, diags)
+    if block is None:
+        return
     fname = parts[1]
     if (root in ("teacher", "student") and fname == "model") or (
         root == "data" and fname == "source"
     ):
-        if len(parts) == 2 and isinstance(value, (syn.Word, syn.String)):
-            block.arg, block.arg_span, block.from_path = value.value, value.span, False
+        if o.op == "~":
+            o.fail(f"{root}.{fname} cannot be removed", diags)
+            return
+        if o.op == "+" and (had_model or root == "data"):
+            o.exists(f"the recipe already has a {root} block", diags)
+            return
+        if len(parts) == 2 and isinstance(o.value, (syn.Word, syn.String)):
+            block.arg, block.arg_span, block.from_path = o.value.value, o.value.span, False
         else:
-            diags.append(error(f"{root}.{fname} takes a name", value.span))
+            diags.append(error(f"{root}.{fname} takes a name", o.value.span if o.value else o.span))
         return
     if len(parts) == 2:
-        block.fields[fname] = _as_field(fname, value, at)
+        _set_field(block, o, fname, _schema_fields(root), diags)
         return
     if len(parts) == 3 and root == "train" and fname in ("optimizer", "schedule"):
-        old = block.fields.get(fname)
-        default = "adamw" if fname == "optimizer" else "cosine"
-        if old is not None and isinstance(old.value, syn.Call):
-            call = old.value
-        elif old is not None and isinstance(old.value, syn.Word):
-            call = syn.Call(old.value.value, (), old.value.span, old.value.span)
-        else:
-            call = syn.Call(default, (), span, span)
-        kwargs = [k for k in call.kwargs if k.name != parts[2]]
-        kwargs.append(_as_field(parts[2], value, at))
-        block.fields[fname] = _as_field(
-            fname, syn.Call(call.name, tuple(kwargs), call.span, call.name_span), span
+        _set_call_arg(block, o, diags)
+        return
+    o.fail(
+        f"unknown override path '{o.path}'",
+        diags,
+        hint="paths are BLOCK.FIELD, train.optimizer.ARG or distill.TERM.FIELD",
+    )
+
+
+def _schema_fields(root: str) -> tuple[str, ...] | None:
+    """The fields a block has with defaults; None where any name is the block's own error
+    (data, train: an unknown field is reported once, when the block is typed)."""
+    return MODEL_FIELDS if root in ("teacher", "student") else None
+
+
+def _set_field(
+    block: RawBlock,
+    o: _Override,
+    fname: str,
+    known: Sequence[str] | None,
+    diags: list[Diagnostic],
+) -> None:
+    """Set, add or remove ``fname`` of ``block``. ``known``: the fields that exist with a
+    default (a model's); a name outside them is a free argument that ``+`` adds."""
+    written = fname in block.fields
+    present = written or known is None or fname in known
+    where = f"the {block.kind} block"
+    if o.op == "~":
+        if not written:
+            o.missing(
+                f"{where} does not set {fname}",
+                diags,
+                expected=one_of(block.fields) if block.fields else "(no fields written)",
+            )
+            return
+        del block.fields[fname]
+        return
+    if o.op == "+" and present:
+        o.exists(
+            f"{where} already has {fname}" + ("" if written else " (a field with a default)"),
+            diags,
+            example=o.path,
         )
         return
-    diags.append(
-        error(
-            f"unknown override path '{'.'.join(parts)}'",
-            span,
-            hint="paths are BLOCK.FIELD, train.optimizer.ARG or distill.TERM.FIELD",
+    if o.op == "" and not present:
+        assert known is not None
+        o.missing(
+            f"{where} has no field {fname}",
+            diags,
+            expected=one_of(known),
+            hint=did_you_mean(fname, known) or f"+{o.path}=... passes {fname} to timm.create_model",
         )
+        return
+    assert o.value is not None
+    block.fields[fname] = _as_field(fname, o.value, o.at)
+    block.defaulted.discard(fname)  # a whole call written: no longer the default one
+
+
+def _set_call_arg(block: RawBlock, o: _Override, diags: list[Diagnostic]) -> None:
+    """``train.optimizer.ARG`` / ``train.schedule.ARG``: one argument of the call, the rest
+    kept; on a recipe that writes no call, of the default call (its arguments kept too)."""
+    fname, arg = o.parts[1], o.parts[2]
+    model = OptimizerSpec if fname == "optimizer" else ScheduleSpec
+    old = block.fields.get(fname)
+    if old is not None and isinstance(old.value, syn.Call):
+        call = old.value
+    elif old is not None and isinstance(old.value, syn.Word):
+        call = syn.Call(old.value.value, (), old.value.span, old.value.span)
+    else:
+        call = syn.Call(_default_call(fname).name, (), o.span, o.span)
+        block.defaulted.add(fname)
+    written = {k.name for k in call.kwargs}
+    known = set(model.model_fields) - {"span", "spans", "kwargs", "name"}
+    if o.op == "~":
+        if arg not in written:
+            o.missing(
+                f"{call.name}(...) does not set {arg}",
+                diags,
+                expected=one_of(sorted(written)) if written else "(no arguments written)",
+            )
+            return
+    elif o.op == "+" and (arg in written or arg in known):
+        o.exists(f"{call.name}(...) already has {arg}", diags)
+        return
+    elif o.op == "" and arg not in written and arg not in known:
+        o.missing(
+            f"{call.name}(...) has no argument {arg}",
+            diags,
+            expected=one_of(sorted(known | written)),
+            hint=did_you_mean(arg, sorted(known | written))
+            or f"+{o.path}=... passes {arg} to the {fname}",
+        )
+        return
+    kwargs = [k for k in call.kwargs if k.name != arg]
+    if o.value is not None:
+        kwargs.append(_as_field(arg, o.value, o.at))
+    block.fields[fname] = _as_field(
+        fname, syn.Call(call.name, tuple(kwargs), call.span, call.name_span), o.span
     )
+
+
+_OVERRIDE_HANDLERS: dict[str, Callable[[RawRecipe, _Override, list[Diagnostic]], None]] = {
+    "recipe": _set_recipe,
+    "distill": _set_distill,
+    "teacher": _set_block,
+    "student": _set_block,
+    "data": _set_block,
+    "train": _set_block,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -838,8 +1120,24 @@ def _validate(
     return None
 
 
-def _call_spec(model: type[BaseModel], f: syn.Field, diags: list[Diagnostic]) -> Any:
-    """``adamw(lr = 1e-3)`` or a bare ``adamw`` as an optimizer/schedule node."""
+def _default_call(name: str) -> OptimizerSpec | ScheduleSpec:
+    """The call a recipe that writes no ``train.NAME`` gets (TrainSpec's default)."""
+    factory = TrainSpec.model_fields[name].default_factory
+    assert factory is not None
+    return factory()  # type: ignore[call-arg,return-value]
+
+
+def _call_spec(
+    model: type[OptimizerSpec] | type[ScheduleSpec],
+    f: syn.Field,
+    diags: list[Diagnostic],
+    defaulted: bool = False,
+) -> Any:
+    """``adamw(lr = 1e-3)`` or a bare ``adamw`` as an optimizer/schedule node. A written call
+    replaces the whole call: an argument it leaves out takes the optimizer's/schedule's own
+    default (``model.CALL_DEFAULTS``). ``defaulted``: the call is the default one with
+    arguments set by overrides (``--set train.optimizer.lr=...`` on a recipe that writes no
+    optimizer), whose other arguments keep the default call's values."""
     v = f.value
     if isinstance(v, (syn.Word, syn.String)):
         name, kwargs, name_span = v.value, (), v.span
@@ -856,6 +1154,8 @@ def _call_spec(model: type[BaseModel], f: syn.Field, diags: list[Diagnostic]) ->
         )
         return None
     data: dict[str, Any] = {"name": name}
+    if not defaulted:
+        data.update(model.CALL_DEFAULTS)
     spans = {"name": name_span}
     known = set(model.model_fields) - {"span", "spans", "kwargs"}
     extra: dict[str, Any] = {}
@@ -1041,7 +1341,7 @@ def _build_spec(
         values, spans = _block_data(block)
         for name, model in (("optimizer", OptimizerSpec), ("schedule", ScheduleSpec)):
             if name in block.fields:
-                node = _call_spec(model, block.fields[name], diags)
+                node = _call_spec(model, block.fields[name], diags, name in block.defaulted)
                 values.pop(name)
                 if node is not None:
                     values[name] = node
@@ -1050,8 +1350,21 @@ def _build_spec(
 
     terms = [s for s in (_term_spec(t, diags) for t in raw.terms.values()) if s is not None]
     for kind in KINDS.values():  # kinds every recipe has unless it writes them (labels)
-        if kind.default and not any(t.kind == kind.keyword for t in terms):
+        if (
+            kind.default
+            and kind.keyword not in raw.removed
+            and not any(t.kind == kind.keyword for t in terms)
+        ):
             terms.append(kind.spec(kind=kind.keyword, name=kind.keyword))
+    if not terms and raw.removed:  # ~distill.labels on a recipe with nothing else to learn from
+        name, at = next(iter(raw.removed.items()))
+        diags.append(
+            error(
+                f"removing {name} leaves the recipe without a loss term",
+                at,
+                hint="add one (+distill.kd.weight=1) or keep it (distill.labels.weight=...)",
+            )
+        )
     name = raw.name or Path(file).stem
     return RecipeSpec(
         name=name,
@@ -1150,7 +1463,8 @@ def _load_spec(
     if overrides:
         _apply_overrides(raw, overrides, sources, diags)
     for a in assignments:
-        _set_path(raw, a.path.split("."), a.value, a.path_span, diags, at=a.value.span)
+        op, bare = split_op(a.path)
+        _set_path(raw, bare.split("."), a.value, a.path_span, diags, at=a.value.span, op=op)
     overrides = [*overrides, *(a.override for a in assignments)]
     return _build_spec(raw, raw.file, overrides, sources, diags, (*stack, path.resolve()))
 

@@ -176,3 +176,27 @@ def test_explain_shows_each_models_normalisation(capsys) -> None:
     assert plan["teacher"]["mean"] == plan["student"]["mean"] == [0.485, 0.456, 0.406]
     code, out, _ = run(capsys, "explain", "recipes/deit_tiny_vitkd_kd.vkd")
     assert "re-normalises" not in out  # the paper's pairs share ImageNet's statistics
+
+
+def test_explain_overrides_follow_hydras_rules_and_show_argument_origins(capsys) -> None:
+    recipe = str(RECIPES / "deit_tiny_vitkd_kd.vkd")
+    code, out, err = run(capsys, "explain", recipe, "--set", "distill.kd.temperature=4")
+    assert code == 2 and "loss =" not in out
+    assert "--set:1:1: error: no distill term named 'kd'" in err
+    assert "+distill.kd.temperature=... adds a kd term" in err
+    code, out, err = run(capsys, "explain", recipe, "--set", "+distill.kd.temperature=4")
+    assert code == 0 and "loss = mimic + generate + nkd + kd + labels" in out
+    code, out, err = run(capsys, "explain", recipe, "--set", "~distill.nkd")
+    assert code == 0 and "loss = mimic + generate + labels" in out
+    code, _, err = run(
+        capsys, "explain", recipe, "--set", "data.workers=1", "--set", "data.workers=2"
+    )
+    assert code == 2
+    assert "data.workers is given twice: --set data.workers=1 and --set data.workers=2" in err
+    code, out, err = run(
+        capsys, "explain", recipe, "--json", "--set", "train.optimizer=sgd(lr=0.1)"
+    )
+    assert code == 0, err
+    optimizer = json.loads(out)["optimizer"]
+    assert (optimizer["name"], optimizer["weight_decay"]) == ("sgd", 0.0)
+    assert optimizer["origins"] == {"lr": "--set", "weight_decay": "default"}

@@ -132,7 +132,15 @@ def _teacher_resize(plan: Plan) -> str | None:
     )
 
 
-def render_plan(plan: Plan, out: Console) -> None:
+def _origins(origins: dict[str, str]) -> str:
+    """``lr, weight_decay: base FILE; min_lr: default``: a call's arguments by origin."""
+    groups: dict[str, list[str]] = {}
+    for name, origin in origins.items():
+        groups.setdefault(origin, []).append(name)
+    return ", ".join(f"{', '.join(names)} ({origin})" for origin, names in groups.items())
+
+
+def render_plan(plan: Plan, out: Console, origins: dict[str, dict[str, str]] | None = None) -> None:
     """Print a plan as tables (what ``vitkdl explain`` shows)."""
     out.print(f"[bold]recipe {escape(plan.recipe)}[/]  {escape(plan.file)}  hash {plan.hash}")
     if plan.extends:
@@ -271,6 +279,14 @@ def render_plan(plan: Plan, out: Console) -> None:
         f"{s.warmup_epochs:g} epochs from {s.warmup_lr:g}, min lr "
         f"{s.min_lr:g}",
     )
+    if origins is not None:
+        setup.add_row(
+            "arguments from",
+            escape(
+                f"optimizer {_origins(origins['optimizer'])}; "
+                f"schedule {_origins(origins['schedule'])}"
+            ),
+        )
     setup.add_row(
         "training",
         f"clip_grad {plan.clip_grad if plan.clip_grad else 'off'}, "
@@ -328,8 +344,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     grid, _ = read_sweep(args.recipe, sources)  # its problems were reported by validate
     report = compile_report(plan) if args.compile else None
+    # Where each call argument came from: the spec's spans (the plan holds only values).
+    origins = {
+        "optimizer": spec.call_origins(spec.train.optimizer),
+        "schedule": spec.call_origins(spec.train.schedule),
+    }
     if args.json:
         data = plan.model_dump(mode="json")
+        for name, by_arg in origins.items():
+            data[name]["origins"] = by_arg
         for term, entry in zip(data["terms"], plan.terms, strict=True):  # the plan in words
             words = KINDS[entry.kind].words(entry)
             term["formula"], term["reduction"] = words.formula, words.reduction
@@ -340,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
             data["compile_report"] = report
         out.print_json(data=data)
     else:
-        render_plan(plan, out)
+        render_plan(plan, out, origins)
         if not grid.empty:
             render_sweep(grid, out)
         if report is not None:

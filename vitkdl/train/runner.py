@@ -161,7 +161,7 @@ def run_recipe(
         probe, diags, sources = load_spec(path, overrides)
         if probe is None:
             raise VkdError(diags, sources)
-        overrides = smoke_overrides(probe) + overrides
+        overrides = smoke_overrides(probe, overrides) + overrides
     spec = vitkdl.load(path, overrides, strict=not req.smoke)
     job = distributed.current()
     out = run_dir(req.out_root, spec.name, spec.hash())
