@@ -176,3 +176,25 @@ def test_explain_shows_each_models_normalisation(capsys) -> None:
     assert plan["teacher"]["mean"] == plan["student"]["mean"] == [0.485, 0.456, 0.406]
     code, out, _ = run(capsys, "explain", "recipes/deit_tiny_vitkd_kd.vkd")
     assert "re-normalises" not in out  # the paper's pairs share ImageNet's statistics
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("tpu", "unknown device 'tpu'; expected one of cpu, cuda, cuda:N, mps"),
+        ("cuda", "no CUDA device here"),
+    ],
+)
+def test_run_with_an_unusable_device_is_a_clean_error_before_any_run_folder(
+    tmp_path, capsys, monkeypatch, device, message
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine
+    out = tmp_path / "runs"
+    code, _, err = run(
+        capsys, "run", str(RECIPES / "quickstart.vkd"), "--device", device, "--out", str(out)
+    )
+    assert code == 2
+    assert message in err and "internal error" not in err
+    assert not out.exists()
