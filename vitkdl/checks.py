@@ -70,7 +70,32 @@ def _facts(spec: RecipeSpec, model: ModelSpec | None) -> tuple[ModelFacts | None
                     hint=hint,
                 )
             ]
+        if exc.kind == "build_failed" and "divisible by num_heads" in exc.message:
+            return None, [_heads_error(model)]
         return None, [error(exc.message, span, hint=hint)]
+
+
+def _heads_error(model: ModelSpec) -> Diagnostic:
+    """timm's ``assert dim % num_heads == 0`` as the constraint, at the field that broke it:
+    ``embed_dim`` when written (else ``num_heads``)."""
+    dim, heads = model.embed_dim, model.num_heads
+    field = "embed_dim" if dim is not None else "num_heads"
+    dim_text = f"embed_dim = {dim}" if dim is not None else f"{model.model}'s embed_dim"
+    heads_text = f"num_heads = {heads}" if heads is not None else f"{model.model}'s num_heads"
+    hint = None
+    if dim is not None:
+        fits = [h for h in range(1, min(dim, 32) + 1) if dim % h == 0 and h > 1]
+        if fits:
+            some = fits[-4:]
+            hint = "num_heads must divide embed_dim, e.g. num_heads = " + (
+                f"{', '.join(map(str, some[:-1]))} or {some[-1]}" if len(some) > 1 else str(some[0])
+            )
+    return error(
+        f"{dim_text} is not a multiple of {heads_text} (each head gets embed_dim / num_heads "
+        "channels)",
+        model.at(field),
+        hint=hint,
+    )
 
 
 _POINTS = {None: "out", "mlp": "out", "attn": "attn", "attn_map": "attn_map"}
