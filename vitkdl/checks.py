@@ -200,6 +200,8 @@ def check_models(ctx: Context) -> Iterable[Diagnostic]:
 def check_teacher(ctx: Context) -> Iterable[Diagnostic]:
     """Terms that need a teacher need one; a teacher that no term uses is wasted compute."""
     needs = [t for t in ctx.spec.terms if KINDS[t.kind].needs_teacher]
+    if ctx.spec.teacher is None and "teacher" in ctx.spec.spans:
+        return  # declared but broken: its own errors say why, the terms are not at fault
     if ctx.spec.teacher is None:
         for t in needs:
             yield error(
