@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitkdl import hub
-from vitkdl.errors import Diagnostic, error, one_of, warning
+from vitkdl.errors import Diagnostic, did_you_mean, error, one_of, warning
 from vitkdl.models import ModelError, ModelFacts, model_facts
 from vitkdl.sources import expand_braces, known_classes, source
-from vitkdl.spec import ModelSpec, PairedTermSpec, RecipeSpec, SliceSpec, TapSpec
+from vitkdl.spec import MODEL_FIELDS, ModelSpec, PairedTermSpec, RecipeSpec, SliceSpec, TapSpec
 from vitkdl.terms import KINDS, needs_teacher
 from vitkdl.terms.base import TapPoint
 
@@ -67,12 +67,20 @@ def _facts(spec: RecipeSpec, model: ModelSpec | None) -> tuple[ModelFacts | None
                     f"{model.model} takes no argument '{name}'",
                     span,
                     expected=one_of(exc.expected) if exc.expected else None,
-                    hint=hint,
+                    hint=_argument_hint(name, exc.expected),
                 )
             ]
         if exc.kind == "build_failed" and "divisible by num_heads" in exc.message:
             return None, [_heads_error(model)]
         return None, [error(exc.message, span, hint=hint)]
+
+
+def _argument_hint(name: str, timm_names: list[str]) -> str | None:
+    """Did-you-mean for a model field no one takes: among vitkdl's own model fields
+    (``weights``) and the model class's arguments, as a recipe writes them (``drop_path``,
+    not timm's ``drop_path_rate``)."""
+    written = ["drop_path" if n == "drop_path_rate" else n for n in timm_names]
+    return did_you_mean(name, dict.fromkeys([*MODEL_FIELDS, *written]), n=2)
 
 
 def _heads_error(model: ModelSpec) -> Diagnostic:
