@@ -212,3 +212,17 @@ def test_a_missing_teacher_from_recipe_is_one_error(tmp_path) -> None:
     errors = [d.message for d in diags if d.is_error]
     assert len(errors) == 1 and errors[0].startswith("no such recipe:")
     assert errors[0].endswith("nope.vkd")
+
+
+def test_a_base_recipe_is_named_as_such_not_missing_a_student() -> None:
+    _, diags, _ = vitkdl.validate(RECIPES / "base" / "deit_imagenet.vkd")
+    errors = [d for d in diags if d.is_error]
+    assert len(errors) == 1
+    assert errors[0].message.startswith("a base recipe (only data and train blocks")
+    assert errors[0].hint is not None and 'extends "deit_imagenet.vkd"' in errors[0].hint
+
+
+def test_a_recipe_with_terms_but_no_student_still_misses_its_student(tmp_path) -> None:
+    (tmp_path / "r.vkd").write_text("teacher deit_tiny_patch16_224\ndata digits {}\n")
+    _, diags, _ = vitkdl.validate(tmp_path / "r.vkd")
+    assert [d.message for d in diags if d.is_error] == ["the recipe has no student"]

@@ -78,6 +78,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """An autocast dtype as a recipe writes it (``bf16``, ``fp16``; ``fp32`` for None)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32") if dtype else "fp32"
+
+
 def _native_bf16() -> bool:
     """bf16 in hardware (Ampere and newer): emulated bf16 on older cards is slower than fp32."""
     try:

@@ -1016,13 +1016,7 @@ def _build_spec(
     if "student" in raw.blocks:
         student = _model_spec(raw.blocks["student"], diags)
     else:
-        diags.append(
-            error(
-                "the recipe has no student",
-                Span.point(file),
-                hint="add `student MODEL { ... }`, e.g. student deit_tiny_patch16_224",
-            )
-        )
+        diags.append(_no_student(raw, file))
     if "teacher" in raw.blocks:
         block = raw.blocks["teacher"]
         if block.from_path:
@@ -1066,6 +1060,23 @@ def _build_spec(
         overrides=tuple(overrides),
         span=Span.point(file),
         spans=_recipe_spans(raw),
+    )
+
+
+def _no_student(raw: RawRecipe, file: str) -> Diagnostic:
+    """A recipe without a student; one with only data and train blocks (and no ``extends``)
+    is a base for other recipes (``recipes/base/``), which is said as such."""
+    if raw.extends or raw.terms or "teacher" in raw.blocks or not raw.blocks:
+        return error(
+            "the recipe has no student",
+            Span.point(file),
+            hint="add `student MODEL { ... }`, e.g. student deit_tiny_patch16_224",
+        )
+    return error(
+        f"a base recipe (only {' and '.join(raw.blocks)} blocks, no student), not a runnable one",
+        Span.point(file),
+        hint=f'extend it from a recipe with a student: `extends "{Path(file).name}"` (a path '
+        "relative to that recipe)",
     )
 
 

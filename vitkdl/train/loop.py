@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 
 from vitkdl.planner import Plan
-from vitkdl.program import Program, build, resolve_device
+from vitkdl.program import Program, build, precision_name, resolve_device
 from vitkdl.runs import checkpoint_files
 from vitkdl.train import distributed
 from vitkdl.train.checkpoint import (
@@ -387,7 +387,7 @@ class Run:
             f"  batch {plan.data.batch_size} x {self.job.world_size} = {self.global_batch}, "
             f"{self.steps_per_epoch} steps/epoch, {plan.epochs} epochs ({self.total_steps} "
             f"steps), lr {opt.lr:g} ({opt.name}), {trainable:,} trainable params, precision "
-            f"{program.autocast_dtype or 'fp32'}, compile {program.compile_mode or 'off'}"
+            f"{precision_name(program.autocast_dtype)}, compile {program.compile_mode or 'off'}"
             + (f", {torch.get_num_threads()} CPU threads" if self.device.type == "cpu" else "")
             + (
                 f"\n  resuming at epoch {self.start_epoch} step {self.step}"
