@@ -401,6 +401,10 @@ class Run:
     def evaluate_teacher(self) -> None:
         """The teacher's accuracy on the validation split, once per run."""
         if self.plan.teacher_used and self.teacher_top1 is None:
+            if self.plan.teacher is not None and not self.plan.teacher.num_classes:
+                # A headless teacher's "logits" are its pooled features: no accuracy to report.
+                self.progress.note("  teacher top-1 n/a (the teacher has no classifier head)")
+                return
             self.teacher_top1, _ = evaluate(
                 self.program.teacher_logits,
                 self.val_loader,
