@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import vitkdl
+from vitkdl.program import resolve_device
 from vitkdl.train.distributed import backend_for
 from vitkdl.train.step import Update, configure_optimizer, model_param_groups, train_step
 
@@ -71,7 +72,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_checks.json"))
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is None:  # a process group's device_id needs one
+        device = torch.device("cuda", torch.cuda.current_device())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     backend = backend_for(args.device)

@@ -92,3 +92,40 @@ def test_one_error_per_cause(tmp_path) -> None:
         "unknown choice 'cosin' for schedule",
         "block index 12 is out of range: the teacher has 12 blocks",
     ]
+
+
+def test_embed_dim_not_a_multiple_of_num_heads_is_one_error_at_the_field(tmp_path) -> None:
+    """timm asserts ``dim % num_heads == 0`` while building; the error states the constraint
+    at the field written, not as an AssertionError at the model name."""
+    path = tmp_path / "r.vkd"
+    path.write_text(
+        "student vit_tiny_patch16_224 {\n  num_heads = 6\n  embed_dim = 200\n}\ndata digits {}\n"
+    )
+    _, diags, _ = vitkdl.validate(path)
+    errors = [d for d in diags if d.is_error]
+    assert [d.message for d in errors] == [
+        "embed_dim = 200 is not a multiple of num_heads = 6 (each head gets embed_dim / "
+        "num_heads channels)"
+    ]
+    assert errors[0].span is not None and errors[0].span.line == 3
+    assert errors[0].hint is not None and "num_heads = " in errors[0].hint
+
+
+@pytest.mark.parametrize(
+    ("field", "suggestion"),
+    [("wieghts", "did you mean 'weights'?"), ("drop_pth", "did you mean 'drop_path'")],
+)
+def test_a_misspelt_model_field_suggests_the_name_a_recipe_writes(
+    tmp_path, field, suggestion
+) -> None:
+    """Unknown model fields go to timm; when timm refuses one, the suggestion is among
+    vitkdl's own fields too (`weights`) and in the recipe's spelling (`drop_path`, not
+    timm's `drop_path_rate`)."""
+    path = tmp_path / "r.vkd"
+    path.write_text(f"student vit_tiny_patch16_224 {{\n  {field} = 0.1\n}}\ndata digits {{}}\n")
+    _, diags, _ = vitkdl.validate(path)
+    errors = [d for d in diags if d.is_error]
+    assert [d.message for d in errors] == [f"vit_tiny_patch16_224 takes no argument '{field}'"]
+    assert errors[0].span is not None and errors[0].span.line == 2
+    assert errors[0].hint is not None and errors[0].hint.startswith(suggestion)
+    assert "drop_path_rate" not in errors[0].hint

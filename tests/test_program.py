@@ -954,3 +954,25 @@ def test_resample_tokens() -> None:
     assert up.shape == (2, 64, 5)
     with pytest.raises(ValueError, match="do not lie on a 3x3 grid"):
         resample_tokens(x, (3, 3), (2, 2), "area")
+
+
+def test_precision_names_are_the_recipes_spelling() -> None:
+    """What a run prints: `bf16`, as `precision = bf16` is written, not `torch.bfloat16`."""
+    from vitkdl.program import precision_name
+
+    cpu = torch.device("cpu")
+    for written in ("bf16", "fp16", "fp32"):
+        assert precision_name(resolve_precision(written, cpu)) == written
+    assert precision_name(resolve_precision("auto", cpu)) == "fp32"
+
+
+def test_device_problems_name_the_choices_and_the_missing_gpu(monkeypatch) -> None:
+    from vitkdl.program import device_problem, resolve_device
+
+    assert device_problem("cpu") is None
+    assert "expected one of cpu, cuda, cuda:N, mps" in (device_problem("tpu") or "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA device here" in (device_problem("cuda:0") or "")
+    with pytest.raises(ValueError, match="no CUDA device here"):
+        resolve_device("cuda")
+    assert resolve_device(None) == torch.device("cpu")

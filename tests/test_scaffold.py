@@ -8,7 +8,7 @@ import vitkdl
 from tests.conftest import RECIPES
 from vitkdl.cli import main
 from vitkdl.fmt import format_text
-from vitkdl.scaffold import InitError, init_recipe
+from vitkdl.scaffold import QUICK_EPOCHS, InitError, init_recipe
 
 
 def _plan(text: str, path):
@@ -81,6 +81,26 @@ def test_a_data_folder_becomes_the_root(tmp_path) -> None:
     )
     assert 'root = "/data/imagenet"' in text and "data imagefolder {" in text
     assert "--set data.root" not in text
+
+
+def test_digits_data_gets_the_quick_run_its_comment_promises(tmp_path, reference) -> None:
+    """`--data digits` says "for a quick run": a short schedule, not the paper's 300 epochs
+    (which stay what the default source gets)."""
+    text = init_recipe(
+        "deit3_small_patch16_224",
+        "deit_tiny_patch16_224",
+        data="digits",
+        path=tmp_path / "r.vkd",
+    )
+    assert "data digits {" in text and "quick run" in text
+    plan = _plan(text, tmp_path / "r.vkd")
+    assert plan.epochs == QUICK_EPOCHS < reference.epochs == 300
+    assert plan.schedule.warmup_epochs == 0
+    assert (plan.optimizer.name, plan.optimizer.lr) == (
+        reference.optimizer.name,
+        reference.optimizer.lr,
+    )
+    assert format_text(text) == text
 
 
 def test_different_grids_are_refused_with_the_reason(tmp_path) -> None:

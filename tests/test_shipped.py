@@ -67,6 +67,33 @@ def test_copy_into_a_folder_keeps_relative_layout_and_never_clobbers(tmp_path) -
     assert not mine.read_text().endswith("# mine\n")
 
 
+def test_copy_into_a_folder_keeps_dependencies_above_the_recipe_inside_it(tmp_path) -> None:
+    # ablations/mask extends "../deit_tiny_vitkd.vkd": copied into a folder, the shipped
+    # layout below the files' common folder is kept, so nothing lands beside DEST.
+    dest = tmp_path / "abl"
+    done = copy("ablations/mask", f"{dest}/")
+    assert [c.target.relative_to(dest).as_posix() for c in done] == [
+        "ablations/mask.vkd",
+        "deit_tiny_vitkd.vkd",
+        "base/deit_imagenet.vkd",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abl"]
+    spec, diags, _ = vitkdl.validate(dest / "ablations" / "mask.vkd")
+    assert spec is not None and not [d for d in diags if d.is_error]
+
+
+def test_copy_under_a_file_is_a_clean_error_that_writes_nothing(tmp_path) -> None:
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ShippedError, match="afile is a file, not a folder"):
+        copy("quickstart", tmp_path / "afile" / "x.vkd")
+    # a dependency's folder that is a file: checked before the recipe itself is written
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "base").write_text("")
+    with pytest.raises(ShippedError, match="base is a file, not a folder"):
+        copy("deit_tiny_vitkd_kd", tmp_path / "exp" / "mine.vkd")
+    assert not (tmp_path / "exp" / "mine.vkd").exists()
+
+
 def test_dependencies_are_the_extends_and_teacher_from_paths() -> None:
     assert dependencies(find("quickstart").text) == [
         "quickstart_baseline.vkd",

@@ -325,3 +325,45 @@ def test_a_written_call_replaces_the_whole_call(tmp_path) -> None:
     assert (spec.train.optimizer.lr, spec.train.optimizer.weight_decay) == (0.5, 0.05)
     spec = load_spec(RECIPES / "deit_tiny_vitkd_kd.vkd")[0]
     assert spec.call_origins(spec.train.optimizer)["lr"] == "base recipes/base/deit_imagenet.vkd"
+
+
+def test_an_error_in_a_teacher_from_recipe_is_at_its_own_line_without_a_cascade(tmp_path) -> None:
+    """The dependency's own error, at its file and line, names the student's `teacher from`
+    line; no "has errors" echo and no "the term needs a teacher"."""
+    (tmp_path / "t.vkd").write_text(
+        "student vit_tiny_patch16_224\ndata digits {}\ntrain {\n  epochs = 1\n  lr = 0.1\n}\n"
+    )
+    (tmp_path / "s.vkd").write_text(
+        'student vit_tiny_patch16_224\nteacher from "t.vkd"\ndata digits {}\ndistill { nkd {} }\n'
+    )
+    _, diags, _ = vitkdl.validate(tmp_path / "s.vkd")
+    errors = [d for d in diags if d.is_error]
+    assert [(Path(d.span.file).name, d.span.line, d.message) for d in errors] == [
+        ("t.vkd", 5, "unknown field 'lr' in the train block")
+    ]
+    assert errors[0].hint is not None
+    assert 'teacher from "t.vkd"' in errors[0].hint and "s.vkd:2:14" in errors[0].hint
+
+
+def test_a_missing_teacher_from_recipe_is_one_error(tmp_path) -> None:
+    (tmp_path / "s.vkd").write_text(
+        'student vit_tiny_patch16_224\nteacher from "nope.vkd"\ndistill { kd {} }\n'
+    )
+    _, diags, _ = vitkdl.validate(tmp_path / "s.vkd")
+    errors = [d.message for d in diags if d.is_error]
+    assert len(errors) == 1 and errors[0].startswith("no such recipe:")
+    assert errors[0].endswith("nope.vkd")
+
+
+def test_a_base_recipe_is_named_as_such_not_missing_a_student() -> None:
+    _, diags, _ = vitkdl.validate(RECIPES / "base" / "deit_imagenet.vkd")
+    errors = [d for d in diags if d.is_error]
+    assert len(errors) == 1
+    assert errors[0].message.startswith("a base recipe (only data and train blocks")
+    assert errors[0].hint is not None and 'extends "deit_imagenet.vkd"' in errors[0].hint
+
+
+def test_a_recipe_with_terms_but_no_student_still_misses_its_student(tmp_path) -> None:
+    (tmp_path / "r.vkd").write_text("teacher deit_tiny_patch16_224\ndata digits {}\n")
+    _, diags, _ = vitkdl.validate(tmp_path / "r.vkd")
+    assert [d.message for d in diags if d.is_error] == ["the recipe has no student"]

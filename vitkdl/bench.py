@@ -828,6 +828,8 @@ def bench_plan(
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BenchError(f"device {device}: CUDA is not available here; use --device cpu")
         torch.empty(1, device=dev)
+    except ValueError as exc:  # resolve_device: a device this machine cannot use
+        raise BenchError(str(exc)) from None
     except (RuntimeError, AssertionError) as exc:
         raise BenchError(f"device {device!r}: {str(exc).splitlines()[0]}") from None
     say = progress or (lambda _: None)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitkdl import hub
-from vitkdl.errors import Diagnostic, error, one_of, warning
+from vitkdl.errors import Diagnostic, did_you_mean, error, one_of, warning
 from vitkdl.models import ModelError, ModelFacts, model_facts
 from vitkdl.sources import expand_braces, known_classes, source
-from vitkdl.spec import ModelSpec, PairedTermSpec, RecipeSpec, SliceSpec, TapSpec
+from vitkdl.spec import MODEL_FIELDS, ModelSpec, PairedTermSpec, RecipeSpec, SliceSpec, TapSpec
 from vitkdl.terms import KINDS, needs_teacher
 from vitkdl.terms.base import TapPoint
 
@@ -67,10 +67,43 @@ def _facts(spec: RecipeSpec, model: ModelSpec | None) -> tuple[ModelFacts | None
                     f"{model.model} takes no argument '{name}'",
                     span,
                     expected=one_of(exc.expected) if exc.expected else None,
-                    hint=hint,
+                    hint=_argument_hint(name, exc.expected),
                 )
             ]
+        if exc.kind == "build_failed" and "divisible by num_heads" in exc.message:
+            return None, [_heads_error(model)]
         return None, [error(exc.message, span, hint=hint)]
+
+
+def _argument_hint(name: str, timm_names: list[str]) -> str | None:
+    """Did-you-mean for a model field no one takes: among vitkdl's own model fields
+    (``weights``) and the model class's arguments, as a recipe writes them (``drop_path``,
+    not timm's ``drop_path_rate``)."""
+    written = ["drop_path" if n == "drop_path_rate" else n for n in timm_names]
+    return did_you_mean(name, dict.fromkeys([*MODEL_FIELDS, *written]), n=2)
+
+
+def _heads_error(model: ModelSpec) -> Diagnostic:
+    """timm's ``assert dim % num_heads == 0`` as the constraint, at the field that broke it:
+    ``embed_dim`` when written (else ``num_heads``)."""
+    dim, heads = model.embed_dim, model.num_heads
+    field = "embed_dim" if dim is not None else "num_heads"
+    dim_text = f"embed_dim = {dim}" if dim is not None else f"{model.model}'s embed_dim"
+    heads_text = f"num_heads = {heads}" if heads is not None else f"{model.model}'s num_heads"
+    hint = None
+    if dim is not None:
+        fits = [h for h in range(1, min(dim, 32) + 1) if dim % h == 0 and h > 1]
+        if fits:
+            some = fits[-4:]
+            hint = "num_heads must divide embed_dim, e.g. num_heads = " + (
+                f"{', '.join(map(str, some[:-1]))} or {some[-1]}" if len(some) > 1 else str(some[0])
+            )
+    return error(
+        f"{dim_text} is not a multiple of {heads_text} (each head gets embed_dim / num_heads "
+        "channels)",
+        model.at(field),
+        hint=hint,
+    )
 
 
 _POINTS = {None: "out", "mlp": "out", "attn": "attn", "attn_map": "attn_map"}
@@ -175,6 +208,8 @@ def check_models(ctx: Context) -> Iterable[Diagnostic]:
 def check_teacher(ctx: Context) -> Iterable[Diagnostic]:
     """Terms that need a teacher need one; a teacher that no term uses is wasted compute."""
     needs = [t for t in ctx.spec.terms if KINDS[t.kind].needs_teacher]
+    if ctx.spec.teacher is None and "teacher" in ctx.spec.spans:
+        return  # declared but broken: its own errors say why, the terms are not at fault
     if ctx.spec.teacher is None:
         for t in needs:
             yield error(

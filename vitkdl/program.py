@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -34,10 +35,37 @@ from vitkdl.terms import KINDS, StepInputs
 # Devices, precision, compile mode
 
 
+_DEVICE = re.compile(r"(cpu|mps|cuda)(:\d+)?")
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` (``--device``) cannot be used here, or None: the one rule for a user's
+    device, checked before any run folder is made (an unknown type, a GPU this machine lacks)."""
+    m = _DEVICE.fullmatch(device)
+    if m is None:
+        return f"unknown device '{device}'; expected one of cpu, cuda, cuda:N, mps"
+    kind, index = m.group(1), m.group(2)
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"--device {device}: no CUDA device here (use --device cpu)"
+        if index is not None and int(index[1:]) >= count:
+            last = f"cuda:{count - 1}"
+            return f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to {last}"
+    if kind == "mps" and not torch.backends.mps.is_available():
+        return f"--device {device}: no MPS device here (use --device cpu)"
+    return None
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` picks CUDA when available, else CPU."""
+    """``None`` picks CUDA when available, else CPU; a device this machine cannot use is a
+    ValueError (:func:`device_problem`)."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device, str):
+        problem = device_problem(device)
+        if problem is not None:
+            raise ValueError(problem)
     return torch.device(device)
 
 
@@ -48,6 +76,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             return torch.bfloat16
         return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """An autocast dtype as a recipe writes it (``bf16``, ``fp16``; ``fp32`` for None)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32") if dtype else "fp32"
 
 
 def _native_bf16() -> bool:

@@ -5,6 +5,7 @@ it names by relative path (``extends``, ``teacher from``) so the copy still reso
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -109,23 +110,42 @@ class Copied:
 
 def copy(name: str, dest: str | Path, *, force: bool = False, deps: bool = True) -> list[Copied]:
     """Copy shipped recipe ``name`` to ``dest`` (a file, or a directory to copy into), with the
-    recipes it names by relative path at the same relative places. An existing ``dest`` is
-    an error unless ``force``; an existing dependency is kept when it differs (``force``
-    replaces it)."""
+    recipes it names by relative path at the same relative places. Copied into a directory,
+    the files keep the shipped layout below their common folder, so a dependency named
+    ``../x.vkd`` lands inside ``dest`` too, never beside it. An existing ``dest`` is an error
+    unless ``force``; an existing dependency is kept when it differs (``force`` replaces
+    it). Every target is checked before anything is written."""
     recipe = find(name)
     into = str(dest).endswith(("/", "\\")) or Path(dest).is_dir()
+    closure = _closure(recipe) if deps else [(recipe, recipe.name)]
     dest = Path(dest)
     if into:
-        dest = dest / f"{recipe.name.rsplit('/', 1)[-1]}.vkd"
+        # The common folder of every file copied becomes ``dest``.
+        folders = [n.split("/")[:-1] for _, n in closure]
+        common = 0
+        while all(len(f) > common and f[common] == folders[0][common] for f in folders):
+            common += 1
+        dest = dest / ("/".join(recipe.name.split("/")[common:]) + ".vkd")
     if dest.exists() and not force:
         raise ShippedError(f"{dest} exists; pass --force to overwrite it")
+    targets = [(recipe, dest)]
+    for dep, rel in closure[1:]:
+        targets.append((dep, Path(os.path.normpath(dest.parent / rel))))
+    for _, target in targets:
+        _check_writable(target)
     out = [_write(recipe.name, recipe.text, dest, force=True)]
-    if not deps:
-        return out
-    todo = [(recipe, dest)]
+    out += [_write(d.name, d.text, t, force=force) for d, t in targets[1:]]
+    return out
+
+
+def _closure(recipe: Shipped) -> list[tuple[Shipped, str]]:
+    """``recipe`` and the shipped recipes it names, transitively: each with its path relative
+    to ``recipe``'s folder (the recipe itself with its shipped name)."""
+    out = [(recipe, recipe.name)]
+    todo = [(recipe, "")]
     seen = {recipe.name}
     while todo:
-        current, target = todo.pop()
+        current, where = todo.pop()
         base = current.name.rsplit("/", 1)[0] + "/" if "/" in current.name else ""
         for rel in dependencies(current.text):
             dep_name = _normalise(base + rel)
@@ -136,10 +156,34 @@ def copy(name: str, dest: str | Path, *, force: bool = False, deps: bool = True)
                 dep = find(dep_name)
             except ShippedError:
                 continue
-            dep_target = target.parent / rel
-            out.append(_write(dep.name, dep.text, dep_target, force=force))
-            todo.append((dep, dep_target))
+            rel_to_recipe = _join(where, rel)
+            out.append((dep, rel_to_recipe))
+            todo.append((dep, rel_to_recipe.rsplit("/", 1)[0] if "/" in rel_to_recipe else ""))
     return out
+
+
+def _join(folder: str, rel: str) -> str:
+    """``folder/rel`` with ``..`` resolved where it can be (leading ones kept)."""
+    parts = [p for p in folder.split("/") if p]
+    for p in rel.split("/"):
+        if p in ("", "."):
+            continue
+        if p == ".." and parts and parts[-1] != "..":
+            parts.pop()
+        else:
+            parts.append(p)
+    return "/".join(parts)
+
+
+def _check_writable(target: Path) -> None:
+    """A target whose folder is a file (``afile/x.vkd``) or that is a folder is a clean error."""
+    if target.is_dir():
+        raise ShippedError(f"{target} is a folder; name a file, or end DEST with /")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ShippedError(f"cannot write {target}: {parent} is a file, not a folder")
+            break
 
 
 def _normalise(path: str) -> str | None:

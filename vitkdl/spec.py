@@ -10,6 +10,7 @@ everything.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import typing
@@ -1315,13 +1316,7 @@ def _build_spec(
     if "student" in raw.blocks:
         student = _model_spec(raw.blocks["student"], diags)
     else:
-        diags.append(
-            error(
-                "the recipe has no student",
-                Span.point(file),
-                hint="add `student MODEL { ... }`, e.g. student deit_tiny_patch16_224",
-            )
-        )
+        diags.append(_no_student(raw, file))
     if "teacher" in raw.blocks:
         block = raw.blocks["teacher"]
         if block.from_path:
@@ -1377,8 +1372,34 @@ def _build_spec(
         extends=tuple(raw.extends),
         overrides=tuple(overrides),
         span=Span.point(file),
-        spans={"name": raw.name_span} if raw.name_span else {},
+        spans=_recipe_spans(raw),
     )
+
+
+def _no_student(raw: RawRecipe, file: str) -> Diagnostic:
+    """A recipe without a student; one with only data and train blocks (and no ``extends``)
+    is a base for other recipes (``recipes/base/``), which is said as such."""
+    if raw.extends or raw.terms or "teacher" in raw.blocks or not raw.blocks:
+        return error(
+            "the recipe has no student",
+            Span.point(file),
+            hint="add `student MODEL { ... }`, e.g. student deit_tiny_patch16_224",
+        )
+    return error(
+        f"a base recipe (only {' and '.join(raw.blocks)} blocks, no student), not a runnable one",
+        Span.point(file),
+        hint=f'extend it from a recipe with a student: `extends "{Path(file).name}"` (a path '
+        "relative to that recipe)",
+    )
+
+
+def _recipe_spans(raw: RawRecipe) -> dict[str, Span]:
+    """Where the recipe names itself and declares its teacher: a declared teacher that failed
+    to load (its errors already reported) is not also "no teacher" to the checks."""
+    spans = {"name": raw.name_span} if raw.name_span else {}
+    if "teacher" in raw.blocks:
+        spans["teacher"] = raw.blocks["teacher"].span
+    return spans
 
 
 def _teacher_from(
@@ -1400,12 +1421,13 @@ def _teacher_from(
             )
         )
         return None
-    before = len([d for d in diags if d.is_error])
+    before = len(diags)
     dep = _load_spec(path, (), sources, diags, stack)
-    if len([d for d in diags if d.is_error]) > before or dep is None or dep.student is None:
-        diags.append(
-            error(f"the teacher recipe {_display(path)} has errors (above)", block.arg_span)
-        )
+    if _note_teacher_recipe(diags, before, block) or dep is None or dep.student is None:
+        if not any(d.is_error for d in diags[before:]):  # its own errors say why, when it has
+            diags.append(
+                error(f"the teacher recipe {_display(path)} could not be loaded", block.arg_span)
+            )
         return None
     data, spans = _block_data(block)
     extra = {k: data.pop(k) for k in list(data) if k not in MODEL_FIELDS}
@@ -1428,6 +1450,19 @@ def _teacher_from(
         merged["num_classes"] = known_classes(dep.data.source, dep.data.classes)
     spans["model"] = block.arg_span or block.span
     return _validate(ModelSpec, merged, spans, "the teacher block", block.span, diags)
+
+
+def _note_teacher_recipe(diags: list[Diagnostic], start: int, block: RawBlock) -> bool:
+    """Give the diagnostics a ``teacher from`` recipe added (from ``start`` on; they keep their
+    own file and line) the student's ``teacher from`` line as context; whether any is an
+    error."""
+    where = block.arg_span or block.span
+    note = f'this recipe is the teacher named by `teacher from "{block.arg}"` at {where}'
+    for i in range(start, len(diags)):
+        d = diags[i]
+        if d.span is not None and d.span.file != block.file:
+            diags[i] = dataclasses.replace(d, hint=f"{d.hint}; {note}" if d.hint else note)
+    return any(d.is_error for d in diags[start:])
 
 
 @dataclass(frozen=True)

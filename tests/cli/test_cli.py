@@ -200,3 +200,25 @@ def test_explain_overrides_follow_hydras_rules_and_show_argument_origins(capsys)
     optimizer = json.loads(out)["optimizer"]
     assert (optimizer["name"], optimizer["weight_decay"]) == ("sgd", 0.0)
     assert optimizer["origins"] == {"lr": "--set", "weight_decay": "default"}
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("tpu", "unknown device 'tpu'; expected one of cpu, cuda, cuda:N, mps"),
+        ("cuda", "no CUDA device here"),
+    ],
+)
+def test_run_with_an_unusable_device_is_a_clean_error_before_any_run_folder(
+    tmp_path, capsys, monkeypatch, device, message
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine
+    out = tmp_path / "runs"
+    code, _, err = run(
+        capsys, "run", str(RECIPES / "quickstart.vkd"), "--device", device, "--out", str(out)
+    )
+    assert code == 2
+    assert message in err and "internal error" not in err
+    assert not out.exists()

@@ -631,3 +631,21 @@ def test_runs_in_one_process_do_not_inherit_each_others_settings(tmp_path) -> No
     assert run(str(recipe), "--out", str(tmp_path / "runs"), "--max-steps", "2") == 0
     assert torch.get_num_threads() == threads
     assert _summary(tmp_path / "runs" / "tiny")["compile"]["graphs_compiled"] == 0  # eager
+
+
+def test_a_headless_teacher_has_no_top1_rather_than_zero() -> None:
+    """A teacher built without a classifier (num_classes 0: its outputs are features) is not
+    evaluated as a classifier: "n/a", and no 0.00 % in the summary."""
+    from types import SimpleNamespace
+
+    from vitkdl.train.loop import Run
+
+    notes: list[str] = []
+    run = SimpleNamespace(
+        plan=SimpleNamespace(teacher_used=True, teacher=SimpleNamespace(num_classes=0)),
+        teacher_top1=None,
+        progress=SimpleNamespace(note=notes.append),
+    )
+    Run.evaluate_teacher(run)  # type: ignore[arg-type]
+    assert run.teacher_top1 is None
+    assert notes == ["  teacher top-1 n/a (the teacher has no classifier head)"]

@@ -116,6 +116,13 @@ def run(args: argparse.Namespace) -> int:
     from vitkdl.errors import VkdError
 
     out, err = consoles()
+    if args.device is not None:
+        from vitkdl.program import device_problem
+
+        problem = device_problem(args.device)
+        if problem is not None:
+            err.print(f"vitkdl bench: error: {problem}", highlight=False)
+            return 2
     overrides = list(args.overrides)
     if args.batch is not None:
         if args.batch < 1:

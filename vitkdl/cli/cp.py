@@ -10,7 +10,8 @@ from vitkdl.cli.common import consoles
 
 HELP = """Copy the shipped recipe NAME (see `vitkdl ls`) to DEST, a file or a directory. The
 recipes it names by relative path (`extends "base/..."`, `teacher from "..."`) are copied
-beside it at the same relative places, so the copy validates and runs as the original does; an
+beside it at the same relative places, so the copy validates and runs as the original does (into
+a directory, all of them inside it, in the shipped layout below their common folder); an
 existing dependency that differs from the shipped one is kept (and named), unless --force."""
 
 EPILOG = """examples:

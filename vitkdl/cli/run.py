@@ -215,6 +215,13 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         err.print("vitkdl run: error: --nproc-per-node must be at least 1")
         return 2
+    if args.device is not None:  # before any run folder is made
+        from vitkdl.program import device_problem
+
+        problem = device_problem(args.device)
+        if problem is not None:
+            err.print(f"vitkdl run: error: {problem}", highlight=False)
+            return 2
     if "WORLD_SIZE" not in os.environ and is_experiment(args):
         return run_experiment(args, out, err)
     if (args.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:

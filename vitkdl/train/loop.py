@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 
 from vitkdl.planner import Plan
-from vitkdl.program import Program, build, resolve_device
+from vitkdl.program import Program, build, precision_name, resolve_device
 from vitkdl.runs import checkpoint_files
 from vitkdl.train import distributed
 from vitkdl.train.checkpoint import (
@@ -396,7 +396,7 @@ class Run:
             f"  batch {plan.data.batch_size} x {self.job.world_size} = {self.global_batch}, "
             f"{self.steps_per_epoch} steps/epoch, {plan.epochs} epochs ({self.total_steps} "
             f"steps), lr {opt.lr:g} ({opt.name}), {trainable:,} trainable params, precision "
-            f"{program.autocast_dtype or 'fp32'}, compile {program.compile_mode or 'off'}"
+            f"{precision_name(program.autocast_dtype)}, compile {program.compile_mode or 'off'}"
             + (f", {torch.get_num_threads()} CPU threads" if self.device.type == "cpu" else "")
             + (
                 f"\n  resuming at epoch {self.start_epoch} step {self.step}"
@@ -410,6 +410,10 @@ class Run:
     def evaluate_teacher(self) -> None:
         """The teacher's accuracy on the validation split, once per run."""
         if self.plan.teacher_used and self.teacher_top1 is None:
+            if self.plan.teacher is not None and not self.plan.teacher.num_classes:
+                # A headless teacher's "logits" are its pooled features: no accuracy to report.
+                self.progress.note("  teacher top-1 n/a (the teacher has no classifier head)")
+                return
             self.teacher_top1, _ = evaluate(
                 self.program.teacher_logits,
                 self.val_loader,
