@@ -92,3 +92,125 @@ def test_one_error_per_cause(tmp_path) -> None:
         "unknown choice 'cosin' for schedule",
         "block index 12 is out of range: the teacher has 12 blocks",
     ]
+
+
+# A teacher head the weights do not provide (issue 16, item 4)
+
+TINY = "img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  num_heads = 2  num_classes = 10"
+
+
+def _validate(tmp_path, monkeypatch, teacher: str, term: str = "kd { }") -> list:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.vkd").write_text(
+        f"teacher {teacher}\n"
+        f"student deit_tiny_patch16_224 {{ {TINY} }}\n"
+        "data synthetic { image_size = 16 }\n"
+        f"distill {{ {term} }}\n"
+    )
+    _spec, diags, _ = vitkdl.validate("r.vkd")
+    return diags
+
+
+def _safetensors(path, shapes: dict[str, list[int]]) -> None:
+    """A safetensors file with zero-filled float32 tensors of these shapes."""
+    import json
+    import math
+
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(offset))
+
+
+@pytest.mark.parametrize("term", ["kd { }", "nkd { }", "token { }"])
+def test_a_logit_term_on_a_teacher_without_weights_is_an_error(tmp_path, monkeypatch, term) -> None:
+    diags = _validate(tmp_path, monkeypatch, f"deit_small_patch16_224 {{ {TINY} }}", term)
+    errors = [d.message for d in diags if d.is_error]
+    kind = term.split()[0]
+    assert (
+        f"{kind} reads the teacher's logits, but the teacher has no weights: "
+        "its head would be random" in errors
+    )
+    head = next(d for d in diags if "its head would be random" in d.message)
+    assert "head = random" in (head.hint or "")
+    # one error for the cause: no warning about random features beside it
+    assert not any("random features" in d.message for d in diags)
+
+
+def test_head_random_says_a_random_teacher_head_is_meant(tmp_path, monkeypatch) -> None:
+    diags = _validate(tmp_path, monkeypatch, f"deit_small_patch16_224 {{ {TINY}  head = random }}")
+    assert not [d for d in diags if d.is_error]
+
+
+def test_a_feature_term_needs_no_teacher_head(tmp_path, monkeypatch) -> None:
+    diags = _validate(
+        tmp_path,
+        monkeypatch,
+        f"deit_small_patch16_224 {{ {TINY} }}",
+        "mimic student.blocks[0] -> teacher.blocks[0]",
+    )
+    assert not [d for d in diags if d.is_error]
+
+
+def test_a_weights_file_must_hold_the_head(tmp_path, monkeypatch) -> None:
+    teacher = f'deit_small_patch16_224 {{ {TINY}  weights = "t.safetensors" }}'
+    _safetensors(tmp_path / "t.safetensors", {"head.weight": [10, 16], "head.bias": [10]})
+    assert not [d for d in _validate(tmp_path, monkeypatch, teacher) if d.is_error]
+
+    _safetensors(tmp_path / "t.safetensors", {"head.weight": [512, 16]})
+    errors = [d for d in _validate(tmp_path, monkeypatch, teacher) if d.is_error]
+    assert [d.message for d in errors] == [
+        "kd reads the teacher's logits, but the head in t.safetensors (head.weight) has 512 "
+        "outputs and the teacher is built with 10 classes: that head would start random"
+    ]
+    assert "train on data with" not in (errors[0].hint or "")
+
+    _safetensors(tmp_path / "t.safetensors", {"norm.weight": [16]})
+    errors = [d.message for d in _validate(tmp_path, monkeypatch, teacher) if d.is_error]
+    assert errors == [
+        "kd reads the teacher's logits, but the weights file t.safetensors has no head "
+        "(head.weight)"
+    ]
+
+
+def test_a_pretrained_tag_without_a_head_is_an_error(tmp_path, monkeypatch) -> None:
+    # EVA-02's MIM tag has no classifier; num_classes would only add a random one
+    for extra in ("", "num_classes = 10"):
+        diags = _validate(
+            tmp_path,
+            monkeypatch,
+            f"eva02_tiny_patch14_224.mim_in22k {{ pretrained = true  {extra} }}",
+        )
+        errors = [d.message for d in diags if d.is_error]
+        assert any(
+            "reads the teacher's logits" in m and "eva02_tiny_patch14_224.mim_in22k" in m
+            for m in errors
+        ), errors
+        assert not any("classes and the teacher" in m for m in errors)  # one error per cause
+
+
+def test_a_num_classes_unlike_the_pretrained_head_is_an_error(tmp_path, monkeypatch) -> None:
+    diags = _validate(
+        tmp_path,
+        monkeypatch,
+        "deit_small_patch16_224.fb_in1k { pretrained = true  num_classes = 10 }",
+    )
+    error = next(d for d in diags if "reads the teacher's logits" in d.message)
+    assert "1000-output head" in error.message and "built with 10 classes" in error.message
+    assert "train on data with" not in (error.hint or "")
+    assert not any("train on data with" in (d.hint or "") for d in diags)
+
+
+def test_head_is_a_teacher_field(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.vkd").write_text(
+        f"student deit_tiny_patch16_224 {{ {TINY}  head = random }}\n"
+        "data synthetic { image_size = 16 }\n"
+    )
+    _spec, diags, _ = vitkdl.validate("r.vkd")
+    assert [d.message for d in diags if d.is_error] == [
+        "head says where the teacher's head comes from; the student's is trained"
+    ]

@@ -58,7 +58,8 @@ def reduced(path: Path) -> dict[str, object]:
         }
     )
     if spec.teacher is not None and spec.teacher.from_recipe is None:
-        over.update({"teacher.img_size": 32, "teacher.num_classes": 10})
+        # a random teacher whose head is meant random (its logits only feed the tests)
+        over.update({"teacher.img_size": 32, "teacher.num_classes": 10, "teacher.head": "random"})
         if model_facts(spec.teacher.model).vit:  # a CNN teacher keeps its depth
             over["teacher.depth"] = 2
     return over
@@ -116,6 +117,8 @@ def tiny_model(name: str, width: int = 32, depth: int = 2, extra: str = "") -> s
 
 
 def tiny_recipe(teacher: str, student: str, distill: str) -> str:
+    """A recipe on synthetic data whose teacher's head is random, as said explicitly."""
+    teacher = teacher[:-1] + " head = random }" if teacher.endswith("}") else teacher
     return (
         f"teacher {teacher}\nstudent {student}\ndata synthetic {{ image_size = 32 }}\n"
         f"distill {{\n{distill}\n}}\n"
@@ -854,7 +857,7 @@ def test_a_cnn_teacher_for_logit_terms_sees_its_own_resolution(tmp_path: Path) -
     path = write(
         tmp_path,
         "cnn",
-        "teacher resnet18 { img_size = 24  num_classes = 10 }\n"
+        "teacher resnet18 { img_size = 24  num_classes = 10  head = random }\n"
         "student vit_tiny_patch16_224 { img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  "
         "num_heads = 2  num_classes = 10 }\n"
         "data synthetic { image_size = 16 }\n"
@@ -888,7 +891,7 @@ def test_a_cnn_teacher_for_logit_terms_sees_its_own_resolution(tmp_path: Path) -
 
 DINO = (
     "teacher vit_small_patch14_reg4_dinov2 { img_size = 56  depth = 2  embed_dim = 32  "
-    "num_heads = 2  num_classes = 10 }\n"
+    "num_heads = 2  num_classes = 10  head = random }\n"
     "student deit_tiny_patch16_224 { img_size = 24  patch_size = 8  depth = 2  embed_dim = 16  "
     "num_heads = 2  num_classes = 10 }\n"
     "data synthetic { image_size = 24 }\n"

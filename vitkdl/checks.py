@@ -10,12 +10,13 @@ weights file that is not there yet) is an error there.
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitkdl import hub
-from vitkdl.errors import Diagnostic, error, one_of, warning
+from vitkdl.errors import Diagnostic, Span, error, one_of, warning
 from vitkdl.models import ModelError, ModelFacts, model_facts
 from vitkdl.sources import expand_braces, known_classes, source
 from vitkdl.spec import ModelSpec, PairedTermSpec, RecipeSpec, SliceSpec, TapSpec
@@ -241,16 +242,27 @@ def check_terms(ctx: Context) -> Iterable[Diagnostic]:
 
 
 def check_classes(ctx: Context) -> Iterable[Diagnostic]:
-    """Logit terms compare class distributions: both heads need the same classes, and the
-    data's class count (when known now) must match the student's head."""
+    """Logit terms compare class distributions: the teacher's head comes from its weights (or
+    the recipe says it is random), both heads have the same classes, and the data's class
+    count (when known now) matches the student's head."""
     s, t, spec = ctx.student, ctx.teacher, ctx.spec
-    logit = [x for x in spec.terms if KINDS[x.kind].reads_teacher_logits]
-    if s is not None and t is not None and logit and s.num_classes != t.num_classes:
+    logit = logit_terms(spec)
+    missing = teacher_head_missing(ctx) if logit else None
+    if missing is not None and spec.teacher is not None:
+        why, span = missing
+        yield error(
+            f"{logit[0].kind} reads the teacher's logits, but {why}",
+            span,
+            hint='give a teacher trained on your classes (`teacher from "RECIPE"` or '
+            'weights = "..."), distil features with taps (mimic, generate), or write '
+            "head = random in the teacher block if a random head is meant (a test)",
+        )
+    elif s is not None and t is not None and logit and s.num_classes != t.num_classes:
         yield error(
             f"{logit[0].kind} compares logits, but the student has {s.num_classes} "
             f"classes and the teacher {t.num_classes}",
             logit[0].span,
-            hint="set num_classes on both models",
+            hint="give both models the same classes (num_classes)",
         )
     known = known_classes(spec.data.source, spec.data.classes)
     if known is not None and s is not None and s.num_classes != known and spec.student:
@@ -259,6 +271,81 @@ def check_classes(ctx: Context) -> Iterable[Diagnostic]:
             spec.student.at("num_classes"),
             hint=f"set num_classes = {known}",
         )
+    if spec.student is not None and spec.student.head is not None:
+        yield error(
+            "head says where the teacher's head comes from; the student's is trained",
+            spec.student.at("head"),
+            hint="remove head from the student block",
+        )
+
+
+def logit_terms(spec: RecipeSpec) -> list:
+    """The recipe's terms that read the teacher's logits (every logit kind, one rule)."""
+    return [x for x in spec.terms if KINDS[x.kind].reads_teacher_logits]
+
+
+def teacher_head_missing(ctx: Context) -> tuple[str, Span] | None:
+    """Why the teacher's classifier head is not one its weights provide, and where, or None
+    when they provide it, the recipe says ``head = random``, or it cannot be known before
+    the run (weights from the hub by name, a file that is not there yet or not safetensors).
+
+    The one rule every logit kind is held to (:func:`check_classes`): a head that starts
+    random makes the student learn noise, and it validates silently otherwise."""
+    m, t = ctx.spec.teacher, ctx.teacher
+    if m is None or t is None or m.head == "random" or m.from_recipe is not None:
+        return None
+    if m.pretrained:
+        if t.pretrained_classes is None:
+            return None
+        tag = f"{t.arch}.{t.pretrained_tag}" if t.pretrained_tag else t.name
+        if t.pretrained_classes == 0:
+            return f"the pretrained {tag} has no classifier head", m.at("pretrained")
+        if t.pretrained_classes != t.num_classes:
+            return (
+                f"the pretrained {tag} has a {t.pretrained_classes}-output head and the "
+                f"teacher is built with {t.num_classes} classes: that head would start random",
+                m.at("num_classes") if m.num_classes is not None else m.at("pretrained"),
+            )
+        return None
+    if m.weights is not None:
+        if hub.is_hub_name(m.weights) or t.head_key is None:
+            return None
+        shapes = safetensors_shapes(Path(m.weights))
+        if shapes is None:
+            return None
+        shape = shapes.get(t.head_key)
+        if shape is None:
+            return f"the weights file {m.weights} has no head ({t.head_key})", m.at("weights")
+        if shape[0] != t.num_classes:
+            return (
+                f"the head in {m.weights} ({t.head_key}) has {shape[0]} outputs and the teacher "
+                f"is built with {t.num_classes} classes: that head would start random",
+                m.at("weights"),
+            )
+        return None
+    return "the teacher has no weights: its head would be random", m.at("model")
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]] | None:
+    """The tensor shapes in a safetensors file, from its JSON header alone (no tensor is
+    read, torch is not imported), or None when the file is missing or not safetensors."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size < 100_000_000:
+                return None
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError, UnicodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    return {
+        k: list(v["shape"])
+        for k, v in header.items()
+        if isinstance(v, dict) and isinstance(v.get("shape"), list)
+    }
 
 
 def check_image_size(ctx: Context) -> Iterable[Diagnostic]:
@@ -427,6 +514,7 @@ def check_weights(ctx: Context) -> Iterable[Diagnostic]:
             and model.weights is None
             and model.from_recipe is None
             and not model.pretrained
+            and not (logit_terms(ctx.spec) and model.head is None)  # an error there
         ):
             yield warning(
                 "the teacher has no weights and would teach from random features",
@@ -460,18 +548,6 @@ def _hub_weights(ctx: Context, role: str, model: ModelSpec) -> Iterable[Diagnost
             return
         repo, files = facts.hf_hub_id, hub.weight_files(facts.hf_hub_filename)
         span = model.at("pretrained")
-        if (
-            role == "teacher"
-            and facts.pretrained_classes
-            and facts.num_classes != facts.pretrained_classes
-        ):
-            yield warning(
-                f"the teacher's pretrained head has {facts.pretrained_classes} classes and it is "
-                f"built with {facts.num_classes}: its head starts random",
-                model.at("pretrained"),
-                hint=f"train on data with {facts.pretrained_classes} classes (num_classes = "
-                f"{facts.pretrained_classes}), or give it a teacher trained on yours",
-            )
     elif hub.is_hub_name(model.weights):
         repo = model.weights
     if repo is None:

@@ -68,6 +68,7 @@ MODEL_FIELDS = (
     "in_chans",
     "mlp_ratio",
     "drop_rate",
+    "head",
 )
 
 
@@ -88,6 +89,9 @@ class ModelSpec(Node):
     in_chans: Annotated[int, Field(gt=0)] | None = None
     mlp_ratio: Annotated[float, Field(gt=0)] | None = None
     drop_rate: Annotated[float, Field(ge=0, lt=1)] | None = None
+    # `head = random`: a teacher head its weights do not provide is meant (a test); logit
+    # terms refuse one otherwise. `pretrained` (the default, None) asks the weights for it.
+    head: Literal["pretrained", "random"] | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
     # `teacher from "PATH"`: the recipe whose final student this teacher is.
     from_recipe: str | None = None
@@ -1100,7 +1104,16 @@ def _teacher_from(
     # teacher's weights are that recipe's finished run (its `weights` / `pretrained` were
     # the student's initialisation).
     base = dep.student.model_dump(
-        exclude={"role", "extra", "from_recipe", "from_name", "from_hash", "weights", "pretrained"}
+        exclude={
+            "role",
+            "extra",
+            "from_recipe",
+            "from_name",
+            "from_hash",
+            "weights",
+            "pretrained",
+            "head",
+        }
     )
     merged = {
         **base,
