@@ -15,6 +15,7 @@ from vitkdl.checks import CHECKS, resolve_tap
 from vitkdl.errors import render
 from vitkdl.models import model_facts
 from vitkdl.spec import SliceSpec, TapSpec
+from vitkdl.terms.base import points_words
 
 BROKEN = sorted((GOLDEN / "broken").glob("*.vkd"))
 
@@ -214,3 +215,73 @@ def test_head_is_a_teacher_field(tmp_path, monkeypatch) -> None:
     assert [d.message for d in diags if d.is_error] == [
         "head says where the teacher's head comes from; the student's is trained"
     ]
+
+
+# Taps that are identities on the model (issue 16, item 3)
+
+AVG = f'{TINY}  global_pool = "avg"'
+
+
+def _distil(tmp_path, monkeypatch, teacher: str, student: str, distill: str):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.vkd").write_text(
+        f"teacher vit_small_patch16_224 {{ {teacher}  head = random }}\n"
+        f"student deit_tiny_patch16_224 {{ {student} }}\n"
+        "data synthetic { image_size = 16 }\n"
+        f"distill {{ {distill} }}\n"
+    )
+    return vitkdl.validate("r.vkd")
+
+
+def test_norm_on_an_avg_pool_model_is_an_identity(tmp_path, monkeypatch) -> None:
+    spec, diags, _ = _distil(
+        tmp_path, monkeypatch, AVG, TINY, "generate student.norm -> teacher.norm"
+    )
+    assert not [d for d in diags if d.is_error]
+    (warn,) = [d for d in diags if "identity" in d.message]
+    assert warn.message.startswith("teacher.norm is an identity on vit_small_patch16_224")
+    assert "teacher.blocks[-1]" in warn.hint and "teacher.fc_norm" in warn.hint
+    assert warn.span == spec.terms[0].teacher[0].span  # at the tap
+    plan = vitkdl.plan(spec)
+    (s,), (t,) = plan.terms[0].student, plan.terms[0].teacher
+    assert t.identity and not s.identity  # the JSON says it too
+    assert points_words([t]) == "norm (identity on this model: the last block's output)"
+    assert points_words([s]) == "norm"
+
+
+def test_fc_norm_where_the_model_has_none_is_an_error_naming_norm(tmp_path, monkeypatch) -> None:
+    _, diags, _ = _distil(
+        tmp_path, monkeypatch, TINY, TINY, "mimic student.blocks[0] -> teacher.fc_norm"
+    )
+    errors = [d for d in diags if d.is_error]
+    assert [d.message for d in errors] == [
+        "teacher.fc_norm is an identity on vit_small_patch16_224 (it has no pooled feature "
+        "norm): its final norm is norm"
+    ]
+    assert errors[0].hint == "write teacher.norm"
+
+
+@pytest.mark.parametrize(
+    ("distill", "message"),
+    [
+        (
+            "generate student.blocks[0] -> teacher.fc_norm",
+            "teacher.fc_norm is one pooled vector per image, and generate 'generate' compares "
+            "patch tokens on a grid",
+        ),
+        (
+            "mimic student.blocks[0] -> teacher.fc_norm",
+            "mimic 'mimic' pairs the pooled fc_norm with patch tokens (student.blocks[0])",
+        ),
+        (
+            "mimic student.blocks[0] -> teacher.fc_norm { loss = relation }",
+            "teacher.fc_norm is one pooled vector per image, and mimic 'mimic' compares patch "
+            "tokens on a grid",
+        ),
+    ],
+)
+def test_fc_norm_pairs_only_with_fc_norm_in_a_feature_mimic(
+    tmp_path, monkeypatch, distill, message
+) -> None:
+    _, diags, _ = _distil(tmp_path, monkeypatch, AVG, TINY, distill)
+    assert [d.message for d in diags if d.is_error] == [message]

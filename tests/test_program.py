@@ -957,3 +957,31 @@ def test_resample_tokens() -> None:
     assert up.shape == (2, 64, 5)
     with pytest.raises(ValueError, match="do not lie on a 3x3 grid"):
         resample_tokens(x, (3, 3), (2, 2), "area")
+
+
+def test_fc_norm_is_the_pooled_normalised_feature(tmp_path: Path) -> None:
+    # global_pool = avg: norm is an identity, fc_norm normalises the pooled feature
+    avg = 'global_pool = "avg"'
+    path = write(
+        tmp_path,
+        "pooled",
+        tiny_recipe(
+            tiny_model("vit_small_patch16_224", width=48, extra=avg),
+            tiny_model("vit_tiny_patch16_224", width=32, extra=avg),
+            "mimic student.fc_norm -> teacher.fc_norm as pooled { weight = 1.0 }",
+        ),
+    )
+    program = build(path)
+    term = program.plan.terms[0]
+    assert [p.key for p in term.teacher] == ["fc_norm"] and term.teacher_shape == [1, 48]
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    program.eval()
+    with torch.no_grad():
+        for model in (program.student, program.teacher):
+            points = [TapPoint(point="fc_norm")]
+            _, got = program_module.tap_pass(model, images, points, 1)
+            pooled = model.forward_head(model.forward_features(images), pre_logits=True)
+            assert got["fc_norm"].shape == (2, 1, pooled.shape[-1])
+            torch.testing.assert_close(got["fc_norm"][:, 0], pooled)
+        out = program.forward(images, labels)
+    assert torch.isfinite(out["pooled"]) and out["pooled"] > 0

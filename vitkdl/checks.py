@@ -34,6 +34,7 @@ class Context:
     student: ModelFacts | None = None
     teacher: ModelFacts | None = None
     model_errors: tuple[Diagnostic, ...] = ()
+    tap_warnings: tuple[Diagnostic, ...] = ()  # taps that resolve but read something else
     strict: bool = False
     taps: dict[tuple[str, str], list[TapPoint] | None] = field(default_factory=dict)
 
@@ -82,8 +83,32 @@ def resolve_tap(tap: TapSpec, facts: ModelFacts) -> tuple[list[TapPoint], list[D
     errors for indices out of range and points the model's blocks do not have."""
     if not facts.vit:
         return [], [not_a_vit_tap(tap, facts)]
+    if tap.point == "norm" and facts.norm_identity:
+        # Derived from the module (nn.Identity on the meta-built model), not from a name list.
+        better = f"{tap.side}.blocks[-1] for the same tensor"
+        if facts.fc_norm:
+            better += f", or {tap.side}.fc_norm for the pooled, normalised feature"
+        return [TapPoint(point="norm", identity=True)], [
+            warning(
+                f"{tap.text()} is an identity on {facts.name} (it normalises after pooling, "
+                "in fc_norm): this tap reads the last block's output, not normalised",
+                tap.span,
+                hint=f"write {better}",
+            )
+        ]
     if tap.point == "norm":
         return [TapPoint(point="norm")], []
+    if tap.point == "fc_norm":
+        if not facts.fc_norm:
+            return [], [
+                error(
+                    f"{tap.text()} is an identity on {facts.name} (it has no pooled feature "
+                    "norm): its final norm is norm",
+                    tap.span,
+                    hint=f"write {tap.side}.norm",
+                )
+            ]
+        return [TapPoint(point="fc_norm")], []
     depth = facts.depth
     out: list[TapPoint] = []
     diags: list[Diagnostic] = []
@@ -152,12 +177,14 @@ def make_context(spec: RecipeSpec, strict: bool = False) -> Context:
             for tap in getattr(term, side):
                 got, errs = resolve_tap(tap, facts)
                 diags.extend(errs)
-                if errs or points is None:
+                if any(d.is_error for d in errs) or points is None:
                     points = None
                 else:
                     points.extend(got)
             taps[(term.name, side)] = points
-    return Context(spec, student, teacher, tuple(diags), strict, taps)
+    errors = tuple(d for d in diags if d.is_error)
+    warnings = tuple(d for d in diags if not d.is_error)
+    return Context(spec, student, teacher, errors, warnings, strict, taps)
 
 
 Check = Callable[[Context], Iterable[Diagnostic]]
@@ -171,6 +198,7 @@ def check_models(ctx: Context) -> Iterable[Diagnostic]:
     """Unknown timm names, tags and arguments, models that are not ViTs, taps out of range or
     inside blocks that cannot be tapped."""
     yield from ctx.model_errors
+    yield from ctx.tap_warnings
 
 
 def check_teacher(ctx: Context) -> Iterable[Diagnostic]:
@@ -202,6 +230,35 @@ def check_tap_counts(ctx: Context) -> Iterable[Diagnostic]:
                 f"{t.kind} '{t.name}' pairs {len(s)} student taps with {len(te)} teacher taps",
                 t.span,
                 expected="the same number of taps on both sides of ->",
+            )
+
+
+def check_pooled_taps(ctx: Context) -> Iterable[Diagnostic]:
+    """``fc_norm`` is the pooled, normalised feature, one token per image: only a kind that
+    compares features without a grid reads it (:meth:`Kind.reads_pooled`), and with fc_norm
+    on both sides of ``->`` (patch tokens have a grid, it none)."""
+    for t in _paired(ctx.spec):
+        taps = (*t.student, *t.teacher)
+        pooled = [x for x in taps if x.point == "fc_norm"]
+        resolved = all(ctx.taps.get((t.name, side)) is not None for side in ("student", "teacher"))
+        if not pooled or not resolved:  # a tap that did not resolve has its own error
+            continue
+        if not KINDS[t.kind].reads_pooled(t):
+            yield error(
+                f"{pooled[0].text()} is one pooled vector per image, and {t.kind} "
+                f"'{t.name}' compares patch tokens on a grid",
+                pooled[0].span,
+                expected="fc_norm in a term that compares features without a token grid",
+                hint=f"tap {pooled[0].side}.blocks[-1] (the patch tokens) here",
+            )
+        elif len(pooled) != len(taps):
+            other = next(x for x in taps if x.point != "fc_norm")
+            yield error(
+                f"{t.kind} '{t.name}' pairs the pooled fc_norm with patch tokens ({other.text()})",
+                other.span,
+                expected="fc_norm on both sides of ->",
+                hint="the student's fc_norm needs a model that pools and then normalises "
+                "(global_pool = avg on a timm ViT)",
             )
 
 
@@ -616,6 +673,7 @@ CHECKS: tuple[Check, ...] = (
     check_models,
     check_teacher,
     check_tap_counts,
+    check_pooled_taps,
     check_sharded_taps,
     check_terms,
     check_classes,

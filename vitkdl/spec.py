@@ -139,7 +139,7 @@ class TapSpec(Node):
     ``blocks[i]`` also names) or ``attn_map`` (the attention probabilities)."""
 
     side: Literal["student", "teacher"]
-    point: Literal["blocks", "norm"]
+    point: Literal["blocks", "norm", "fc_norm"]
     index: tuple[int | SliceSpec, ...] | None = None
     sub: Literal["attn", "mlp", "attn_map"] | None = None
 
@@ -908,14 +908,18 @@ def _tap_spec(tap: syn.Tap, diags: list[Diagnostic]) -> TapSpec | None:
             error(
                 f"unknown tap point '{tap.point}'",
                 tap.point_span,
-                expected="blocks[...] or norm",
+                expected="blocks[...], norm or fc_norm",
                 hint=did_you_mean(tap.point, points),
             )
         )
         return None
-    if tap.point == "norm" and (index is not None or tap.sub is not None):
+    if tap.point in ("norm", "fc_norm") and (index is not None or tap.sub is not None):
         diags.append(
-            error("norm is one tap and takes no index", tap.span, hint=f"write {tap.side}.norm")
+            error(
+                f"{tap.point} is one tap and takes no index",
+                tap.span,
+                hint=f"write {tap.side}.{tap.point}",
+            )
         )
         return None
     if tap.point == "blocks" and index is None:

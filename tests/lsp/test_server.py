@@ -177,7 +177,7 @@ def test_completion_inside_a_term_body_offers_its_fields_and_choices(client, tmp
     choices = client.request("textDocument/completion", client.at(uri, 5, 16))
     assert _labels(choices) == ["linear", "identity", "mlp"]
     taps = client.request("textDocument/completion", client.at(uri, 7, 21))
-    assert _labels(taps) == ["blocks", "norm"]
+    assert _labels(taps) == ["blocks", "norm", "fc_norm"]
     terms = client.request("textDocument/completion", client.at(uri, 7, 4))
     assert {"mimic", "generate", "nkd", "kd", "labels"} <= set(_labels(terms))
     top = client.request("textDocument/completion", client.at(uri, 9, 0))
