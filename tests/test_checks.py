@@ -285,3 +285,17 @@ def test_fc_norm_pairs_only_with_fc_norm_in_a_feature_mimic(
 ) -> None:
     _, diags, _ = _distil(tmp_path, monkeypatch, AVG, TINY, distill)
     assert [d.message for d in diags if d.is_error] == [message]
+
+
+def test_hub_weights_in_the_cache_must_hold_the_head(tmp_path, monkeypatch) -> None:
+    from vitkdl import hub
+
+    _safetensors(tmp_path / "model.safetensors", {"norm.weight": [16]})
+    monkeypatch.setattr(hub, "cached", lambda repo, files=(): tmp_path / "model.safetensors")
+    teacher = f'deit_small_patch16_224 {{ {TINY}  weights = "hf-hub:org/mim" }}'
+    errors = [d.message for d in _validate(tmp_path, monkeypatch, teacher) if d.is_error]
+    assert errors == [
+        "kd reads the teacher's logits, but the weights hf-hub:org/mim has no head (head.weight)"
+    ]
+    monkeypatch.setattr(hub, "cached", lambda repo, files=(): None)  # not cached: unknown yet
+    assert not [d for d in _validate(tmp_path, monkeypatch, teacher) if d.is_error]

@@ -344,7 +344,8 @@ def logit_terms(spec: RecipeSpec) -> list:
 def teacher_head_missing(ctx: Context) -> tuple[str, Span] | None:
     """Why the teacher's classifier head is not one its weights provide, and where, or None
     when they provide it, the recipe says ``head = random``, or it cannot be known before
-    the run (weights from the hub by name, a file that is not there yet or not safetensors).
+    the run (hub weights not in the cache yet, a file that is not there yet or not
+    safetensors).
 
     The one rule every logit kind is held to (:func:`check_classes`): a head that starts
     random makes the student learn noise, and it validates silently otherwise."""
@@ -365,14 +366,21 @@ def teacher_head_missing(ctx: Context) -> tuple[str, Span] | None:
             )
         return None
     if m.weights is not None:
-        if hub.is_hub_name(m.weights) or t.head_key is None:
+        if t.head_key is None:
             return None
-        shapes = safetensors_shapes(Path(m.weights))
+        path: Path | None = Path(m.weights)
+        if hub.is_hub_name(m.weights):  # known only once in the hub cache (no network here)
+            try:
+                path = hub.cached(m.weights)
+            except ImportError:
+                path = None
+        shapes = safetensors_shapes(path) if path is not None else None
         if shapes is None:
             return None
         shape = shapes.get(t.head_key)
         if shape is None:
-            return f"the weights file {m.weights} has no head ({t.head_key})", m.at("weights")
+            what = "weights" if hub.is_hub_name(m.weights) else "weights file"
+            return f"the {what} {m.weights} has no head ({t.head_key})", m.at("weights")
         if shape[0] != t.num_classes:
             return (
                 f"the head in {m.weights} ({t.head_key}) has {shape[0]} outputs and the teacher "
