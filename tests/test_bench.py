@@ -34,6 +34,7 @@ teacher vit_tiny_patch16_224 {
     embed_dim = 48
     num_heads = 2
     num_classes = 10
+    head = random
 }
 student vit_tiny_patch16_224 {
     img_size = 16
@@ -262,6 +263,7 @@ def test_peak_flops_match_cards_strictly() -> None:
 TOKEN = """recipe token_bench
 teacher vit_tiny_patch16_224 {
     img_size = 16  patch_size = 4  depth = 1  embed_dim = 48  num_heads = 2  num_classes = 10
+    head = random
 }
 student deit_tiny_distilled_patch16_224 {
     img_size = 16  patch_size = 4  depth = 1  embed_dim = 32  num_heads = 2  num_classes = 10

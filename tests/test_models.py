@@ -353,3 +353,13 @@ def test_warm_cache_needs_no_torch(cache_dir: Path) -> None:
     assert out["suggest"][0] == "deit_tiny_patch16_224"
     assert out["torch"] is False
     assert out["timm"] is False
+
+
+def test_which_norm_is_real_and_where_the_head_is_come_from_the_modules() -> None:
+    plain = model_facts("vit_tiny_patch16_224", {"depth": 1})
+    assert not plain.norm_identity and not plain.fc_norm and plain.head_key == "head.weight"
+    avg = model_facts("vit_tiny_patch16_224", {"depth": 1, "global_pool": "avg"})
+    assert avg.norm_identity and avg.fc_norm  # timm normalises after pooling there
+    mim = model_facts("eva02_tiny_patch14_224.mim_in22k", {"depth": 1})
+    assert mim.head_key is None and mim.pretrained_classes == 0
+    assert model_facts("resnet18", {"num_classes": 10}).head_key == "fc.weight"

@@ -58,7 +58,8 @@ def reduced(path: Path) -> dict[str, object]:
         }
     )
     if spec.teacher is not None and spec.teacher.from_recipe is None:
-        over.update({"teacher.img_size": 32, "teacher.num_classes": 10})
+        # a random teacher whose head is meant random (its logits only feed the tests)
+        over.update({"teacher.img_size": 32, "teacher.num_classes": 10, "teacher.head": "random"})
         if model_facts(spec.teacher.model).vit:  # a CNN teacher keeps its depth
             over["teacher.depth"] = 2
     return over
@@ -116,6 +117,8 @@ def tiny_model(name: str, width: int = 32, depth: int = 2, extra: str = "") -> s
 
 
 def tiny_recipe(teacher: str, student: str, distill: str) -> str:
+    """A recipe on synthetic data whose teacher's head is random, as said explicitly."""
+    teacher = teacher[:-1] + " head = random }" if teacher.endswith("}") else teacher
     return (
         f"teacher {teacher}\nstudent {student}\ndata synthetic {{ image_size = 32 }}\n"
         f"distill {{\n{distill}\n}}\n"
@@ -854,7 +857,7 @@ def test_a_cnn_teacher_for_logit_terms_sees_its_own_resolution(tmp_path: Path) -
     path = write(
         tmp_path,
         "cnn",
-        "teacher resnet18 { img_size = 24  num_classes = 10 }\n"
+        "teacher resnet18 { img_size = 24  num_classes = 10  head = random }\n"
         "student vit_tiny_patch16_224 { img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  "
         "num_heads = 2  num_classes = 10 }\n"
         "data synthetic { image_size = 16 }\n"
@@ -888,7 +891,7 @@ def test_a_cnn_teacher_for_logit_terms_sees_its_own_resolution(tmp_path: Path) -
 
 DINO = (
     "teacher vit_small_patch14_reg4_dinov2 { img_size = 56  depth = 2  embed_dim = 32  "
-    "num_heads = 2  num_classes = 10 }\n"
+    "num_heads = 2  num_classes = 10  head = random }\n"
     "student deit_tiny_patch16_224 { img_size = 24  patch_size = 8  depth = 2  embed_dim = 16  "
     "num_heads = 2  num_classes = 10 }\n"
     "data synthetic { image_size = 24 }\n"
@@ -976,3 +979,31 @@ def test_device_problems_name_the_choices_and_the_missing_gpu(monkeypatch) -> No
     with pytest.raises(ValueError, match="no CUDA device here"):
         resolve_device("cuda")
     assert resolve_device(None) == torch.device("cpu")
+
+
+def test_fc_norm_is_the_pooled_normalised_feature(tmp_path: Path) -> None:
+    # global_pool = avg: norm is an identity, fc_norm normalises the pooled feature
+    avg = 'global_pool = "avg"'
+    path = write(
+        tmp_path,
+        "pooled",
+        tiny_recipe(
+            tiny_model("vit_small_patch16_224", width=48, extra=avg),
+            tiny_model("vit_tiny_patch16_224", width=32, extra=avg),
+            "mimic student.fc_norm -> teacher.fc_norm as pooled { weight = 1.0 }",
+        ),
+    )
+    program = build(path)
+    term = program.plan.terms[0]
+    assert [p.key for p in term.teacher] == ["fc_norm"] and term.teacher_shape == [1, 48]
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    program.eval()
+    with torch.no_grad():
+        for model in (program.student, program.teacher):
+            points = [TapPoint(point="fc_norm")]
+            _, got = program_module.tap_pass(model, images, points, 1)
+            pooled = model.forward_head(model.forward_features(images), pre_logits=True)
+            assert got["fc_norm"].shape == (2, 1, pooled.shape[-1])
+            torch.testing.assert_close(got["fc_norm"][:, 0], pooled)
+        out = program.forward(images, labels)
+    assert torch.isfinite(out["pooled"]) and out["pooled"] > 0

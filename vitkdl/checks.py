@@ -10,12 +10,13 @@ weights file that is not there yet) is an error there.
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitkdl import hub
-from vitkdl.errors import Diagnostic, did_you_mean, error, one_of, warning
+from vitkdl.errors import Diagnostic, Span, did_you_mean, error, one_of, warning
 from vitkdl.models import ModelError, ModelFacts, model_facts
 from vitkdl.sources import expand_braces, known_classes, source
 from vitkdl.spec import MODEL_FIELDS, ModelSpec, PairedTermSpec, RecipeSpec, SliceSpec, TapSpec
@@ -33,6 +34,7 @@ class Context:
     student: ModelFacts | None = None
     teacher: ModelFacts | None = None
     model_errors: tuple[Diagnostic, ...] = ()
+    tap_warnings: tuple[Diagnostic, ...] = ()  # taps that resolve but read something else
     strict: bool = False
     taps: dict[tuple[str, str], list[TapPoint] | None] = field(default_factory=dict)
 
@@ -114,8 +116,32 @@ def resolve_tap(tap: TapSpec, facts: ModelFacts) -> tuple[list[TapPoint], list[D
     errors for indices out of range and points the model's blocks do not have."""
     if not facts.vit:
         return [], [not_a_vit_tap(tap, facts)]
+    if tap.point == "norm" and facts.norm_identity:
+        # Derived from the module (nn.Identity on the meta-built model), not from a name list.
+        better = f"{tap.side}.blocks[-1] for the same tensor"
+        if facts.fc_norm:
+            better += f", or {tap.side}.fc_norm for the pooled, normalised feature"
+        return [TapPoint(point="norm", identity=True)], [
+            warning(
+                f"{tap.text()} is an identity on {facts.name} (it normalises after pooling, "
+                "in fc_norm): this tap reads the last block's output, not normalised",
+                tap.span,
+                hint=f"write {better}",
+            )
+        ]
     if tap.point == "norm":
         return [TapPoint(point="norm")], []
+    if tap.point == "fc_norm":
+        if not facts.fc_norm:
+            return [], [
+                error(
+                    f"{tap.text()} is an identity on {facts.name} (it has no pooled feature "
+                    "norm): its final norm is norm",
+                    tap.span,
+                    hint=f"write {tap.side}.norm",
+                )
+            ]
+        return [TapPoint(point="fc_norm")], []
     depth = facts.depth
     out: list[TapPoint] = []
     diags: list[Diagnostic] = []
@@ -184,12 +210,14 @@ def make_context(spec: RecipeSpec, strict: bool = False) -> Context:
             for tap in getattr(term, side):
                 got, errs = resolve_tap(tap, facts)
                 diags.extend(errs)
-                if errs or points is None:
+                if any(d.is_error for d in errs) or points is None:
                     points = None
                 else:
                     points.extend(got)
             taps[(term.name, side)] = points
-    return Context(spec, student, teacher, tuple(diags), strict, taps)
+    errors = tuple(d for d in diags if d.is_error)
+    warnings = tuple(d for d in diags if not d.is_error)
+    return Context(spec, student, teacher, errors, warnings, strict, taps)
 
 
 Check = Callable[[Context], Iterable[Diagnostic]]
@@ -203,6 +231,7 @@ def check_models(ctx: Context) -> Iterable[Diagnostic]:
     """Unknown timm names, tags and arguments, models that are not ViTs, taps out of range or
     inside blocks that cannot be tapped."""
     yield from ctx.model_errors
+    yield from ctx.tap_warnings
 
 
 def check_teacher(ctx: Context) -> Iterable[Diagnostic]:
@@ -236,6 +265,35 @@ def check_tap_counts(ctx: Context) -> Iterable[Diagnostic]:
                 f"{t.kind} '{t.name}' pairs {len(s)} student taps with {len(te)} teacher taps",
                 t.span,
                 expected="the same number of taps on both sides of ->",
+            )
+
+
+def check_pooled_taps(ctx: Context) -> Iterable[Diagnostic]:
+    """``fc_norm`` is the pooled, normalised feature, one token per image: only a kind that
+    compares features without a grid reads it (:meth:`Kind.reads_pooled`), and with fc_norm
+    on both sides of ``->`` (patch tokens have a grid, it none)."""
+    for t in _paired(ctx.spec):
+        taps = (*t.student, *t.teacher)
+        pooled = [x for x in taps if x.point == "fc_norm"]
+        resolved = all(ctx.taps.get((t.name, side)) is not None for side in ("student", "teacher"))
+        if not pooled or not resolved:  # a tap that did not resolve has its own error
+            continue
+        if not KINDS[t.kind].reads_pooled(t):
+            yield error(
+                f"{pooled[0].text()} is one pooled vector per image, and {t.kind} "
+                f"'{t.name}' compares patch tokens on a grid",
+                pooled[0].span,
+                expected="fc_norm in a term that compares features without a token grid",
+                hint=f"tap {pooled[0].side}.blocks[-1] (the patch tokens) here",
+            )
+        elif len(pooled) != len(taps):
+            other = next(x for x in taps if x.point != "fc_norm")
+            yield error(
+                f"{t.kind} '{t.name}' pairs the pooled fc_norm with patch tokens ({other.text()})",
+                other.span,
+                expected="fc_norm on both sides of ->",
+                hint="the student's fc_norm needs a model that pools and then normalises "
+                "(global_pool = avg on a timm ViT)",
             )
 
 
@@ -276,16 +334,27 @@ def check_terms(ctx: Context) -> Iterable[Diagnostic]:
 
 
 def check_classes(ctx: Context) -> Iterable[Diagnostic]:
-    """Logit terms compare class distributions: both heads need the same classes, and the
-    data's class count (when known now) must match the student's head."""
+    """Logit terms compare class distributions: the teacher's head comes from its weights (or
+    the recipe says it is random), both heads have the same classes, and the data's class
+    count (when known now) matches the student's head."""
     s, t, spec = ctx.student, ctx.teacher, ctx.spec
-    logit = [x for x in spec.terms if KINDS[x.kind].reads_teacher_logits]
-    if s is not None and t is not None and logit and s.num_classes != t.num_classes:
+    logit = logit_terms(spec)
+    missing = teacher_head_missing(ctx) if logit else None
+    if missing is not None and spec.teacher is not None:
+        why, span = missing
+        yield error(
+            f"{logit[0].kind} reads the teacher's logits, but {why}",
+            span,
+            hint='give a teacher trained on your classes (`teacher from "RECIPE"` or '
+            'weights = "..."), distil features with taps (mimic, generate), or write '
+            "head = random in the teacher block if a random head is meant (a test)",
+        )
+    elif s is not None and t is not None and logit and s.num_classes != t.num_classes:
         yield error(
             f"{logit[0].kind} compares logits, but the student has {s.num_classes} "
             f"classes and the teacher {t.num_classes}",
             logit[0].span,
-            hint="set num_classes on both models",
+            hint="give both models the same classes (num_classes)",
         )
     known = known_classes(spec.data.source, spec.data.classes)
     if known is not None and s is not None and s.num_classes != known and spec.student:
@@ -294,6 +363,89 @@ def check_classes(ctx: Context) -> Iterable[Diagnostic]:
             spec.student.at("num_classes"),
             hint=f"set num_classes = {known}",
         )
+    if spec.student is not None and spec.student.head is not None:
+        yield error(
+            "head says where the teacher's head comes from; the student's is trained",
+            spec.student.at("head"),
+            hint="remove head from the student block",
+        )
+
+
+def logit_terms(spec: RecipeSpec) -> list:
+    """The recipe's terms that read the teacher's logits (every logit kind, one rule)."""
+    return [x for x in spec.terms if KINDS[x.kind].reads_teacher_logits]
+
+
+def teacher_head_missing(ctx: Context) -> tuple[str, Span] | None:
+    """Why the teacher's classifier head is not one its weights provide, and where, or None
+    when they provide it, the recipe says ``head = random``, or it cannot be known before
+    the run (hub weights not in the cache yet, a file that is not there yet or not
+    safetensors).
+
+    The one rule every logit kind is held to (:func:`check_classes`): a head that starts
+    random makes the student learn noise, and it validates silently otherwise."""
+    m, t = ctx.spec.teacher, ctx.teacher
+    if m is None or t is None or m.head == "random" or m.from_recipe is not None:
+        return None
+    if m.pretrained:
+        if t.pretrained_classes is None:
+            return None
+        tag = f"{t.arch}.{t.pretrained_tag}" if t.pretrained_tag else t.name
+        if t.pretrained_classes == 0:
+            return f"the pretrained {tag} has no classifier head", m.at("pretrained")
+        if t.pretrained_classes != t.num_classes:
+            return (
+                f"the pretrained {tag} has a {t.pretrained_classes}-output head and the "
+                f"teacher is built with {t.num_classes} classes: that head would start random",
+                m.at("num_classes") if m.num_classes is not None else m.at("pretrained"),
+            )
+        return None
+    if m.weights is not None:
+        if t.head_key is None:
+            return None
+        path: Path | None = Path(m.weights)
+        if hub.is_hub_name(m.weights):  # known only once in the hub cache (no network here)
+            try:
+                path = hub.cached(m.weights)
+            except ImportError:
+                path = None
+        shapes = safetensors_shapes(path) if path is not None else None
+        if shapes is None:
+            return None
+        shape = shapes.get(t.head_key)
+        if shape is None:
+            what = "weights" if hub.is_hub_name(m.weights) else "weights file"
+            return f"the {what} {m.weights} has no head ({t.head_key})", m.at("weights")
+        if shape[0] != t.num_classes:
+            return (
+                f"the head in {m.weights} ({t.head_key}) has {shape[0]} outputs and the teacher "
+                f"is built with {t.num_classes} classes: that head would start random",
+                m.at("weights"),
+            )
+        return None
+    return "the teacher has no weights: its head would be random", m.at("model")
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]] | None:
+    """The tensor shapes in a safetensors file, from its JSON header alone (no tensor is
+    read, torch is not imported), or None when the file is missing or not safetensors."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size < 100_000_000:
+                return None
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError, UnicodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    return {
+        k: list(v["shape"])
+        for k, v in header.items()
+        if isinstance(v, dict) and isinstance(v.get("shape"), list)
+    }
 
 
 def check_image_size(ctx: Context) -> Iterable[Diagnostic]:
@@ -462,6 +614,7 @@ def check_weights(ctx: Context) -> Iterable[Diagnostic]:
             and model.weights is None
             and model.from_recipe is None
             and not model.pretrained
+            and not (logit_terms(ctx.spec) and model.head is None)  # an error there
         ):
             yield warning(
                 "the teacher has no weights and would teach from random features",
@@ -495,18 +648,6 @@ def _hub_weights(ctx: Context, role: str, model: ModelSpec) -> Iterable[Diagnost
             return
         repo, files = facts.hf_hub_id, hub.weight_files(facts.hf_hub_filename)
         span = model.at("pretrained")
-        if (
-            role == "teacher"
-            and facts.pretrained_classes
-            and facts.num_classes != facts.pretrained_classes
-        ):
-            yield warning(
-                f"the teacher's pretrained head has {facts.pretrained_classes} classes and it is "
-                f"built with {facts.num_classes}: its head starts random",
-                model.at("pretrained"),
-                hint=f"train on data with {facts.pretrained_classes} classes (num_classes = "
-                f"{facts.pretrained_classes}), or give it a teacher trained on yours",
-            )
     elif hub.is_hub_name(model.weights):
         repo = model.weights
     if repo is None:
@@ -575,6 +716,7 @@ CHECKS: tuple[Check, ...] = (
     check_models,
     check_teacher,
     check_tap_counts,
+    check_pooled_taps,
     check_sharded_taps,
     check_terms,
     check_classes,

@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: Bump when the layout of the cache file or of :class:`ModelFacts` changes.
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 
 #: Keyword arguments of ``timm.create_model`` that would load weights; they are dropped because
 #: facts are always resolved with ``pretrained=False`` on the meta device.
@@ -130,6 +130,15 @@ class ModelFacts(BaseModel):
     """The weights file in that repository when it is not timm's default name."""
     pretrained_classes: int | None = None
     """The classes the pretrained tag's head was trained on."""
+    head_key: str | None = None
+    """The state-dict key of the classifier's weight (``head.weight``, ``fc.weight``), whose
+    rows are the classes; None when the model has no classifier (``num_classes = 0``)."""
+    norm_identity: bool = False
+    """Whether the final ``norm`` is ``nn.Identity`` (models with ``global_pool = avg``
+    normalise after pooling, in ``fc_norm``): ``teacher.norm`` is then the last block's
+    output."""
+    fc_norm: bool = False
+    """Whether the model normalises its pooled feature (``fc_norm`` is not ``nn.Identity``)."""
 
 
 #: The points inside a block that a sub-block tap reads, and where the pass starts.
@@ -718,6 +727,11 @@ def _measure(
         block_parts=tuple(n for n, _ in first.named_children()) if first is not None else (),
         sub_taps=bool(sub_taps),
         distilled=hasattr(model, "head_dist") and hasattr(model, "set_distilled_training"),
+        # From the modules themselves, not from names: which norm is real depends on the
+        # configuration (global_pool = avg moves timm's final norm behind the pooling).
+        norm_identity=isinstance(getattr(model, "norm", None), torch.nn.Identity),
+        fc_norm=isinstance(getattr(model, "fc_norm", None), torch.nn.Module)
+        and not isinstance(model.fc_norm, torch.nn.Identity),
     )
 
 
@@ -726,6 +740,7 @@ def _shared_facts(model: torch.nn.Module, cfg: Mapping[str, Any], flops: int) ->
     pretrained config) and where ``pretrained=True`` would load its weights from."""
     classes = cfg.get("num_classes")
     return {
+        "head_key": _head_key(model),
         "num_classes": int(getattr(model, "num_classes", 0) or 0),
         "params": _count(model),
         "head_params": _count(model.get_classifier()) if hasattr(model, "get_classifier") else 0,
@@ -739,6 +754,24 @@ def _shared_facts(model: torch.nn.Module, cfg: Mapping[str, Any], flops: int) ->
         "hf_hub_filename": cfg.get("hf_hub_filename") or None,
         "pretrained_classes": int(classes) if isinstance(classes, int) else None,
     }
+
+
+def _head_key(model: torch.nn.Module) -> str | None:
+    """The state-dict key of the classifier's weight, or None without a classifier."""
+    import torch
+
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, tuple):  # a distilled DeiT: (head, head_dist); the class head first
+        head = head[0] if head else None
+    if not isinstance(head, torch.nn.Module) or isinstance(head, torch.nn.Identity):
+        return None
+    for name, module in model.named_modules():
+        if module is head:
+            # A classifier wrapping its Linear (ConvNeXt's head.fc, RegNet's head.fc)
+            for sub, param in module.named_parameters():
+                if param.dim() == 2:
+                    return f"{name}.{sub}"
+    return None
 
 
 def _measure_classifier(

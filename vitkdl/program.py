@@ -344,7 +344,7 @@ def head_pass(
     probabilities computed explicitly where ``attn_map`` is tapped), every other block whole,
     so it keeps its fused attention. No hooks: one graph.
     """
-    if all(p.point in ("out", "norm") for p in points):
+    if all(p.point in ("out", "norm", "fc_norm") for p in points):
         blocks = sorted({p.block for p in points if p.point == "out" and p.block is not None})
         if blocks:
             final, feats = model.forward_intermediates(images, indices=blocks, output_fmt="NLC")
@@ -354,6 +354,8 @@ def head_pass(
     else:
         final, taps = _block_pass(model, images, points, prefix)
     taps["norm"] = final[:, prefix:]
+    if any(p.point == "fc_norm" for p in points):  # the pooled, normalised feature: one token
+        taps["fc_norm"] = model.fc_norm(model.pool(final)).unsqueeze(1)
     return model.forward_head(final), taps
 
 

@@ -69,6 +69,7 @@ MODEL_FIELDS = (
     "in_chans",
     "mlp_ratio",
     "drop_rate",
+    "head",
 )
 
 
@@ -89,6 +90,9 @@ class ModelSpec(Node):
     in_chans: Annotated[int, Field(gt=0)] | None = None
     mlp_ratio: Annotated[float, Field(gt=0)] | None = None
     drop_rate: Annotated[float, Field(ge=0, lt=1)] | None = None
+    # `head = random`: a teacher head its weights do not provide is meant (a test); logit
+    # terms refuse one otherwise. `pretrained` (the default, None) asks the weights for it.
+    head: Literal["pretrained", "random"] | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
     # `teacher from "PATH"`: the recipe whose final student this teacher is.
     from_recipe: str | None = None
@@ -136,7 +140,7 @@ class TapSpec(Node):
     ``blocks[i]`` also names) or ``attn_map`` (the attention probabilities)."""
 
     side: Literal["student", "teacher"]
-    point: Literal["blocks", "norm"]
+    point: Literal["blocks", "norm", "fc_norm"]
     index: tuple[int | SliceSpec, ...] | None = None
     sub: Literal["attn", "mlp", "attn_map"] | None = None
 
@@ -1205,14 +1209,18 @@ def _tap_spec(tap: syn.Tap, diags: list[Diagnostic]) -> TapSpec | None:
             error(
                 f"unknown tap point '{tap.point}'",
                 tap.point_span,
-                expected="blocks[...] or norm",
+                expected="blocks[...], norm or fc_norm",
                 hint=did_you_mean(tap.point, points),
             )
         )
         return None
-    if tap.point == "norm" and (index is not None or tap.sub is not None):
+    if tap.point in ("norm", "fc_norm") and (index is not None or tap.sub is not None):
         diags.append(
-            error("norm is one tap and takes no index", tap.span, hint=f"write {tap.side}.norm")
+            error(
+                f"{tap.point} is one tap and takes no index",
+                tap.span,
+                hint=f"write {tap.side}.{tap.point}",
+            )
         )
         return None
     if tap.point == "blocks" and index is None:
@@ -1435,7 +1443,16 @@ def _teacher_from(
     # teacher's weights are that recipe's finished run (its `weights` / `pretrained` were
     # the student's initialisation).
     base = dep.student.model_dump(
-        exclude={"role", "extra", "from_recipe", "from_name", "from_hash", "weights", "pretrained"}
+        exclude={
+            "role",
+            "extra",
+            "from_recipe",
+            "from_name",
+            "from_hash",
+            "weights",
+            "pretrained",
+            "head",
+        }
     )
     merged = {
         **base,

@@ -177,7 +177,7 @@ def test_completion_inside_a_term_body_offers_its_fields_and_choices(client, tmp
     choices = client.request("textDocument/completion", client.at(uri, 5, 16))
     assert _labels(choices) == ["linear", "identity", "mlp"]
     taps = client.request("textDocument/completion", client.at(uri, 7, 21))
-    assert _labels(taps) == ["blocks", "norm"]
+    assert _labels(taps) == ["blocks", "norm", "fc_norm"]
     terms = client.request("textDocument/completion", client.at(uri, 7, 4))
     assert {"mimic", "generate", "nkd", "kd", "labels"} <= set(_labels(terms))
     top = client.request("textDocument/completion", client.at(uri, 9, 0))
@@ -229,3 +229,23 @@ def test_without_pygls_the_command_says_how_to_install_it(monkeypatch, capsys) -
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install -e ".[lsp]"' in err
     assert "Traceback" not in err
+
+
+def test_hover_on_a_norm_that_is_an_identity_and_on_fc_norm(client, tmp_path) -> None:
+    model = (
+        "img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  num_heads = 2  "
+        'global_pool = "avg"'
+    )
+    text = (
+        f"student vit_tiny_patch16_224 {{ {model} }}\n"
+        f"teacher vit_small_patch16_224 {{ {model}  head = random }}\n"
+        "distill {\n    mimic student.fc_norm -> teacher.norm\n}\n"
+    )
+    uri = client.open(tmp_path / "pooled.vkd", text, version=1)
+    client.diagnostics(uri, version=1)
+    norm = client.request("textDocument/hover", client.at(uri, *_find(text, "teacher.norm")))
+    assert "the last block's output of the teacher" in norm["contents"]["value"]
+    assert "identity on this model" in norm["contents"]["value"]
+    pooled = client.request("textDocument/hover", client.at(uri, *_find(text, "student.fc_norm")))
+    assert "the pooled, normalised feature of the student" in pooled["contents"]["value"]
+    assert "1 x 16 (one pooled token x channels)" in pooled["contents"]["value"]

@@ -105,7 +105,7 @@ def test_a_new_kind_needs_no_other_file(l2_kind: Kind, tmp_path: Path, capsys) -
     )
     path = tmp_path / "l2.vkd"
     path.write_text(
-        f"teacher deit_small_patch16_224 {model}\n"
+        f"teacher deit_small_patch16_224 {model[:-1]} head = random }}\n"
         f"student deit_tiny_patch16_224 {model}\n"
         "data synthetic { image_size = 16 }\n"
         "distill { l2 as logits { weight = 0.25 } }\n"

@@ -42,7 +42,7 @@ def test_soft_is_t2_times_the_batch_mean_kl() -> None:
 
 DEIT = """
 teacher deit_small_patch16_224 {{ img_size = 16  patch_size = 4  depth = 1  embed_dim = 32
-    num_heads = 2  num_classes = 10 }}
+    num_heads = 2  num_classes = 10  head = random }}
 student deit_tiny_distilled_patch16_224 {{ img_size = 16  patch_size = 4  depth = 1
     embed_dim = 16  num_heads = 2  num_classes = 10 }}
 data synthetic {{ image_size = 16 }}

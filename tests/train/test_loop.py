@@ -413,7 +413,7 @@ DESIGN_SPACE = """
 recipe design
 teacher vit_small_patch16_224 {
     img_size = 8  patch_size = 2  in_chans = 1  depth = 2  embed_dim = 32  num_heads = 4
-    num_classes = 10
+    num_classes = 10  head = random
 }
 student vit_tiny_patch16_224 {
     img_size = 8  patch_size = 2  in_chans = 1  depth = 2  embed_dim = 16  num_heads = 2

@@ -128,8 +128,15 @@ def _tap_text(analysis: Analysis, term: Any, side: str, tap: Any) -> str:
     from vitkdl.terms.base import points_words
 
     points, _ = resolve_tap(tap, facts)
-    if [p.point for p in points] == ["norm"]:
+    if [p.point for p in points] == ["norm"] and points[0].identity:
+        what = (
+            f"the last block's output of the {side} ({facts.name}): its norm is an identity "
+            "on this model"
+        )
+    elif [p.point for p in points] == ["norm"]:
         what = f"the final norm's output of the {side} ({facts.name}, {facts.depth} blocks)"
+    elif [p.point for p in points] == ["fc_norm"]:
+        what = f"the pooled, normalised feature of the {side} ({facts.name})"
     else:
         what = (
             f"{points_words(points) or 'no blocks'} of the {side}'s {facts.depth} blocks "
@@ -138,6 +145,8 @@ def _tap_text(analysis: Analysis, term: Any, side: str, tap: Any) -> str:
     n = facts.num_patches
     if any(p.point == "attn_map" for p in points):
         shape = f"{facts.num_heads} x {n} x {n} (heads x queries x keys)"
+    elif any(p.point == "fc_norm" for p in points):
+        shape = f"1 x {facts.embed_dim} (one pooled token x channels)"
     else:
         shape = f"{n} x {facts.embed_dim} (tokens x channels)"
     lines = [f"{head}: {what}; {shape} per image per tap"]

@@ -37,22 +37,26 @@ class _Plain(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-Point = Literal["out", "attn", "attn_map", "norm"]
+Point = Literal["out", "attn", "attn_map", "norm", "fc_norm"]
 
 
 class TapPoint(_Plain):
     """One resolved tap of a model: a block's output (``out``, FFN-out), the residual stream
     after a block's attention half (``attn``, MHA-out), a block's attention probabilities
-    (``attn_map``), or the final norm's output (``norm``, block None). Patch tokens only."""
+    (``attn_map``), or the final norm's output (``norm``, block None): patch tokens only;
+    or the pooled, normalised feature (``fc_norm``, block None), one token per image."""
 
     block: int | None = None
     point: Point
+    identity: bool = False
+    """The point is ``nn.Identity`` on this model (``norm`` where ``global_pool = avg`` moves
+    the final norm behind the pooling): it reads the last block's output."""
 
     @property
     def key(self) -> str:
         """The name of this tap in a model's pass: ``blocks.3``, ``blocks.3.attn``, ``norm``."""
-        if self.point == "norm":
-            return "norm"
+        if self.point in ("norm", "fc_norm"):
+            return self.point
         return f"blocks.{self.block}" + ("" if self.point == "out" else f".{self.point}")
 
 
@@ -168,11 +172,13 @@ def points_words(points: Sequence[TapPoint]) -> str:
     blocks = [
         str(p.block) + ("" if p.point == "out" else f".{p.point}")
         for p in points
-        if p.point != "norm"
+        if p.point not in ("norm", "fc_norm")
     ]
-    parts = (["blocks " + ", ".join(blocks)] if blocks else []) + (
-        ["norm"] if any(p.point == "norm" for p in points) else []
-    )
+    ends = {p.point: p for p in points if p.point in ("norm", "fc_norm")}
+    parts = (["blocks " + ", ".join(blocks)] if blocks else []) + [
+        f"{point} (identity on this model: the last block's output)" if p.identity else point
+        for point, p in ends.items()
+    ]
     return ", ".join(parts)
 
 
@@ -234,6 +240,11 @@ class Kind:
     reads_dist_logits: ClassVar[bool] = False
     """Trains the student's distillation head (DeiT's distillation token): the program then
     hands the two heads over separately (:class:`StepInputs`)."""
+
+    def reads_pooled(self, term: Any) -> bool:
+        """Whether the term compares features that need no token grid, so it can read the
+        pooled, normalised feature (``fc_norm``, one token per image) on both sides."""
+        return False
 
     def check(self, term: Any, ctx: Context) -> Iterable[Diagnostic]:
         """The kind's own checks on a term (after taps were resolved into ``ctx.taps``)."""

@@ -127,7 +127,7 @@ class Mimic(Kind):
                 hint="mimic tokens across grids (blocks[i] or blocks[i].attn, loss = mse), "
                 "or give both models the same grid (img_size / patch_size)",
             )
-        else:
+        elif not _pooled(term):  # one pooled token per image has no grid to resample
             yield from check_resample(term, ctx)
         if (
             term.loss in ("mse", "mse_mean")
@@ -148,12 +148,16 @@ class Mimic(Kind):
                 hint="write heads = mean (average the heads' maps first)",
             )
 
+    def reads_pooled(self, term: MimicSpec) -> bool:
+        return term.loss in ("mse", "mse_mean")  # relation and kl need a token grid
+
     def plan(self, term: MimicSpec, ctx: Context) -> TermPlan:
         s, t = ctx.student, ctx.teacher
         assert s is not None and t is not None
         sp, tp = ctx.taps[(term.name, "student")], ctx.taps[(term.name, "teacher")]
         assert sp is not None and tp is not None
-        n, layers = s.num_patches, len(sp)
+        pooled = _pooled(term)  # fc_norm on both sides (checks.check_pooled_taps): one token
+        n, layers = (1 if pooled else s.num_patches), len(sp)
         adapters: list[AdapterPlan] = []
         if term.loss in ("mse", "mse_mean"):
             for i in range(layers):
@@ -177,7 +181,11 @@ class Mimic(Kind):
             heads=term.heads if term.loss == "kl" else None,
             layers=layers,
             tokens=n,
-            **resample_options(term.resample, ctx),
+            **(
+                {"resample": None, "teacher_grid": None, "student_grid": None}
+                if pooled
+                else resample_options(term.resample, ctx)
+            ),
         )
         return term_plan(
             term,
@@ -426,3 +434,8 @@ def reference_class() -> type[nn.Module]:
             return self.weight * total
 
     return HandMimic
+
+
+def _pooled(term: MimicSpec) -> bool:
+    """Whether the term mimics the pooled, normalised feature (``fc_norm``) on both sides."""
+    return all(x.point == "fc_norm" for x in (*term.student, *term.teacher))
