@@ -411,7 +411,7 @@ def test_inductor_step_matches_eager(tmp_path: Path, monkeypatch: pytest.MonkeyP
     path = write(
         tmp_path,
         "tiny",
-        f"teacher {model}\nstudent {model}\n"
+        f"teacher {model[:-1]} head = random }}\nstudent {model}\n"
         "data synthetic { image_size = 16 }\ndistill {\n"
         "    mimic student.blocks[0] -> teacher.blocks[0] { weight = 1e-3 }\n"
         "    generate student.norm -> teacher.norm { weight = 1e-4 }\n"

@@ -483,7 +483,7 @@ def test_a_resnet_teacher_trains_a_distilled_deit_through_its_token(tmp_path, ca
         tmp_path,
         "token.vkd",
         """
-        teacher resnet18 { img_size = 24 }
+        teacher resnet18 { img_size = 24  head = random }
         student deit_tiny_distilled_patch16_224 {
             img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  num_heads = 2
         }
