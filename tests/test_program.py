@@ -307,6 +307,7 @@ def test_equal_widths_identity_align(tmp_path: Path) -> None:
     check_out(one_graph(program, images, labels), ["mimic", "generate", "kd", "labels"])
 
 
+@pytest.mark.slow  # several models traced as one graph each: seconds on 2 cores
 def test_taps_anywhere_and_several_terms(tmp_path: Path) -> None:
     program = many_terms_program(tmp_path)
     blocks = {
@@ -826,6 +827,7 @@ SUB_BLOCK_TERMS = """
 """
 
 
+@pytest.mark.slow  # several models traced as one graph each: seconds on 2 cores
 def test_sub_block_taps_relation_maps_and_generators_are_one_graph(tmp_path: Path) -> None:
     path = write(
         tmp_path,
@@ -853,6 +855,7 @@ def test_sub_block_taps_relation_maps_and_generators_are_one_graph(tmp_path: Pat
 # Teachers as users have them: any timm classifier, its own resolution, another token grid
 
 
+@pytest.mark.slow  # several models traced as one graph each: seconds on 2 cores
 def test_a_cnn_teacher_for_logit_terms_sees_its_own_resolution(tmp_path: Path) -> None:
     path = write(
         tmp_path,
