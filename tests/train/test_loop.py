@@ -15,6 +15,7 @@ import torch
 
 from tests.conftest import ROOT
 from vitkdl.cli import main
+from vitkdl.train.checkpoint import load_checkpoint
 
 TINY = """
 recipe {name}
@@ -208,6 +209,26 @@ def test_corrupt_checkpoint_and_missing_checkpoint(tmp_path, capsys) -> None:
     assert run(str(recipe), "--out", str(out), "--resume") == 1
     err = " ".join(capsys.readouterr().err.split())
     assert err.count("cannot be read") == 2 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_resume_falls_back_past_a_last_pt_with_corrupted_bytes(tmp_path, capsys) -> None:
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
+    out = tmp_path / "runs"
+    assert run(str(recipe), "--out", str(out), "--max-steps", "2") == 0
+    folder = (out / "tiny").resolve()
+    last = folder / "last.pt"
+    data = bytearray(last.read_bytes())
+    middle = len(data) // 2  # 16 bytes inside the weights: the file still unpickles
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    last.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert run(str(recipe), "--out", str(out), "--resume", "--max-steps", "3") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"checkpoint {last} is corrupted" in err and "last.pt.sha256" in err
+    assert f"resuming from {folder / 'best.pt'} instead" in err
+    assert _summary(folder)["steps"] == 3
+    assert load_checkpoint(last)["step"] == 3  # rewritten, with a checksum that matches
 
 
 def test_nan_loss_names_the_term_and_keeps_the_checkpoint(tmp_path, capsys) -> None:

@@ -875,12 +875,13 @@ def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict
     another, with a warning)."""
     if not opts.resume:
         return None
+    notes: list[str] = []  # a checkpoint of an earlier vitkdl, without a checksum
     if opts.resume_from is not None:
         path = opts.resume_from
         if not path.exists():
             raise TrainError(f"--resume: no checkpoint at {path}; start without --resume")
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, notes)
         except CheckpointError as exc:
             raise TrainError(str(exc)) from None
     else:
@@ -889,7 +890,7 @@ def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict
             path = opts.out_dir / "last.pt"
             raise TrainError(f"--resume: no checkpoint at {path}; start without --resume")
         try:
-            ckpt, path, problems = load_first(candidates)
+            ckpt, path, problems = load_first(candidates, notes)
         except CheckpointError as exc:
             raise TrainError(str(exc)) from None
         if problems and console is not None:
@@ -898,6 +899,9 @@ def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict
                 f"(step {ckpt['step']}, epoch {ckpt['epoch']})",
                 highlight=False,
             )
+    if console is not None:
+        for note in notes:
+            console.print(f"note: {note}", highlight=False)
     if ckpt["hash"] != plan.hash and not opts.force:
         raise TrainError(
             f"--resume: {path} was written by a different version of the recipe "
