@@ -204,7 +204,8 @@ def _skipped(result: Evaluation) -> str:
     """The note's tail when samples could not be read: how many, and that none counted."""
     if not result.skipped:
         return ""
-    return f" ({result.skipped} unreadable validation images left out)"
+    images = "image" if result.skipped == 1 else "images"
+    return f" ({result.skipped} unreadable validation {images} left out)"
 
 
 class Progress:
