@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vitkdl.train.data import (
+    UNREADABLE,
     DataConfig,
     DataError,
     ImageFolderDataset,
@@ -196,6 +197,24 @@ def test_corrupt_image_is_skipped_warned_and_counted(folder: Path) -> None:
             assert sum(len(y) for _, y in loader) == 6  # 7 files, batch 2, drop_last
     assert sum("x.jpg" in str(w.message) for w in caught) == 1
     assert loader.dataset.skipped == {str(bad)}
+
+
+def test_an_unreadable_validation_image_is_never_replaced_by_another(folder: Path) -> None:
+    bad = folder / "val" / "cat" / "img0.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    (folder / "train" / "cat" / "img0.png").write_bytes(b"\x89PNG truncated")
+    train, val, _ = build_datasets(_folder_cfg(folder))
+    with pytest.warns(RuntimeWarning, match=r"img0\.png"):
+        labels = [val[i][1] for i in range(len(val))]
+        images = [val[i][0] for i in range(len(val))]
+    # The unreadable one stands as UNREADABLE (same shape, so batches keep theirs); every
+    # readable image appears once, under its own label.
+    assert labels == [UNREADABLE, 0, 0, 1, 1, 1]
+    assert all(x.shape == (3, 16, 16) for x in images)
+    assert sum(torch.equal(images[1], x) for x in images) == 1
+    # Training still takes the next readable image instead (only the stream matters there).
+    with pytest.warns(RuntimeWarning, match=r"img0\.png"):
+        assert [train[i][1] for i in range(len(train))] == [0, 0, 0, 1, 1, 1]
 
 
 def test_all_corrupt_raises(tmp_path: Path) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 
 from tests.conftest import ROOT
 from vitkdl.cli import main
+from vitkdl.train.checkpoint import load_checkpoint
 
 TINY = """
 recipe {name}
@@ -208,6 +211,26 @@ def test_corrupt_checkpoint_and_missing_checkpoint(tmp_path, capsys) -> None:
     assert run(str(recipe), "--out", str(out), "--resume") == 1
     err = " ".join(capsys.readouterr().err.split())
     assert err.count("cannot be read") == 2 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_resume_falls_back_past_a_last_pt_with_corrupted_bytes(tmp_path, capsys) -> None:
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
+    out = tmp_path / "runs"
+    assert run(str(recipe), "--out", str(out), "--max-steps", "2") == 0
+    folder = (out / "tiny").resolve()
+    last = folder / "last.pt"
+    data = bytearray(last.read_bytes())
+    middle = len(data) // 2  # 16 bytes inside the weights: the file still unpickles
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    last.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert run(str(recipe), "--out", str(out), "--resume", "--max-steps", "3") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"checkpoint {last} is corrupted" in err and "last.pt.sha256" in err
+    assert f"resuming from {folder / 'best.pt'} instead" in err
+    assert _summary(folder)["steps"] == 3
+    assert load_checkpoint(last)["step"] == 3  # rewritten, with a checksum that matches
 
 
 def test_nan_loss_names_the_term_and_keeps_the_checkpoint(tmp_path, capsys) -> None:
@@ -447,6 +470,48 @@ def test_the_papers_design_space_trains(tmp_path, capsys) -> None:
         assert all(r[name] >= 0 for r in train), name
 
 
+def test_evaluation_counts_only_readable_images_and_reports_the_skipped(tmp_path) -> None:
+    """A corrupt validation image is left out (not replaced by its neighbour, which would
+    count that one twice) and reported; the padded last batch still never counts."""
+    import numpy as np
+    from PIL import Image
+
+    from vitkdl.train.data import DataConfig, build_loaders
+    from vitkdl.train.loop import evaluate
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            for i in range(2):
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                pixels = np.full((8, 8, 3), 40 * i, dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    (root / "val" / "a" / "0.png").write_bytes(b"\x89PNG cut short")
+    cfg = DataConfig(source="imagefolder", root=str(root), image_size=8, batch_size=3)
+    _, val, _ = build_loaders(cfg)
+
+    def always_a(images: torch.Tensor) -> torch.Tensor:  # class 0 ("a") for every image
+        return torch.tensor([1.0, 0.0]).expand(images.shape[0], 2)
+
+    with pytest.warns(RuntimeWarning, match=r"0\.png"):
+        result = evaluate(always_a, val, torch.device("cpu"))
+    # readable: a/1, b/0, b/1, one of them an "a": 1 of 3 (replacing a/0 by a/1: 2 of 4)
+    assert result.top1 == pytest.approx(100 / 3) and result.top5 == pytest.approx(100.0)
+    assert (result.counted, result.skipped) == (3, 1)
+    # Two ranks: each evaluates its own share, nothing padded, so the counts add up exactly
+    # (all_reduce_sum adds them; here, in one process, the test does).
+    shares = []
+    for rank in (0, 1):
+        half = dataclasses.replace(cfg, batch_size=2)  # 2 training images per rank
+        _, share, _ = build_loaders(half, distributed=True, rank=rank, world_size=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shares.append(evaluate(always_a, share, torch.device("cpu")))
+    assert sum(r.counted for r in shares) == 3 and sum(r.skipped for r in shares) == 1
+    hits = sum(r.top1 * r.counted for r in shares) / 100
+    assert hits == pytest.approx(1.0)
+
+
 def test_evaluation_pads_the_last_batch_into_one_graph() -> None:
     """360 digits at batch 32 leave a last batch of 8: padded, so a compiled predictor sees
     one shape (one graph), and the padding never counts."""
@@ -463,8 +528,9 @@ def test_evaluation_pads_the_last_batch_into_one_graph() -> None:
     weights = torch.randn(64, 10)
     torch._dynamo.reset()
     predict = torch.compile(lambda x: x.flatten(1) @ weights, backend=backend, fullgraph=True)
-    top1, top5 = evaluate(predict, val, torch.device("cpu"))
-    assert len(graphs) == 1
+    result = evaluate(predict, val, torch.device("cpu"))
+    top1, top5 = result.top1, result.top5
+    assert len(graphs) == 1 and (result.counted, result.skipped) == (360, 0)
     expected = [], []
     for images, labels in val:
         top = (images.flatten(1) @ weights).topk(5, dim=-1).indices

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vitkdl.cli import main
-from vitkdl.train.data import DataConfig, DataError, build_loaders, set_epoch
+from vitkdl.train.data import DataConfig, DataError, build_datasets, build_loaders, set_epoch
 
 
 def _png(colour: tuple[int, int, int]) -> bytes:
@@ -90,6 +90,16 @@ def test_hfds_local_directory_with_an_unreadable_row(hf_dir: Path) -> None:
     assert x.dtype == torch.float32 and y.tolist() == [0, 1]
     with pytest.raises(DataError, match=r"no split 'nope' .*--set data.val_split"):
         build_loaders(_cfg(source="hfds", root=str(hf_dir), val_split="nope"))
+
+
+def test_hfds_validation_leaves_an_unreadable_row_out(hf_dir: Path) -> None:
+    from vitkdl.train.data import UNREADABLE
+
+    cfg = _cfg(source="hfds", root=str(hf_dir), split="validation", val_split="train")
+    _, val, _ = build_datasets(cfg)  # train's row 4 is broken: here it is the validation
+    with pytest.warns(RuntimeWarning, match=r"row 4 of .*hf\[train\]"):
+        labels = [val[i][1] for i in range(len(val))]
+    assert labels == [0, 1, 2, 0, UNREADABLE, 2, 0, 1, 2]  # row 5 is not counted twice
 
 
 def test_hfds_hub_name_offline_and_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:

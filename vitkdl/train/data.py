@@ -510,13 +510,31 @@ def _scan_class(class_dir: str) -> list[str]:
     return files
 
 
+#: The label of an evaluation sample that could not be read. Evaluation leaves it out of every
+#: count and reports how many there were: standing in another image for it would count that
+#: image twice and measure top-1 on another set (training, where only the stream of images
+#: matters, takes the next readable one instead).
+UNREADABLE = -1
+
+
+def unreadable_stand_in(transform: Callable[[Any], Any] | None, mode: str) -> tuple[Any, int]:
+    """What an evaluation dataset yields for a sample it cannot read: a blank image through
+    its own transform (so the batch keeps its shape), labelled :data:`UNREADABLE`."""
+    from PIL import Image
+
+    img = Image.new(mode, (32, 32))
+    return (transform(img) if transform is not None else img), UNREADABLE
+
+
 class ImageFolderDataset(Dataset):
     """``split_dir/<class>/<image>`` with a given class->index map, robust to corrupt files.
 
     An image that fails to open/decode does not crash the run: the dataset emits a
     ``RuntimeWarning`` naming the file (once per file), records it in :attr:`skipped` and
-    returns the next readable sample (index ``i + 1``, wrapping around) instead.  Only when no
-    file of the split can be decoded is :class:`DataError` raised.  Errors raised by the
+    returns the next readable sample (index ``i + 1``, wrapping around) instead; with
+    ``replace=False`` (evaluation) it returns :func:`unreadable_stand_in`, so no image is
+    counted twice.  Only when no file of the split can be decoded is :class:`DataError`
+    raised.  Errors raised by the
     transform are not caught.  With ``workers > 0`` each worker process holds its own copy of
     :attr:`skipped` (the warnings still reach stderr); read it with ``workers=0`` for an exact
     count.
@@ -529,8 +547,10 @@ class ImageFolderDataset(Dataset):
         *,
         transform: Callable[[Any], Any] | None = None,
         in_chans: int = 3,
+        replace: bool = True,
     ) -> None:
         self.root = split_dir
+        self.replace = replace
         self.class_to_idx = dict(class_to_idx)
         self.classes = sorted(self.class_to_idx, key=self.class_to_idx.__getitem__)
         self.transform = transform
@@ -560,6 +580,8 @@ class ImageFolderDataset(Dataset):
         for attempt in range(n):
             path, target = self.samples[(index + attempt) % n]
             if path in self.skipped:
+                if not self.replace:
+                    return unreadable_stand_in(self.transform, self.mode)
                 continue
             try:
                 img = self._load(path)
@@ -570,6 +592,8 @@ class ImageFolderDataset(Dataset):
                     RuntimeWarning,
                     stacklevel=2,
                 )
+                if not self.replace:
+                    return unreadable_stand_in(self.transform, self.mode)
                 continue
             if self.transform is not None:
                 img = self.transform(img)
@@ -613,7 +637,7 @@ def _build_imagefolder(cfg: DataConfig) -> tuple[ImageFolderDataset, ImageFolder
         split_dirs["train"], class_to_idx, transform=train_tf, in_chans=cfg.in_chans
     )
     val = ImageFolderDataset(
-        split_dirs["val"], class_to_idx, transform=eval_tf, in_chans=cfg.in_chans
+        split_dirs["val"], class_to_idx, transform=eval_tf, in_chans=cfg.in_chans, replace=False
     )
     for split, ds in (("train", train), ("val", val)):
         if len(ds) == 0:

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from vitkdl.train.checkpoint import (
     set_rng_state,
 )
 from vitkdl.train.data import (
+    UNREADABLE,
     DataConfig,
     build_loaders,
     build_mixup,
@@ -137,6 +138,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Evaluation(NamedTuple):
+    """What :func:`evaluate` measured: accuracies (%) over the readable samples only."""
+
+    top1: float
+    top5: float
+    #: With ``heads``: the class head's and the distillation head's own top-1.
+    heads: tuple[float, ...]
+    #: Samples the accuracies are over (every rank's), and those that could not be read
+    #: (labelled ``UNREADABLE``): in no accuracy, reported.
+    counted: int
+    skipped: int
+
+
 @torch.no_grad()
 def evaluate(
     predict: Any,
@@ -144,18 +158,20 @@ def evaluate(
     device: torch.device,
     max_batches: int | None = None,
     heads: bool = False,
-) -> tuple[float, ...]:
+) -> Evaluation:
     """Top-1 and top-5 accuracy (%) of ``predict`` over ``loader``.
 
     With ``heads``, ``predict`` returns a distilled student's class and distillation logits:
     top-1 and top-5 of their mean (timm's inference rule), then each head's own top-1.
 
     A last, partial batch is padded to the loader's batch size and its padding ignored, so a
-    compiled ``predict`` sees one shape (one graph, no recompile). The counts stay on the
-    device until the end: one synchronisation per evaluation, not per batch.
+    compiled ``predict`` sees one shape (one graph, no recompile). A sample the dataset could
+    not read comes labelled ``UNREADABLE`` (-1): it matches no prediction and is left out of
+    the total, and counted apart. The counts stay on the device until the end: one
+    synchronisation per evaluation, not per batch.
     """
     size = unwrap(loader).batch_size
-    counts = torch.zeros(5 if heads else 3, dtype=torch.int64, device=device)
+    counts = torch.zeros(6 if heads else 4, dtype=torch.int64, device=device)
     for i, (images, labels) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -173,13 +189,23 @@ def evaluate(
         else:
             logits = out[:n].float()
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        hits = top.eq(labels[:, None])
+        hits = top.eq(labels[:, None])  # never true for UNREADABLE (-1): no class is -1
+        unreadable = labels.eq(UNREADABLE).sum()
         counts += torch.stack(
-            [hits[:, 0].sum(), hits.any(dim=-1).sum(), *per_head, labels.new_tensor(n)]
+            [hits[:, 0].sum(), hits.any(dim=-1).sum(), *per_head, n - unreadable, unreadable]
         )
-    # Each rank evaluates its own shard; the counts add up over ranks.
-    *correct, total = distributed.all_reduce_sum(counts.tolist(), device)
-    return tuple(100.0 * c / max(total, 1) for c in correct)
+    # Each rank evaluates its own shard (nothing padded across ranks); the counts add up.
+    *correct, total, skipped = distributed.all_reduce_sum(counts.tolist(), device)
+    top1, top5, *per = (100.0 * c / max(total, 1) for c in correct)
+    return Evaluation(top1, top5, tuple(per), int(total), int(skipped))
+
+
+def _skipped(result: Evaluation) -> str:
+    """The note's tail when samples could not be read: how many, and that none counted."""
+    if not result.skipped:
+        return ""
+    images = "image" if result.skipped == 1 else "images"
+    return f" ({result.skipped} unreadable validation {images} left out)"
 
 
 class Progress:
@@ -414,13 +440,14 @@ class Run:
                 # A headless teacher's "logits" are its pooled features: no accuracy to report.
                 self.progress.note("  teacher top-1 n/a (the teacher has no classifier head)")
                 return
-            self.teacher_top1, _ = evaluate(
+            result = evaluate(
                 self.program.teacher_logits,
                 self.val_loader,
                 self.device,
                 self.opts.max_eval_batches,
             )
-            self.progress.note(f"  teacher top-1 {self.teacher_top1:.2f}%")
+            self.teacher_top1 = result.top1
+            self.progress.note(f"  teacher top-1 {self.teacher_top1:.2f}%{_skipped(result)}")
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -625,22 +652,24 @@ class Run:
             self.program.eval()
             heads: dict[str, float] = {}
             if self.program.distilled:  # the two heads trained apart: each one's top-1 too
-                top1, top5, heads["class_head_top1"], heads["dist_head_top1"] = evaluate(
+                result = evaluate(
                     self.program.predict_heads,
                     self.val_loader,
                     self.device,
                     self.opts.max_eval_batches,
                     heads=True,
                 )
+                heads["class_head_top1"], heads["dist_head_top1"] = result.heads
             else:
-                top1, top5 = evaluate(
+                result = evaluate(
                     self.program.predict, self.val_loader, self.device, self.opts.max_eval_batches
                 )
+            top1, top5 = result.top1, result.top5
             ema_top1 = None
             if self.ema_predict is not None:
-                ema_top1, _ = evaluate(
+                ema_top1 = evaluate(
                     self.ema_predict, self.val_loader, self.device, self.opts.max_eval_batches
-                )
+                ).top1
             self.program.train()
             self.best_top1 = max(self.best_top1, top1)
             record = {
@@ -651,6 +680,7 @@ class Run:
                 "top5": top5,
                 "ema_top1": ema_top1,
                 **heads,
+                "skipped": result.skipped,  # unreadable validation samples, in no count
             }
             self.history.append(record)
             if self.log is not None:
@@ -664,6 +694,7 @@ class Run:
                     if heads
                     else ""
                 )
+                + _skipped(result)
             )
             if top1 >= self.best_top1:
                 self.save(*position, "best.pt")
@@ -748,6 +779,8 @@ class Run:
             # A distilled student whose heads were trained apart (a token term): each head.
             "class_head_top1": last.get("class_head_top1"),
             "dist_head_top1": last.get("dist_head_top1"),
+            # Validation images that could not be read, left out of the accuracies above.
+            "eval_skipped": last.get("skipped"),
             "teacher_top1": self.teacher_top1,
             "epochs": self.epoch + 1,
             "steps": self.step,
@@ -875,12 +908,13 @@ def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict
     another, with a warning)."""
     if not opts.resume:
         return None
+    notes: list[str] = []  # a checkpoint of an earlier vitkdl, without a checksum
     if opts.resume_from is not None:
         path = opts.resume_from
         if not path.exists():
             raise TrainError(f"--resume: no checkpoint at {path}; start without --resume")
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, notes)
         except CheckpointError as exc:
             raise TrainError(str(exc)) from None
     else:
@@ -889,7 +923,7 @@ def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict
             path = opts.out_dir / "last.pt"
             raise TrainError(f"--resume: no checkpoint at {path}; start without --resume")
         try:
-            ckpt, path, problems = load_first(candidates)
+            ckpt, path, problems = load_first(candidates, notes)
         except CheckpointError as exc:
             raise TrainError(str(exc)) from None
         if problems and console is not None:
@@ -898,6 +932,9 @@ def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict
                 f"(step {ckpt['step']}, epoch {ckpt['epoch']})",
                 highlight=False,
             )
+    if console is not None:
+        for note in notes:
+            console.print(f"note: {note}", highlight=False)
     if ckpt["hash"] != plan.hash and not opts.force:
         raise TrainError(
             f"--resume: {path} was written by a different version of the recipe "

@@ -70,6 +70,13 @@ def _open_image(data: bytes | None, path: str | None, mode: str) -> Any:
         return Image.open(stream).convert(mode)  # convert() forces the full decode
 
 
+def unreadable_stand_in(transform: Callable[[Any], Any] | None, mode: str) -> tuple[Any, int]:
+    """:func:`vitkdl.train.data.unreadable_stand_in` (imported when first needed)."""
+    from vitkdl.train.data import unreadable_stand_in as stand_in
+
+    return stand_in(transform, mode)
+
+
 def _mix(*parts: int) -> int:
     from vitkdl.train.data import mix_seed
 
@@ -85,7 +92,8 @@ class HFDataset(Dataset):
 
     Images are read undecoded (``datasets.Image(decode=False)``: bytes or a path) and decoded
     with PIL here, so a row that does not decode is skipped with a ``RuntimeWarning`` naming
-    it (the next readable row stands in, as in ``imagefolder``).
+    it (the next readable row stands in, as in ``imagefolder``; with ``replace=False``, for
+    evaluation, :func:`vitkdl.train.data.unreadable_stand_in` does, counted by no one).
     """
 
     def __init__(
@@ -97,9 +105,11 @@ class HFDataset(Dataset):
         label_key: str,
         transform: Callable[[Any], Any] | None,
         in_chans: int,
+        replace: bool = True,
     ) -> None:
         import datasets
 
+        self.replace = replace
         self.table = table.cast_column(image_key, datasets.Image(decode=False))
         self.where = where
         self.image_key, self.label_key = image_key, label_key
@@ -115,6 +125,8 @@ class HFDataset(Dataset):
         for attempt in range(n):
             i = (index + attempt) % n
             if i in self.skipped:
+                if not self.replace:
+                    return unreadable_stand_in(self.transform, self.mode)
                 continue
             row = self.table[i]
             image = row[self.image_key] or {}
@@ -129,6 +141,8 @@ class HFDataset(Dataset):
                     RuntimeWarning,
                     stacklevel=2,
                 )
+                if not self.replace:
+                    return unreadable_stand_in(self.transform, self.mode)
                 continue
             if self.transform is not None:
                 img = self.transform(img)
@@ -255,7 +269,7 @@ def build_hfds(cfg: Any, transforms: tuple[Any, Any]) -> tuple[HFDataset, HFData
     train_tf, eval_tf = transforms
     return (
         HFDataset(table, f"{where}[{cfg.split}]", transform=train_tf, **common),
-        HFDataset(loaded[val], f"{where}[{val}]", transform=eval_tf, **common),
+        HFDataset(loaded[val], f"{where}[{val}]", transform=eval_tf, replace=False, **common),
         int(classes),
     )
 
