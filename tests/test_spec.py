@@ -8,7 +8,7 @@ import pytest
 
 import vitkdl
 from tests.conftest import RECIPES
-from vitkdl.errors import VkdError
+from vitkdl.errors import VkdError, render
 from vitkdl.spec import load_spec
 from vitkdl.terms.generate import GenerateSpec
 from vitkdl.terms.mimic import MimicSpec
@@ -367,3 +367,49 @@ def test_a_recipe_with_terms_but_no_student_still_misses_its_student(tmp_path) -
     (tmp_path / "r.vkd").write_text("teacher deit_tiny_patch16_224\ndata digits {}\n")
     _, diags, _ = vitkdl.validate(tmp_path / "r.vkd")
     assert [d.message for d in diags if d.is_error] == ["the recipe has no student"]
+
+
+SECRET = "".join(f"token_{i}: hunter{i}\n" for i in range(24))
+
+
+@pytest.mark.parametrize("keyword", ["extends", "teacher from"])
+def test_extends_and_teacher_from_never_echo_a_file_that_is_not_a_recipe(tmp_path, keyword) -> None:
+    """A readable file that is not a .vkd recipe is refused by its name, at the path string,
+    without being read: its lines never reach the diagnostics (or a CI log)."""
+    (tmp_path / "secrets.env").write_text(SECRET)
+    line = f'{keyword} "secrets.env"'
+    distill = "distill { kd {} }\n" if keyword == "teacher from" else ""
+    (tmp_path / "r.vkd").write_text(f"{line}\nstudent vit_tiny_patch16_224\n{distill}")
+    _, diags, sources = vitkdl.validate(tmp_path / "r.vkd")
+    errors = [d for d in diags if d.is_error]
+    assert len(errors) == 1
+    assert errors[0].message.startswith(f"`{keyword}` names ")
+    assert errors[0].message.endswith("secrets.env, not a .vkd recipe")
+    assert errors[0].span is not None
+    assert (Path(errors[0].span.file).name, errors[0].span.line) == ("r.vkd", 1)
+    assert errors[0].span.column == len(keyword) + 2  # the opening quote of the path
+    shown = "\n".join(render(d, sources) for d in diags)
+    assert "hunter" not in shown and "token_" not in shown
+    assert not any("secrets" in name for name in sources.texts)
+
+
+def test_a_link_named_vkd_to_another_file_is_refused_too(tmp_path) -> None:
+    (tmp_path / "secrets.env").write_text(SECRET)
+    (tmp_path / "base.vkd").symlink_to(tmp_path / "secrets.env")
+    (tmp_path / "r.vkd").write_text('extends "base.vkd"\nstudent vit_tiny_patch16_224\n')
+    _, diags, sources = vitkdl.validate(tmp_path / "r.vkd")
+    errors = [d for d in diags if d.is_error]
+    assert [d.message.split(", ", 1)[-1] for d in errors] == [
+        "a link to a file that is not a .vkd recipe"
+    ]
+    assert "hunter" not in "\n".join(render(d, sources) for d in diags)
+
+
+def test_a_base_vkd_with_syntax_errors_shows_them_as_a_recipe(tmp_path) -> None:
+    """An included .vkd is a recipe: its syntax errors keep their file, line and snippet."""
+    (tmp_path / "base.vkd").write_text("train {\n  epochs = = 3\n}\n")
+    (tmp_path / "r.vkd").write_text('extends "base.vkd"\nstudent vit_tiny_patch16_224\n')
+    _, diags, sources = vitkdl.validate(tmp_path / "r.vkd")
+    errors = [d for d in diags if d.is_error]
+    assert errors and all(Path(d.span.file).name == "base.vkd" for d in errors if d.span)
+    assert "epochs = = 3" in render(errors[0], sources)

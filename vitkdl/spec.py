@@ -510,6 +510,11 @@ def _load_raw(
 ) -> RawRecipe | None:
     """Read, parse and resolve ``extends`` for one recipe file (``text``: its unsaved text)."""
     name = _display(path)
+    if at is not None:  # reached through `extends`, not named by the user
+        refused = _not_a_recipe(path, "extends", at)
+        if refused is not None:
+            diags.append(refused)
+            return None
     resolved = path.resolve()
     if resolved in stack:
         chain = " -> ".join(_display(p) for p in (*stack, resolved))
@@ -549,6 +554,26 @@ def _load_raw(
             raw.extends = [base.file, *base.extends]
     _merge_tree(raw, tree, diags)
     return raw
+
+
+def _not_a_recipe(path: Path, keyword: str, at: Span | None) -> Diagnostic | None:
+    """The error for an ``extends`` / ``teacher from`` path that does not name a ``.vkd`` file
+    (as written, or where a link leads), or ``None`` for one that does.
+
+    Such a file is never read: parsing any readable file as a recipe would echo its lines as
+    syntax errors, and a recipe in a repository would then print, e.g., ``/etc/passwd`` into a
+    CI log.
+    """
+    if path.suffix == ".vkd" and (not path.exists() or path.resolve().suffix == ".vkd"):
+        return None
+    linked = path.suffix == ".vkd"
+    example = "base.vkd" if keyword == "extends" else "teacher.vkd"
+    return error(
+        f"`{keyword}` names {_display(path)}, "
+        + ("a link to a file that is not a .vkd recipe" if linked else "not a .vkd recipe"),
+        at,
+        hint=f'`{keyword}` takes a recipe file ending in .vkd, e.g. `{keyword} "{example}"`',
+    )
 
 
 def _display(path: Path) -> str:
@@ -1419,6 +1444,10 @@ def _teacher_from(
     if path.resolve() in stack:
         chain = " -> ".join(_display(p) for p in (*stack, path.resolve()))
         diags.append(error(f"teacher from cycle: {chain}", block.arg_span))
+        return None
+    refused = _not_a_recipe(path, "teacher from", block.arg_span)
+    if refused is not None:
+        diags.append(refused)
         return None
     if not path.exists():
         diags.append(

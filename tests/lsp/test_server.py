@@ -249,3 +249,19 @@ def test_hover_on_a_norm_that_is_an_identity_and_on_fc_norm(client, tmp_path) ->
     pooled = client.request("textDocument/hover", client.at(uri, *_find(text, "student.fc_norm")))
     assert "the pooled, normalised feature of the student" in pooled["contents"]["value"]
     assert "1 x 16 (one pooled token x channels)" in pooled["contents"]["value"]
+
+
+def test_a_file_that_is_not_a_recipe_is_not_echoed_to_the_editor(tmp_path) -> None:
+    """`extends` of a readable non-recipe file: one diagnostic on the path string, and none of
+    the file's lines in any message or related location (before, each line was an error)."""
+    from vitkdl.lsp.analysis import analyse
+    from vitkdl.lsp.server import to_protocol
+
+    (tmp_path / "secrets.env").write_text("".join(f"token_{i}: hunter{i}\n" for i in range(9)))
+    text = 'extends "secrets.env"\nstudent deit_tiny_patch16_224\n'
+    out = to_protocol(analyse(text, tmp_path / "user.vkd"), "utf-16")
+    errors = [d for d in out if d.severity == 1]
+    assert len(errors) == 1
+    assert errors[0].range.start.line == 0 and errors[0].range.start.character == 8
+    assert "not a .vkd recipe" in errors[0].message
+    assert not any("hunter" in d.message or d.related_information for d in out)

@@ -185,6 +185,68 @@ def test_wds_fewer_shards_than_workers_split_the_samples(tmp_path: Path) -> None
     assert counts == [(2, 5), (2, 5)]  # 5 samples a rank: 2 whole batches; val 5 + 5
 
 
+def _cut(path: Path, keep: int) -> int:
+    """Keep the first ``keep`` samples of a :func:`_shard` and 300 bytes of the next one's
+    first header (where tarfile stops without a word); the bytes kept."""
+    with tarfile.open(path) as tar:
+        members = list(tar)
+    offset = members[2 * keep].offset + 300  # two members (png, cls) a sample
+    path.write_bytes(path.read_bytes()[:offset])
+    return offset
+
+
+def test_a_truncated_wds_shard_is_an_error_naming_it(tmp_path: Path) -> None:
+    """Cut inside a header, tarfile (and so webdataset) reads half the shard without a word;
+    the shard is checked when it is counted and named before any training."""
+    pytest.importorskip("webdataset")
+    good, bad = tmp_path / "train-0.tar", tmp_path / "train-1.tar"
+    for path in (good, bad):
+        _shard(path, [f"{path.stem}_{i}" for i in range(10)])
+    _cut(bad, 5)
+    cfg = _cfg(source="wds", root=str(tmp_path / "train-{0..1}.tar"), val_root=str(good))
+    with pytest.raises(DataError) as info:
+        build_loaders(cfg)
+    text = str(info.value)
+    assert f"webdataset shard {bad} is truncated" in text and "after 5 readable samples" in text
+    assert str(good) not in text
+
+
+@pytest.mark.parametrize("where", ["in a member's data", "between members", "gzip"])
+def test_every_kind_of_cut_is_named_truncated(tmp_path: Path, where: str) -> None:
+    from vitkdl.train.readers import DataError, scan_shards
+
+    path = tmp_path / ("s.tar.gz" if where == "gzip" else "s.tar")
+    _shard(tmp_path / "s.tar", [f"s_{i}" for i in range(6)])
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        third = list(tar)[6]  # the third sample's image
+    raw = (tmp_path / "s.tar").read_bytes()
+    if where == "in a member's data":
+        raw = raw[: third.offset_data + 100]
+    elif where == "between members":  # exactly at a header: no end-of-archive block
+        raw = raw[: third.offset]
+    else:
+        import gzip
+
+        raw = gzip.compress(raw)
+        raw = raw[: len(raw) // 2]
+    path.write_bytes(raw)
+    with pytest.raises(DataError, match=r"is truncated: .* after \d+ readable sample") as info:
+        scan_shards([str(path)], None)
+    assert f"webdataset shard {path} is" in str(info.value)
+
+
+def test_a_complete_shard_cut_in_its_final_padding_still_reads(tmp_path: Path) -> None:
+    """After the end-of-archive block nothing is lost: such a shard is read in full."""
+    from vitkdl.train.readers import scan_shards
+
+    path = tmp_path / "s.tar"
+    _shard(path, [f"s_{i}" for i in range(4)])
+    with tarfile.open(path) as tar:
+        end = tar.offset if list(tar) else 0
+    path.write_bytes(path.read_bytes()[: end + 700])  # one zero block and a part of the next
+    assert scan_shards([str(path)], None) == [(4, 2)]
+
+
 @pytest.mark.slow
 def test_hfds_and_wds_train_under_run(hf_dir: Path, shards: tuple[str, str], tmp_path: Path):
     model = (
@@ -205,3 +267,27 @@ def test_hfds_and_wds_train_under_run(hf_dir: Path, shards: tuple[str, str], tmp
             assert main(["run", str(recipe), "--out", out, "--max-steps", "3", "--quiet"]) == 0
         summary = json.loads((tmp_path / "runs" / recipe.stem / "summary.json").read_text())
         assert summary["steps"] == 3 and summary["top1"] is not None
+
+
+@pytest.mark.slow
+def test_a_run_on_a_truncated_shard_stops_before_training(tmp_path: Path, capsys) -> None:
+    """End to end: ``vitkdl run`` on a shard cut short exits 2 naming it, and trains nothing
+    (before, the run took 6 of its 10 steps an epoch without a warning)."""
+    pytest.importorskip("webdataset")
+    shard = tmp_path / "train.tar"
+    _shard(shard, [f"t_{i}" for i in range(20)])
+    _cut(shard, 12)
+    val = tmp_path / "val.tar"
+    _shard(val, [f"v_{i}" for i in range(4)])
+    recipe = tmp_path / "wds.vkd"
+    recipe.write_text(
+        "student vit_tiny_patch16_224 { img_size = 16  patch_size = 4  depth = 1  "
+        "embed_dim = 16  num_heads = 2  num_classes = 3 }\n"
+        f'data wds {{ root = "{shard}"  val_root = "{val}"  batch_size = 2  workers = 0  '
+        "augment = none }\n"
+    )
+    out = tmp_path / "runs"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 1  # README: data error
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"webdataset shard {shard} is truncated" in err and "after 12 readable" in err
+    assert not (out / "wds" / "summary.json").exists()

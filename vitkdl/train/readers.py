@@ -301,10 +301,36 @@ def scan_shards(urls: Sequence[str], label_key: str | None) -> list[tuple[int, i
                     elif ext == label_ext:
                         raw = tar.extractfile(member)
                         largest = max(largest, _label(raw.read() if raw else b"", label_key))
+                if not _ends_with_end_of_archive(tar):
+                    raise DataError(_truncated(url, len(images)))
+        except EOFError:  # a compressed shard cut short
+            raise DataError(_truncated(url, len(images))) from None
         except (OSError, tarfile.TarError, ValueError, KeyError) as exc:
+            if "unexpected end of data" in str(exc):  # tarfile: a member's data cut short
+                raise DataError(_truncated(url, len(images))) from None
             raise DataError(f"cannot read webdataset shard {url}: {exc}") from None
         out.append((len(images), largest))
     return out
+
+
+def _ends_with_end_of_archive(tar: tarfile.TarFile) -> bool:
+    """Whether the archive, read to its last member, goes on with a zero block there.
+
+    tarfile (and webdataset, which reads shards through it) silently stops at a header cut
+    short, so a shard truncated between two members would lose its later samples without a
+    word; a complete archive has its end-of-archive zero blocks right after the last member.
+    """
+    assert tar.fileobj is not None
+    tar.fileobj.seek(tar.offset)
+    return tar.fileobj.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+
+
+def _truncated(url: str, images: int) -> str:
+    return (
+        f"webdataset shard {url} is truncated: it ends inside its tar data, after "
+        f"{images} readable sample{'s' * (images != 1)}, without the end-of-archive "
+        "blocks; re-create or re-download it, or leave it out of the shard pattern"
+    )
 
 
 def _split_key(name: str) -> tuple[str, str]:
