@@ -316,3 +316,13 @@ def test_a_worker_reports_a_run_held_by_another_process_and_trains_nothing(
     assert status == 1 and trained == []
     assert f"in use by process {os.getpid()}" in reason
     assert reason in " ".join(buf.getvalue().split())
+    # The refused worker leaves the holder's progress file alone; its own run removes its own.
+    from vitkdl.train.worker import ProgressFile
+
+    (folder / "progress.json").write_text('{"step": 1, "total": 9, "epoch": 0}')
+    ProgressFile(folder).remove()
+    assert (folder / "progress.json").is_file()
+    mine = ProgressFile(folder)
+    mine(2, 9, 0)
+    mine.remove()
+    assert not (folder / "progress.json").exists()
