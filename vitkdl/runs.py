@@ -10,7 +10,8 @@ early is *partial*: done for a request with that many steps or fewer (:func:`don
 continued by ``--resume``. ``--max-steps`` is not part of the hash: it says how far to train
 a recipe, not which recipe, so a partial run and its continuation share one folder. Its
 checkpoints are ``last.pt`` (where it stopped) and ``best.pt``; its log, when a sweep ran
-it, is ``log.txt``.
+it, is ``log.txt``. While a process trains a run, it holds the folder's ``.lock``
+(:func:`hold`): a second process refuses the folder instead of training the run twice.
 
 An experiment (several seeds, a sweep) writes its report to ``OUT/experiments/LABEL-HASH/``
 (``OUT/experiments/LABEL`` links to the latest), LABEL naming its recipes and HASH the runs
@@ -19,8 +20,12 @@ it is made of. Torch-free.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +117,55 @@ def point_latest(root: Path, name: str, folder: Path) -> str | None:
     os.symlink(Path(folder).name, tmp)
     os.replace(tmp, link)
     return None
+
+
+#: The lock file of a run folder; it holds the PID of the process that holds the lock.
+LOCK = ".lock"
+#: What a refusal of a held folder says (``vitkdl run --nproc-per-node`` looks for it in its
+#: workers' output: torchrun's own exit status does not carry theirs).
+IN_USE = "is in use by"
+
+
+class RunHeld(Exception):
+    """Another process holds the run folder: it is training (or about to train) this run."""
+
+    def __init__(self, folder: Path, pid: int | None) -> None:
+        self.folder, self.pid = Path(folder), pid
+        who = f"process {pid}" if pid is not None else "another process"
+        super().__init__(
+            f"{folder} {IN_USE} {who} (it holds {Path(folder) / LOCK}); "
+            "wait for it to end, or pass another --out"
+        )
+
+
+def holder(folder: Path) -> int | None:
+    """The PID written in the folder's lock file (the holder's, while it is held), or None."""
+    try:
+        text = (Path(folder) / LOCK).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+@contextmanager
+def hold(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` for this process for the duration of the block: an exclusive
+    ``flock`` on ``folder/.lock``, which the OS releases when the process dies, so a killed
+    run never leaves a stale lock. Raises :class:`RunHeld` (naming the holder's PID) when
+    another process holds it. The lock file is never removed: removing it would let a third
+    process lock a new file while the second still holds the old one."""
+    path = Path(folder) / LOCK
+    # No O_TRUNC: opening must not erase the holder's PID before we know we hold the lock.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunHeld(folder, holder(folder)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -278,3 +278,24 @@ def test_two_processes_save_by_steps_and_stop_together_on_sigterm(tmp_path) -> N
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((runs / "pair" / "summary.json").read_text())
     assert summary["steps"] == 3 * ((1437 // 2) // 16) and summary["ranks_in_sync"]
+
+
+def test_a_held_folder_refuses_every_rank_together(tmp_path) -> None:
+    """Rank 0 alone takes the folder's lock; its refusal reaches rank 1 (no rank waits at a
+    barrier for a rank that left)."""
+    import os
+
+    import vitkdl
+    from vitkdl.runs import hold, run_dir
+
+    recipe = tmp_path / "teacher.vkd"
+    recipe.write_text(TEACHER)
+    runs = tmp_path / "runs"
+    folder = run_dir(runs, "pair_teacher", vitkdl.load(recipe).hash())
+    folder.mkdir(parents=True)
+    with hold(folder):
+        proc = run_two(recipe, runs, "--quiet")
+    err = " ".join(proc.stderr.split())
+    assert err.count(f"in use by process {os.getpid()}") == 1, proc.stderr  # rank 0 says it
+    assert proc.returncode == 75 and "worker process failed" not in err, proc.stderr
+    assert not (folder / "metrics.jsonl").exists()

@@ -289,3 +289,40 @@ def test_submitit_runs_each_run_as_a_job(recipes: Path, capsys) -> None:
     for arm in data["arms"]:
         for run in arm["runs"]:
             assert "vitkdl run" in (Path(run["folder"]) / "log.txt").read_text()
+
+
+def test_a_worker_reports_a_run_held_by_another_process_and_trains_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    import vitkdl
+    from vitkdl.runs import hold, run_dir
+    from vitkdl.train.worker import Task, execute
+
+    recipe = tmp_path / "base.vkd"
+    recipe.write_text(BASE)
+    trained: list[str] = []
+    monkeypatch.setattr(runner, "train", lambda plan, opts, console: trained.append(plan.recipe))
+    spec = vitkdl.load(recipe)
+    folder = run_dir(tmp_path / "runs", spec.name, spec.hash())
+    folder.mkdir(parents=True)
+    task = Task(path=str(recipe), key=folder.name, out_root=str(tmp_path / "runs"))
+    buf = io.StringIO()
+    with hold(folder):  # another process training this run (here: the test itself)
+        status, reason = execute(task, Console(file=buf, width=200))
+    assert status == 1 and trained == []
+    assert f"in use by process {os.getpid()}" in reason
+    assert reason in " ".join(buf.getvalue().split())
+    # The refused worker leaves the holder's progress file alone; its own run removes its own.
+    from vitkdl.train.worker import ProgressFile
+
+    (folder / "progress.json").write_text('{"step": 1, "total": 9, "epoch": 0}')
+    ProgressFile(folder).remove()
+    assert (folder / "progress.json").is_file()
+    mine = ProgressFile(folder)
+    mine(2, 9, 0)
+    mine.remove()
+    assert not (folder / "progress.json").exists()

@@ -715,3 +715,53 @@ def test_a_headless_teacher_has_no_top1_rather_than_zero() -> None:
     Run.evaluate_teacher(run)  # type: ignore[arg-type]
     assert run.teacher_top1 is None
     assert notes == ["  teacher top-1 n/a (the teacher has no classifier head)"]
+
+
+@pytest.mark.slow
+def test_two_runs_into_one_folder_the_second_refuses_naming_the_first(tmp_path, capsys) -> None:
+    from vitkdl.runs import holder
+
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=50, log_every=1))
+    out = tmp_path / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "vitkdl", "run", str(recipe), "--quiet", "--out", str(out)]
+    first = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        folder = out / "tiny"  # the latest link, made once the first run holds its folder
+        deadline = time.time() + 120
+        while time.time() < deadline and not (
+            (folder / "metrics.jsonl").exists() and holder(folder) == first.pid
+        ):
+            time.sleep(0.05)
+        assert holder(folder) == first.pid and first.poll() is None  # training: 50 epochs
+        capsys.readouterr()
+        assert run(str(recipe), "--out", str(out)) == 75
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"in use by process {first.pid}" in err
+        assert first.poll() is None  # the first run was left alone
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The OS released the lock of the killed run (whether or not it had saved a checkpoint
+    # yet): this process may train the run now.
+    capsys.readouterr()
+    assert run(str(recipe), "--out", str(out), "--force", "--max-steps", "3") == 0
+    assert "in use" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, capsys) -> None:
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=1))
+    out = tmp_path / "runs"
+    assert run(str(recipe), "--out", str(out), "--max-steps", "3") == 0
+    metrics = (out / "tiny").resolve() / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 4, "kind": "tra')  # a crash in the middle of a write
+    capsys.readouterr()
+    assert run(str(recipe), "--out", str(out), "--resume", "--max-steps", "5") == 0
+    assert "dropped 1 unreadable line(s)" in " ".join(capsys.readouterr().err.split())
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # all JSON
+    steps = [r["step"] for r in records if r.get("kind") != "eval"]
+    assert steps == [1, 2, 3, 4, 5], records

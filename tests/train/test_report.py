@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 from rich.console import Console
@@ -61,3 +62,18 @@ def test_an_experiment_report_notes_its_partial_runs() -> None:
     notes = " ".join(experiment_notes(report))
     assert "stopped early by --max-steps (at step 3 of 22): 2 of the runs" in notes
     assert "stopped early" not in " ".join(experiment_notes({**report, "stopped_early": []}))
+
+
+def test_a_torn_last_line_is_dropped_on_resume_with_a_note(tmp_path) -> None:
+    from vitkdl.train.report import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    # A crash mid-write: the last record without its end.
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
+    assert read_metrics(path) == records  # the curves skip it too
+    log = MetricsLog(path, tensorboard=False, resume_step=2)
+    assert log.note is not None and "line(s) (4;" in log.note and str(path) in log.note
+    log.write({"step": 3, "loss": 0.5})
+    assert read_metrics(path) == [*records[:2], {"step": 3, "loss": 0.5}]
+    assert MetricsLog(path, tensorboard=False, resume_step=3).note is None  # nothing torn now

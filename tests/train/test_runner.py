@@ -190,3 +190,40 @@ def test_tables_go_to_stdout_and_the_rest_to_stderr(recipes: Path, trained, caps
     assert "student top-1" in captured.out and "epochs / steps" in captured.out
     assert "student top-1" not in captured.err  # the table is not on stderr
     assert "22 steps/epoch" in captured.err and "22 steps/epoch" not in captured.out
+
+
+def test_a_run_held_by_another_process_is_refused_naming_its_pid(
+    recipes: Path, trained, capsys
+) -> None:
+    import os
+
+    import vitkdl
+    from vitkdl.runs import hold
+
+    runs = recipes / "runs"
+    folder = run_dir(runs, "base", vitkdl.load(recipes / "base.vkd").hash())
+    folder.mkdir(parents=True)
+    # The test holds the folder with the lock API itself (as a training `vitkdl run` does):
+    # deterministic, and nothing trains.
+    with hold(folder):
+        code = main(["run", str(recipes / "base.vkd"), "--out", str(runs), "--quiet"])
+    assert code == 75 and trained == []
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"in use by process {os.getpid()}" in err and "Traceback" not in err
+    assert not (folder / "metrics.jsonl").exists()  # nothing of the holder's was touched
+
+
+@pytest.mark.slow
+def test_a_held_run_that_needs_no_training_is_reused_but_not_forced(
+    recipes: Path, trained, capsys
+) -> None:
+    from vitkdl.runs import hold
+
+    runs = recipes / "runs"
+    args = ["run", str(recipes / "base.vkd"), "--out", str(runs), "--quiet", "--max-steps", "3"]
+    assert main(args) == 0 and len(trained) == 1
+    folder = run_dir(runs, "base", trained[0][1])
+    with hold(folder):  # another process reusing (or retraining) it
+        assert main(args) == 0 and len(trained) == 1  # reading a done run is safe
+        assert main([*args, "--force"]) == 75 and len(trained) == 1  # retraining is not
+    assert main([*args, "--force"]) == 0 and len(trained) == 2

@@ -13,6 +13,11 @@ from pathlib import Path
 from rich.console import Console
 
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
+from vitkdl.runs import IN_USE
+
+#: The exit status of a run whose folder another process holds: sysexits' EX_TEMPFAIL,
+#: like a preempted run (the same command succeeds later).
+HELD = 75
 
 HELP = """Train each recipe's student: the teacher first when it is `from` another recipe whose
 exported student is missing or stale, then the recipe itself, then (for a recipe that extends a
@@ -189,14 +194,18 @@ def launch_torchrun(nproc: int) -> int:
         proc.send_signal(signal.SIGTERM)
 
     hiding = False
+    shown: list[str] = []
     with stop_signals(forward):
         for line in proc.stderr:
             hiding = hiding or line.startswith(("Traceback (most recent call last):", "====="))
             if not hiding and not _LAUNCHER_NOISE.match(line):
                 sys.stderr.write(line)
+                shown.append(line)
         code = proc.wait()
     if stopped:  # the workers saved a checkpoint at their next step
         return PREEMPTED
+    if code != 0 and IN_USE in " ".join("".join(shown).split()):  # rich wraps long lines
+        return HELD  # the workers refused a held run folder: nothing failed
     if code != 0:
         sys.stderr.write(
             f"vitkdl run: a worker process failed (exit status {code}); its message is above\n"
@@ -230,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkdl.train.checkpoint import CheckpointError
     from vitkdl.train.data import DataError
     from vitkdl.train.loop import Interrupted, TrainError
-    from vitkdl.train.runner import RunRefused, RunRequest, run_many
+    from vitkdl.train.runner import RunInUse, RunRefused, RunRequest, run_many
 
     req = RunRequest(
         out_root=args.out,
@@ -251,6 +260,10 @@ def run(args: argparse.Namespace) -> int:
     except Interrupted as exc:  # a checkpoint was saved: 130 for Ctrl-C, 75 for SIGTERM/USR1
         err.print(f"[bold yellow]vitkdl run:[/] {exc}", highlight=False)
         return exc.code
+    except RunInUse as exc:  # another process trains this run: the same command, later
+        if os.environ.get("RANK", "0") == "0":  # every rank refuses; rank 0 says why
+            err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
+        return HELD
     except RunRefused as exc:  # nothing failed: the command needs --resume or --force
         err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
         return 2

@@ -353,6 +353,9 @@ class Run:
         if opts.max_steps is not None:
             self.total_steps = min(self.total_steps, opts.max_steps)
         self.progress = Progress(console, opts.quiet or not job.is_main, self.total_steps)
+        if self.log is not None and self.log.note is not None:
+            # Shown under --quiet too: records were lost, the user should know which.
+            console.print(f"warning: {self.log.note}", highlight=False, markup=False)
         self.epoch, self.batch_in_epoch = self.start_epoch, 0
         self.images_seen, self.wall = 0, 0.0
         self.stop_signal: str | None = None  # set by SIGTERM / SIGUSR1 (see train())

@@ -16,22 +16,50 @@ from rich.text import Text
 from vitkdl.runs import stopped_early
 
 
+def _records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[int]]:
+    """The (line, record) pairs of a ``metrics.jsonl`` and the numbers of the lines that are
+    not JSON objects: a line torn by a crash or a full disk mid-write (the last one, as a
+    rule) loses that record, never the run."""
+    kept: list[tuple[str, dict[str, Any]]] = []
+    torn: list[int] = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            kept.append((line, record))
+        else:
+            torn.append(number)
+    return kept, torn
+
+
+def _torn_note(path: Path, torn: list[int]) -> str | None:
+    if not torn:
+        return None
+    lines = ", ".join(str(n) for n in torn)
+    return f"{path}: dropped {len(torn)} unreadable line(s) ({lines}; torn by an earlier crash)"
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (and TensorBoard when the
-    ``tensorboard`` package is installed)."""
+    ``tensorboard`` package is installed). ``note`` says which unreadable (torn) lines a
+    resume dropped, else None."""
 
     def __init__(
         self, path: Path, tensorboard: bool = True, resume_step: int | None = None
     ) -> None:
         self.path = path
+        self.note: str | None = None
         if resume_step is not None and path.exists():
-            # A resumed run rewrites what came after its checkpoint.
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            # A resumed run rewrites what came after its checkpoint, and drops torn lines:
+            # appending after a line without its newline would tear the next record too.
+            records, torn = _records(path)
+            kept = [line for line, record in records if record.get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
+            self.note = _torn_note(path, torn)
         elif resume_step is None:
             path.write_text("")
         self.writer: Any = None
@@ -59,10 +87,10 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl``."""
+    """The records of a ``metrics.jsonl`` (unreadable, torn lines left out)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _records(path)[0]]
 
 
 PLOTS_MISSING = 'plots need matplotlib: pip install -e ".[plots]" (or pip install matplotlib)'

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,10 @@ import vitkdl
 from vitkdl.errors import VkdError
 from vitkdl.experiment import BASELINE_ROOTS, baseline_of, baseline_overrides, smoke_overrides
 from vitkdl.runs import (
+    RunHeld,
     checkpoint_files,
     done,
+    hold,
     latest_link,
     point_latest,
     read_summary,
@@ -47,6 +50,7 @@ from vitkdl.train.loop import RunOptions, TrainError, check_writable, train
 
 __all__ = [
     "BASELINE_ROOTS",
+    "RunInUse",
     "RunRefused",
     "RunRequest",
     "baseline_overrides",
@@ -61,6 +65,31 @@ class RunRefused(TrainError):
     """The command would lose or mix work (an unfinished run without ``--resume`` or
     ``--force``, a ``--resume`` with nothing to resume): nothing failed, the command needs
     another flag (exit status 2)."""
+
+
+class RunInUse(TrainError):
+    """Another process holds the run's folder (it is training that run): nothing was done;
+    the same command succeeds once it ends (exit status 75, like a stopped run)."""
+
+
+def _hold(spec: RecipeSpec, out: Path, req: RunRequest, stack: ExitStack) -> None:
+    """Hold ``out`` for this command until ``stack`` closes (rank 0 holds it for the whole
+    job: the other ranks write nothing a second command could mix with). Raises
+    :class:`RunInUse` on every rank when another process holds it, except for a finished
+    run that this command only reuses (reading it is safe while another process reuses it
+    too)."""
+    job = distributed.current()
+    refusal = ""
+    if job.is_main:
+        try:
+            stack.enter_context(hold(out))
+        except RunHeld as exc:
+            if req.force or done(out, spec.hash(), req.max_steps) is None:
+                refusal = str(exc)
+    if job.enabled:  # every rank refuses together, or none waits forever at a barrier
+        refusal = distributed.all_gather_states({"refusal": refusal})[0]["refusal"]
+    if refusal:
+        raise RunInUse(refusal)
 
 
 @dataclass(frozen=True)
@@ -168,6 +197,18 @@ def run_recipe(
     if job.is_main:
         check_writable(out)  # before any training, dependencies included
     distributed.barrier()
+    with ExitStack() as stack:
+        # Held from before the decision to its last write: a second command of the same run
+        # neither trains it again nor decides from files this one is rewriting.
+        _hold(spec, out, req, stack)
+        return _run_held(spec, out, overrides, req, console)
+
+
+def _run_held(
+    spec: RecipeSpec, out: Path, overrides: list[str], req: RunRequest, console: Console
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """:func:`run_recipe` once its folder is held."""
+    job = distributed.current()
     summaries: list[dict[str, Any]] = []
 
     # Decided before the teacher trains: a refusal (an unfinished run without --resume)

@@ -83,6 +83,10 @@ class ProgressFile:
             os.replace(tmp, self.path)
 
     def remove(self) -> None:
+        """Remove the file this run wrote; a run that never trained (its folder held by
+        another process) leaves the holder's file alone."""
+        if not self.last:
+            return
         with contextlib.suppress(OSError):
             self.path.unlink()
 
