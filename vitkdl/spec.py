@@ -711,6 +711,20 @@ class _Override:
             f"cannot {'remove' if self.op == '~' else 'set'} {self.path}: {what}", diags, **kw
         )
 
+    def remove(
+        self, fields: dict[str, syn.Field], name: str, where: str, diags: list[Diagnostic]
+    ) -> None:
+        """``~PATH`` of a written field: it goes (back to its default); an error when
+        ``where`` does not write it."""
+        if name not in fields:
+            self.missing(
+                f"{where} does not set {name}",
+                diags,
+                expected=one_of(fields) if fields else "(no fields written)",
+            )
+            return
+        del fields[name]
+
 
 def _set_path(
     raw: RawRecipe,
@@ -823,14 +837,7 @@ def _set_distill(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
         t = syn.Term(term_name, (), (), None, None, (), o.span, o.span)
         term = raw.terms[term_name] = RawTerm(term_name, t, {})
     if o.op == "~":
-        if fname not in term.fields:
-            o.missing(
-                f"the {term_name} term does not set {fname}",
-                diags,
-                expected=one_of(term.fields) if term.fields else "(no fields written)",
-            )
-            return
-        del term.fields[fname]
+        o.remove(term.fields, fname, f"the {term_name} term", diags)
         return
     assert o.value is not None
     # A field the term's kind does not know is the term's own error, reported once.
@@ -921,14 +928,7 @@ def _set_field(
     present = written or known is None or fname in known
     where = f"the {block.kind} block"
     if o.op == "~":
-        if not written:
-            o.missing(
-                f"{where} does not set {fname}",
-                diags,
-                expected=one_of(block.fields) if block.fields else "(no fields written)",
-            )
-            return
-        del block.fields[fname]
+        o.remove(block.fields, fname, where, diags)
         return
     if o.op == "+" and present:
         o.exists(

@@ -9,21 +9,9 @@ import sys
 
 import pytest
 
+from tests.cli import run
 from tests.conftest import GOLDEN, RECIPES, ROOT, check_golden, shipped_recipes
 from vitkdl.cli import main
-
-
-@pytest.fixture(autouse=True)
-def plain_terminal(monkeypatch) -> None:
-    monkeypatch.setenv("COLUMNS", "100")
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.chdir(ROOT)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_validate_all_shipped_recipes(capsys) -> None:

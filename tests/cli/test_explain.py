@@ -8,22 +8,14 @@ import json
 import pytest
 
 import vitkdl
-from tests.conftest import RECIPES, ROOT
-from vitkdl.cli import main
+from tests.cli import run
+from tests.conftest import RECIPES
 from vitkdl.planner import COEFFICIENT_RANGE
 
 
 @pytest.fixture(autouse=True)
-def plain_terminal(monkeypatch) -> None:
-    monkeypatch.setenv("COLUMNS", "400")
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.chdir(ROOT)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+def wide_terminal(monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # one line per row, whatever the table holds
 
 
 def test_model_arguments_as_they_go_to_timm(capsys, tmp_path) -> None:

@@ -6,29 +6,16 @@ import io
 import re
 import sys
 
-import pytest
 from rich.console import Console
 
 import vitkdl
-from tests.conftest import GOLDEN, RECIPES, ROOT
-from vitkdl.cli import build_parser, main
+from tests.cli import run
+from tests.conftest import GOLDEN, RECIPES
+from vitkdl.cli import build_parser
 from vitkdl.cli.common import print_diagnostics
 
 MESSY = "student   deit_tiny_patch16_224{drop_path=0.1 # why\n}\n"
 TIDY = "student deit_tiny_patch16_224 {\n    drop_path = 0.1  # why\n}\n"
-
-
-@pytest.fixture(autouse=True)
-def plain_terminal(monkeypatch) -> None:
-    monkeypatch.setenv("COLUMNS", "100")
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.chdir(ROOT)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_fmt_check_passes_on_the_shipped_recipes(capsys) -> None:
