@@ -601,7 +601,8 @@ def test_checkpoint_every_steps(tmp_path, monkeypatch) -> None:
     saved = _saves(monkeypatch)
     args = ["--out", str(tmp_path / "runs"), "--max-steps", "12"]
     assert run(str(recipe), *args, "--set", "train.checkpoint_every=5 steps") == 0
-    assert [step for name, step in saved if name == "last.pt"] == [5, 10, 12]
+    # the run's end: once before the evaluation (nothing lost if it fails), once after it
+    assert [step for name, step in saved if name == "last.pt"] == [5, 10, 12, 12]
     last = torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=True)
     assert (last["epoch"], last["batch"], last["step"]) == (0, 12, 12)  # mid-epoch
 
@@ -765,3 +766,28 @@ def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, capsys) -> Non
     records = [json.loads(line) for line in metrics.read_text().splitlines()]  # all JSON
     steps = [r["step"] for r in records if r.get("kind") != "eval"]
     assert steps == [1, 2, 3, 4, 5], records
+
+
+@pytest.mark.slow
+def test_an_evaluation_failure_keeps_the_epochs_last_pt(tmp_path, monkeypatch, capsys) -> None:
+    """Evaluation raises after the steps: last.pt of those steps was saved before it, the
+    message is one clean line, and --resume from it finishes."""
+    from vitkdl.train import loop
+
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
+    real = loop.evaluate
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError("Caught OSError in DataLoader worker process 0.\nOSError: val/3.jpg gone")
+
+    monkeypatch.setattr(loop, "evaluate", broken)
+    args = ["--out", str(tmp_path / "runs"), "--max-steps", "3"]
+    assert run(str(recipe), *args) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "evaluation after epoch 0 failed: OSError: val/3.jpg gone" in err
+    assert "before evaluating" in err and "Traceback" not in err
+    last = torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=True)
+    assert (last["epoch"], last["batch"], last["step"], last["history"]) == (0, 3, 3, [])
+    monkeypatch.setattr(loop, "evaluate", real)
+    assert run(str(recipe), *args, "--resume") == 0
+    assert _summary(tmp_path / "runs" / "tiny")["top1"] is not None
