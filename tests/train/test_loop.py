@@ -792,3 +792,37 @@ def test_an_evaluation_failure_keeps_the_epochs_last_pt(tmp_path, monkeypatch, c
     monkeypatch.setattr(loop, "evaluate", real)
     assert run(str(recipe), *args, "--resume") == 0
     assert _summary(tmp_path / "runs" / "tiny")["top1"] is not None
+
+
+@pytest.mark.slow
+def test_an_unreadable_validation_split_stops_the_run_before_any_step(tmp_path, capsys) -> None:
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in range(2):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                if split == "train":
+                    from PIL import Image
+
+                    Image.new("RGB", (20, 20), (200 * c, 0, 0)).save(folder / f"{i}.png")
+                else:
+                    (folder / f"{i}.jpg").write_bytes(b"not an image")
+    recipe = write(
+        tmp_path,
+        "folder.vkd",
+        f"""
+        student vit_tiny_patch16_224 {{
+            img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  num_heads = 2
+            num_classes = 2
+        }}
+        data imagefolder {{ root = "{root}" batch_size = 4 workers = 0 }}
+        train {{ epochs = 1 }}""",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # one per unreadable file
+        assert run(str(recipe), "--out", str(tmp_path / "runs")) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"validation data (imagefolder {root}/val) cannot be used" in err
+    assert "none of its 8 images could be read" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "folder" / "last.pt").exists()
