@@ -532,3 +532,58 @@ def test_the_deit_transform_survives_thousands_of_images(tmp_path: Path, monkeyp
         x = train_tf(images[i % len(images)])
         assert x.shape == (3, 16, 16) and torch.isfinite(x).all()
     assert zero_bits  # the case that crashed was met
+
+
+def _folder_with_broken_val(root, val_files: int) -> None:  # type: ignore[no-untyped-def]
+    """An imagefolder root whose train images read and whose ``val_files`` val files do not."""
+    from PIL import Image
+
+    for c in range(2):
+        train = root / "train" / f"c{c}"
+        train.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * c, 0, 0)).save(train / f"{i}.png")
+        val = root / "val" / f"c{c}"
+        val.mkdir(parents=True)
+        for i in range(val_files):
+            (val / f"{i}.jpg").write_bytes(b"not an image")
+
+
+def test_a_validation_split_of_unreadable_images_is_refused_before_training(tmp_path) -> None:
+    import random
+
+    from vitkdl.train.data import check_val_readable
+
+    _folder_with_broken_val(tmp_path, val_files=3)
+    cfg = DataConfig(source="imagefolder", root=str(tmp_path), image_size=8, batch_size=2)
+    _, val, _ = build_loaders(cfg)
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # one per unreadable file
+        with pytest.raises(DataError, match=r"data \(val\) cannot be used: none of its 6"):
+            check_val_readable(val, "(val)")
+    # the probe leaves the training's random streams where they were
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1]
+    assert (np.random.get_state()[1] == before[2]).all()
+
+
+def test_a_validation_loader_that_raises_or_yields_nothing_is_a_clean_error() -> None:
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    from vitkdl.train.data import check_val_readable
+
+    class Failing(Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
+            raise OSError("Permission denied: 'val/0.jpg'")
+
+    with pytest.raises(DataError, match=r"cannot be read: .*Permission denied"):
+        check_val_readable(DataLoader(Failing(), batch_size=2), "(/data/val)")
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(DataError, match="yields no image"):
+        check_val_readable(empty, "(/data/val)")
+    check_val_readable(empty, "(/data/val)", allow_empty=True)  # a rank's empty shard

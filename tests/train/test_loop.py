@@ -601,7 +601,8 @@ def test_checkpoint_every_steps(tmp_path, monkeypatch) -> None:
     saved = _saves(monkeypatch)
     args = ["--out", str(tmp_path / "runs"), "--max-steps", "12"]
     assert run(str(recipe), *args, "--set", "train.checkpoint_every=5 steps") == 0
-    assert [step for name, step in saved if name == "last.pt"] == [5, 10, 12]
+    # the run's end: once before the evaluation (nothing lost if it fails), once after it
+    assert [step for name, step in saved if name == "last.pt"] == [5, 10, 12, 12]
     last = torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=True)
     assert (last["epoch"], last["batch"], last["step"]) == (0, 12, 12)  # mid-epoch
 
@@ -632,7 +633,8 @@ def test_checkpoint_every_minutes(tmp_path) -> None:
         mp.setattr(loop.time, "monotonic", lambda: clock[0])
         mp.setattr(loop.Run, "save", save)
         loop.train(plan, opts)
-    assert steps == [3, 6, 9, 10]  # 75 s, 150 s, 225 s after the last save; the stop
+    # 75 s, 150 s, 225 s after the last save; the stop, before and after its evaluation
+    assert steps == [3, 6, 9, 10, 10]
 
 
 @pytest.mark.slow
@@ -765,3 +767,62 @@ def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, capsys) -> Non
     records = [json.loads(line) for line in metrics.read_text().splitlines()]  # all JSON
     steps = [r["step"] for r in records if r.get("kind") != "eval"]
     assert steps == [1, 2, 3, 4, 5], records
+
+
+@pytest.mark.slow
+def test_an_evaluation_failure_keeps_the_epochs_last_pt(tmp_path, monkeypatch, capsys) -> None:
+    """Evaluation raises after the steps: last.pt of those steps was saved before it, the
+    message is one clean line, and --resume from it finishes."""
+    from vitkdl.train import loop
+
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
+    real = loop.evaluate
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError("Caught OSError in DataLoader worker process 0.\nOSError: val/3.jpg gone")
+
+    monkeypatch.setattr(loop, "evaluate", broken)
+    args = ["--out", str(tmp_path / "runs"), "--max-steps", "3"]
+    assert run(str(recipe), *args) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "evaluation after epoch 0 failed: OSError: val/3.jpg gone" in err
+    assert "before evaluating" in err and "Traceback" not in err
+    last = torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=True)
+    assert (last["epoch"], last["batch"], last["step"], last["history"]) == (0, 3, 3, [])
+    monkeypatch.setattr(loop, "evaluate", real)
+    assert run(str(recipe), *args, "--resume") == 0
+    assert _summary(tmp_path / "runs" / "tiny")["top1"] is not None
+
+
+@pytest.mark.slow
+def test_an_unreadable_validation_split_stops_the_run_before_any_step(tmp_path, capsys) -> None:
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in range(2):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                if split == "train":
+                    from PIL import Image
+
+                    Image.new("RGB", (20, 20), (200 * c, 0, 0)).save(folder / f"{i}.png")
+                else:
+                    (folder / f"{i}.jpg").write_bytes(b"not an image")
+    recipe = write(
+        tmp_path,
+        "folder.vkd",
+        f"""
+        student vit_tiny_patch16_224 {{
+            img_size = 16  patch_size = 4  depth = 1  embed_dim = 16  num_heads = 2
+            num_classes = 2
+        }}
+        data imagefolder {{ root = "{root}" batch_size = 4 workers = 0 }}
+        train {{ epochs = 1 }}""",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # one per unreadable file
+        assert run(str(recipe), "--out", str(tmp_path / "runs")) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"validation data (imagefolder {root}/val) cannot be used" in err
+    assert "none of its 8 images could be read" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "folder" / "last.pt").exists()

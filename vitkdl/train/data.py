@@ -856,3 +856,46 @@ def build_mixup(cfg: DataConfig, num_classes: int) -> Callable[..., Any] | None:
         label_smoothing=cfg.smoothing,
         num_classes=num_classes,
     )
+
+
+def check_val_readable(loader: Any, where: str, *, allow_empty: bool = False) -> None:
+    """Read the validation loader until one readable sample arrives, before training starts,
+    so a validation split that cannot be read stops the run before any step rather than after
+    an epoch. Raises :class:`DataError` naming ``where`` (the split or root) and the cause.
+
+    ``allow_empty``: a rank's shard of a small split may hold no image under torch.distributed
+    (the counts are summed over ranks), so an empty loader is then no error.
+
+    The global RNG streams (torch, ``random``, numpy) are restored afterwards: the validation
+    loader draws from its own generator and its transforms are deterministic, but training's
+    exact resume must not depend on that staying so.
+    """
+    import random
+
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            seen = 0
+            for _, labels in loader:
+                seen += int(labels.numel())
+                if bool(labels.ne(UNREADABLE).any()):
+                    return
+        except DataError as exc:
+            raise DataError(f"the validation data {where} cannot be read: {exc}") from None
+        except Exception as exc:
+            # A worker's exception carries its traceback in the message: keep the last line.
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            cause = lines[-1] if lines else type(exc).__name__
+            raise DataError(f"the validation data {where} cannot be read: {cause}") from None
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+    if seen == 0 and allow_empty:
+        return
+    problem = f"none of its {seen} images could be read" if seen else "it yields no image"
+    raise DataError(
+        f"the validation data {where} cannot be used: {problem}; fix the files or pass "
+        "--set data.root=... (nothing was trained)"
+    )

@@ -42,6 +42,7 @@ from vitkdl.train.data import (
     DataConfig,
     build_loaders,
     build_mixup,
+    check_val_readable,
     mix_seed,
     set_epoch,
     unwrap,
@@ -332,6 +333,15 @@ class Run:
                 f"{plan.student.num_classes}; set num_classes = {num_classes} on "
                 "the student (and teacher)"
             )
+        # Before any step: a validation split that cannot be read would otherwise fail only
+        # at the first evaluation, an epoch later.
+        cfg = self.cfg
+        split = cfg.val_root or (f"{cfg.root}/val" if cfg.root else cfg.name or cfg.root)
+        check_val_readable(
+            self.val_loader,
+            f"({cfg.source}{' ' + split if split else ''})",
+            allow_empty=job.enabled,
+        )
         self.mixup = build_mixup(self.cfg, num_classes)
         self._optimizer()
 
@@ -651,59 +661,99 @@ class Run:
         # --max-steps stopped it part-way.
         done = self.batch_in_epoch >= self.steps_per_epoch
         position = (epoch + 1, 0) if done else (epoch, self.batch_in_epoch)
-        if last_epoch or (epoch + 1) % plan.eval_every == 0:
-            self.program.eval()
-            heads: dict[str, float] = {}
-            if self.program.distilled:  # the two heads trained apart: each one's top-1 too
-                result = evaluate(
-                    self.program.predict_heads,
-                    self.val_loader,
-                    self.device,
-                    self.opts.max_eval_batches,
-                    heads=True,
-                )
-                heads["class_head_top1"], heads["dist_head_top1"] = result.heads
-            else:
-                result = evaluate(
-                    self.program.predict, self.val_loader, self.device, self.opts.max_eval_batches
-                )
-            top1, top5 = result.top1, result.top5
-            ema_top1 = None
-            if self.ema_predict is not None:
-                ema_top1 = evaluate(
-                    self.ema_predict, self.val_loader, self.device, self.opts.max_eval_batches
-                ).top1
-            self.program.train()
-            self.best_top1 = max(self.best_top1, top1)
-            record = {
-                "kind": "eval",
-                "step": self.step,
-                "epoch": epoch,
-                "top1": top1,
-                "top5": top5,
-                "ema_top1": ema_top1,
-                **heads,
-                "skipped": result.skipped,  # unreadable validation samples, in no count
-            }
-            self.history.append(record)
-            if self.log is not None:
-                self.log.write(record)
-            self.progress.note(
-                f"  epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}%"
-                + (f" (EMA {ema_top1:.2f}%)" if ema_top1 is not None else "")
-                + (
-                    f"; class head {heads['class_head_top1']:.2f}%, distillation head "
-                    f"{heads['dist_head_top1']:.2f}%"
-                    if heads
-                    else ""
-                )
-                + _skipped(result)
-            )
-            if top1 >= self.best_top1:
-                self.save(*position, "best.pt")
         by_epochs = plan.checkpoint_unit == "epochs"
-        if last_epoch or (by_epochs and (epoch + 1) % int(plan.checkpoint_every) == 0):
+        save_last = last_epoch or (by_epochs and (epoch + 1) % int(plan.checkpoint_every) == 0)
+        evaluating = last_epoch or (epoch + 1) % plan.eval_every == 0
+        if save_last:
+            # The epoch's weights first: an evaluation that fails never loses them. Saved
+            # again after the evaluation with its record (best_top1, history); evaluating
+            # draws from no training RNG stream, so both copies resume the same way.
             self.save(*position)
+        if evaluating:
+            try:
+                self._evaluate_epoch(epoch)
+            except Exception as exc:
+                raise self._evaluation_failed(exc, epoch, saved=save_last) from exc
+            if self.history[-1]["top1"] >= self.best_top1:
+                self.save(*position, "best.pt")
+            if save_last:
+                self.save(*position)
+
+    def _evaluation_failed(self, exc: Exception, epoch: int, saved: bool) -> DataPipelineError:
+        """The error for an evaluation that raised after epoch ``epoch``: its cause's last line
+        (a worker's traceback goes to ``error.txt``) and where the run can continue from."""
+        self.progress.close()
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        cause = lines[-1] if lines else ""
+        if not cause.split(" ", 1)[0].endswith(":"):
+            cause = f"{type(exc).__name__}: {cause}".rstrip(": ")
+        details = ""
+        if self.job.is_main:
+            trace = self.out / "error.txt"
+            trace.write_text("".join(traceback.format_exception(exc)))
+            details = f" (traceback in {trace})"
+        where = (
+            f"saved {self.ckpt_path} of epoch {epoch} (step {self.step}) before evaluating"
+            if saved
+            else f"the last checkpoint is {self.ckpt_path} (step {self.saved_step})"
+            if self.saved_step is not None
+            else "no checkpoint was written yet"
+        )
+        return DataPipelineError(
+            f"evaluation after epoch {epoch} failed: {cause}{details}; {where}. Fix the "
+            "cause, then resume with the same command and --resume."
+        )
+
+    def _evaluate_epoch(self, epoch: int) -> None:
+        """The student's (and its EMA's) accuracy after ``epoch``: recorded in the history and
+        the metrics log, and shown."""
+        self.program.eval()
+        heads: dict[str, float] = {}
+        if self.program.distilled:  # the two heads trained apart: each one's top-1 too
+            result = evaluate(
+                self.program.predict_heads,
+                self.val_loader,
+                self.device,
+                self.opts.max_eval_batches,
+                heads=True,
+            )
+            heads["class_head_top1"], heads["dist_head_top1"] = result.heads
+        else:
+            result = evaluate(
+                self.program.predict, self.val_loader, self.device, self.opts.max_eval_batches
+            )
+        top1, top5 = result.top1, result.top5
+        ema_top1 = None
+        if self.ema_predict is not None:
+            ema_top1 = evaluate(
+                self.ema_predict, self.val_loader, self.device, self.opts.max_eval_batches
+            ).top1
+        self.program.train()
+        self.best_top1 = max(self.best_top1, top1)
+        record = {
+            "kind": "eval",
+            "step": self.step,
+            "epoch": epoch,
+            "top1": top1,
+            "top5": top5,
+            "ema_top1": ema_top1,
+            **heads,
+            "skipped": result.skipped,  # unreadable validation samples, in no count
+        }
+        self.history.append(record)
+        if self.log is not None:
+            self.log.write(record)
+        self.progress.note(
+            f"  epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}%"
+            + (f" (EMA {ema_top1:.2f}%)" if ema_top1 is not None else "")
+            + (
+                f"; class head {heads['class_head_top1']:.2f}%, distillation head "
+                f"{heads['dist_head_top1']:.2f}%"
+                if heads
+                else ""
+            )
+            + _skipped(result)
+        )
 
     def _stop_if_not_finite(self, names: list[str]) -> None:
         _stop_if_not_finite(
