@@ -689,6 +689,62 @@ def test_sigterm_and_sigusr1_mid_epoch_save_and_resume_to_the_same_weights(tmp_p
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_stops_at_a_step_and_resume_matches_with_drop_path(tmp_path) -> None:
+    """The first Ctrl-C stops a run with drop path (random per step) at its next step with a
+    checkpoint and exits 130; --resume continues it to the weights of an uninterrupted run
+    (a checkpoint taken mid-step would hold the RNG state of that moment and diverge)."""
+    text = TINY.format(name="tiny", epochs=2, log_every=1)
+    text = text.replace("num_classes = 10\n}", "num_classes = 10\n    drop_path_rate = 0.2\n}", 1)
+    assert "drop_path_rate" in text
+    recipe = write(tmp_path, "tiny.vkd", text)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "vitkdl", "run", str(recipe), "--quiet"]
+    subprocess.run(
+        [*cmd, "--out", str(tmp_path / "whole")], check=True, env=env, cwd=ROOT, capture_output=True
+    )
+    out = tmp_path / "interrupted"
+    metrics = out / "tiny" / "metrics.jsonl"
+    steps_per_epoch = 1437 // 32
+    after = steps_per_epoch + 5
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the run is a few steps into the epoch
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            steps = [json.loads(x)["step"] for x in lines[-3:] if x.strip().endswith("}")]
+            if steps and max(steps) >= after:
+                break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Ctrl-C again to abort now" in err
+    assert "stopped by SIGINT" in err and "--resume" in err and "Traceback" not in err
+    saved = torch.load(out / "tiny" / "last.pt", weights_only=True)
+    assert saved["step"] >= after and saved["batch"] not in (0, steps_per_epoch)  # mid-epoch
+    assert not (out / "tiny" / "summary.json").exists()
+
+    subprocess.run(
+        [*cmd, "--out", str(out), "--resume"], check=True, env=env, cwd=ROOT, capture_output=True
+    )
+    a, b = _summary(tmp_path / "whole" / "tiny"), _summary(out / "tiny")
+    for key in ("top1", "top5", "best_top1", "ema_top1", "epochs", "steps"):
+        assert a[key] == b[key], key
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "whole" / "tiny" / "student.safetensors"))
+    wb = load_file(str(out / "tiny" / "student.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_runs_in_one_process_do_not_inherit_each_others_settings(tmp_path) -> None:
     """A tiny run drops to one CPU thread; the next run in the same process starts from the
     threads it was given, and counts only the graphs it compiled."""
