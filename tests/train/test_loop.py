@@ -606,6 +606,38 @@ def test_checkpoint_every_steps(tmp_path, monkeypatch) -> None:
     assert (last["epoch"], last["batch"], last["step"]) == (0, 12, 12)  # mid-epoch
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_at_the_step_boundary_and_twice_aborts_unsaved(
+    tmp_path, monkeypatch, capsys, presses
+) -> None:
+    """Ctrl-C during step 7: once, the run finishes that step, saves it and exits 130; twice,
+    it aborts there and then, keeping only the checkpoint of step 5 and saying so."""
+    from vitkdl.train import loop
+
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
+    saved = _saves(monkeypatch)
+    real = loop.Run._report
+
+    def report(self, result):  # type: ignore[no-untyped-def]
+        if self.step == 7:  # inside the step, before the loop checks for a stop
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        real(self, result)
+
+    monkeypatch.setattr(loop.Run, "_report", report)
+    args = ["--out", str(tmp_path / "runs"), "--max-steps", "12"]
+    assert run(str(recipe), *args, "--set", "train.checkpoint_every=5 steps") == 130
+    err = capsys.readouterr().err
+    assert "Ctrl-C again to abort now" in err
+    last = torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=True)
+    if presses == 1:
+        assert [step for _, step in saved] == [5, 7] and last["step"] == 7
+        assert "stopped by SIGINT at step 7" in err
+    else:
+        assert [step for _, step in saved] == [5] and last["step"] == 5
+        assert "aborted by a second Ctrl-C at step 7, without a checkpoint" in err
+
+
 def test_checkpoint_every_minutes(tmp_path) -> None:
     """A clock that moves 25 s per step: with "1 min", a checkpoint every third step."""
     import vitkdl
