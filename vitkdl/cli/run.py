@@ -181,7 +181,7 @@ def launch_torchrun(nproc: int) -> int:
         "vitkdl",
         *rest,
     ]
-    from vitkdl.train.signals import PREEMPTED, stop_signals
+    from vitkdl.train.signals import exit_status, interrupt_stops, stop_signals
 
     # The workers report their own errors; what the launcher prints after a failure (its
     # traceback and failure table) adds nothing for a user, so it is held back.
@@ -195,7 +195,10 @@ def launch_torchrun(nproc: int) -> int:
 
     hiding = False
     shown: list[str] = []
-    with stop_signals(forward):
+
+    # The first Ctrl-C reaches the workers too (one process group; rank 0 prints the note);
+    # holding it here keeps this process reading their output until they have saved.
+    with stop_signals(forward), interrupt_stops(forward, lambda note: None):
         for line in proc.stderr:
             hiding = hiding or line.startswith(("Traceback (most recent call last):", "====="))
             if not hiding and not _LAUNCHER_NOISE.match(line):
@@ -203,7 +206,7 @@ def launch_torchrun(nproc: int) -> int:
                 shown.append(line)
         code = proc.wait()
     if stopped:  # the workers saved a checkpoint at their next step
-        return PREEMPTED
+        return exit_status(stopped[0])
     if code != 0 and IN_USE in " ".join("".join(shown).split()):  # rich wraps long lines
         return HELD  # the workers refused a held run folder: nothing failed
     if code != 0:

@@ -274,8 +274,8 @@ def _train(plan: Plan, opts: RunOptions, console: Console | None, graphs: int) -
     run = Run(plan, opts, console or Console(stderr=True))
     run.graphs_before = graphs
 
-    def stop(name: str) -> None:
-        run.stop_signal = name
+    def stop(name: str) -> None:  # the first signal names the stop (and its exit status)
+        run.stop_signal = run.stop_signal or name
 
     def note(text: str) -> None:  # even with --quiet: the user is waiting on it
         if run.job.is_main:
