@@ -185,7 +185,17 @@ def launch_torchrun(nproc: int) -> int:
 
     # The workers report their own errors; what the launcher prints after a failure (its
     # traceback and failure table) adds nothing for a user, so it is held back.
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches every process of the terminal's group. torchrun would pass its own copy
+    # on to the workers, which then count two presses (abort, no checkpoint): it ignores
+    # SIGINT instead, and this process turns a Ctrl-C into SIGTERM for it (``forward``).
+    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGHUP,SIGQUIT"}
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     assert proc.stderr is not None
     stopped: list[str] = []
 
