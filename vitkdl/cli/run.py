@@ -185,17 +185,7 @@ def launch_torchrun(nproc: int) -> int:
 
     # The workers report their own errors; what the launcher prints after a failure (its
     # traceback and failure table) adds nothing for a user, so it is held back.
-    # Ctrl-C reaches every process of the terminal's group. torchrun would pass its own copy
-    # on to the workers, which then count two presses (abort, no checkpoint): it ignores
-    # SIGINT instead, and this process turns a Ctrl-C into SIGTERM for it (``forward``).
-    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGHUP,SIGQUIT"}
-    proc = subprocess.Popen(
-        cmd,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     stopped: list[str] = []
 
@@ -203,12 +193,16 @@ def launch_torchrun(nproc: int) -> int:
         stopped.append(name)
         proc.send_signal(signal.SIGTERM)
 
+    def pressed(name: str) -> None:  # torchrun had the same Ctrl-C from the terminal; a
+        stopped.append(name)  # second signal to it could skip a rank's copy of the first
+
     hiding = False
     shown: list[str] = []
 
-    # The first Ctrl-C reaches the workers too (one process group; rank 0 prints the note);
-    # holding it here keeps this process reading their output until they have saved.
-    with stop_signals(forward), interrupt_stops(forward, lambda note: None):
+    # The workers run in sessions of their own: a terminal's Ctrl-C reaches them from
+    # torchrun alone, once (rank 0 prints the note). Holding it here keeps this process
+    # reading their output until they have saved.
+    with stop_signals(forward), interrupt_stops(pressed, lambda note: None):
         for line in proc.stderr:
             hiding = hiding or line.startswith(("Traceback (most recent call last):", "====="))
             if not hiding and not _LAUNCHER_NOISE.match(line):
