@@ -280,6 +280,39 @@ def test_two_processes_save_by_steps_and_stop_together_on_sigterm(tmp_path) -> N
     assert summary["steps"] == 3 * ((1437 // 2) // 16) and summary["ranks_in_sync"]
 
 
+def test_ctrl_c_to_the_process_group_stops_both_ranks_at_one_step(tmp_path) -> None:
+    """Ctrl-C (SIGINT to the terminal's whole process group: launcher, torchrun, workers) is
+    one press: both ranks save at the step they agree on and the launcher exits 130."""
+    import os
+    import signal
+    import time
+
+    (tmp_path / "teacher.vkd").write_text(TEACHER)
+    student = tmp_path / "student.vkd"
+    student.write_text(STUDENT.replace("epochs = 1  log_every = 5", "epochs = 3  log_every = 1"))
+    runs = tmp_path / "runs"
+    assert main(["run", str(tmp_path / "teacher.vkd"), "--out", str(runs), "--quiet"]) == 0
+    cmd = [sys.executable, "-m", "vitkdl", "run", str(student), "--nproc-per-node", "2"]
+    cmd += ["--out", str(runs), "--quiet"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    metrics = runs / "pair" / "metrics.jsonl"
+    deadline = time.time() + 200
+    while time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count('"train"') >= 30:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in err and "aborted" not in err
+    saved = torch.load(runs / "pair" / "last.pt", weights_only=True)
+    assert saved["step"] >= 30 and saved["step"] % 10 == 0  # where the ranks agreed to stop
+    assert len(saved["rng"]) == 2
+
+
 def test_a_held_folder_refuses_every_rank_together(tmp_path) -> None:
     """Rank 0 alone takes the folder's lock; its refusal reaches rank 1 (no rank waits at a
     barrier for a rank that left)."""

@@ -607,6 +607,38 @@ def test_checkpoint_every_steps(tmp_path, monkeypatch) -> None:
     assert (last["epoch"], last["batch"], last["step"]) == (0, 12, 12)  # mid-epoch
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_at_the_step_boundary_and_twice_aborts_unsaved(
+    tmp_path, monkeypatch, capsys, presses
+) -> None:
+    """Ctrl-C during step 7: once, the run finishes that step, saves it and exits 130; twice,
+    it aborts there and then, keeping only the checkpoint of step 5 and saying so."""
+    from vitkdl.train import loop
+
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
+    saved = _saves(monkeypatch)
+    real = loop.Run._report
+
+    def report(self, result):  # type: ignore[no-untyped-def]
+        if self.step == 7:  # inside the step, before the loop checks for a stop
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        real(self, result)
+
+    monkeypatch.setattr(loop.Run, "_report", report)
+    args = ["--out", str(tmp_path / "runs"), "--max-steps", "12"]
+    assert run(str(recipe), *args, "--set", "train.checkpoint_every=5 steps") == 130
+    err = capsys.readouterr().err
+    assert "Ctrl-C again to abort now" in err
+    last = torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=True)
+    if presses == 1:
+        assert [step for _, step in saved] == [5, 7] and last["step"] == 7
+        assert "stopped by SIGINT at step 7" in err
+    else:
+        assert [step for _, step in saved] == [5] and last["step"] == 5
+        assert "aborted by a second Ctrl-C at step 7, without a checkpoint" in err
+
+
 def test_checkpoint_every_minutes(tmp_path) -> None:
     """A clock that moves 25 s per step: with "1 min", a checkpoint every third step."""
     import vitkdl
@@ -677,6 +709,62 @@ def test_sigterm_and_sigusr1_mid_epoch_save_and_resume_to_the_same_weights(tmp_p
         saved = torch.load(out / "tiny" / "last.pt", weights_only=True)
         assert saved["step"] >= after and saved["batch"] not in (0, steps_per_epoch)  # mid-epoch
         assert not (out / "tiny" / "summary.json").exists()
+
+    subprocess.run(
+        [*cmd, "--out", str(out), "--resume"], check=True, env=env, cwd=ROOT, capture_output=True
+    )
+    a, b = _summary(tmp_path / "whole" / "tiny"), _summary(out / "tiny")
+    for key in ("top1", "top5", "best_top1", "ema_top1", "epochs", "steps"):
+        assert a[key] == b[key], key
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "whole" / "tiny" / "student.safetensors"))
+    wb = load_file(str(out / "tiny" / "student.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_stops_at_a_step_and_resume_matches_with_drop_path(tmp_path) -> None:
+    """The first Ctrl-C stops a run with drop path (random per step) at its next step with a
+    checkpoint and exits 130; --resume continues it to the weights of an uninterrupted run
+    (a checkpoint taken mid-step would hold the RNG state of that moment and diverge)."""
+    text = TINY.format(name="tiny", epochs=2, log_every=1)
+    text = text.replace("num_classes = 10\n}", "num_classes = 10\n    drop_path_rate = 0.2\n}", 1)
+    assert "drop_path_rate" in text
+    recipe = write(tmp_path, "tiny.vkd", text)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "vitkdl", "run", str(recipe), "--quiet"]
+    subprocess.run(
+        [*cmd, "--out", str(tmp_path / "whole")], check=True, env=env, cwd=ROOT, capture_output=True
+    )
+    out = tmp_path / "interrupted"
+    metrics = out / "tiny" / "metrics.jsonl"
+    steps_per_epoch = 1437 // 32
+    after = steps_per_epoch + 5
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the run is a few steps into the epoch
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            steps = [json.loads(x)["step"] for x in lines[-3:] if x.strip().endswith("}")]
+            if steps and max(steps) >= after:
+                break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Ctrl-C again to abort now" in err
+    assert "stopped by SIGINT" in err and "--resume" in err and "Traceback" not in err
+    saved = torch.load(out / "tiny" / "last.pt", weights_only=True)
+    assert saved["step"] >= after and saved["batch"] not in (0, steps_per_epoch)  # mid-epoch
+    assert not (out / "tiny" / "summary.json").exists()
 
     subprocess.run(
         [*cmd, "--out", str(out), "--resume"], check=True, env=env, cwd=ROOT, capture_output=True

@@ -181,7 +181,7 @@ def launch_torchrun(nproc: int) -> int:
         "vitkdl",
         *rest,
     ]
-    from vitkdl.train.signals import PREEMPTED, stop_signals
+    from vitkdl.train.signals import exit_status, interrupt_stops, stop_signals
 
     # The workers report their own errors; what the launcher prints after a failure (its
     # traceback and failure table) adds nothing for a user, so it is held back.
@@ -193,9 +193,16 @@ def launch_torchrun(nproc: int) -> int:
         stopped.append(name)
         proc.send_signal(signal.SIGTERM)
 
+    def pressed(name: str) -> None:  # torchrun had the same Ctrl-C from the terminal; a
+        stopped.append(name)  # second signal to it could skip a rank's copy of the first
+
     hiding = False
     shown: list[str] = []
-    with stop_signals(forward):
+
+    # The workers run in sessions of their own: a terminal's Ctrl-C reaches them from
+    # torchrun alone, once (rank 0 prints the note). Holding it here keeps this process
+    # reading their output until they have saved.
+    with stop_signals(forward), interrupt_stops(pressed, lambda note: None):
         for line in proc.stderr:
             hiding = hiding or line.startswith(("Traceback (most recent call last):", "====="))
             if not hiding and not _LAUNCHER_NOISE.match(line):
@@ -203,7 +210,7 @@ def launch_torchrun(nproc: int) -> int:
                 shown.append(line)
         code = proc.wait()
     if stopped:  # the workers saved a checkpoint at their next step
-        return PREEMPTED
+        return exit_status(stopped[0])
     if code != 0 and IN_USE in " ".join("".join(shown).split()):  # rich wraps long lines
         return HELD  # the workers refused a held run folder: nothing failed
     if code != 0:

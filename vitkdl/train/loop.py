@@ -48,7 +48,11 @@ from vitkdl.train.data import (
     unwrap,
 )
 from vitkdl.train.report import PLOTS_MISSING, MetricsLog, write_curves
-from vitkdl.train.signals import INTERRUPTED, PREEMPTED, stop_signals
+from vitkdl.train.signals import (
+    exit_status,
+    interrupt_stops,
+    stop_signals,
+)
 from vitkdl.train.step import Update, configure_optimizer, model_param_groups, train_step
 
 SMALL_STEP_FLOPS = 5e9  # below this per step, one CPU thread beats several
@@ -76,7 +80,7 @@ class Interrupted(TrainError):
     def __init__(self, message: str, signal_name: str) -> None:
         super().__init__(message)
         self.signal_name = signal_name
-        self.code = INTERRUPTED if signal_name == "SIGINT" else PREEMPTED
+        self.code = exit_status(signal_name)
 
 
 @dataclass
@@ -270,17 +274,29 @@ def train(plan: Plan, opts: RunOptions, console: Console | None = None) -> dict[
 def _train(plan: Plan, opts: RunOptions, console: Console | None, graphs: int) -> dict[str, Any]:
     run = Run(plan, opts, console or Console(stderr=True))
     run.graphs_before = graphs
-    with stop_signals(lambda name: setattr(run, "stop_signal", name)):
+
+    def stop(name: str) -> None:  # the first signal names the stop (and its exit status)
+        run.stop_signal = run.stop_signal or name
+
+    def note(text: str) -> None:  # even with --quiet: the user is waiting on it
+        if run.job.is_main:
+            run.progress.console.print(text, highlight=False)
+
+    with stop_signals(stop), interrupt_stops(stop, note):
         run.evaluate_teacher()
         try:
             run.loop()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second Ctrl-C: mid-step, so nothing is saved now
             run.progress.close()
-            run.save(run.epoch, run.batch_in_epoch)
             if run.log is not None:
                 run.log.close()
+            last = (
+                f"--resume continues from the last checkpoint, {run.ckpt_path}"
+                if run.ckpt_path.exists()
+                else "there is no checkpoint to resume from"
+            )
             raise Interrupted(
-                f"interrupted at step {run.step}; saved {run.ckpt_path}. Continue with --resume.",
+                f"aborted by a second Ctrl-C at step {run.step}, without a checkpoint; {last}.",
                 "SIGINT",
             ) from None
         except TrainError:  # a signal, a data pipeline error, a NaN/Inf loss
@@ -368,7 +384,7 @@ class Run:
             console.print(f"warning: {self.log.note}", highlight=False, markup=False)
         self.epoch, self.batch_in_epoch = self.start_epoch, 0
         self.images_seen, self.wall = 0, 0.0
-        self.stop_signal: str | None = None  # set by SIGTERM / SIGUSR1 (see train())
+        self.stop_signal: str | None = None  # set by SIGTERM / SIGUSR1 / SIGINT (see train())
         self.last_save = time.monotonic()
         # The step of the newest last.pt (None: none yet): every save is of finite weights.
         self.saved_step: int | None = self.step if self.checkpoint is not None else None
@@ -579,11 +595,12 @@ class Run:
             self.save(self.epoch, self.batch_in_epoch)
             self.progress.close()
             name = self.stop_signal or "a signal on another rank"
+            signal_name = self.stop_signal or "SIGTERM"
             raise Interrupted(
                 f"stopped by {name} at step {step} (epoch {self.epoch}, batch "
                 f"{self.batch_in_epoch}); saved {self.ckpt_path}. Continue with --resume "
-                f"(exit status {PREEMPTED}).",
-                self.stop_signal or "SIGTERM",
+                f"(exit status {exit_status(signal_name)}).",
+                signal_name,
             )
         if due or late:
             self._stop_if_not_finite(list(self._term_names()))
