@@ -25,7 +25,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,23 @@ def holder(folder: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+# The lock files this process holds open. A forked child (a DataLoader worker) shares each
+# open file description and with it the flock, so it would keep the folder locked after this
+# process let go (a run that failed in-process, then resumed in the same process): children
+# close their copies at once.
+_HELD_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_FDS:
+        with suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @contextmanager
 def hold(folder: Path) -> Iterator[None]:
     """Hold ``folder`` for this process for the duration of the block: an exclusive
@@ -166,6 +183,8 @@ def hold(folder: Path) -> Iterator[None]:
             raise RunHeld(folder, holder(folder)) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        _HELD_FDS.add(fd)
         yield
     finally:
+        _HELD_FDS.discard(fd)
         os.close(fd)  # releases the lock
