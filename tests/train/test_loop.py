@@ -138,6 +138,18 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def _assert_same_run(whole: Path, resumed: Path) -> None:
+    """A stopped-and-resumed run ended where the uninterrupted one did, weights bit for bit."""
+    from safetensors.torch import load_file
+
+    a, b = _summary(whole), _summary(resumed)
+    for key in ("top1", "top5", "best_top1", "ema_top1", "epochs", "steps"):
+        assert a[key] == b[key], key
+    wa = load_file(str(whole / "student.safetensors"))
+    wb = load_file(str(resumed / "student.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path) -> None:
     recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=3, log_every=1))
@@ -713,14 +725,7 @@ def test_sigterm_and_sigusr1_mid_epoch_save_and_resume_to_the_same_weights(tmp_p
     subprocess.run(
         [*cmd, "--out", str(out), "--resume"], check=True, env=env, cwd=ROOT, capture_output=True
     )
-    a, b = _summary(tmp_path / "whole" / "tiny"), _summary(out / "tiny")
-    for key in ("top1", "top5", "best_top1", "ema_top1", "epochs", "steps"):
-        assert a[key] == b[key], key
-    from safetensors.torch import load_file
-
-    wa = load_file(str(tmp_path / "whole" / "tiny" / "student.safetensors"))
-    wb = load_file(str(out / "tiny" / "student.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    _assert_same_run(tmp_path / "whole" / "tiny", out / "tiny")
 
 
 @pytest.mark.slow
@@ -769,14 +774,7 @@ def test_ctrl_c_mid_epoch_stops_at_a_step_and_resume_matches_with_drop_path(tmp_
     subprocess.run(
         [*cmd, "--out", str(out), "--resume"], check=True, env=env, cwd=ROOT, capture_output=True
     )
-    a, b = _summary(tmp_path / "whole" / "tiny"), _summary(out / "tiny")
-    for key in ("top1", "top5", "best_top1", "ema_top1", "epochs", "steps"):
-        assert a[key] == b[key], key
-    from safetensors.torch import load_file
-
-    wa = load_file(str(tmp_path / "whole" / "tiny" / "student.safetensors"))
-    wb = load_file(str(out / "tiny" / "student.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    _assert_same_run(tmp_path / "whole" / "tiny", out / "tiny")
 
 
 def test_runs_in_one_process_do_not_inherit_each_others_settings(tmp_path) -> None:
