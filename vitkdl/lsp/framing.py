@@ -169,7 +169,7 @@ class FrameReader:
                 return None
         length: int | None = None
         length_text = ""
-        seen = False
+        seen = b""  # the header lines so far
         while True:
             try:
                 raw = self._line()
@@ -180,9 +180,10 @@ class FrameReader:
             line = raw.rstrip(b"\r\n")
             if not line.strip():
                 if seen:
+                    seen += raw
                     break
                 continue  # blank lines between messages
-            seen = True
+            seen += raw
             name, colon, value = line.partition(b":")
             if not colon or not _HEADER_NAME.fullmatch(name):
                 return self._lost(
@@ -200,8 +201,8 @@ class FrameReader:
                 # The digit count first: int() of thousands of digits raises ValueError.
                 length = self.limit + 1 if len(value) > 18 else int(value)
                 length_text = value.decode()
-        if length is None:
-            return self._lost("a message without a Content-Length header")
+        if length is None:  # given back: a header cut short may run on into the next one
+            return self._lost("a message without a Content-Length header", again=seen, at=1)
         if length > self.limit:
             return self._lost(
                 f"a message of {length_text} bytes: over the limit of {self.limit}",
