@@ -228,11 +228,16 @@ def test_a_request_with_wrong_parameter_types_gets_invalid_params() -> None:
         2, "textDocument/hover", {"textDocument": {"uri": "file:///a.vkd"}, "position": "x"}
     )
     bad_init = request(3, "initialize", {"processId": "me", "capabilities": []})
-    got = by_id(serve(frame(hover) + frame(bad_init) + frame(INITIALIZE)))
+    bad_open = {"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"x": 1}}
+    answers = serve(frame(hover) + frame(bad_init) + frame(bad_open) + frame(INITIALIZE))
+    got = by_id(answers)
     for rid in (2, 3):
         assert got[rid]["error"]["code"] == framing.INVALID_PARAMS
     assert "$.params.position" in got[2]["error"]["message"]
     assert "capabilities" in got[100]["result"]
+    # a notification has no answer: the user is told, as pygls does
+    shown = [a for a in answers if a.get("method") == "window/showMessage"]
+    assert len(shown) == 1 and set(got) == {2, 3, 100}
 
 
 def test_every_request_gets_an_answer_after_shutdown_too() -> None:

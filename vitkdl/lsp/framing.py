@@ -29,7 +29,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """The largest message body read (a whole recipe is a few KiB; a didOpen of a big file, MiB)."""
 MAX_HEADER_BYTES = 64 * 1024
 """The longest header line (a real one is about 40 bytes); longer is bad framing."""
-CHUNK = 1024 * 1024
+CHUNK = 64 * 1024  # a pipe's buffer: what one read returns at most anyway
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
