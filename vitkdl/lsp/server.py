@@ -11,24 +11,30 @@
 
 Checks run in one worker thread, so the server keeps reading messages while a cold model is
 resolved (the first check of a new model imports torch; later ones read the facts cache).
+Messages are read by :mod:`vitkdl.lsp.framing`, not by pygls: bad framing, a message over 64 MiB
+and a malformed request get a JSON-RPC error, and the server reads on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from lsprotocol import types
+from pygls.io_ import StdoutWriter
 from pygls.lsp.server import LanguageServer
 
 from vitkdl import __version__
 from vitkdl.errors import Diagnostic, Span
 from vitkdl.lsp.analysis import Analysis, analyse, definition, hover, path_strings
 from vitkdl.lsp.complete import Item, complete
+from vitkdl.lsp.framing import Frame, FrameReader, dispatch
 
 _KINDS = {
     "keyword": types.CompletionItemKind.Keyword,
@@ -162,6 +168,50 @@ class VkdServer(LanguageServer):
         self.analyses: dict[str, Analysis] = {}
         self.pending: dict[str, asyncio.Task[None]] = {}
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitkdl-check")
+
+    def start_io(self, stdin: Any = None, stdout: Any = None) -> None:
+        """Serve over stdio (``stdin``/``stdout``: binary streams) until exit or end of input.
+
+        pygls's own loop, with :class:`vitkdl.lsp.framing.FrameReader` for its reader and
+        :func:`vitkdl.lsp.framing.dispatch` for its ``json.loads`` and ``handle_message``.
+        """
+        self._stop_event = threading.Event()
+        writer = StdoutWriter(stdout or sys.stdout.buffer)
+        self.protocol.set_writer(writer)
+        try:
+            asyncio.run(self._serve(FrameReader(stdin or sys.stdin.buffer), writer))
+        except BrokenPipeError:
+            pass  # the client is gone
+        except (KeyboardInterrupt, SystemExit):
+            pass  # SystemExit: pygls's exit handler
+        finally:
+            self.shutdown()
+
+    async def _serve(self, reader: FrameReader, writer: StdoutWriter) -> None:
+        loop = asyncio.get_running_loop()
+        frames: asyncio.Queue[Frame | None] = asyncio.Queue(maxsize=1)
+
+        def pump() -> None:
+            # A daemon thread: a read blocked on stdin does not keep the process alive after exit.
+            while True:
+                try:
+                    frame = reader.read()
+                except Exception:  # an unreadable stdin ends the session like its end
+                    frame = None
+                try:  # waits for the loop to take it: one message read ahead at most
+                    asyncio.run_coroutine_threadsafe(frames.put(frame), loop).result()
+                except RuntimeError:
+                    return  # the loop is closed
+                if frame is None:
+                    return
+
+        threading.Thread(target=pump, name="vitkdl-lsp-reader", daemon=True).start()
+        assert self._stop_event is not None
+        while not self._stop_event.is_set():
+            frame = await frames.get()
+            if frame is None:
+                break
+            dispatch(self, frame, writer)
 
     @property
     def encoding(self) -> str:
