@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
+from vitkdl.counts import count_words
 from vitkdl.experiment import Grid, read_sweep
 from vitkdl.optim import NO_DECAY_WORDS
 from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan
@@ -53,12 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _n(x: float) -> str:
-    """A count in words a reader can scan: 18.9M, 123.1G."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.1f}{unit}"
-    return f"{x:g}"
+_n = count_words  # short: it is in almost every line below
 
 
 def _value(v: object) -> str:
