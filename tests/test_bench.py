@@ -4,23 +4,31 @@ hand-written hook implementation computing the same losses as the strategies, CL
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo
+from rich.console import Console
 
 import vitkdl
 from tests.conftest import ROOT
 from vitkdl.bench import (
+    CONFIGURATIONS,
+    Bench,
     BenchError,
+    ConfigResult,
     HandWrittenLoss,
     bench_plan,
     register_feature_hooks,
     run_bench,
     timm_task_kwargs,
 )
+from vitkdl.bench import _ratios as _ratios
 from vitkdl.cli import main
+from vitkdl.cli.bench import render
 from vitkdl.planner import TapPoint
 from vitkdl.program import tap_pass
 from vitkdl.terms import StepInputs
@@ -205,12 +213,71 @@ def test_bad_recipe_exits_2_without_traceback(
     assert code == 2 and "nosuch" in err and "Traceback" not in err
 
 
-def test_cli_choices_match_the_module() -> None:
-    from vitkdl import bench
-    from vitkdl.cli import bench as cli_bench
+def test_bench_options_are_torch_free_and_the_parser_uses_them() -> None:
+    """Every command builds the parser, bench's options included: one torch-free source."""
+    code = (
+        "import sys; from vitkdl.cli import build_parser; "
+        "from vitkdl.bench_options import BACKENDS, FLOOR_MODES; "
+        "bench = build_parser()._subparsers._group_actions[0].choices['bench']; "
+        "choices = {a.dest: a.choices for a in bench._actions}; "
+        "assert tuple(choices['backend']) == BACKENDS and tuple(choices['floor']) == FLOOR_MODES; "
+        "print('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
 
-    assert cli_bench.BACKENDS == bench.BACKENDS
-    assert cli_bench.FLOOR_MODES == bench.FLOOR_MODES
+
+def _config(name: str, ms: float) -> ConfigResult:
+    return ConfigResult(name, 1e3 / ms, ms, [ms], 0.0)
+
+
+def test_ratios_are_keyed_by_configuration_name(tiny: Path) -> None:
+    """A ratio reads its two configurations by name; one not measured gives None, whatever
+    else is missing."""
+    plan = vitkdl.plan(vitkdl.load(tiny))
+    measured = {n: _config(n, ms) for n, ms in (("compiled", 10.0), ("eager", 25.0))}
+    measured["floor"] = _config("floor", 4.0)
+    ratios = _ratios(plan, measured, {"adapters_losses_ms": 1.0})
+    assert ratios["compiled_vs_eager"] == pytest.approx(2.5)
+    assert ratios["compiled_vs_hooks"] is None and ratios["eager_vs_hooks"] is None
+    assert ratios["compiled_vs_timm"] is None
+    assert ratios["overhead_vs_floor"] == pytest.approx(10 / 4 - 1)
+    assert ratios["overhead_vs_floor_plus_losses"] == pytest.approx(10 / 5 - 1)
+    measured["timm"] = _config("timm", 30.0)
+    assert _ratios(plan, measured, None)["compiled_vs_timm"] == pytest.approx(3.0)
+    assert _ratios(plan, measured, None)["overhead_vs_floor_plus_losses"] is None
+
+
+def test_configurations_are_named_and_built_in_order(tiny: Path) -> None:
+    """The bench is a class: setup, build (each named configuration), time, results; a
+    configuration that cannot be built for this recipe is left out by name."""
+    assert [c.name for c in CONFIGURATIONS] == ["compiled", "eager", "hooks", "timm", "floor"]
+    plan = vitkdl.plan(vitkdl.load(tiny))
+    lines: list[str] = []
+    bench = Bench(
+        plan,
+        steps=1,
+        warmup=1,
+        device="cpu",
+        compile_backend="eager",
+        breakdown=False,
+        loader=False,
+        progress=lines.append,
+    )
+    bench.setup()
+    try:
+        bench.build()
+        assert set(bench.skipped) == {"timm"}  # timm cannot express the mimic term
+        assert list(bench.peak_mb) == ["compiled", "eager", "hooks", "floor"]
+        bench.time()
+    finally:
+        torch.set_num_threads(bench.threads_before)
+    assert all(len(t.times) == 1 for t in bench.timers.values())
+    result = bench.results()
+    assert list(result.configs) == list(bench.peak_mb)
+    assert lines[0].startswith("build and warm up: compiled step (eager;")
+    assert lines[1:5] == [f"build and warm up: {n}" for n in ("eager", "hooks", "timm", "floor")]
 
 
 def test_bad_options_raise_bench_error(tiny: Path) -> None:
@@ -246,6 +313,12 @@ def test_recipes_without_a_hand_written_peer_are_benched_without_it(tmp_path: Pa
     assert set(result.configs) == {"compiled", "eager", "floor"}
     assert result.ratios["compiled_vs_hooks"] is None
     assert any(n.startswith("hooks not measured") and "blocks.0.attn" in n for n in result.notes)
+    console = Console(record=True, width=200)
+    render(result.to_dict(), console)
+    text = console.export_text()
+    assert "(a) vitkdl compiled" in text and "(d) floor" in text and "(c) hooks" not in text
+    assert "compiled vs hooks -x" in text and "part by part" not in text
+    assert "hooks not measured" in text and "data loader" not in text
 
 
 def test_peak_flops_match_cards_strictly() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import vitkdl
 from tests.conftest import RECIPES
 
@@ -61,3 +63,31 @@ def test_plan_is_json_with_plain_numbers() -> None:
 def test_world_size_scales_the_global_batch() -> None:
     spec = vitkdl.load(RECIPES / "deit_small_vitkd_kd.vkd")
     assert vitkdl.plan(spec, world_size=8).data.global_batch == 1024
+
+
+def test_plan_records_share_one_frozen_base() -> None:
+    """The planner's records and the kinds' plan data derive from one definition."""
+    from pydantic import ValidationError
+
+    from vitkdl.plain import Plain
+    from vitkdl.planner import DataPlan, Plan, TapPoint, TermPlan
+
+    for record in (Plan, DataPlan, TapPoint, TermPlan):
+        assert issubclass(record, Plain), record
+    tap = TapPoint(block=1, point="out")
+    with pytest.raises(ValidationError):
+        tap.block = 2  # frozen
+    with pytest.raises(ValidationError):
+        TapPoint(point="out", where="nowhere")  # extra fields rejected
+
+
+def test_counts_in_words() -> None:
+    from vitkdl.counts import count_words
+
+    assert [count_words(x) for x in (999, 1_000, 18_900_000, 123.1e9, -2_500)] == [
+        "999",
+        "1.0K",
+        "18.9M",
+        "123.1G",
+        "-2.5K",
+    ]

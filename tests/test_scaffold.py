@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import vitkdl
@@ -122,3 +124,18 @@ def test_different_grids_are_refused_with_the_reason(tmp_path) -> None:
 def test_unusable_models_are_refused(tmp_path, teacher, message) -> None:
     with pytest.raises(InitError, match=message):
         init_recipe(teacher, "deit_tiny_patch16_224", path=tmp_path / "x.vkd")
+
+
+def test_the_layout_resolves_name_place_and_data_before_any_text() -> None:
+    """init's options are resolved once (no closure over them): the name from the file stem
+    (made a valid identifier) or the pair, a data folder as the root of the paper's source."""
+    from vitkdl.scaffold import _layout
+
+    pair = ("deit_small_patch16_224", "deit_tiny_patch16_224")
+    at_path = _layout(*pair, data="/data/imnet", name=None, path=Path("out/my-recipe.vkd"))
+    assert at_path.name == "my_recipe" and at_path.where == Path("out/my-recipe.vkd")
+    assert at_path.source == at_path.paper_source and at_path.root == "/data/imnet"
+    default = _layout(*pair, data="digits", name=None, path=None)
+    assert default.name == "deit_tiny_patch16_224_from_deit_small_patch16_224"
+    assert default.where == Path(f"{default.name}.vkd")
+    assert default.source == "digits" and default.root is None

@@ -413,3 +413,22 @@ def test_a_base_vkd_with_syntax_errors_shows_them_as_a_recipe(tmp_path) -> None:
     errors = [d for d in diags if d.is_error]
     assert errors and all(Path(d.span.file).name == "base.vkd" for d in errors if d.span)
     assert "epochs = = 3" in render(errors[0], sources)
+
+
+def test_every_override_root_the_error_lists_is_applied() -> None:
+    from vitkdl.spec import _OVERRIDE_HANDLERS
+
+    """An unknown root lists the roots; each listed root goes to its own handler (its errors
+    are about the path below it, never an unknown root)."""
+    recipe = RECIPES / "deit_tiny_vitkd_kd.vkd"
+    with pytest.raises(VkdError) as info:
+        vitkdl.load(recipe, overrides=["trian.epochs=1"])
+    (unknown,) = info.value.errors
+    roots = unknown.expected.split(", ")
+    assert roots == list(_OVERRIDE_HANDLERS)  # the table's keys, in its order
+    assert roots == ["teacher", "student", "data", "train", "distill", "recipe"]
+    for root in roots:
+        with pytest.raises(VkdError) as info:
+            vitkdl.load(recipe, overrides=[f"{root}.nosuch=1"])
+        messages = [d.message for d in info.value.errors]
+        assert messages and not any("unknown override path" in m for m in messages), messages

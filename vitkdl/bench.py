@@ -70,6 +70,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vitkdl
+from vitkdl.bench_options import (
+    BACKENDS,
+    DEFAULT_STEPS,
+    DEFAULT_WARMUP,
+    FLOOR_MODES,
+    options_problem,
+)
 from vitkdl.planner import Plan, TapPoint
 from vitkdl.program import (
     Program,
@@ -91,11 +98,14 @@ from vitkdl.train.step import Update, configure_optimizer, model_param_groups, t
 
 __all__ = [
     "BACKENDS",
+    "CONFIGURATIONS",
     "FLOOR_MODES",
     "PEAK_FLOPS",
+    "Bench",
     "BenchError",
     "BenchResult",
     "ConfigResult",
+    "Configuration",
     "HandWrittenLoss",
     "bench_plan",
     "peak_flops",
@@ -104,8 +114,6 @@ __all__ = [
     "timm_task_kwargs",
 ]
 
-BACKENDS = ("inductor", "aot_eager", "eager")
-FLOOR_MODES = ("auto", "eager", "compiled", "best")
 
 #: Dense bf16/fp16 tensor-core peak FLOP/s by card, as ``torch.cuda.get_device_name`` spells
 #: it (a regular expression, searched; the first match wins). Cards not listed (an H100 NVL or
@@ -351,7 +359,7 @@ def _compiler(backend: str, mode: str | None) -> Callable[[Callable[..., Any]], 
 
 
 def _update(
-    plan: Plan, named: Iterable[tuple[str, nn.Parameter]], student: nn.Module, s: _Setup
+    plan: Plan, named: Iterable[tuple[str, nn.Parameter]], student: nn.Module, work: _Workload
 ) -> Update:
     """The trainer's update over a student and further named parameters: the same optimizer
     (one decay rule, fused AdamW), clipping and loss scaling as ``vitkdl run``."""
@@ -359,7 +367,9 @@ def _update(
     groups = model_param_groups(student, extra, plan.optimizer.weight_decay)
     params = [p for p in student.parameters() if p.requires_grad]
     params += [p for _, p in extra if p.requires_grad]
-    return Update(configure_optimizer(plan, groups), params, plan.clip_grad, s.device, s.dtype)
+    return Update(
+        configure_optimizer(plan, groups), params, plan.clip_grad, work.device, work.dtype
+    )
 
 
 def _batch(plan: Plan, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -435,7 +445,10 @@ def register_feature_hooks(
 
 
 @dataclass
-class _Setup:
+class _Workload:
+    """What every configuration runs on: the plan, the device and precision, the compiler and
+    one synthetic batch of the recipe's shapes already on the device."""
+
     plan: Plan
     device: torch.device
     dtype: torch.dtype | None
@@ -454,20 +467,20 @@ class _Setup:
         return _compiler(self.backend, self.mode)(fn)
 
 
-def _program_timer(s: _Setup, compiled: bool) -> tuple[_Timer, Program, Update]:
+def _program_timer(work: _Workload, compiled: bool) -> tuple[_Timer, Program, Update]:
     """(a) or (b): vitkdl's step, compiled or eager, then the trainer's update."""
-    torch.manual_seed(s.plan.seed)
-    if compiled and s.backend == "inductor":
-        program = vitkdl.build(s.plan, s.device, load=False, compile=s.mode or "default")
+    torch.manual_seed(work.plan.seed)
+    if compiled and work.backend == "inductor":
+        program = vitkdl.build(work.plan, work.device, load=False, compile=work.mode or "default")
         step = program.step
     else:
-        program = vitkdl.build(s.plan, s.device, load=False, compile="off")
-        step = s.compile(program.forward) if compiled else program.forward
+        program = vitkdl.build(work.plan, work.device, load=False, compile="off")
+        step = work.compile(program.forward) if compiled else program.forward
     program.train()
-    update = _update(s.plan, program.terms.named_parameters(), program.student, s)
+    update = _update(work.plan, program.terms.named_parameters(), program.student, work)
 
     def one_step() -> None:
-        train_step(step, update, s.images, s.targets)
+        train_step(step, update, work.images, work.targets)
 
     return _Timer("compiled" if compiled else "eager", one_step, compiled), program, update
 
@@ -475,11 +488,11 @@ def _program_timer(s: _Setup, compiled: bool) -> tuple[_Timer, Program, Update]:
 _PARTS = ("teacher_forward", "student_forward_backward", "adapters_losses", "optimizer")
 
 
-def _breakdown_timer(s: _Setup, program: Program, update: Update) -> _Timer:
+def _breakdown_timer(work: _Workload, program: Program, update: Update) -> _Timer:
     """The compiled step's parts, each compiled on its own and timed between
     synchronisations: teacher forward, student forward + backward, adapters + losses (forward
     and backward), optimizer (clipping, AdamW, zeroing)."""
-    plan = s.plan
+    plan = work.plan
     s_points, t_points = model_taps(plan.terms, "student"), model_taps(plan.terms, "teacher")
     s_keys = [*(p.key for p in s_points), "norm"]
     t_keys = [*(p.key for p in t_points), "norm"]
@@ -492,7 +505,7 @@ def _breakdown_timer(s: _Setup, program: Program, update: Update) -> _Timer:
         return logits, [taps[k] for k in t_keys]
 
     def student_fwd(images: Tensor) -> tuple[Tensor, list[Tensor]]:
-        with _autocast(s.device, s.dtype):
+        with _autocast(work.device, work.dtype):
             logits, taps = tap_pass(student, images, s_points, s_prefix)
         return logits, [taps[k] for k in s_keys]
 
@@ -512,23 +525,23 @@ def _breakdown_timer(s: _Setup, program: Program, update: Update) -> _Timer:
         )
         return term_losses(plan.terms, terms, inputs)["loss"]
 
-    t_fn = s.compile(teacher_fwd) if plan.teacher_used else None
-    s_fn, l_fn = s.compile(student_fwd), s.compile(losses)
+    t_fn = work.compile(teacher_fwd) if plan.teacher_used else None
+    s_fn, l_fn = work.compile(student_fwd), work.compile(losses)
 
     def parts() -> dict[str, float]:
         marks: list[float] = []
 
         def mark() -> None:
-            _sync(s.device)
+            _sync(work.device)
             marks.append(time.perf_counter())
 
         mark()
-        t_logits, t_taps = t_fn(s.images) if t_fn is not None else (None, [])
+        t_logits, t_taps = t_fn(work.images) if t_fn is not None else (None, [])
         mark()  # teacher forward
-        s_logits, s_taps = s_fn(s.images)
+        s_logits, s_taps = s_fn(work.images)
         mark()  # student forward
         leaves = [x.detach().requires_grad_() for x in (s_logits, *s_taps)]
-        total = l_fn(leaves[0], leaves[1:], t_logits, t_taps, s.targets)
+        total = l_fn(leaves[0], leaves[1:], t_logits, t_taps, work.targets)
         update.backward(total)
         mark()  # losses forward + backward: the adapters' and the features' gradients
         pairs = [
@@ -553,13 +566,15 @@ def _breakdown_timer(s: _Setup, program: Program, update: Update) -> _Timer:
     return _Timer("breakdown", parts, True)
 
 
-def _hooks_timer(s: _Setup) -> _Timer:
+def _hooks_timer(work: _Workload) -> _Timer:
     """(c) forward hooks, two full forwards, a hand-written loss module; eager."""
-    plan = s.plan
+    plan = work.plan
     torch.manual_seed(plan.seed)
-    student = create_model(plan.student, s.device)
-    teacher = create_model(plan.teacher, s.device) if plan.teacher_used and plan.teacher else None
-    criterion = HandWrittenLoss(plan).to(s.device)
+    student = create_model(plan.student, work.device)
+    teacher = (
+        create_model(plan.teacher, work.device) if plan.teacher_used and plan.teacher else None
+    )
+    criterion = HandWrittenLoss(plan).to(work.device)
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
@@ -575,16 +590,16 @@ def _hooks_timer(s: _Setup) -> _Timer:
             teacher, model_taps(plan.terms, "teacher"), plan.teacher.prefix_tokens, t_feats
         )
     update = _update(
-        plan, [(f"criterion.{n}", p) for n, p in criterion.named_parameters()], student, s
+        plan, [(f"criterion.{n}", p) for n, p in criterion.named_parameters()], student, work
     )
-    t_images = s.images
+    t_images = work.images
     if teacher is not None and plan.teacher is not None:  # the teacher's own normalisation
         affine = teacher_affine(
             (plan.student.mean, plan.student.std), (plan.teacher.mean, plan.teacher.std)
         )
         if affine is not None:
-            scale, shift = (torch.tensor(v, device=s.device).view(1, -1, 1, 1) for v in affine)
-            t_images = s.images * scale + shift
+            scale, shift = (torch.tensor(v, device=work.device).view(1, -1, 1, 1) for v in affine)
+            t_images = work.images * scale + shift
     resize = teacher_resize(plan)
     dist_head = any(KINDS[t.kind].reads_dist_logits for t in plan.terms)
     if dist_head:  # DeiT's distillation token: the two heads apart, as DeiT's code does
@@ -592,17 +607,17 @@ def _hooks_timer(s: _Setup) -> _Timer:
 
     def one_step() -> None:
         t_logits, s_dist = None, None
-        with _autocast(s.device, s.dtype):
+        with _autocast(work.device, work.dtype):
             if teacher is not None:
                 with torch.no_grad():
                     seen = resize_input(t_images, *resize) if resize else t_images
                     t_logits = single_logits(teacher(seen))
-            out = student(s.images)
+            out = student(work.images)
             if dist_head:
                 s_logits, s_dist = distilled_heads(out)
             else:
                 s_logits = single_logits(out)
-        out = criterion(StepInputs(s_logits, s_feats, t_logits, t_feats, s.targets, s_dist))
+        out = criterion(StepInputs(s_logits, s_feats, t_logits, t_feats, work.targets, s_dist))
         update.backward(out["loss"])
         update.step()
 
@@ -634,19 +649,19 @@ def timm_task_kwargs(plan: Plan) -> dict[str, Any]:
     return merged
 
 
-def _timm_timer(s: _Setup) -> _Timer:
+def _timm_timer(work: _Workload) -> _Timer:
     """(e) timm's own distillation task (the logit or the token task), compiled with the same
     backend, then the same optimizer step."""
     import timm.loss
     import timm.task
 
-    plan = s.plan
+    plan = work.plan
     kwargs = timm_task_kwargs(plan)
     assert plan.teacher is not None
     torch.manual_seed(plan.seed)
-    student = create_model(plan.student, s.device)
-    teacher = create_model(plan.teacher, s.device).eval()
-    soft = s.targets.dim() > 1
+    student = create_model(plan.student, work.device)
+    teacher = create_model(plan.teacher, work.device).eval()
+    soft = work.targets.dim() > 1
     criterion: nn.Module = (
         timm.loss.SoftTargetCrossEntropy()
         if soft
@@ -657,43 +672,43 @@ def _timm_timer(s: _Setup) -> _Timer:
         "temperature": kwargs["temperature"],
         "distill_loss_weight": kwargs["distill_loss_weight"],
         "task_loss_weight": kwargs["task_loss_weight"],
-        "device": s.device,
+        "device": work.device,
         "verbose": False,
     }
     if "distill_type" in kwargs:
         common["distill_type"] = kwargs["distill_type"]
     task: nn.Module = getattr(timm.task, kwargs["task"])(student, teacher, **common)
     task.train()
-    if s.backend == "inductor":
-        task.compile(mode=s.mode)
-    elif s.backend != "eager":
-        task.compile(backend=s.backend)
-    update = _update(plan, [], student, s)
+    if work.backend == "inductor":
+        task.compile(mode=work.mode)
+    elif work.backend != "eager":
+        task.compile(backend=work.backend)
+    update = _update(plan, [], student, work)
 
     def one_step() -> None:
-        with _autocast(s.device, s.dtype):
-            out = task(s.images, s.targets)
+        with _autocast(work.device, work.dtype):
+            out = task(work.images, work.targets)
         update.backward(out["loss"])
         update.step()
 
-    return _Timer("timm", one_step, s.backend != "eager")
+    return _Timer("timm", one_step, work.backend != "eager")
 
 
-def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
+def _floor_timers(work: _Workload, modes: Sequence[str]) -> list[_Timer]:
     """(d) a student-only training step on the labels and a teacher inference forward, timed
     separately, in each of ``modes`` (``eager``, ``compiled``)."""
-    plan = s.plan
+    plan = work.plan
     torch.manual_seed(plan.seed)
-    student = create_model(plan.student, s.device)
-    teacher = create_model(plan.teacher, s.device) if plan.teacher is not None else None
+    student = create_model(plan.student, work.device)
+    teacher = create_model(plan.teacher, work.device) if plan.teacher is not None else None
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     student.train()
-    update = _update(plan, [], student, s)
+    update = _update(plan, [], student, work)
     smoothing = plan.data.smoothing
 
     def forward_loss(images: Tensor, targets: Tensor) -> Tensor:
-        with _autocast(s.device, s.dtype):
+        with _autocast(work.device, work.dtype):
             logits = single_logits(student(images)).float()
         if targets.dim() > 1:
             return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
@@ -703,7 +718,7 @@ def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
 
     def infer(images: Tensor) -> Tensor:
         assert teacher is not None
-        with torch.no_grad(), _autocast(s.device, s.dtype):
+        with torch.no_grad(), _autocast(work.device, work.dtype):
             if resize is not None:  # the teacher at its own resolution
                 images = resize_input(images, *resize)
             return single_logits(teacher(images))
@@ -711,16 +726,18 @@ def _floor_timers(s: _Setup, modes: Sequence[str]) -> list[_Timer]:
     timers = []
     for mode in modes:
         compiled = mode == "compiled"
-        fwd = s.compile(forward_loss) if compiled else forward_loss
+        fwd = work.compile(forward_loss) if compiled else forward_loss
 
         def student_step(fwd: Callable[..., Tensor] = fwd) -> None:
-            update.backward(fwd(s.images, s.targets))
+            update.backward(fwd(work.images, work.targets))
             update.step()
 
         timers.append(_Timer(f"floor.student.{mode}", student_step, compiled))
         if teacher is not None and plan.teacher_used:
-            inf = s.compile(infer) if compiled else infer
-            timers.append(_Timer(f"floor.teacher.{mode}", lambda inf=inf: inf(s.images), compiled))
+            inf = work.compile(infer) if compiled else infer
+            timers.append(
+                _Timer(f"floor.teacher.{mode}", lambda inf=inf: inf(work.images), compiled)
+            )
     return timers
 
 
@@ -775,28 +792,384 @@ def _load_average() -> float | None:
         return None
 
 
-def bench_plan(
-    plan: Plan,
-    *,
-    steps: int = 10,
-    warmup: int = 3,
-    device: str | None = None,
-    compile_backend: str = "inductor",
-    compile_mode: str | None = "default",
-    floor: str = "auto",
-    breakdown: bool = True,
-    loader: bool = True,
-    threads: int | None = None,
-    progress: Progress | None = None,
-) -> BenchResult:
+def _bench_device(device: str | None) -> torch.device:
+    """The device to measure on, or :class:`BenchError` saying why this machine cannot."""
+    try:
+        dev = resolve_device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BenchError(f"device {device}: CUDA is not available here; use --device cpu")
+        torch.empty(1, device=dev)
+    except ValueError as exc:  # resolve_device: a device this machine cannot use
+        raise BenchError(str(exc)) from None
+    except (RuntimeError, AssertionError) as exc:
+        raise BenchError(f"device {device!r}: {str(exc).splitlines()[0]}") from None
+    return dev
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One measured configuration: ``name`` keys its result and the ratios; ``build`` makes
+    its timers (untimed yet); ``announce`` is its progress line (``{backend}`` filled in);
+    a configuration that is not ``required`` is left out, the reason in the notes, when
+    building it raises :class:`BenchError` (no hand-written or timm peer for this recipe)."""
+
+    name: str
+    build: Callable[[Bench], list[_Timer]]
+    announce: str = "{name}"
+    required: bool = False
+
+
+#: The configurations in the order they are built, warmed up, reported and shown (the
+#: module docstring says what each measures). The compiled step's parts (``breakdown``) are
+#: built right after ``compiled``, on its modules.
+CONFIGURATIONS: tuple[Configuration, ...] = (
+    Configuration(
+        "compiled",
+        lambda bench: [bench.build_compiled()],
+        announce="compiled step ({backend}; the first step compiles)",
+        required=True,
+    ),
+    Configuration("eager", lambda bench: [_program_timer(bench.work, False)[0]]),
+    Configuration("hooks", lambda bench: [_hooks_timer(bench.work)]),
+    Configuration("timm", lambda bench: [_timm_timer(bench.work)]),
+    Configuration("floor", lambda bench: _floor_timers(bench.work, bench.floor_modes)),
+)
+
+
+class Bench:
+    """One benchmark of a resolved plan, in the shape of torchtune's recipes: :meth:`setup`
+    (device, threads, precision, the synthetic batch), :meth:`build` (each configuration
+    built and warmed up in turn, its peak memory measured then), :meth:`time` (all of them in
+    interleaved rounds), :meth:`results`. :meth:`run` does the four; the options are
+    :func:`bench_plan`'s."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        steps: int = DEFAULT_STEPS,
+        warmup: int = DEFAULT_WARMUP,
+        device: str | None = None,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = "default",
+        floor: str = "auto",
+        breakdown: bool = True,
+        loader: bool = True,
+        threads: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        problem = options_problem(steps, warmup, compile_backend, floor, threads)
+        if problem is not None:
+            raise BenchError(problem)
+        self.plan = plan
+        self.steps, self.warmup = steps, warmup
+        self.device_option, self.threads_option = device, threads
+        self.backend, self.compile_mode = compile_backend, compile_mode
+        self.floor, self.breakdown, self.loader = floor, breakdown, loader
+        self.say: Progress = progress or (lambda _: None)
+        self.timers: dict[str, _Timer] = {}
+        self.peak_mb: dict[str, float] = {}
+        self.skipped: dict[str, str] = {}
+        # The compiled configuration's modules, kept until its breakdown is built on them.
+        self._compiled: tuple[Program, Update] | None = None
+
+    def run(self) -> BenchResult:
+        """Setup, build, time, results; ``torch._dynamo`` reset before and after, the thread
+        count restored."""
+        self.setup()
+        torch._dynamo.reset()
+        try:
+            self.build()
+            self.time()
+        finally:
+            torch.set_num_threads(self.threads_before)
+        return self.results()
+
+    # ----------------------------------------------------------------------------------------
+    # Setup
+
+    def setup(self) -> None:
+        """The device, the thread count, the precision, the batch and the memory meter."""
+        from vitkdl.train.loop import SMALL_STEP_FLOPS
+
+        plan = self.plan
+        self.dev = dev = _bench_device(self.device_option)
+        self.start = time.perf_counter()
+        self.load_before = _load_average()
+        self.threads_before = torch.get_num_threads()
+        self.used_threads: int | None = None
+        if dev.type == "cpu":
+            small = plan.cost.total * plan.data.batch_size < SMALL_STEP_FLOPS
+            self.used_threads = self.threads_option or (1 if small else self.threads_before)
+            torch.set_num_threads(self.used_threads)
+        self.dtype = resolve_precision(plan.precision, dev)
+        images, targets = _batch(plan, dev)
+        self.memory = _Memory(dev)
+        self.work = _Workload(
+            plan=plan,
+            device=dev,
+            dtype=self.dtype,
+            backend=self.backend,
+            mode=self.compile_mode if self.backend == "inductor" else None,
+            steps=self.steps,
+            warmup=self.warmup,
+            images=images,
+            targets=targets,
+        )
+        if self.floor == "auto":
+            self.floor_modes = ["compiled"] if dev.type == "cuda" else ["eager"]
+        else:
+            self.floor_modes = ["eager", "compiled"] if self.floor == "best" else [self.floor]
+
+    # ----------------------------------------------------------------------------------------
+    # Build each configuration
+
+    def build(self) -> None:
+        """Build and warm up every configuration in turn (the compiled step's parts right
+        after the compiled step); each one's peak memory is what its building added."""
+        for config in CONFIGURATIONS:
+            what = config.announce.format(name=config.name, backend=self.backend)
+            self.say(f"build and warm up: {what}")
+            self.memory.reset()
+            before = self.memory.current_mb()
+            try:
+                built = config.build(self)
+            except BenchError as exc:
+                if config.required:
+                    raise
+                self.skipped[config.name] = str(exc)
+                continue
+            self._warm(built)
+            self.peak_mb[config.name] = max(0.0, self.memory.peak_mb() - before)
+            if config.name == "compiled":
+                self._build_breakdown()
+
+    def build_compiled(self) -> _Timer:
+        """(a), keeping its modules for the breakdown."""
+        timer, program, update = _program_timer(self.work, True)
+        self._compiled = program, update
+        return timer
+
+    def _build_breakdown(self) -> None:
+        """The compiled step's parts on the compiled configuration's modules (no memory
+        figure of their own: they add little to what the compiled step holds)."""
+        program, update = self._compiled or (None, None)
+        self._compiled = None  # the breakdown's timer keeps what it needs
+        if self.breakdown and program is not None and update is not None:
+            self.say("build and warm up: the compiled step's parts, each compiled alone")
+            self._warm([_breakdown_timer(self.work, program, update)])
+
+    def _warm(self, timers: Sequence[_Timer]) -> None:
+        for t in timers:
+            t.warm(self.dev, self.warmup)
+            self.timers[t.name] = t
+
+    # ----------------------------------------------------------------------------------------
+    # Time
+
+    def time(self) -> None:
+        """``steps`` interleaved rounds, one step of every configuration per round."""
+        self.say(f"timing: {self.steps} rounds of {len(self.timers)} interleaved steps")
+        _rounds(list(self.timers.values()), self.dev, self.steps)
+
+    # ----------------------------------------------------------------------------------------
+    # Results
+
+    def results(self) -> BenchResult:
+        """The figures of every configuration, the breakdown, the loader, the ratios and the
+        notes. Frees the configurations' modules before the loader runs."""
+        plan = self.plan
+        self.peak = peak_flops(self.dev)
+        self.low_precision = self.dtype in (torch.bfloat16, torch.float16)
+        configs: dict[str, ConfigResult] = {}
+        for config in CONFIGURATIONS:
+            if config.name == "floor":
+                configs["floor"] = self._floor_result()
+            elif config.name in self.timers:
+                configs[config.name] = self._timed_result(config.name)
+        parts = self._breakdown_result(configs["compiled"]) if self.breakdown else None
+        self.timers.clear()  # frees the configurations' modules before the loader runs
+        torch._dynamo.reset()
+        gc.collect()
+        loader_info = None
+        if self.loader:
+            self.say("data loader")
+            loader_info = _loader(
+                plan,
+                max(2 * self.steps, 10) * plan.data.batch_size,
+                configs["compiled"].images_per_second,
+            )
+        ratios = _ratios(plan, configs, parts)
+        return BenchResult(
+            recipe=plan.recipe,
+            student=plan.student.name,
+            teacher=plan.teacher.name if plan.teacher else None,
+            device=str(self.dev),
+            device_name=torch.cuda.get_device_name(self.dev)
+            if self.dev.type == "cuda"
+            else _cpu_name(),
+            threads=self.used_threads,
+            batch=plan.data.batch_size,
+            precision=str(self.dtype).removeprefix("torch.") if self.dtype else "fp32",
+            backend=self.backend,
+            compile_mode=self.work.mode,
+            steps=self.steps,
+            warmup=self.warmup,
+            flops_per_image=plan.cost.total,
+            memory_kind=self.memory.kind,
+            configs=configs,
+            ratios=ratios,
+            breakdown=parts,
+            loader=loader_info,
+            peak_device_flops=self.peak,
+            load_average=[self.load_before, load_after := _load_average()],
+            wall_seconds=time.perf_counter() - self.start,
+            notes=self._notes(load_after),
+        )
+
+    def _result(
+        self,
+        name: str,
+        ms: float,
+        flops: int,
+        compile_s: float | None,
+        ms_steps: list[float],
+        **details: Any,
+    ) -> ConfigResult:
+        ips = self.work.batch / (ms / 1e3)
+        peak = self.peak
+        return ConfigResult(
+            name=name,
+            images_per_second=ips,
+            ms_per_step=ms,
+            ms_steps=ms_steps,
+            peak_memory_mb=self.peak_mb[name],
+            compile_seconds=compile_s,
+            mfu=flops * ips / peak if peak and self.low_precision else None,
+            details=details,
+        )
+
+    def _timed_result(self, name: str) -> ConfigResult:
+        """A configuration timed as one step."""
+        t = self.timers[name]
+        ms_steps = [x * 1e3 for x in t.times]
+        return self._result(
+            name, t.median * 1e3, self.plan.cost.total, t.compile_seconds(), ms_steps
+        )
+
+    def _floor_best(self, role: str) -> _Timer | None:
+        """The floor's student step or teacher inference in its fastest mode."""
+        names = [f"floor.{role}.{m}" for m in self.floor_modes]
+        found = [self.timers[n] for n in names if n in self.timers]
+        return min(found, key=lambda t: t.median) if found else None
+
+    def _floor_result(self) -> ConfigResult:
+        """(d): the best student step plus the best teacher inference, step by step."""
+        cost = self.plan.cost
+        fs, ft = self._floor_best("student"), self._floor_best("teacher")
+        assert fs is not None
+        s_ms = fs.median * 1e3
+        t_ms = ft.median * 1e3 if ft is not None else 0.0
+        measured = {
+            name.removeprefix("floor."): t.median * 1e3
+            for name, t in self.timers.items()
+            if name.startswith("floor.")
+        }
+        compile_s = sum(t.compile_seconds() or 0.0 for t in (fs, ft) if t is not None)
+        t_times = ft.times if ft else [0.0] * len(fs.times)
+        return self._result(
+            "floor",
+            s_ms + t_ms,
+            cost.teacher_forward + cost.student_forward_backward,
+            compile_s if (fs.compiled or (ft is not None and ft.compiled)) else None,
+            [(a + b) * 1e3 for a, b in zip(fs.times, t_times, strict=True)],
+            student_step_ms=s_ms,
+            teacher_inference_ms=t_ms if ft else None,
+            student_mode=fs.name.rsplit(".", 1)[1],
+            teacher_mode=ft.name.rsplit(".", 1)[1] if ft else None,
+            measured_ms=measured,
+        )
+
+    def _breakdown_result(self, compiled: ConfigResult) -> dict[str, Any]:
+        """The compiled step's parts: medians, their sum against the whole step, shares."""
+        bt = self.timers["breakdown"]
+        ms = {f"{k}_ms": statistics.median(p[k] for p in bt.parts) * 1e3 for k in _PARTS}
+        total_ms = sum(ms.values())
+        step_ms = compiled.ms_per_step
+        compile_s = sum(max(0.0, bt.first_parts.get(k, 0.0) - ms[f"{k}_ms"] / 1e3) for k in _PARTS)
+        return {
+            **ms,
+            "sum_of_parts_ms": total_ms,
+            "step_ms": step_ms,
+            "parts_minus_step_ms": total_ms - step_ms,
+            "compile_seconds": compile_s,
+            "share": {k: v / total_ms if total_ms else None for k, v in ms.items()},
+        }
+
+    def _notes(self, load_after: float | None) -> list[str]:
+        """What the figures leave out and what they ran under."""
+        dev = self.dev
+        notes: list[str] = [f"{name} not measured: {why}" for name, why in self.skipped.items()]
+        if dev.type == "cuda" and self.peak is None:
+            notes.append(f"MFU omitted: no known peak for {torch.cuda.get_device_name(dev)}")
+        elif self.peak is not None and not self.low_precision:
+            notes.append("MFU omitted: the peak table is for bf16/fp16 and precision is fp32")
+        if dev.type == "cpu":
+            modes = " and ".join(self.floor_modes)
+            notes.append(f"CPU: {self.used_threads} thread(s); the floor runs {modes}")
+        if self.load_before is not None and load_after is not None:
+            notes.append(
+                f"load average {self.load_before:.2f} before, {load_after:.2f} after "
+                f"({os.cpu_count()} CPUs): a load above the CPU count means other "
+                "processes shared them"
+            )
+        return notes
+
+
+def _ratios(
+    plan: Plan, configs: Mapping[str, ConfigResult], parts: Mapping[str, Any] | None
+) -> dict[str, float | None]:
+    """The ratios between configurations, keyed by name; None where one is not measured."""
+    ms = {name: c.ms_per_step for name, c in configs.items()}
+
+    def speedup(other: str, ref: str) -> float | None:
+        """How much faster ``ref`` runs than ``other``: other's ms over ref's."""
+        return ms[other] / ms[ref] if other in ms and ref in ms else None
+
+    cost = plan.cost
+    floor_flops = cost.teacher_forward + cost.student_forward_backward
+    return {
+        "compiled_vs_eager": speedup("eager", "compiled"),
+        "compiled_vs_hooks": speedup("hooks", "compiled"),
+        "overhead_vs_floor": ms["compiled"] / ms["floor"] - 1,
+        "eager_vs_hooks": speedup("hooks", "eager"),
+        # timm's own task, where it expresses the recipe: what timm users run today
+        "compiled_vs_timm": speedup("timm", "compiled"),
+        # The floor leaves out the adapters' work (ViTKD's generator: 10-18 % of the FLOPs of
+        # the paper's pairs, more at reduced depth), so by FLOPs alone the step costs this much
+        # more than the floor ...
+        "overhead_vs_floor_from_flops": cost.adapters_forward_backward / floor_flops
+        if floor_flops
+        else None,
+        "adapter_flops_share": cost.adapters_forward_backward / cost.total if cost.total else None,
+        # ... and what is left once the adapters' and losses' measured time is added to the
+        # floor is the price of running them together in one step.
+        "overhead_vs_floor_plus_losses": ms["compiled"]
+        / (ms["floor"] + parts["adapters_losses_ms"])
+        - 1
+        if parts
+        else None,
+    }
+
+
+def bench_plan(plan: Plan, **options: Any) -> BenchResult:
     """Benchmark a resolved plan (see the module docstring for what is measured).
 
     Every configuration is built and warmed up in turn (its peak memory measured then); all
     stay alive, and the timed steps run in ``steps`` interleaved rounds (one step of each
     configuration per round), so that load from elsewhere on the machine hits them alike.
 
-    Args:
-        plan: the resolved plan (its ``data.batch_size`` is the batch).
+    Keyword arguments (:class:`Bench`'s):
         steps: timed steps per figure (medians are reported).
         warmup: untimed steps first (the first compiles); at least 1.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; default CUDA when available.
@@ -813,249 +1186,7 @@ def bench_plan(
     Resets ``torch._dynamo`` before and after. Raises :class:`BenchError` for a bad option or
     device.
     """
-    from vitkdl.train.loop import SMALL_STEP_FLOPS
-
-    if steps < 1 or warmup < 1:
-        raise BenchError("--steps and --warmup must be at least 1")
-    if compile_backend not in BACKENDS:
-        raise BenchError(f"unknown backend {compile_backend!r}; one of {', '.join(BACKENDS)}")
-    if floor not in FLOOR_MODES:
-        raise BenchError(f"unknown floor mode {floor!r}; one of {', '.join(FLOOR_MODES)}")
-    if threads is not None and threads < 1:
-        raise BenchError("--threads must be at least 1")
-    try:
-        dev = resolve_device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise BenchError(f"device {device}: CUDA is not available here; use --device cpu")
-        torch.empty(1, device=dev)
-    except ValueError as exc:  # resolve_device: a device this machine cannot use
-        raise BenchError(str(exc)) from None
-    except (RuntimeError, AssertionError) as exc:
-        raise BenchError(f"device {device!r}: {str(exc).splitlines()[0]}") from None
-    say = progress or (lambda _: None)
-    start_all = time.perf_counter()
-    load_before = _load_average()
-    threads_before = torch.get_num_threads()
-    used_threads: int | None = None
-    if dev.type == "cpu":
-        used_threads = threads or (
-            1 if plan.cost.total * plan.data.batch_size < SMALL_STEP_FLOPS else threads_before
-        )
-        torch.set_num_threads(used_threads)
-    dtype = resolve_precision(plan.precision, dev)
-    images, targets = _batch(plan, dev)
-    memory = _Memory(dev)
-    s = _Setup(
-        plan=plan,
-        device=dev,
-        dtype=dtype,
-        backend=compile_backend,
-        mode=compile_mode if compile_backend == "inductor" else None,
-        steps=steps,
-        warmup=warmup,
-        images=images,
-        targets=targets,
-    )
-    if floor == "auto":
-        floor_modes = ["compiled"] if dev.type == "cuda" else ["eager"]
-    else:
-        floor_modes = ["eager", "compiled"] if floor == "best" else [floor]
-
-    timers: dict[str, _Timer] = {}
-    peak_mb: dict[str, float] = {}
-    skipped: dict[str, str] = {}
-
-    def warm(name: str, new: Sequence[_Timer], before: float | None) -> None:
-        for t in new:
-            t.warm(dev, warmup)
-            timers[t.name] = t
-        if before is not None:
-            peak_mb[name] = max(0.0, memory.peak_mb() - before)
-
-    torch._dynamo.reset()
-    try:
-        say(f"build and warm up: compiled step ({compile_backend}; the first step compiles)")
-        memory.reset()
-        before = memory.current_mb()
-        timer, program, updater = _program_timer(s, True)
-        warm("compiled", [timer], before)
-        if breakdown:
-            say("build and warm up: the compiled step's parts, each compiled alone")
-            warm("breakdown", [_breakdown_timer(s, program, updater)], None)
-        del program, updater
-        for name, make in (
-            ("eager", lambda: [_program_timer(s, False)[0]]),
-            ("hooks", lambda: [_hooks_timer(s)]),
-            ("timm", lambda: [_timm_timer(s)]),
-            ("floor", lambda: _floor_timers(s, floor_modes)),
-        ):
-            say(f"build and warm up: {name}")
-            memory.reset()
-            before = memory.current_mb()
-            try:
-                built = make()
-            except BenchError as exc:  # no hand-written peer for what this recipe taps
-                skipped[name] = str(exc)
-                continue
-            warm(name, built, before)
-        say(f"timing: {steps} rounds of {len(timers)} interleaved steps")
-        _rounds(list(timers.values()), dev, steps)
-    finally:
-        torch.set_num_threads(threads_before)
-
-    peak = peak_flops(dev)
-    low_precision = dtype in (torch.bfloat16, torch.float16)
-
-    def result(
-        name: str,
-        ms: float,
-        flops: int,
-        compile_s: float | None,
-        ms_steps: list[float],
-        **details: Any,
-    ) -> ConfigResult:
-        ips = s.batch / (ms / 1e3)
-        return ConfigResult(
-            name=name,
-            images_per_second=ips,
-            ms_per_step=ms,
-            ms_steps=ms_steps,
-            peak_memory_mb=peak_mb[name],
-            compile_seconds=compile_s,
-            mfu=flops * ips / peak if peak and low_precision else None,
-            details=details,
-        )
-
-    configs: dict[str, ConfigResult] = {}
-    for name in ("compiled", "eager", "hooks", "timm"):
-        if name not in timers:
-            continue
-        t = timers[name]
-        configs[name] = result(
-            name, t.median * 1e3, plan.cost.total, t.compile_seconds(), [x * 1e3 for x in t.times]
-        )
-
-    def best(role: str) -> _Timer | None:
-        found = [timers[f"floor.{role}.{m}"] for m in floor_modes if f"floor.{role}.{m}" in timers]
-        return min(found, key=lambda t: t.median) if found else None
-
-    fs, ft = best("student"), best("teacher")
-    assert fs is not None
-    s_ms = fs.median * 1e3
-    t_ms = ft.median * 1e3 if ft is not None else 0.0
-    measured = {
-        name.removeprefix("floor."): t.median * 1e3
-        for name, t in timers.items()
-        if name.startswith("floor.")
-    }
-    floor_compile = sum(t.compile_seconds() or 0.0 for t in (fs, ft) if t is not None)
-    configs["floor"] = result(
-        "floor",
-        s_ms + t_ms,
-        plan.cost.teacher_forward + plan.cost.student_forward_backward,
-        floor_compile if (fs.compiled or (ft is not None and ft.compiled)) else None,
-        [
-            (a + b) * 1e3
-            for a, b in zip(fs.times, ft.times if ft else [0.0] * len(fs.times), strict=True)
-        ],
-        student_step_ms=s_ms,
-        teacher_inference_ms=t_ms if ft else None,
-        student_mode=fs.name.rsplit(".", 1)[1],
-        teacher_mode=ft.name.rsplit(".", 1)[1] if ft else None,
-        measured_ms=measured,
-    )
-
-    parts: dict[str, Any] | None = None
-    if breakdown:
-        bt = timers["breakdown"]
-        ms = {f"{k}_ms": statistics.median(p[k] for p in bt.parts) * 1e3 for k in _PARTS}
-        total_ms = sum(ms.values())
-        step_ms = configs["compiled"].ms_per_step
-        compile_s = sum(max(0.0, bt.first_parts.get(k, 0.0) - ms[f"{k}_ms"] / 1e3) for k in _PARTS)
-        parts = {
-            **ms,
-            "sum_of_parts_ms": total_ms,
-            "step_ms": step_ms,
-            "parts_minus_step_ms": total_ms - step_ms,
-            "compile_seconds": compile_s,
-            "share": {k: v / total_ms if total_ms else None for k, v in ms.items()},
-        }
-
-    timers.clear()  # frees the configurations' modules before the loader runs
-    torch._dynamo.reset()
-    gc.collect()
-    loader_info = None
-    if loader:
-        say("data loader")
-        loader_info = _loader(
-            plan, max(2 * steps, 10) * plan.data.batch_size, configs["compiled"].images_per_second
-        )
-    a, b = configs["compiled"], configs["eager"]
-    c, d = configs.get("hooks"), configs["floor"]
-    e = configs.get("timm")
-    floor_flops = plan.cost.teacher_forward + plan.cost.student_forward_backward
-    ratios: dict[str, float | None] = {
-        "compiled_vs_eager": b.ms_per_step / a.ms_per_step,
-        "compiled_vs_hooks": c.ms_per_step / a.ms_per_step if c else None,
-        "overhead_vs_floor": a.ms_per_step / d.ms_per_step - 1,
-        "eager_vs_hooks": c.ms_per_step / b.ms_per_step if c else None,
-        # timm's own task, where it expresses the recipe: what timm users run today
-        "compiled_vs_timm": e.ms_per_step / a.ms_per_step if e else None,
-        # The floor leaves out the adapters' work (ViTKD's generator: 10-18 % of the FLOPs of
-        # the paper's pairs, more at reduced depth), so by FLOPs alone the step costs this much
-        # more than the floor ...
-        "overhead_vs_floor_from_flops": plan.cost.adapters_forward_backward / floor_flops
-        if floor_flops
-        else None,
-        "adapter_flops_share": plan.cost.adapters_forward_backward / plan.cost.total
-        if plan.cost.total
-        else None,
-        # ... and what is left once the adapters' and losses' measured time is added to the
-        # floor is the price of running them together in one step.
-        "overhead_vs_floor_plus_losses": a.ms_per_step
-        / (d.ms_per_step + parts["adapters_losses_ms"])
-        - 1
-        if parts
-        else None,
-    }
-    notes: list[str] = [f"{name} not measured: {why}" for name, why in skipped.items()]
-    if dev.type == "cuda" and peak is None:
-        notes.append(f"MFU omitted: no known peak for {torch.cuda.get_device_name(dev)}")
-    elif peak is not None and not low_precision:
-        notes.append("MFU omitted: the peak table is for bf16/fp16 and precision is fp32")
-    if dev.type == "cpu":
-        notes.append(f"CPU: {used_threads} thread(s); the floor runs {' and '.join(floor_modes)}")
-    load_after = _load_average()
-    if load_before is not None and load_after is not None:
-        notes.append(
-            f"load average {load_before:.2f} before, {load_after:.2f} after "
-            f"({os.cpu_count()} CPUs): a load above the CPU count means other "
-            "processes shared them"
-        )
-    return BenchResult(
-        recipe=plan.recipe,
-        student=plan.student.name,
-        teacher=plan.teacher.name if plan.teacher else None,
-        device=str(dev),
-        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
-        threads=used_threads,
-        batch=plan.data.batch_size,
-        precision=str(dtype).removeprefix("torch.") if dtype else "fp32",
-        backend=compile_backend,
-        compile_mode=s.mode,
-        steps=steps,
-        warmup=warmup,
-        flops_per_image=plan.cost.total,
-        memory_kind=memory.kind,
-        configs=configs,
-        ratios=ratios,
-        breakdown=parts,
-        loader=loader_info,
-        peak_device_flops=peak,
-        load_average=[load_before, load_after],
-        wall_seconds=time.perf_counter() - start_all,
-        notes=notes,
-    )
+    return Bench(plan, **options).run()
 
 
 def _cpu_name() -> str:

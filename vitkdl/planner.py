@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from vitkdl.checks import Context, default_classes
 from vitkdl.errors import Diagnostic, warning
 from vitkdl.models import ModelFacts
 from vitkdl.optim import NO_DECAY_NAMES
+from vitkdl.plain import Plain as _Plain
 from vitkdl.sources import input_norm, source, split_sizes
 from vitkdl.spec import ModelSpec, RecipeSpec, checkpoint_interval
 from vitkdl.terms import KINDS, needs_teacher
@@ -36,10 +35,6 @@ __all__ = [
     "coefficient_warnings",
     "make_plan",
 ]
-
-
-class _Plain(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class ModelPlan(_Plain):

@@ -228,29 +228,36 @@ def _default_name(student: str, teacher: str) -> str:
     return f"{arch[0]}_from_{arch[1]}"
 
 
-def init_recipe(
-    teacher: str,
-    student: str,
-    *,
-    data: str | None = None,
-    name: str | None = None,
-    path: Path | None = None,
-) -> str:
-    """The text of a recipe distilling ``teacher`` into ``student`` with the paper's layout.
+@dataclass(frozen=True)
+class _Layout:
+    """What ``init`` writes a recipe from: the pair, where the recipe goes, its data, and
+    the paper's recipes it follows (the reference recipe resolved, the training recipe)."""
 
-    ``data`` is a data source (``imagefolder``, the default, ``digits``, ``synthetic``) or the
-    root folder of an ImageNet-layout dataset; ``name`` the recipe name (default: the file
-    stem, or STUDENT_from_TEACHER); ``path`` where it will be written (``teacher from`` and
-    ``extends`` would resolve from there). Raises :class:`InitError`.
-    """
+    teacher: str
+    student: str
+    name: str
+    where: Path
+    source: str
+    root: str | None
+    reference: _Resolved
+    ref_text: str
+    training_text: str
+
+    @property
+    def paper_source(self) -> str:
+        return self.reference.spec.data.source
+
+
+def _layout(
+    teacher: str, student: str, data: str | None, name: str | None, path: Path | None
+) -> _Layout:
+    """The paper's recipes and the pair's options resolved: data as a source or a root
+    (default: the paper's source), the name (default: the file stem or STUDENT_from_TEACHER)."""
     from vitkdl.spec import DataSpec
 
     reference_recipe = find(REFERENCE)
     ref_text = reference_recipe.text
-    training_text = find(TRAINING).text
     reference = _resolve(ref_text, Path(str(reference_recipe.file)))
-    ref_pair = f"{reference.spec.student.model} <- {reference.spec.teacher.model.split('.')[0]}"
-
     sources = language.literal_choices(DataSpec, "source")
     paper_source = reference.spec.data.source
     source, root = (data, None) if data in sources else (paper_source, data)
@@ -258,58 +265,86 @@ def init_recipe(
         source, root = paper_source, None
     if name is None:
         name = re.sub(r"[^A-Za-z0-9_]", "_", path.stem) if path else _default_name(student, teacher)
-    where = Path(path or f"{name}.vkd")
+    return _Layout(
+        teacher=teacher,
+        student=student,
+        name=name,
+        where=Path(path or f"{name}.vkd"),
+        source=source,
+        root=root,
+        reference=reference,
+        ref_text=ref_text,
+        training_text=find(TRAINING).text,
+    )
 
-    def compose(weights: dict[str, float], pair: _Resolved | None, image_size: int | None) -> str:
-        run = f"vitkdl run {where}" + (
-            " --set data.root=/path/to/imagenet" if source == paper_source and root is None else ""
-        )
-        features = {p.name for p in reference.plan.terms if p.coefficient != p.weight}
-        scaled = ", ".join(
-            f"{t.name} {language.format_number(t.weight)}"
-            for t in reference.spec.terms
-            if t.name in features
-        )
-        parts = [
-            f"# {_header_title(ref_text)}: {student} taught by {teacher}",
-            f"# run: {run}",
+
+def _preamble(layout: _Layout) -> list[str]:
+    """The recipe's opening comments (title, how to run it, where its weights come from) and
+    its ``recipe`` line."""
+    reference = layout.reference
+    run = f"vitkdl run {layout.where}" + (
+        " --set data.root=/path/to/imagenet"
+        if layout.source == layout.paper_source and layout.root is None
+        else ""
+    )
+    features = {p.name for p in reference.plan.terms if p.coefficient != p.weight}
+    scaled = ", ".join(
+        f"{t.name} {language.format_number(t.weight)}"
+        for t in reference.spec.terms
+        if t.name in features
+    )
+    ref_pair = f"{reference.spec.student.model} <- {reference.spec.teacher.model.split('.')[0]}"
+    return [
+        f"# {_header_title(layout.ref_text)}: {layout.student} taught by {layout.teacher}",
+        f"# run: {run}",
+        _wrap(
+            f"Written by `vitkdl init`: the layout of the ViTKD paper (recipes/{REFERENCE}"
+            f".vkd, {ref_pair}) resolved for this pair. Feature weights keep the "
+            "paper's per-element coefficient (weight x the elements a term sums over "
+            "per image; `vitkdl explain` shows it): weight = the paper's weight x its "
+            "coefficient / this pair's, to 2 significant digits (the paper: "
+            f"{scaled}). The paper itself kept those weights for its wider pairs, "
+            "2-2.7x the coefficient; on a tiny grid a tenth of it did better (README)."
+        ),
+        f"recipe {layout.name}",
+        "",
+    ]
+
+
+def _compose(
+    layout: _Layout, weights: dict[str, float], pair: _Resolved | None, image_size: int | None
+) -> str:
+    """The recipe's text with these term ``weights``; ``pair`` (the pair resolved, for the
+    models' comments) and ``image_size`` once known."""
+    parts = _preamble(layout)
+    if pair is not None:
+        parts.append(
             _wrap(
-                f"Written by `vitkdl init`: the layout of the ViTKD paper (recipes/{REFERENCE}"
-                f".vkd, {ref_pair}) resolved for this pair. Feature weights keep the "
-                "paper's per-element coefficient (weight x the elements a term sums over "
-                "per image; `vitkdl explain` shows it): weight = the paper's weight x its "
-                "coefficient / this pair's, to 2 significant digits (the paper: "
-                f"{scaled}). The paper itself kept those weights for its wider pairs, "
-                "2-2.7x the coefficient; on a tiny grid a tenth of it did better (README)."
-            ),
-            f"recipe {name}",
-            "",
-        ]
-        if pair is not None:
-            parts.append(
-                _wrap(
-                    f"The teacher (frozen): {_facts_line(pair.context.teacher)}. "
-                    "weights: a local .safetensors/.pth file of it, or pretrained "
-                    "= true for the timm hub tag (online)."
-                )
+                f"The teacher (frozen): {_facts_line(pair.context.teacher)}. "
+                "weights: a local .safetensors/.pth file of it, or pretrained "
+                "= true for the timm hub tag (online)."
             )
-        weights_file = _quote(f"checkpoints/{teacher}.safetensors")
-        parts += [f"teacher {teacher} {{", f"weights = {weights_file}", "}", ""]
-        if pair is not None:
-            parts.append(_wrap(f"The student: {_facts_line(pair.context.student)}."))
-        parts += [
-            f"student {student}",
-            "",
-            _data_block(training_text, source, root, image_size),
-            "",
-            _distill(reference, ref_text, weights, pair),
-            "",
-            *_train_block(training_text, source, paper_source),
-        ]
-        return format_text("\n".join(parts) + "\n")
+        )
+    weights_file = _quote(f"checkpoints/{layout.teacher}.safetensors")
+    parts += [f"teacher {layout.teacher} {{", f"weights = {weights_file}", "}", ""]
+    if pair is not None:
+        parts.append(_wrap(f"The student: {_facts_line(pair.context.student)}."))
+    parts += [
+        f"student {layout.student}",
+        "",
+        _data_block(layout.training_text, layout.source, layout.root, image_size),
+        "",
+        _distill(layout.reference, layout.ref_text, weights, pair),
+        "",
+        *_train_block(layout.training_text, layout.source, layout.paper_source),
+    ]
+    return format_text("\n".join(parts) + "\n")
 
-    paper_weights = {t.name: t.weight for t in reference.spec.terms}
-    draft = _resolve(compose(paper_weights, None, None), where, check=False)  # its own sizes
+
+def _check_pair(layout: _Layout, draft: _Resolved) -> None:
+    """:class:`InitError` when the paper's layout does not fit the pair: a model without ViT
+    blocks, token grids that differ, or any other error in the draft recipe."""
+    teacher, student = layout.teacher, layout.student
     s, t = draft.context.student, draft.context.teacher
     for model, facts in ((teacher, t), (student, s)):
         if facts is not None and not facts.vit:
@@ -332,7 +367,12 @@ def init_recipe(
         raise InitError(
             f"cannot distil {teacher} into {student}:\n" + "\n".join(_brief(d) for d in errors)
         )
-    pair = draft
+
+
+def _pair_weights(reference: _Resolved, pair: _Resolved) -> dict[str, float]:
+    """Each term's weight for the pair: the paper's weight x its per-element coefficient /
+    the pair's, to 2 significant digits (terms without a coefficient keep the default)."""
+    assert reference.plan is not None and pair.plan is not None
     weights: dict[str, float] = {}
     for term in reference.spec.terms:
         ref_plan = next((p for p in reference.plan.terms if p.name == term.name), None)
@@ -340,5 +380,31 @@ def init_recipe(
         if plan is None or ref_plan is None or not plan.coefficient:
             continue
         weights[term.name] = _round(term.weight * ref_plan.coefficient / plan.coefficient)
-    final = _resolve(compose(weights, pair, s.img_size[0]), where)
-    return compose(weights, final, s.img_size[0])
+    return weights
+
+
+def init_recipe(
+    teacher: str,
+    student: str,
+    *,
+    data: str | None = None,
+    name: str | None = None,
+    path: Path | None = None,
+) -> str:
+    """The text of a recipe distilling ``teacher`` into ``student`` with the paper's layout.
+
+    ``data`` is a data source (``imagefolder``, the default, ``digits``, ``synthetic``) or the
+    root folder of an ImageNet-layout dataset; ``name`` the recipe name (default: the file
+    stem, or STUDENT_from_TEACHER); ``path`` where it will be written (``teacher from`` and
+    ``extends`` would resolve from there). Raises :class:`InitError`.
+    """
+    layout = _layout(teacher, student, data, name, path)
+    paper_weights = {t.name: t.weight for t in layout.reference.spec.terms}
+    # A draft with the paper's weights gives the pair's own sizes and coefficients.
+    draft = _resolve(_compose(layout, paper_weights, None, None), layout.where, check=False)
+    _check_pair(layout, draft)
+    assert draft.context.student is not None
+    image_size = draft.context.student.img_size[0]
+    weights = _pair_weights(layout.reference, draft)
+    final = _resolve(_compose(layout, weights, draft, image_size), layout.where)
+    return _compose(layout, weights, final, image_size)

@@ -662,8 +662,6 @@ def _as_field(name: str, value: syn.Value, span: Span) -> syn.Field:
     )
 
 
-_OVERRIDE_ROOTS = ("teacher", "student", "data", "train", "distill", "recipe")
-
 #: The operators an override path may start with, Hydra's: ``+PATH=V`` adds what the recipe
 #: does not have, ``~PATH`` removes what it has, ``++PATH=V`` sets whether or not it has it.
 #: A plain ``PATH=V`` changes only what the recipe (or a field's default) has.
@@ -994,14 +992,17 @@ def _set_call_arg(block: RawBlock, o: _Override, diags: list[Diagnostic]) -> Non
     )
 
 
+#: What an override path may start with (its root), and the function that applies it: the
+#: roots an unknown path is told about are this table's keys, in this order.
 _OVERRIDE_HANDLERS: dict[str, Callable[[RawRecipe, _Override, list[Diagnostic]], None]] = {
-    "recipe": _set_recipe,
-    "distill": _set_distill,
     "teacher": _set_block,
     "student": _set_block,
     "data": _set_block,
     "train": _set_block,
+    "distill": _set_distill,
+    "recipe": _set_recipe,
 }
+_OVERRIDE_ROOTS = tuple(_OVERRIDE_HANDLERS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,3 +102,28 @@ def test_shipped_recipes_do_not_warn() -> None:
     for path in shipped_recipes():
         _, diags, _ = vitkdl.validate(path, sweep=False)
         assert not [d for d in diags if "coefficient" in d.message], path
+
+
+def test_render_plan_is_its_sections_in_order() -> None:
+    """``explain`` prints one section after the other, each from its own renderer."""
+    from rich.console import Console
+
+    from vitkdl.cli import explain
+
+    plan = vitkdl.plan(vitkdl.load(RECIPES / "deit_base_vitkd_kd.vkd"))
+
+    def text(render, *args) -> str:
+        console = Console(record=True, width=400)
+        render(plan, console, *args)
+        return console.export_text()
+
+    sections = {
+        "recipe ": text(explain._render_header),
+        "models": text(explain._render_models),
+        "distill terms": text(explain._render_terms),
+        "data and training": text(explain._render_setup, None),
+        "cost per training image": text(explain._render_cost),
+    }
+    assert text(explain.render_plan, None) == "".join(sections.values())
+    for title, section in sections.items():
+        assert section.startswith(title), (title, section[:80])

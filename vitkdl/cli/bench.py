@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from vitkdl.bench_options import BACKENDS, DEFAULT_STEPS, DEFAULT_WARMUP, FLOOR_MODES, LABELS
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
 
 HELP = """Measure, in one process on the recipe's real models (random weights) and synthetic
@@ -35,12 +36,6 @@ On CPU, inductor compiles each graph in about a minute the first time (cached af
 --backend aot_eager or eager (for tests and debugging) skip code generation."""
 
 
-# The same as vitkdl.bench's (a test checks): repeated so that building the parser, which every
-# command does, never imports torch.
-BACKENDS = ("inductor", "aot_eager", "eager")
-FLOOR_MODES = ("auto", "eager", "compiled", "best")
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
@@ -55,12 +50,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps",
         type=int,
-        default=10,
+        default=DEFAULT_STEPS,
         metavar="N",
-        help="timed steps per figure (default 10; medians are reported)",
+        help=f"timed steps per figure (default {DEFAULT_STEPS}; medians are reported)",
     )
     p.add_argument(
-        "--warmup", type=int, default=3, metavar="N", help="untimed steps before timing (default 3)"
+        "--warmup",
+        type=int,
+        default=DEFAULT_WARMUP,
+        metavar="N",
+        help=f"untimed steps before timing (default {DEFAULT_WARMUP})",
     )
     p.add_argument(
         "--batch",
@@ -178,7 +177,22 @@ def _pct(x: float | None) -> float | None:
 
 
 def render(r: dict[str, Any], out: Console) -> None:
-    """The bench result as rich tables."""
+    """The bench result (``BenchResult.to_dict()``) as rich tables and lines."""
+    _render_header(r, out)
+    _render_configs(r["configs"], out)
+    _render_ratios(r["ratios"], out)
+    if r["breakdown"]:
+        _render_breakdown(r["breakdown"], out)
+    if r["loader"]:
+        _render_loader(r["loader"], out)
+    out.print(f"[dim]memory: {escape(r['memory_kind'])}[/]")
+    for note in r["notes"]:
+        out.print(f"[dim]{escape(note)}[/]")
+    out.print(f"[dim]bench wall time {_f(r['wall_seconds'])} s[/]")
+
+
+def _render_header(r: dict[str, Any], out: Console) -> None:
+    """The recipe, the models and what ran them."""
     teacher = f" <- {r['teacher']}" if r["teacher"] else ""
     threads = f", {r['threads']} thread(s)" if r["threads"] else ""
     mode = f" mode={r['compile_mode']}" if r["compile_mode"] else ""
@@ -188,31 +202,21 @@ def render(r: dict[str, Any], out: Console) -> None:
         f"{r['precision']}, compile backend {r['backend']}{mode}, median of "
         f"{r['steps']} steps after {r['warmup']} warm-up"
     )
-    c = r["configs"]
+
+
+def _render_configs(c: dict[str, Any], out: Console) -> None:
+    """One row per configuration measured (in the order measured), then the floor's parts."""
     a_ms = c["compiled"]["ms_per_step"]
     table = Table(title="training step", title_justify="left")
     table.add_column("configuration")
-    table.add_column("images/s", justify="right")
-    table.add_column("ms/step", justify="right")
-    table.add_column("speed vs (a)", justify="right")
-    table.add_column("peak MiB", justify="right")
-    table.add_column("compile s", justify="right")
+    for column in ("images/s", "ms/step", "speed vs (a)", "peak MiB", "compile s"):
+        table.add_column(column, justify="right")
     with_mfu = any(v.get("mfu") is not None for v in c.values())
     if with_mfu:
         table.add_column("MFU", justify="right")
-    labels = {
-        "compiled": "(a) vitkdl compiled",
-        "eager": "(b) vitkdl eager",
-        "hooks": "(c) hooks + loss module",
-        "timm": "(e) timm's own task",
-        "floor": "(d) floor: student + teacher inf.",
-    }
-    for key, label in labels.items():
-        if key not in c:
-            continue
-        v = c[key]
+    for key, v in c.items():
         row = [
-            label,
+            LABELS.get(key, key),
             _f(v["images_per_second"]),
             _f(v["ms_per_step"], ".2f"),
             f"{a_ms / v['ms_per_step']:.2f}x" if v["ms_per_step"] else "-",
@@ -229,7 +233,10 @@ def render(r: dict[str, Any], out: Console) -> None:
         f"({d['student_mode']}) + teacher inference "
         f"{_f(d['teacher_inference_ms'], '.2f')} ms ({d['teacher_mode'] or 'no teacher'})"
     )
-    q = r["ratios"]
+
+
+def _render_ratios(q: dict[str, Any], out: Console) -> None:
+    """The speed-ups over the other configurations and the overhead over the floor."""
     out.print(
         f"[bold]ratios[/] (speed-up = the other's ms / compiled ms): compiled vs eager "
         f"{_f(q['compiled_vs_eager'], '.2f')}x, compiled vs hooks "
@@ -247,48 +254,48 @@ def render(r: dict[str, Any], out: Console) -> None:
             f"  overhead over the floor plus the measured adapters and losses: "
             f"{_f(_pct(q['overhead_vs_floor_plus_losses']))}%"
         )
-    b = r["breakdown"]
-    if b:
-        bt = Table(
-            title="compiled step, part by part (each compiled alone, synchronised)",
-            title_justify="left",
+
+
+_PARTS = {
+    "teacher_forward": "teacher forward",
+    "student_forward_backward": "student forward + backward",
+    "adapters_losses": "adapters + losses (fwd + bwd)",
+    "optimizer": "optimizer (clip, AdamW, zero)",
+}
+
+
+def _render_breakdown(b: dict[str, Any], out: Console) -> None:
+    """The compiled step part by part, with each part's share."""
+    bt = Table(
+        title="compiled step, part by part (each compiled alone, synchronised)",
+        title_justify="left",
+    )
+    bt.add_column("part")
+    bt.add_column("ms", justify="right")
+    bt.add_column("share", justify="right")
+    for key, label in _PARTS.items():
+        share = b["share"].get(f"{key}_ms")
+        bt.add_row(
+            label, _f(b[f"{key}_ms"], ".2f"), "-" if share is None else f"{100 * share:.0f}%"
         )
-        bt.add_column("part")
-        bt.add_column("ms", justify="right")
-        bt.add_column("share", justify="right")
-        for key, label in (
-            ("teacher_forward", "teacher forward"),
-            ("student_forward_backward", "student forward + backward"),
-            ("adapters_losses", "adapters + losses (fwd + bwd)"),
-            ("optimizer", "optimizer (clip, AdamW, zero)"),
-        ):
-            share = b["share"].get(f"{key}_ms")
-            bt.add_row(
-                label, _f(b[f"{key}_ms"], ".2f"), "-" if share is None else f"{100 * share:.0f}%"
-            )
-        bt.add_row("sum of parts", _f(b["sum_of_parts_ms"], ".2f"), "")
-        bt.add_row("whole compiled step", _f(b["step_ms"], ".2f"), "")
-        out.print(bt)
-    ld = r["loader"]
-    if ld:
-        if "skipped" in ld:
-            out.print(
-                f"[bold]data loader[/] ({escape(ld['source'])}): not measured: "
-                f"{escape(ld['skipped'])}"
-            )
-        else:
-            verdict = (
-                "keeps up"
-                if ld["keeps_up"]
-                else "[yellow]slower than the step: raise data.workers[/]"
-            )
-            out.print(
-                f"[bold]data loader[/] ({escape(ld['source'])}, {ld['workers']} workers): "
-                f"{_f(ld['images_per_second'])} images/s = "
-                f"{_f(ld['vs_step'], '.2f')}x the compiled step's; {verdict} "
-                f"(first batch {_f(ld['first_batch_seconds'], '.2f')} s)"
-            )
-    out.print(f"[dim]memory: {escape(r['memory_kind'])}[/]")
-    for note in r["notes"]:
-        out.print(f"[dim]{escape(note)}[/]")
-    out.print(f"[dim]bench wall time {_f(r['wall_seconds'])} s[/]")
+    bt.add_row("sum of parts", _f(b["sum_of_parts_ms"], ".2f"), "")
+    bt.add_row("whole compiled step", _f(b["step_ms"], ".2f"), "")
+    out.print(bt)
+
+
+def _render_loader(ld: dict[str, Any], out: Console) -> None:
+    """The data loader's own images/s against the compiled step's, or why it was skipped."""
+    if "skipped" in ld:
+        out.print(
+            f"[bold]data loader[/] ({escape(ld['source'])}): not measured: {escape(ld['skipped'])}"
+        )
+        return
+    verdict = (
+        "keeps up" if ld["keeps_up"] else "[yellow]slower than the step: raise data.workers[/]"
+    )
+    out.print(
+        f"[bold]data loader[/] ({escape(ld['source'])}, {ld['workers']} workers): "
+        f"{_f(ld['images_per_second'])} images/s = "
+        f"{_f(ld['vs_step'], '.2f')}x the compiled step's; {verdict} "
+        f"(first batch {_f(ld['first_batch_seconds'], '.2f')} s)"
+    )

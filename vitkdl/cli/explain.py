@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
+from vitkdl.counts import count_words
 from vitkdl.experiment import Grid, read_sweep
 from vitkdl.optim import NO_DECAY_WORDS
 from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan
@@ -53,12 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _n(x: float) -> str:
-    """A count in words a reader can scan: 18.9M, 123.1G."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.1f}{unit}"
-    return f"{x:g}"
+_n = count_words  # short: it is in almost every line below
 
 
 def _value(v: object) -> str:
@@ -141,13 +137,27 @@ def _origins(origins: dict[str, str]) -> str:
 
 
 def render_plan(plan: Plan, out: Console, origins: dict[str, dict[str, str]] | None = None) -> None:
-    """Print a plan as tables (what ``vitkdl explain`` shows)."""
+    """Print a plan as tables (what ``vitkdl explain`` shows), section by section: the
+    recipe, the models, the distillation terms, data and training, the cost."""
+    _render_header(plan, out)
+    _render_models(plan, out)
+    _render_terms(plan, out)
+    _render_setup(plan, out, origins)
+    _render_cost(plan, out)
+
+
+def _render_header(plan: Plan, out: Console) -> None:
+    """The recipe, its file and hash, what it extends and the overrides."""
     out.print(f"[bold]recipe {escape(plan.recipe)}[/]  {escape(plan.file)}  hash {plan.hash}")
     if plan.extends:
         out.print(f"  extends: {escape(' -> '.join(plan.extends))}")
     for o in plan.overrides:
         out.print(f"  --set {escape(o)}")
 
+
+def _render_models(plan: Plan, out: Console) -> None:
+    """The teacher and the student side by side, how timm creates them and what the step
+    does to the teacher's input."""
     models = Table(title="models", title_justify="left", show_edge=False)
     models.add_column("")
     shown = [m for m in (plan.teacher, plan.student) if m is not None]
@@ -187,6 +197,9 @@ def render_plan(plan: Plan, out: Console, origins: dict[str, dict[str, str]] | N
                 f"{_stats(affine[1])}"
             )
 
+
+def _render_terms(plan: Plan, out: Console) -> None:
+    """Each distillation term in words (its kind's formula), then the total loss."""
     out.print("[bold]distill terms[/]")
     for t in plan.terms:
         kind = KINDS[t.kind]
@@ -220,12 +233,22 @@ def render_plan(plan: Plan, out: Console, origins: dict[str, dict[str, str]] | N
         f"[dim](adapters: {_n(sum(t.adapter_params for t in plan.terms))} params)[/]"
     )
 
-    d = plan.data
+
+def _render_setup(plan: Plan, out: Console, origins: dict[str, dict[str, str]] | None) -> None:
+    """The data and training table."""
     setup = Table(
         title="data and training", title_justify="left", show_edge=False, show_header=False
     )
     setup.add_column("what")
     setup.add_column("value")
+    _add_data_rows(plan, setup)
+    _add_training_rows(plan, setup, origins)
+    out.print(setup)
+
+
+def _add_data_rows(plan: Plan, setup: Table) -> None:
+    """Where the images come from, their size, the batch and the mixing."""
+    d = plan.data
     sizes = (
         f", {d.train_images} train / {d.val_images} val images"
         if d.train_images is not None
@@ -262,6 +285,11 @@ def render_plan(plan: Plan, out: Console, origins: dict[str, dict[str, str]] | N
     setup.add_row(
         "mixing", f"mixup {d.mixup:g}, cutmix {d.cutmix:g}, label smoothing {d.smoothing:g}"
     )
+
+
+def _add_training_rows(plan: Plan, setup: Table, origins: dict[str, dict[str, str]] | None) -> None:
+    """Optimizer, schedule, the training loop's settings, precision, compile, sharding."""
+    d = plan.data
     o = plan.optimizer
     kwargs = "".join(f", {k} = {v}" for k, v in o.kwargs.items())
     setup.add_row(
@@ -306,8 +334,11 @@ def render_plan(plan: Plan, out: Console, origins: dict[str, dict[str, str]] | N
         if plan.shard == "fsdp"
         else "none: DDP replicas of the student and adapters when on several devices",
     )
-    out.print(setup)
 
+
+def _render_cost(plan: Plan, out: Console) -> None:
+    """FLOPs per training image, part by part, and per global batch."""
+    d = plan.data
     c = plan.cost
     cost = Table(
         title="cost per training image (FLOPs)",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vitkdl import language
+from vitkdl.counts import count_words
 from vitkdl.errors import Diagnostic, Sources, Span
 from vitkdl.lsp.complete import scan
 
@@ -77,13 +78,6 @@ def _inside(span: Span | None, line: int, column: int) -> bool:
     return (span.line, span.column) <= (line, column) <= (span.end_line, span.end_column)
 
 
-def _count(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.1f}{unit}"
-    return f"{x:g}"
-
-
 def _model_text(role: str, facts: Any, from_recipe: str | None) -> str:
     origin = f", the final student of `{from_recipe}`" if from_recipe else ""
     grid = f"{facts.grid[0]}x{facts.grid[1]}"
@@ -95,8 +89,8 @@ def _model_text(role: str, facts: Any, from_recipe: str | None) -> str:
                 f"- {facts.embed_dim} features, no ViT blocks: logit terms only",
                 f"- input: {facts.img_size[0]}x{facts.img_size[1]}x{facts.in_chans}; "
                 f"{facts.num_classes} classes",
-                f"- parameters: {_count(facts.params)} ({facts.params:,}); forward "
-                f"{_count(facts.flops)}FLOPs per image",
+                f"- parameters: {count_words(facts.params)} ({facts.params:,}); forward "
+                f"{count_words(facts.flops)}FLOPs per image",
             ]
         )
     return "\n".join(
@@ -107,8 +101,8 @@ def _model_text(role: str, facts: Any, from_recipe: str | None) -> str:
             f"- tokens: {facts.num_patches} on a {grid} grid (+{facts.num_prefix_tokens} prefix)",
             f"- input: {facts.img_size[0]}x{facts.img_size[1]}x{facts.in_chans}, patch "
             f"{facts.patch_size[0]}; {facts.num_classes} classes",
-            f"- parameters: {_count(facts.params)} ({facts.params:,}); forward "
-            f"{_count(facts.flops)}FLOPs per image",
+            f"- parameters: {count_words(facts.params)} ({facts.params:,}); forward "
+            f"{count_words(facts.flops)}FLOPs per image",
         ]
     )
 
@@ -187,7 +181,7 @@ def _term_text(analysis: Analysis, term: Any) -> str:
             f"{'x'.join(map(str, plan.teacher_shape))} per image per tap"
         )
     for a in plan.adapters:
-        lines.append(f"- {a.name}: {adapter_words(a)}, {_count(a.params)} parameters")
+        lines.append(f"- {a.name}: {adapter_words(a)}, {count_words(a.params)} parameters")
     return "\n".join(lines)
 
 

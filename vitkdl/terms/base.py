@@ -18,9 +18,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from vitkdl.errors import Diagnostic, error
+from vitkdl.plain import Plain as _Plain
 from vitkdl.spec import TermSpec
 
 if TYPE_CHECKING:  # typing only: checks and the planner import this module, not the reverse
@@ -31,10 +32,6 @@ if TYPE_CHECKING:  # typing only: checks and the planner import this module, not
 
 # --------------------------------------------------------------------------------------------
 # Plan data shared by all kinds
-
-
-class _Plain(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 Point = Literal["out", "attn", "attn_map", "norm", "fc_norm"]
