@@ -140,10 +140,18 @@ def test_a_message_over_the_limit_is_refused_without_reading_it(length: bytes) -
 
 def test_a_header_line_without_end_and_a_body_that_is_no_json_are_parse_errors() -> None:
     long_line = b"X-Junk: " + b"a" * (framing.MAX_HEADER_BYTES + 10) + b"\r\n\r\n"
+    many_lines = b"X-Junk: a\r\n" * (framing.MAX_HEADER_BYTES // 10)
     deep = b"[" * 100_000  # json.loads raises RecursionError, not ValueError
-    data = long_line + frame(request(1)) + frame(deep) + frame(b"\xff\xfe{}") + frame(request(2))
+    data = (
+        long_line
+        + frame(request(1))
+        + many_lines
+        + frame(deep)
+        + frame(b"\xff\xfe{}")
+        + frame(request(2))
+    )
     got = frames(data)
-    assert [c for c, _ in errors(got)] == [framing.PARSE_ERROR] * 3
+    assert [c for c, _ in errors(got)] == [framing.PARSE_ERROR] * 4
     assert messages(got) == [request(1), request(2)]
 
 
