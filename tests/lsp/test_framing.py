@@ -140,10 +140,18 @@ def test_a_message_over_the_limit_is_refused_without_reading_it(length: bytes) -
 
 def test_a_header_line_without_end_and_a_body_that_is_no_json_are_parse_errors() -> None:
     long_line = b"X-Junk: " + b"a" * (framing.MAX_HEADER_BYTES + 10) + b"\r\n\r\n"
+    many_lines = b"X-Junk: a\r\n" * (framing.MAX_HEADER_BYTES // 10)
     deep = b"[" * 100_000  # json.loads raises RecursionError, not ValueError
-    data = long_line + frame(request(1)) + frame(deep) + frame(b"\xff\xfe{}") + frame(request(2))
+    data = (
+        long_line
+        + frame(request(1))
+        + many_lines
+        + frame(deep)
+        + frame(b"\xff\xfe{}")
+        + frame(request(2))
+    )
     got = frames(data)
-    assert [c for c, _ in errors(got)] == [framing.PARSE_ERROR] * 3
+    assert [c for c, _ in errors(got)] == [framing.PARSE_ERROR] * 4
     assert messages(got) == [request(1), request(2)]
 
 
@@ -250,7 +258,7 @@ def test_every_request_gets_an_answer_after_shutdown_too() -> None:
 # ---- the server as an editor starts it -------------------------------------------------------
 
 
-def test_lsp_process_fed_hostile_bytes_still_answers_initialize() -> None:
+def test_lsp_process_fed_hostile_bytes_still_answers_initialize_and_exits() -> None:
     hostile = (
         b"Content-Length: abc\r\n\r\n{}"
         + json.dumps(request(1)).encode()  # a body without a header
@@ -260,21 +268,30 @@ def test_lsp_process_fed_hostile_bytes_still_answers_initialize() -> None:
         + frame(request(3, "textDocument/hover", {"position": []}))
         + frame(b"{not json")
     )
+    goodbye = frame(request(4)) + frame({"jsonrpc": "2.0", "method": "exit"})
     started = time.perf_counter()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "vitkdl", "lsp"],
-        input=hostile + frame(INITIALIZE),
-        capture_output=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         cwd=ROOT,
-        timeout=60,
     )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(hostile + frame(INITIALIZE) + goodbye)
+    proc.stdin.flush()  # and left open: `exit` ends the server, not the end of its input
+    try:
+        returncode = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.stdin.close()
     elapsed = time.perf_counter() - started
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    answers = list(_parse(proc.stdout))
+    assert returncode == 0, proc.stderr.read().decode()[-2000:]
+    answers = list(_parse(proc.stdout.read()))
     got = by_id(answers)
     assert "capabilities" in got[100]["result"]
-    codes = sorted(a["error"]["code"] for a in answers if "error" in a)
-    assert framing.INVALID_REQUEST in codes and framing.INVALID_PARAMS in codes
-    assert codes.count(framing.PARSE_ERROR) >= 3
     assert got[3]["error"]["code"] == framing.INVALID_PARAMS
-    print(f"\nhostile stdin then initialize: answered in {elapsed:.2f} s (process start included)")
+    assert got[4] == {"jsonrpc": "2.0", "id": 4, "result": None}  # the shutdown
+    codes = sorted(a["error"]["code"] for a in answers if "error" in a)
+    assert framing.INVALID_REQUEST in codes and codes.count(framing.PARSE_ERROR) >= 3
+    print(f"\nhostile stdin, initialize, shutdown, exit: {elapsed:.2f} s (process start included)")

@@ -184,10 +184,12 @@ class FrameReader:
                     break
                 continue  # blank lines between messages
             seen += raw
+            if len(seen) > MAX_HEADER_BYTES:  # endless header lines: dropped, not given back
+                return self._lost(f"headers longer than {MAX_HEADER_BYTES} bytes")
             name, colon, value = line.partition(b":")
             if not colon or not _HEADER_NAME.fullmatch(name):
                 return self._lost(
-                    f"not a header line (no Content-Length before it): {_show(line)}",
+                    f"not a header line: {_show(line)}",
                     again=raw,
                     at=1,
                     request=_id_in(line),

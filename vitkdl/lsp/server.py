@@ -157,6 +157,16 @@ def to_protocol(analysis: Analysis, encoding: str) -> list[types.Diagnostic]:
     return out
 
 
+def _raw_stdin() -> Any:
+    """stdin unbuffered: the reader thread is a daemon, and one blocked in ``sys.stdin.buffer``
+    holds its lock, which aborts the interpreter's exit ("could not acquire lock ... at
+    interpreter shutdown, possibly due to daemon threads"); a raw read holds none."""
+    try:
+        return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+    except (AttributeError, OSError, ValueError):  # no file descriptor (an embedding)
+        return sys.stdin.buffer
+
+
 class VkdServer(LanguageServer):
     """The vitkdl language server: one analysis per open document, checked off the loop."""
 
@@ -179,7 +189,7 @@ class VkdServer(LanguageServer):
         writer = StdoutWriter(stdout or sys.stdout.buffer)
         self.protocol.set_writer(writer)
         try:
-            asyncio.run(self._serve(FrameReader(stdin or sys.stdin.buffer), writer))
+            asyncio.run(self._serve(FrameReader(stdin or _raw_stdin()), writer))
         except BrokenPipeError:
             pass  # the client is gone
         except (KeyboardInterrupt, SystemExit):
