@@ -73,6 +73,12 @@ class DataPipelineError(TrainError):
     continues once the cause is fixed. Exit status 1 (a run failed)."""
 
 
+class ResumeRefused(TrainError):
+    """``--resume`` from a checkpoint this run cannot continue: another recipe's (without
+    ``--force``), not a vitkdl checkpoint, or one of other models. Exit status 2: nothing
+    failed, the command needs another checkpoint or no ``--resume``."""
+
+
 class Interrupted(TrainError):
     """A run stopped by a signal after saving a checkpoint to continue from; ``code`` is
     the exit status that says so (:data:`INTERRUPTED` for Ctrl-C, :data:`PREEMPTED`)."""
@@ -429,7 +435,10 @@ class Run:
         )
 
     def _resume(self, checkpoint: dict[str, Any]) -> None:
-        _load_states(self.program, self.optimizer, checkpoint)
+        try:
+            _load_states(self.program, self.optimizer, checkpoint)
+        except (RuntimeError, KeyError, ValueError) as exc:  # weights of other models
+            raise ResumeRefused(_misfit(checkpoint, exc)) from None
         if self.ema is not None and checkpoint.get("ema"):
             self.ema.load_state_dict(checkpoint["ema"])
         self.update.scaler.load_state_dict(checkpoint["scaler"])
@@ -985,8 +994,8 @@ def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict
             raise TrainError(f"--resume: no checkpoint at {path}; start without --resume")
         try:
             ckpt = load_checkpoint(path, notes)
-        except CheckpointError as exc:
-            raise TrainError(str(exc)) from None
+        except CheckpointError as exc:  # another run's file: refused, not failed
+            raise ResumeRefused(f"--resume: {exc}; start without --resume") from None
     else:
         candidates = checkpoint_files(opts.out_dir)
         if not candidates:
@@ -1006,12 +1015,30 @@ def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict
         for note in notes:
             console.print(f"note: {note}", highlight=False)
     if ckpt["hash"] != plan.hash and not opts.force:
-        raise TrainError(
+        raise ResumeRefused(
             f"--resume: {path} was written by a different version of the recipe "
             f"(hash {ckpt['hash']}, now {plan.hash}); resuming would mix two "
             "recipes. Pass --force to resume anyway, or start a new run."
         )
+    ckpt[LOADED_FROM] = str(path)  # in memory only: named if its weights do not fit
     return ckpt
+
+
+#: The key under which :func:`_resume_point` notes the file a checkpoint was read from.
+LOADED_FROM = "loaded_from"
+
+
+def _misfit(checkpoint: dict[str, Any], exc: Exception) -> str:
+    """One line saying that ``checkpoint`` holds weights of other models than the run's
+    (what ``load_state_dict`` reports, one problem of many)."""
+    problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    problems = problems or [str(exc).splitlines()[0] if str(exc) else type(exc).__name__]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    path = checkpoint.get(LOADED_FROM, "the checkpoint")
+    return (
+        f"--resume: {path} holds weights of other models than this recipe's "
+        f"({problems[0].rstrip('.')}{more}); start without --resume"
+    )
 
 
 def _export(student: dict[str, torch.Tensor], ema: Any, out: Path) -> None:
