@@ -79,13 +79,15 @@ class WriteError(OSError):
     """A file that could not be written: ``cannot write FILE: cause`` (exit status
     :data:`IOERR`). An :class:`OSError`, so code that tolerates a failed write still does."""
 
-    def __init__(self, path: str | Path, cause: OSError) -> None:
+    def __init__(self, path: str | Path, cause: OSError, hint: str = "") -> None:
         super().__init__(cause.errno, cause.strerror, str(path))
         self.path = Path(path)
         self.cause = cause
+        self.hint = hint  # what to do, after the cause
 
     def __str__(self) -> str:
-        return f"cannot write {self.path}: {self.cause.strerror or self.cause}"
+        text = f"cannot write {self.path}: {self.cause.strerror or self.cause}"
+        return f"{text}; {self.hint}" if self.hint else text
 
 
 @contextmanager

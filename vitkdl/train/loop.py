@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from vitkdl.exits import WriteError, writing
 from vitkdl.planner import Plan
 from vitkdl.program import Program, build, precision_name, resolve_device
-from vitkdl.runs import checkpoint_files
+from vitkdl.runs import checkpoint_files, write_atomic
 from vitkdl.train import distributed
 from vitkdl.train.checkpoint import (
     CheckpointError,
@@ -891,7 +892,7 @@ class Run:
                 },
             },
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         if not write_curves(out / "metrics.jsonl", out / "curves.png", plan.recipe):
             self.progress.note(f"  curves.png skipped: {PLOTS_MISSING}")
         distributed.barrier()
@@ -975,10 +976,8 @@ def check_writable(out: Path) -> None:
         probe = out / ".write_test"
         probe.write_text("")
         probe.unlink()
-    except OSError as exc:
-        raise TrainError(
-            f"cannot write to the output folder {out}: {exc.strerror or exc}; pass --out DIR"
-        ) from None
+    except OSError as exc:  # exit status 74, before any training
+        raise WriteError(out, exc, hint="pass --out DIR") from None
 
 
 def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict[str, Any] | None:
@@ -1048,9 +1047,11 @@ def _export(student: dict[str, torch.Tensor], ema: Any, out: Path) -> None:
     def plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
-    save_file(plain(student), str(out / "student.safetensors"))
-    if ema is not None:
-        save_file(plain(ema.module.state_dict()), str(out / "student_ema.safetensors"))
+    for name, state in (("student", student), ("student_ema", ema and ema.module.state_dict())):
+        if state is not None:
+            path = out / f"{name}.safetensors"
+            with writing(path):  # a full disk: one line naming the file, exit status 74
+                save_file(plain(state), str(path))
 
 
 def _states(
