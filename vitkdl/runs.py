@@ -24,10 +24,13 @@ import errno
 import fcntl
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+
+from vitkdl.exits import writing
 
 
 def run_dir(root: Path, name: str, recipe_hash: str) -> Path:
@@ -39,6 +42,24 @@ def run_dir(root: Path, name: str, recipe_hash: str) -> Path:
 #: it trains (removed at its end).
 LOG = "log.txt"
 PROGRESS = "progress.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small text file atomically (temporary file in the same folder, fsync,
+    rename): a crash or a full disk leaves the earlier file as it was. An :class:`OSError`
+    becomes :class:`vitkdl.exits.WriteError` naming ``path``."""
+    path = Path(path)
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def latest_link(root: Path, name: str) -> Path:
@@ -113,9 +134,10 @@ def point_latest(root: Path, name: str, folder: Path) -> str | None:
     if link.exists() and not link.is_symlink():
         return f"{link} is a folder from an earlier vitkdl (left as it is); this run is in {folder}"
     tmp = link.with_name(f".{name}.link-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    os.symlink(Path(folder).name, tmp)
-    os.replace(tmp, link)
+    with writing(link):
+        tmp.unlink(missing_ok=True)
+        os.symlink(Path(folder).name, tmp)
+        os.replace(tmp, link)
     return None
 
 
@@ -173,7 +195,8 @@ def hold(folder: Path) -> Iterator[None]:
     process lock a new file while the second still holds the old one."""
     path = Path(folder) / LOCK
     # No O_TRUNC: opening must not erase the holder's PID before we know we hold the lock.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -181,8 +204,9 @@ def hold(folder: Path) -> Iterator[None]:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             raise RunHeld(folder, holder(folder)) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with writing(path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         _HELD_FDS.add(fd)
         yield
     finally:

@@ -396,8 +396,9 @@ def test_missing_data_root_and_unwritable_output(tmp_path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     ok = write(tmp_path, "ok.vkd", TINY.format(name="ok", epochs=1, log_every=10))
-    assert run(str(ok), "--out", str(blocker / "runs")) == 1
-    assert "cannot write to the output folder" in " ".join(capsys.readouterr().err.split())
+    assert run(str(ok), "--out", str(blocker / "runs")) == 74  # EX_IOERR, named
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"cannot write {blocker / 'runs'}" in err and "pass --out DIR" in err
 
 
 def test_imagefolder_of_your_own_images_trains(tmp_path, capsys) -> None:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from vitkdl import __version__
+from vitkdl.exits import INTERNAL, INTERRUPTED, USAGE, exit_of
 
 EPILOG = """examples:
   vitkdl validate recipes/*.vkd                       check every recipe, report all errors
@@ -32,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
+        raise SystemExit(USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,17 +59,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
-        return 2
+        return USAGE
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
-        return 130
+        return INTERRUPTED
     except Exception as exc:  # the last line of defence: one line, never a traceback
+        ended = exit_of(exc)
+        if ended.status != INTERNAL:  # a file that cannot be written (disk full, read-only)
+            sys.stderr.write(f"vitkdl: error: {ended.message}\n")
+            return ended.status
         if os.environ.get("VITKDL_DEBUG"):
             raise
         sys.stderr.write(
-            f"vitkdl: internal error: {type(exc).__name__}: {exc}\n"
+            f"vitkdl: internal error: {ended.message}\n"
             "  (set VITKDL_DEBUG=1 for the traceback, and please report it)\n"
         )
-        return 70
+        return INTERNAL

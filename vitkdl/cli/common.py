@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from vitkdl.errors import Diagnostic, Sources, render
+from vitkdl.errors import Diagnostic, Sources, VkdError, render
+from vitkdl.exits import exit_of
 
 
 def consoles() -> tuple[Console, Console]:
@@ -30,6 +31,21 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
         metavar="PATH=VALUE",
         help="override a field after `extends` is resolved (repeatable), e.g. --set train.epochs=1",
     )
+
+
+def print_exit(err: Console, prog: str, exc: BaseException) -> int:
+    """Report what ended a command (:func:`vitkdl.exits.exit_of`): a recipe's diagnostics,
+    ``PROG: error: MESSAGE`` in red, or ``PROG: MESSAGE`` in yellow for a stop by a signal.
+    The message is escaped: a path may hold ``[...]``, which rich would take for markup.
+    Returns the exit status."""
+    ended = exit_of(exc)
+    if isinstance(exc, VkdError):
+        print_diagnostics(err, exc.diagnostics, exc.sources)
+    elif ended.stopped:
+        err.print(f"[bold yellow]{prog}:[/] {escape(ended.message)}", highlight=False)
+    else:
+        err.print(f"[bold red]{prog}: error:[/] {escape(ended.message)}", highlight=False)
+    return ended.status
 
 
 def print_diagnostics(err: Console, diags: Sequence[Diagnostic], sources: Sources) -> None:

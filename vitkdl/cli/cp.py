@@ -6,7 +6,8 @@ import argparse
 
 from rich.markup import escape
 
-from vitkdl.cli.common import consoles
+from vitkdl.cli.common import consoles, print_exit
+from vitkdl.exits import WriteError
 
 HELP = """Copy the shipped recipe NAME (see `vitkdl ls`) to DEST, a file or a directory. The
 recipes it names by relative path (`extends "base/..."`, `teacher from "..."`) are copied
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     except ShippedError as exc:
         err.print(f"[bold red]vitkdl cp: error:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
+    except OSError as exc:  # cp only writes: a full disk, a read-only folder (exit status 74)
+        return print_exit(err, "vitkdl cp", WriteError(exc.filename or args.dest, exc))
     for c in done:
         what = {
             "copied": "copied",

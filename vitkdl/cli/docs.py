@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from vitkdl.cli.common import consoles
+from vitkdl.exits import IOERR
 
 HELP = """Write the language reference (every statement, block, field with its type, range,
 choices and default, and each loss kind's fields, formula and options), generated from the
@@ -81,6 +82,6 @@ def run(args: argparse.Namespace) -> int:
         err.print(
             f"vitkdl docs: error: cannot write {escape(str(path))}: {escape(exc.strerror or '')}"
         )
-        return 2
+        return IOERR
     err.print(f"wrote {escape(str(path))}", soft_wrap=True)
     return 0

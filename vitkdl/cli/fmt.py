@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from vitkdl.cli.common import consoles, print_diagnostics
+from vitkdl.exits import writing
 
 HELP = """Rewrite recipes in the one canonical layout: one statement or field per line, 4-space
 indentation, one space around '=' and '->', comments kept where they are, blank lines
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         if args.check and not args.diff:
             err.print(f"would reformat {escape(name)}", soft_wrap=True)
         if write:
-            Path(name).write_text(new, encoding="utf-8")
+            with writing(name):  # a failure: exit status 74, naming the file (vitkdl.exits)
+                Path(name).write_text(new, encoding="utf-8")
             err.print(f"reformatted {escape(name)}", soft_wrap=True)
     if failed:
         err.print(f"[bold red]{failed} file{'s' * (failed != 1)} could not be formatted[/]")

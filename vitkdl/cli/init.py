@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from vitkdl.cli.common import consoles
+from vitkdl.exits import writing
 
 HELP = """Write a recipe that distils TEACHER into STUDENT (any two timm ViTs with the same token
 grid) with the ViTKD paper's layout: mimic the student's first two blocks to the teacher's,
@@ -79,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(text)
         return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
+    with writing(args.output):  # a failure: exit status 74, naming the file (vitkdl.exits)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text, encoding="utf-8")
     err.print(
         f"wrote {escape(str(args.output))}; see its plan with: vitkdl explain "
         f"{escape(str(args.output))}",

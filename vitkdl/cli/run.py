@@ -12,12 +12,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
+from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics, print_exit
+from vitkdl.exits import FAILED, INTERNAL, OK, PREEMPTED, USAGE, exit_of
 from vitkdl.runs import IN_USE
 
 #: The exit status of a run whose folder another process holds: sysexits' EX_TEMPFAIL,
 #: like a preempted run (the same command succeeds later).
-HELD = 75
+HELD = PREEMPTED
 
 HELP = """Train each recipe's student: the teacher first when it is `from` another recipe whose
 exported student is missing or stale, then the recipe itself, then (for a recipe that extends a
@@ -43,8 +44,9 @@ printed and written to OUT/experiments/. --max-steps N reaches every run the com
 (teachers and baselines too); the same command again reuses those partial runs, --resume
 with a larger N (or none) continues them. Final tables go to stdout, the rest to stderr.
 Exit status: 0 all finished, 1 a run failed (the others went on), 2 bad input (or an
-unfinished run that needs --resume or --force), 75 stopped by SIGTERM/SIGUSR1 with
-checkpoints saved (run the same command again), 130 stopped by Ctrl-C (the same).
+unfinished run that needs --resume or --force), 74 a file could not be written (disk full,
+read-only folder), 75 stopped by SIGTERM/SIGUSR1 with checkpoints saved (run the same
+command again) or the run folder is in use, 130 stopped by Ctrl-C (the same).
 """
 
 
@@ -217,36 +219,32 @@ def launch_torchrun(nproc: int) -> int:
         sys.stderr.write(
             f"vitkdl run: a worker process failed (exit status {code}); its message is above\n"
         )
-    return 2 if code == 2 else (1 if code else 0)
+    return USAGE if code == USAGE else (FAILED if code else OK)
 
 
 def run(args: argparse.Namespace) -> int:
     out, err = consoles()
     if args.max_steps is not None and args.max_steps < 1:
         err.print("vitkdl run: error: --max-steps must be at least 1")
-        return 2
+        return USAGE
     if args.jobs is not None and args.jobs < 1:
         err.print("vitkdl run: error: --jobs must be at least 1")
-        return 2
+        return USAGE
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         err.print("vitkdl run: error: --nproc-per-node must be at least 1")
-        return 2
+        return USAGE
     if args.device is not None:  # before any run folder is made
         from vitkdl.program import device_problem
 
         problem = device_problem(args.device)
         if problem is not None:
             err.print(f"vitkdl run: error: {problem}", highlight=False)
-            return 2
+            return USAGE
     if "WORLD_SIZE" not in os.environ and is_experiment(args):
         return run_experiment(args, out, err)
     if (args.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:
         return launch_torchrun(args.nproc_per_node)
-    from vitkdl.errors import VkdError
-    from vitkdl.train.checkpoint import CheckpointError
-    from vitkdl.train.data import DataError
-    from vitkdl.train.loop import Interrupted, TrainError
-    from vitkdl.train.runner import RunInUse, RunRefused, RunRequest, run_many
+    from vitkdl.train.runner import RunInUse, RunRequest, run_many
 
     req = RunRequest(
         out_root=args.out,
@@ -261,27 +259,19 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         run_many(args.recipes, req, err, out)  # tables on stdout, the rest on stderr
-    except VkdError as exc:
-        print_diagnostics(err, exc.diagnostics, exc.sources)
-        return 2
-    except Interrupted as exc:  # a checkpoint was saved: 130 for Ctrl-C, 75 for SIGTERM/USR1
-        err.print(f"[bold yellow]vitkdl run:[/] {exc}", highlight=False)
-        return exc.code
-    except RunInUse as exc:  # another process trains this run: the same command, later
-        if os.environ.get("RANK", "0") == "0":  # every rank refuses; rank 0 says why
-            err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
-        return HELD
-    except RunRefused as exc:  # nothing failed: the command needs --resume or --force
-        err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
-        return 2
-    except (TrainError, DataError, CheckpointError) as exc:
-        err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
-        return 1
+    except Exception as exc:  # mapped by vitkdl.exits; a bug goes on to main's last line
+        ended = exit_of(exc)
+        if ended.status == INTERNAL:
+            raise
+        # Every rank refuses a held folder; rank 0 says why.
+        if not isinstance(exc, RunInUse) or os.environ.get("RANK", "0") == "0":
+            print_exit(err, "vitkdl run", exc)
+        return ended.status
     finally:
         from vitkdl.train import distributed
 
         distributed.shutdown()
-    return 0
+    return OK
 
 
 def run_experiment(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -295,7 +285,7 @@ def run_experiment(args: argparse.Namespace, out: Console, err: Console) -> int:
     bad = [a for a in args.launcher_args if "=" not in a]
     if bad:
         err.print(f"vitkdl run: error: --launcher-arg is KEY=VALUE, got '{bad[0]}'")
-        return 2
+        return USAGE
     try:
         experiment, _ = plan_experiment(
             args.recipes,
@@ -308,7 +298,7 @@ def run_experiment(args: argparse.Namespace, out: Console, err: Console) -> int:
         )
     except VkdError as exc:
         print_diagnostics(err, exc.diagnostics, exc.sources)
-        return 2
+        return USAGE
     opts = JobOptions(
         out_root=args.out,
         jobs=args.jobs,
@@ -322,7 +312,8 @@ def run_experiment(args: argparse.Namespace, out: Console, err: Console) -> int:
     )
     try:
         code, _ = run_all(experiment, opts, out, err)
-    except LaunchError as exc:
-        err.print(f"[bold red]vitkdl run: error:[/] {exc}", highlight=False)
-        return 2
+    except (LaunchError, OSError) as exc:  # OSError: a folder of --out cannot be written
+        if exit_of(exc).status == INTERNAL:
+            raise
+        return print_exit(err, "vitkdl run", exc)
     return code

@@ -23,6 +23,9 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from vitkdl.exits import writing
+from vitkdl.runs import write_atomic
+
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
@@ -49,20 +52,6 @@ def checksum_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _write_small(path: Path, text: str) -> None:
-    """Write a small text file atomically (temporary file, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _recorded(path: Path) -> list[str] | None:
     """The digests the sidecar of ``path`` accepts (None: no sidecar)."""
     try:
@@ -77,8 +66,14 @@ def _recorded(path: Path) -> list[str] | None:
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
     never leaves a truncated checkpoint behind. The sha256 of the bytes, computed as they are
-    written, goes to the sidecar :func:`checksum_path`."""
+    written, goes to the sidecar :func:`checksum_path`. A full disk or a read-only folder
+    raises :class:`vitkdl.exits.WriteError` naming the file, the earlier checkpoint intact."""
     path = Path(path)
+    with writing(path):
+        _save_atomic(obj, path)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -92,10 +87,10 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         # sidecar accepts the old digest as well, so a crash between the two leaves a pair
         # that still verifies (whichever file it stopped at); then only the new one.
         old = (_recorded(path) or [])[:1] if path.is_file() else []
-        _write_small(checksum_path(path), "".join(f"{d}  {path.name}\n" for d in [digest, *old]))
+        write_atomic(checksum_path(path), "".join(f"{d}  {path.name}\n" for d in [digest, *old]))
         os.replace(tmp, path)
         if old:
-            _write_small(checksum_path(path), f"{digest}  {path.name}\n")
+            write_atomic(checksum_path(path), f"{digest}  {path.name}\n")
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -42,13 +42,11 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.markup import escape
 
+from vitkdl.exits import FAILED, OK
 from vitkdl.experiment import Experiment, Outcome, PlannedRun, assemble_report
 from vitkdl.runs import LOG, done, experiment_dir, point_latest, read_summary
 from vitkdl.train.signals import INTERRUPTED, PREEMPTED, stop_signals
 from vitkdl.train.worker import Task, execute, failure_reason, log_file, read_progress
-
-#: Exit statuses (see the module's docstring).
-OK, FAILED = 0, 1
 
 
 @dataclass(frozen=True)

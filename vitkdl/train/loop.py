@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from vitkdl.exits import WriteError, writing
 from vitkdl.planner import Plan
 from vitkdl.program import Program, build, precision_name, resolve_device
-from vitkdl.runs import checkpoint_files
+from vitkdl.runs import checkpoint_files, write_atomic
 from vitkdl.train import distributed
 from vitkdl.train.checkpoint import (
     CheckpointError,
@@ -71,6 +72,12 @@ class DataPipelineError(TrainError):
     """The data pipeline raised in the middle of a run (a worker's exception, an unreadable
     shard): the run stopped after a checkpoint of its last completed step, where ``--resume``
     continues once the cause is fixed. Exit status 1 (a run failed)."""
+
+
+class ResumeRefused(TrainError):
+    """``--resume`` from a checkpoint this run cannot continue: another recipe's (without
+    ``--force``), not a vitkdl checkpoint, or one of other models. Exit status 2: nothing
+    failed, the command needs another checkpoint or no ``--resume``."""
 
 
 class Interrupted(TrainError):
@@ -429,7 +436,10 @@ class Run:
         )
 
     def _resume(self, checkpoint: dict[str, Any]) -> None:
-        _load_states(self.program, self.optimizer, checkpoint)
+        try:
+            _load_states(self.program, self.optimizer, checkpoint)
+        except (RuntimeError, KeyError, ValueError) as exc:  # weights of other models
+            raise ResumeRefused(_misfit(checkpoint, exc)) from None
         if self.ema is not None and checkpoint.get("ema"):
             self.ema.load_state_dict(checkpoint["ema"])
         self.update.scaler.load_state_dict(checkpoint["scaler"])
@@ -882,7 +892,7 @@ class Run:
                 },
             },
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         if not write_curves(out / "metrics.jsonl", out / "curves.png", plan.recipe):
             self.progress.note(f"  curves.png skipped: {PLOTS_MISSING}")
         distributed.barrier()
@@ -966,10 +976,8 @@ def check_writable(out: Path) -> None:
         probe = out / ".write_test"
         probe.write_text("")
         probe.unlink()
-    except OSError as exc:
-        raise TrainError(
-            f"cannot write to the output folder {out}: {exc.strerror or exc}; pass --out DIR"
-        ) from None
+    except OSError as exc:  # exit status 74, before any training
+        raise WriteError(out, exc, hint="pass --out DIR") from None
 
 
 def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict[str, Any] | None:
@@ -985,8 +993,8 @@ def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict
             raise TrainError(f"--resume: no checkpoint at {path}; start without --resume")
         try:
             ckpt = load_checkpoint(path, notes)
-        except CheckpointError as exc:
-            raise TrainError(str(exc)) from None
+        except CheckpointError as exc:  # another run's file: refused, not failed
+            raise ResumeRefused(f"--resume: {exc}; start without --resume") from None
     else:
         candidates = checkpoint_files(opts.out_dir)
         if not candidates:
@@ -1006,12 +1014,30 @@ def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict
         for note in notes:
             console.print(f"note: {note}", highlight=False)
     if ckpt["hash"] != plan.hash and not opts.force:
-        raise TrainError(
+        raise ResumeRefused(
             f"--resume: {path} was written by a different version of the recipe "
             f"(hash {ckpt['hash']}, now {plan.hash}); resuming would mix two "
             "recipes. Pass --force to resume anyway, or start a new run."
         )
+    ckpt[LOADED_FROM] = str(path)  # in memory only: named if its weights do not fit
     return ckpt
+
+
+#: The key under which :func:`_resume_point` notes the file a checkpoint was read from.
+LOADED_FROM = "loaded_from"
+
+
+def _misfit(checkpoint: dict[str, Any], exc: Exception) -> str:
+    """One line saying that ``checkpoint`` holds weights of other models than the run's
+    (what ``load_state_dict`` reports, one problem of many)."""
+    problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    problems = problems or [str(exc).splitlines()[0] if str(exc) else type(exc).__name__]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    path = checkpoint.get(LOADED_FROM, "the checkpoint")
+    return (
+        f"--resume: {path} holds weights of other models than this recipe's "
+        f"({problems[0].rstrip('.')}{more}); start without --resume"
+    )
 
 
 def _export(student: dict[str, torch.Tensor], ema: Any, out: Path) -> None:
@@ -1021,9 +1047,11 @@ def _export(student: dict[str, torch.Tensor], ema: Any, out: Path) -> None:
     def plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
-    save_file(plain(student), str(out / "student.safetensors"))
-    if ema is not None:
-        save_file(plain(ema.module.state_dict()), str(out / "student_ema.safetensors"))
+    for name, state in (("student", student), ("student_ema", ema and ema.module.state_dict())):
+        if state is not None:
+            path = out / f"{name}.safetensors"
+            with writing(path):  # a full disk: one line naming the file, exit status 74
+                save_file(plain(state), str(path))
 
 
 def _states(

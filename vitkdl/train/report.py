@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from vitkdl.runs import stopped_early
+from vitkdl.exits import writing
+from vitkdl.runs import stopped_early, write_atomic
 
 
 def _records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[int]]:
@@ -58,10 +59,11 @@ class MetricsLog:
             # appending after a line without its newline would tear the next record too.
             records, torn = _records(path)
             kept = [line for line, record in records if record.get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_atomic(path, "".join(line + "\n" for line in kept))  # all or nothing
             self.note = _torn_note(path, torn)
         elif resume_step is None:
-            path.write_text("")
+            with writing(path):
+                path.write_text("")
         self.writer: Any = None
         if tensorboard:
             try:
@@ -72,7 +74,7 @@ class MetricsLog:
                 self.writer = None
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
+        with writing(self.path), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             step = record.get("step", 0)
@@ -148,8 +150,11 @@ def write_curves(metrics: Path, out: Path, title: str = "") -> bool:
         axes[2].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    try:
+        with writing(out):
+            fig.savefig(out, dpi=80)
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -257,8 +262,11 @@ def write_comparison(summaries: Sequence[dict[str, Any]], out: Path) -> bool:
     ax.set_ylabel("top-1 (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    try:
+        with writing(out):
+            fig.savefig(out, dpi=80)
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -493,6 +501,9 @@ def write_experiment_plot(report: dict[str, Any], out: Path) -> bool:
     if numeric is not None:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    try:
+        with writing(out):
+            fig.savefig(out, dpi=80)
+    finally:
+        plt.close(fig)
     return True

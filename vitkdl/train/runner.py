@@ -43,6 +43,7 @@ from vitkdl.runs import (
     read_summary,
     run_dir,
     stopped_early,
+    write_atomic,
 )
 from vitkdl.spec import RecipeSpec, load_spec
 from vitkdl.train import distributed
@@ -272,7 +273,7 @@ def _mark_teacher(
         assert teacher_run is not None
         keys = ("recipe", "steps", "planned_steps")
         summary["teacher_stopped_early"] = {k: teacher_run.get(k) for k in keys}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -302,8 +303,8 @@ def _train(
         on_step=req.on_step,
     )
     if job.is_main:
-        (out / "recipe.json").write_text(json.dumps(resolved, indent=2) + "\n")
-        (out / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
+        write_atomic(out / "recipe.json", json.dumps(resolved, indent=2) + "\n")
+        write_atomic(out / "plan.json", plan.model_dump_json(indent=2) + "\n")
         note = point_latest(req.out_root, spec.name, out)
         if note is not None and not req.quiet:
             console.print(note, highlight=False)
@@ -341,5 +342,5 @@ def run_many(
         req.out_root.mkdir(parents=True, exist_ok=True)
         if not write_comparison(rows, req.out_root / "comparison.png"):
             console.print(f"comparison.png skipped: {PLOTS_MISSING}", highlight=False)
-        (req.out_root / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_atomic(req.out_root / "comparison.json", json.dumps(rows, indent=2) + "\n")
     return list(shown.values())

@@ -18,8 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-PREEMPTED = 75
-INTERRUPTED = 130
+from vitkdl.exits import INTERRUPTED, PREEMPTED
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 

@@ -8,9 +8,11 @@ baseline (the experiment plans that as a run of its own), its dependencies alrea
 and an unfinished run of the same recipe continued from its checkpoint. What it prints goes to
 ``OUT/NAME-HASH/log.txt``; while it trains, ``progress.json`` there says how far it is.
 
-The exit status (:func:`execute`'s result) says how it ended: 0 finished, 1 failed (the last
-line of the log says why), 2 the recipe has errors, 75 stopped by SIGTERM or SIGUSR1 with a
-checkpoint, 130 stopped by Ctrl-C with a checkpoint.
+The exit status (:func:`execute`'s result) is the one ``vitkdl run`` would exit with
+(:func:`vitkdl.exits.exit_of`): 0 finished, 1 failed (the last line of the log says why), 2
+the recipe has errors, 70 a bug (the log holds the traceback), 74 a file could not be
+written, 75 stopped by SIGTERM or SIGUSR1 with a checkpoint, 130 stopped by Ctrl-C with a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any, TextIO
 
 from rich.console import Console
 
+from vitkdl.exits import FAILED as FAILED_RUN
+from vitkdl.exits import INTERNAL, INTERRUPTED, OK, exit_of
 from vitkdl.runs import LOG, PROGRESS
 
 #: The line a failed run's log ends with, before the reason.
@@ -128,9 +132,6 @@ def execute(
     reason when it did not finish)."""
     from vitkdl.cli.common import print_diagnostics
     from vitkdl.errors import VkdError
-    from vitkdl.train.checkpoint import CheckpointError
-    from vitkdl.train.data import DataError
-    from vitkdl.train.loop import Interrupted, TrainError
     from vitkdl.train.runner import RunRequest, run_recipe
 
     req = RunRequest(
@@ -147,25 +148,20 @@ def execute(
     try:
         with _fresh(task.threads):
             summary, _ = run_recipe(task.path, req, console)
-    except VkdError as exc:
-        print_diagnostics(console, exc.diagnostics, exc.sources)
-        return 2, "the recipe has errors (see the log)"
-    except Interrupted as exc:
-        console.print(f"vitkdl run: {exc}", highlight=False, markup=False)
-        return exc.code, str(exc)
-    except (TrainError, DataError, CheckpointError) as exc:
-        console.print(f"{FAILED} {exc}", highlight=False, markup=False)
-        return 1, str(exc)
-    except Exception as exc:  # a bug or a crash of this run: reported, the others go on
-        console.print(traceback.format_exc(), highlight=False, markup=False)
-        message = f"{type(exc).__name__}: {exc}"
-        console.print(f"{FAILED} {message}", highlight=False, markup=False)
-        return 1, message
+    except Exception as exc:  # mapped by vitkdl.exits; a bug is reported, the others go on
+        ended = exit_of(exc, in_experiment=True)
+        if isinstance(exc, VkdError):
+            print_diagnostics(console, exc.diagnostics, exc.sources)
+        elif ended.status == INTERNAL:
+            console.print(traceback.format_exc(), highlight=False, markup=False)
+        head = "vitkdl run:" if ended.stopped else FAILED
+        console.print(f"{head} {ended.message}", highlight=False, markup=False)
+        return ended.status, ended.message
     if summary.get("hash") and f"{summary['recipe']}-{summary['hash']}" != task.key:
         message = f"the run was expected in {task.key}, not {summary['recipe']}-{summary['hash']}"
         console.print(f"{FAILED} {message}", highlight=False, markup=False)
-        return 1, message
-    return 0, ""
+        return FAILED_RUN, message
+    return OK, ""
 
 
 def log_file(task: Task) -> TextIO:
@@ -239,7 +235,7 @@ def serve(result_fd: int) -> int:
                 console = Console(file=log, highlight=False, width=120, no_color=True)
                 code, message = execute(task, console, progress)
             except KeyboardInterrupt:  # before or after the training loop
-                code, message = 130, "interrupted"
+                code, message = INTERRUPTED, "interrupted"
             finally:
                 for sig, handler in idle.items():
                     signal.signal(sig, handler)
