@@ -153,3 +153,45 @@ def test_a_data_field_reaches_the_plan_under_its_own_name() -> None:
     assert {k: getattr(plan.data, k) for k in written} == written
     shared = set(DataPlan.model_fields) & set(DataSpec.model_fields)
     assert set(written) | {"source", "image_size", "workers"} == shared  # all of them
+
+
+def test_a_model_field_is_declared_once_with_its_timm_name() -> None:
+    """MODEL_FIELDS and the create_model arguments both come from the fields' declaration:
+    each declared field, written, reaches timm under its declared name."""
+    from pydantic import ValidationError
+
+    from vitkdl.spec import MODEL_FIELDS, ModelField, ModelSpec
+
+    declared = {
+        name: marker
+        for name, info in ModelSpec.model_fields.items()
+        for marker in info.metadata
+        if isinstance(marker, ModelField)
+    }
+    assert tuple(declared) == MODEL_FIELDS
+    for name, marker in declared.items():
+        if marker.timm is None:
+            continue
+        for value in (2, 0.5):  # a count, else a rate
+            try:
+                model = ModelSpec(role="student", model="m", **{name: value})
+            except ValidationError:
+                continue
+            assert model.timm_kwargs() == {marker.timm: value}, name
+            break
+        else:
+            raise AssertionError(f"no sample value for {name}")
+    assert "weights" in MODEL_FIELDS and "weights" not in ModelSpec(
+        role="student", model="m", weights="w.pt"
+    ).timm_kwargs(10)
+
+
+def test_every_model_plan_has_its_input_size_resolved() -> None:
+    """The planner resolves each model's input resolution once; the plan has no sentinel."""
+    from vitkdl.planner import ModelPlan
+
+    assert ModelPlan.model_fields["input_size"].is_required()
+    plan = vitkdl.plan(vitkdl.load(RECIPES / "quickstart.vkd"))
+    assert plan.teacher is not None
+    for m in (plan.student, plan.teacher):
+        assert m.input_size == (m.img_size, m.img_size) == (8, 8)

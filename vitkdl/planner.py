@@ -73,7 +73,7 @@ class ModelPlan(_Plain):
     # The resolution this model sees (h, w): a ViT's img_size, else its pretrained config's
     # input size or the img_size written for it. The loader produces the student's; a teacher
     # at another one has its input resized in the step with its own interpolation.
-    input_size: tuple[int, int] = (0, 0)
+    input_size: tuple[int, int]
     vit: bool = True  # ViT blocks on one patch grid (taps); else logit terms only
     distilled: bool = False  # DeiT's distillation token and head
     # `pretrained = true`: the timm tag loaded through the Hugging Face hub cache.
@@ -212,43 +212,30 @@ def _model_plan(
     input_size = facts.img_size
     if not facts.vit and image_size is not None and spec.img_size is None:
         input_size = (image_size, image_size)
-    return ModelPlan(
-        role=spec.role,
-        name=facts.name,
-        arch=facts.arch,
-        tag=facts.tag,
-        family=facts.family,
-        timm_kwargs=kwargs,
-        width=facts.embed_dim,
-        depth=facts.depth,
-        heads=facts.num_heads,
-        prefix_tokens=facts.num_prefix_tokens,
-        grid=facts.grid,
-        tokens=facts.num_patches,
-        img_size=input_size[0],
-        patch_size=facts.patch_size[0],
-        in_chans=facts.in_chans,
-        num_classes=facts.num_classes,
-        params=facts.params,
-        forward_flops=facts.flops,
-        weights=spec.weights,
-        from_recipe=spec.from_recipe,
-        from_name=spec.from_name,
-        from_hash=spec.from_hash,
-        trainable=spec.role == "student",
-        mean=mean,
-        std=std,
-        interpolation=facts.interpolation,
-        crop_pct=facts.crop_pct,
-        input_size=input_size,
-        vit=facts.vit,
-        distilled=facts.distilled,
-        pretrained=pretrained,
-        pretrained_tag=facts.pretrained_tag if pretrained else None,
-        hf_hub_id=facts.hf_hub_id if pretrained else None,
-        hf_hub_filename=facts.hf_hub_filename if pretrained else None,
-        pretrained_classes=facts.pretrained_classes,
-    )
+    resolved: dict[str, Any] = {
+        "timm_kwargs": kwargs,
+        "width": facts.embed_dim,
+        "heads": facts.num_heads,
+        "prefix_tokens": facts.num_prefix_tokens,
+        "tokens": facts.num_patches,
+        "img_size": input_size[0],
+        "input_size": input_size,
+        "patch_size": facts.patch_size[0],
+        "forward_flops": facts.flops,
+        "trainable": spec.role == "student",
+        "mean": mean,
+        "std": std,
+        "pretrained": pretrained,
+        "pretrained_tag": facts.pretrained_tag if pretrained else None,
+        "hf_hub_id": facts.hf_hub_id if pretrained else None,
+        "hf_hub_filename": facts.hf_hub_filename if pretrained else None,
+    }
+    # Every other field is the facts' field of that name (the model as built), else the
+    # spec's (as written: role, weights, the recipe a teacher comes from).
+    fields = {}
+    for name in ModelPlan.model_fields.keys() - resolved.keys():
+        fields[name] = getattr(facts if name in ModelFacts.model_fields else spec, name)
+    return ModelPlan(**fields, **resolved)
 
 
 def data_plan(spec: RecipeSpec, student: ModelPlan, world_size: int = 1) -> DataPlan:
