@@ -91,3 +91,107 @@ def test_counts_in_words() -> None:
         "123.1G",
         "-2.5K",
     ]
+
+
+def test_the_data_plan_is_the_loaders_config() -> None:
+    """The student's normalisation, interpolation and crop and the run's seed are resolved
+    once, into the plan's data block, and the loader's transforms are built from it."""
+    from vitkdl.train.data import build_transforms
+
+    plan = vitkdl.plan(vitkdl.load(RECIPES / "deit_tiny_vitkd.vkd", ["train.seed=3"]))
+    d, s = plan.data, plan.student
+    assert (d.mean, d.std, d.interpolation, d.crop_pct) == (
+        s.mean,
+        s.std,
+        s.interpolation,
+        s.crop_pct,
+    )
+    assert d.seed == plan.seed == 3
+    _, eval_tf = build_transforms(d)
+    resize, crop, _, norm = eval_tf.transforms
+    assert resize.interpolation.value == d.interpolation
+    assert resize.size == int(d.image_size / d.crop_pct) and crop.size == (224, 224)
+    assert norm.mean.tolist() == pytest.approx(d.mean) and norm.std.tolist() == pytest.approx(d.std)
+
+
+def test_the_quickstart_loaders_come_from_the_plan() -> None:
+    """``build_loaders(plan.data)``: the digits, normalised with the student's statistics."""
+    from vitkdl.train.data import build_loaders
+
+    plan = vitkdl.plan(vitkdl.load(RECIPES / "quickstart.vkd"))
+    train, val, classes = build_loaders(plan.data)
+    assert classes == plan.data.num_classes and len(val.dataset) == plan.data.val_images
+    assert len(train) == plan.data.train_images // plan.data.batch_size  # drop_last
+    x, _ = next(iter(val))
+    assert x.shape == (plan.data.batch_size, plan.data.in_chans, 8, 8)
+    pixels = x * plan.data.std[0] + plan.data.mean[0]  # the digits' [0, 1] strokes again
+    assert pixels.min().item() == pytest.approx(0.0) and pixels.max().item() <= 1.0 + 1e-6
+
+
+def test_a_data_field_reaches_the_plan_under_its_own_name() -> None:
+    """A field the plan takes as written needs no copying code: each such field set in the
+    recipe is the plan's."""
+    from vitkdl.planner import DataPlan
+    from vitkdl.spec import DataSpec
+
+    written = {
+        "root": "/data",
+        "augment": "basic",
+        "mixup": 0.2,
+        "cutmix": 0.3,
+        "smoothing": 0.1,
+        "name": "someone/set",
+        "split": "a",
+        "val_split": "b",
+        "val_root": "c",
+        "image_key": "d",
+        "label_key": "e",
+        "batch_size": 16,
+    }
+    sets = [f"data.{k}={v}" for k, v in written.items()]
+    plan = vitkdl.plan(vitkdl.load(RECIPES / "quickstart.vkd", sets))
+    assert {k: getattr(plan.data, k) for k in written} == written
+    shared = set(DataPlan.model_fields) & set(DataSpec.model_fields)
+    assert set(written) | {"source", "image_size", "workers"} == shared  # all of them
+
+
+def test_a_model_field_is_declared_once_with_its_timm_name() -> None:
+    """MODEL_FIELDS and the create_model arguments both come from the fields' declaration:
+    each declared field, written, reaches timm under its declared name."""
+    from pydantic import ValidationError
+
+    from vitkdl.spec import MODEL_FIELDS, ModelField, ModelSpec
+
+    declared = {
+        name: marker
+        for name, info in ModelSpec.model_fields.items()
+        for marker in info.metadata
+        if isinstance(marker, ModelField)
+    }
+    assert tuple(declared) == MODEL_FIELDS
+    for name, marker in declared.items():
+        if marker.timm is None:
+            continue
+        for value in (2, 0.5):  # a count, else a rate
+            try:
+                model = ModelSpec(role="student", model="m", **{name: value})
+            except ValidationError:
+                continue
+            assert model.timm_kwargs() == {marker.timm: value}, name
+            break
+        else:
+            raise AssertionError(f"no sample value for {name}")
+    assert "weights" in MODEL_FIELDS and "weights" not in ModelSpec(
+        role="student", model="m", weights="w.pt"
+    ).timm_kwargs(10)
+
+
+def test_every_model_plan_has_its_input_size_resolved() -> None:
+    """The planner resolves each model's input resolution once; the plan has no sentinel."""
+    from vitkdl.planner import ModelPlan
+
+    assert ModelPlan.model_fields["input_size"].is_required()
+    plan = vitkdl.plan(vitkdl.load(RECIPES / "quickstart.vkd"))
+    assert plan.teacher is not None
+    for m in (plan.student, plan.teacher):
+        assert m.input_size == (m.img_size, m.img_size) == (8, 8)

@@ -743,20 +743,19 @@ def _floor_timers(work: _Workload, modes: Sequence[str]) -> list[_Timer]:
 
 def _loader(plan: Plan, images: int, step_ips: float | None) -> dict[str, Any]:
     """The recipe's training data loader on its own: images/s against the step's."""
-    from vitkdl.train.data import DataError, build_loaders
-    from vitkdl.train.loop import data_config
+    from vitkdl.train.data import DataError, build_loaders, loader_workers
 
-    cfg = data_config(plan)
+    data = plan.data
     info: dict[str, Any] = {
-        "source": cfg.source,
-        "root": cfg.root,
-        "workers": cfg.workers,
-        "batch": cfg.batch_size,
-        "augment": cfg.augment,
+        "source": data.source,
+        "root": data.root,
+        "workers": loader_workers(data),
+        "batch": data.batch_size,
+        "augment": data.augment,
     }
     try:
         start = time.perf_counter()
-        loader, _, _ = build_loaders(cfg)
+        loader, _, _ = build_loaders(data)
         it = iter(loader)
         next(it)
         info["first_batch_seconds"] = time.perf_counter() - start

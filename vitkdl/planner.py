@@ -18,7 +18,7 @@ from vitkdl.models import ModelFacts
 from vitkdl.optim import NO_DECAY_NAMES
 from vitkdl.plain import Plain as _Plain
 from vitkdl.sources import input_norm, source, split_sizes
-from vitkdl.spec import ModelSpec, RecipeSpec, checkpoint_interval
+from vitkdl.spec import DataSpec, ModelSpec, RecipeSpec, checkpoint_interval
 from vitkdl.terms import KINDS, needs_teacher
 from vitkdl.terms.base import AdapterPlan, TapPoint, TermPlan
 
@@ -33,6 +33,7 @@ __all__ = [
     "TapPoint",
     "TermPlan",
     "coefficient_warnings",
+    "data_plan",
     "make_plan",
 ]
 
@@ -72,7 +73,7 @@ class ModelPlan(_Plain):
     # The resolution this model sees (h, w): a ViT's img_size, else its pretrained config's
     # input size or the img_size written for it. The loader produces the student's; a teacher
     # at another one has its input resized in the step with its own interpolation.
-    input_size: tuple[int, int] = (0, 0)
+    input_size: tuple[int, int]
     vit: bool = True  # ViT blocks on one patch grid (taps); else logit terms only
     distilled: bool = False  # DeiT's distillation token and head
     # `pretrained = true`: the timm tag loaded through the Hugging Face hub cache.
@@ -84,20 +85,33 @@ class ModelPlan(_Plain):
 
 
 class DataPlan(_Plain):
+    """The data pipeline, resolved: all that :func:`vitkdl.train.data.build_loaders` reads.
+
+    A new data field is a field of :class:`~vitkdl.spec.DataSpec`, one here (resolved in
+    :func:`data_plan`) and its use in the loader.
+    """
+
     source: str
     root: str | None
-    image_size: int
-    in_chans: int
-    batch_size: int
+    image_size: int  # the square side the loader produces (the student's resolution)
+    in_chans: int  # the student's
+    batch_size: int  # per device
     global_batch: int
-    workers: int
+    workers: int  # per device; the loader uses at most the running machine's CPU count
     augment: str
     mixup: float
     cutmix: float
     smoothing: float
-    num_classes: int
-    train_images: int | None
+    num_classes: int  # the student's head (``synthetic``: the classes it draws)
+    train_images: int | None  # None: known once the data is read (``synthetic``: its size)
     val_images: int | None
+    # The student's input as its pretrained config wants it (vitkdl.sources.input_norm):
+    # per-channel statistics matched to in_chans, resize interpolation and eval crop.
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    crop_pct: float
+    seed: int  # shuffling, samplers, worker seeds and ``synthetic`` content
     # hfds / wds (see vitkdl.sources): hub name, splits, validation shards, columns
     name: str | None = None
     split: str = "train"
@@ -198,43 +212,62 @@ def _model_plan(
     input_size = facts.img_size
     if not facts.vit and image_size is not None and spec.img_size is None:
         input_size = (image_size, image_size)
-    return ModelPlan(
-        role=spec.role,
-        name=facts.name,
-        arch=facts.arch,
-        tag=facts.tag,
-        family=facts.family,
-        timm_kwargs=kwargs,
-        width=facts.embed_dim,
-        depth=facts.depth,
-        heads=facts.num_heads,
-        prefix_tokens=facts.num_prefix_tokens,
-        grid=facts.grid,
-        tokens=facts.num_patches,
-        img_size=input_size[0],
-        patch_size=facts.patch_size[0],
-        in_chans=facts.in_chans,
-        num_classes=facts.num_classes,
-        params=facts.params,
-        forward_flops=facts.flops,
-        weights=spec.weights,
-        from_recipe=spec.from_recipe,
-        from_name=spec.from_name,
-        from_hash=spec.from_hash,
-        trainable=spec.role == "student",
-        mean=mean,
-        std=std,
-        interpolation=facts.interpolation,
-        crop_pct=facts.crop_pct,
-        input_size=input_size,
-        vit=facts.vit,
-        distilled=facts.distilled,
-        pretrained=pretrained,
-        pretrained_tag=facts.pretrained_tag if pretrained else None,
-        hf_hub_id=facts.hf_hub_id if pretrained else None,
-        hf_hub_filename=facts.hf_hub_filename if pretrained else None,
-        pretrained_classes=facts.pretrained_classes,
-    )
+    resolved: dict[str, Any] = {
+        "timm_kwargs": kwargs,
+        "width": facts.embed_dim,
+        "heads": facts.num_heads,
+        "prefix_tokens": facts.num_prefix_tokens,
+        "tokens": facts.num_patches,
+        "img_size": input_size[0],
+        "input_size": input_size,
+        "patch_size": facts.patch_size[0],
+        "forward_flops": facts.flops,
+        "trainable": spec.role == "student",
+        "mean": mean,
+        "std": std,
+        "pretrained": pretrained,
+        "pretrained_tag": facts.pretrained_tag if pretrained else None,
+        "hf_hub_id": facts.hf_hub_id if pretrained else None,
+        "hf_hub_filename": facts.hf_hub_filename if pretrained else None,
+    }
+    # Every other field is the facts' field of that name (the model as built), else the
+    # spec's (as written: role, weights, the recipe a teacher comes from).
+    fields = {}
+    for name in ModelPlan.model_fields.keys() - resolved.keys():
+        fields[name] = getattr(facts if name in ModelFacts.model_fields else spec, name)
+    return ModelPlan(**fields, **resolved)
+
+
+def data_plan(spec: RecipeSpec, student: ModelPlan, world_size: int = 1) -> DataPlan:
+    """The data pipeline of ``spec`` feeding ``student`` on ``world_size`` devices: the
+    written fields, and what they leave open resolved (resolution, channels, classes, split
+    sizes, workers, the student's normalisation, the seed)."""
+    data = spec.data
+    train_images, val_images = split_sizes(data.source, data.size, data.batch_size)
+    workers = data.workers
+    if workers is None:  # files to decode: a worker per core, up to 8
+        workers = min(8, os.cpu_count() or 1) if source(data.source).decodes else 0
+    resolved: dict[str, Any] = {
+        "image_size": data.image_size or student.img_size,
+        "in_chans": student.in_chans,
+        "global_batch": data.batch_size * world_size,
+        "workers": workers,
+        "num_classes": student.num_classes,
+        "train_images": train_images,
+        "val_images": val_images,
+        "mean": student.mean,
+        "std": student.std,
+        "interpolation": student.interpolation,
+        "crop_pct": student.crop_pct,
+        "seed": spec.train.seed,
+    }
+    # Every other field of the plan is the spec's field of that name, as written.
+    written = {
+        name: getattr(data, name)
+        for name in DataPlan.model_fields
+        if name in DataSpec.model_fields and name not in resolved
+    }
+    return DataPlan(**written, **resolved)
 
 
 def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
@@ -250,13 +283,6 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
             spec.teacher, ctx.teacher, default_classes(spec, spec.teacher), data.source
         )
     terms = term_plans(spec, ctx)
-    image_size = data.image_size or student.img_size
-    train_images, val_images = split_sizes(data.source, data.size, data.batch_size)
-    workers = (
-        data.workers
-        if data.workers is not None
-        else (min(8, os.cpu_count() or 1) if source(data.source).decodes else 0)
-    )
     adapters = sum(t.adapter_params for t in terms)
     opt = spec.train.optimizer
     sched = spec.train.schedule
@@ -279,28 +305,7 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
         teacher=teacher,
         teacher_used=teacher_used,
         terms=terms,
-        data=DataPlan(
-            source=data.source,
-            root=data.root,
-            image_size=image_size,
-            in_chans=student.in_chans,
-            batch_size=data.batch_size,
-            global_batch=data.batch_size * world_size,
-            workers=workers,
-            augment=data.augment,
-            mixup=data.mixup,
-            cutmix=data.cutmix,
-            smoothing=data.smoothing,
-            num_classes=student.num_classes,
-            train_images=train_images,
-            val_images=val_images,
-            name=data.name,
-            split=data.split,
-            val_split=data.val_split,
-            val_root=data.val_root,
-            image_key=data.image_key,
-            label_key=data.label_key,
-        ),
+        data=data_plan(spec, student, world_size),
         optimizer=OptimizerPlan(
             name=opt.name,
             lr=opt.lr,

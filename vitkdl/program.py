@@ -278,7 +278,7 @@ def teacher_resize(plan: Plan) -> tuple[tuple[int, int], str] | None:
     t = plan.teacher
     if t is None:
         return None
-    size = tuple(t.input_size) if t.input_size != (0, 0) else (t.img_size, t.img_size)
+    size = tuple(t.input_size)
     if size == (plan.data.image_size, plan.data.image_size):
         return None
     return (int(size[0]), int(size[1])), _INTERPOLATION.get(t.interpolation, "bicubic")

@@ -55,22 +55,20 @@ class Node(BaseModel):
         return self.span
 
 
-# Model fields with a type; any other field is passed to timm's create_model as written.
-MODEL_FIELDS = (
-    "weights",
-    "pretrained",
-    "num_classes",
-    "img_size",
-    "patch_size",
-    "drop_path",
-    "depth",
-    "embed_dim",
-    "num_heads",
-    "in_chans",
-    "mlp_ratio",
-    "drop_rate",
-    "head",
-)
+@dataclass(frozen=True)
+class ModelField:
+    """Marks a field a recipe writes in a model block (``Annotated[TYPE, ModelField(...)]``).
+
+    ``timm``: the ``timm.create_model`` argument the field becomes (None: vitkdl's own field,
+    which timm never sees). A field written in a model block that no field declares goes to
+    timm as written (``ModelSpec.extra``).
+    """
+
+    timm: str | None = None
+
+
+_PositiveInt = Annotated[int, Field(gt=0)]
+_Rate = Annotated[float, Field(ge=0, lt=1)]
 
 
 class ModelSpec(Node):
@@ -78,21 +76,21 @@ class ModelSpec(Node):
 
     role: Literal["teacher", "student"]
     model: str
-    weights: str | None = None
-    pretrained: bool = False
-    num_classes: Annotated[int, Field(gt=0)] | None = None
-    img_size: Annotated[int, Field(gt=0)] | list[Annotated[int, Field(gt=0)]] | None = None
-    patch_size: Annotated[int, Field(gt=0)] | None = None
-    drop_path: Annotated[float, Field(ge=0, lt=1)] | None = None
-    depth: Annotated[int, Field(gt=0)] | None = None
-    embed_dim: Annotated[int, Field(gt=0)] | None = None
-    num_heads: Annotated[int, Field(gt=0)] | None = None
-    in_chans: Annotated[int, Field(gt=0)] | None = None
-    mlp_ratio: Annotated[float, Field(gt=0)] | None = None
-    drop_rate: Annotated[float, Field(ge=0, lt=1)] | None = None
+    weights: Annotated[str | None, ModelField()] = None
+    pretrained: Annotated[bool, ModelField()] = False
+    num_classes: Annotated[_PositiveInt | None, ModelField("num_classes")] = None
+    img_size: Annotated[_PositiveInt | list[_PositiveInt] | None, ModelField("img_size")] = None
+    patch_size: Annotated[_PositiveInt | None, ModelField("patch_size")] = None
+    drop_path: Annotated[_Rate | None, ModelField("drop_path_rate")] = None
+    depth: Annotated[_PositiveInt | None, ModelField("depth")] = None
+    embed_dim: Annotated[_PositiveInt | None, ModelField("embed_dim")] = None
+    num_heads: Annotated[_PositiveInt | None, ModelField("num_heads")] = None
+    in_chans: Annotated[_PositiveInt | None, ModelField("in_chans")] = None
+    mlp_ratio: Annotated[Annotated[float, Field(gt=0)] | None, ModelField("mlp_ratio")] = None
+    drop_rate: Annotated[_Rate | None, ModelField("drop_rate")] = None
     # `head = random`: a teacher head its weights do not provide is meant (a test); logit
     # terms refuse one otherwise. `pretrained` (the default, None) asks the weights for it.
-    head: Literal["pretrained", "random"] | None = None
+    head: Annotated[Literal["pretrained", "random"] | None, ModelField()] = None
     extra: dict[str, Any] = Field(default_factory=dict)
     # `teacher from "PATH"`: the recipe whose final student this teacher is.
     from_recipe: str | None = None
@@ -100,28 +98,40 @@ class ModelSpec(Node):
     from_hash: str | None = None
 
     def timm_kwargs(self, num_classes: int | None = None) -> dict[str, Any]:
-        """Keyword arguments for ``timm.create_model`` (``drop_path`` is ``drop_path_rate``)."""
-        out: dict[str, Any] = {}
-        for name in (
-            "img_size",
-            "patch_size",
-            "depth",
-            "embed_dim",
-            "num_heads",
-            "in_chans",
-            "mlp_ratio",
-            "drop_rate",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        if self.drop_path is not None:
-            out["drop_path_rate"] = self.drop_path
+        """Keyword arguments for ``timm.create_model``: each field declared with a timm name
+        (:class:`ModelField`) that is written, under that name, those timm takes as written
+        first and the renamed ones (``drop_path`` is ``drop_path_rate``) after them; then the
+        classes (as written, else ``num_classes``); then the fields no one declares."""
+        written = [
+            (name, arg, getattr(self, name))
+            for name, arg in _TIMM_ARGS.items()
+            if arg is not None and name != "num_classes" and getattr(self, name) is not None
+        ]
+        out = {arg: value for name, arg, value in written if arg == name}
+        out.update({arg: value for name, arg, value in written if arg != name})
         classes = self.num_classes if self.num_classes is not None else num_classes
         if classes is not None:
             out["num_classes"] = classes
         out.update(self.extra)
         return out
+
+
+def _model_fields() -> dict[str, str | None]:
+    """Each :class:`ModelField` of :class:`ModelSpec`, in declaration order, with its timm
+    name."""
+    return {
+        name: marker.timm
+        for name, info in ModelSpec.model_fields.items()
+        for marker in info.metadata
+        if isinstance(marker, ModelField)
+    }
+
+
+_TIMM_ARGS = _model_fields()
+
+#: The fields a model block types; any other field is passed to timm's create_model as
+#: written.
+MODEL_FIELDS: tuple[str, ...] = tuple(_TIMM_ARGS)
 
 
 class SliceSpec(Node):

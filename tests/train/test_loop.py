@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -489,7 +488,8 @@ def test_evaluation_counts_only_readable_images_and_reports_the_skipped(tmp_path
     import numpy as np
     from PIL import Image
 
-    from vitkdl.train.data import DataConfig, build_loaders
+    from tests.train.plans import data_plan
+    from vitkdl.train.data import build_loaders
     from vitkdl.train.loop import evaluate
 
     root = tmp_path / "data"
@@ -500,7 +500,7 @@ def test_evaluation_counts_only_readable_images_and_reports_the_skipped(tmp_path
                 pixels = np.full((8, 8, 3), 40 * i, dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
     (root / "val" / "a" / "0.png").write_bytes(b"\x89PNG cut short")
-    cfg = DataConfig(source="imagefolder", root=str(root), image_size=8, batch_size=3)
+    cfg = data_plan("imagefolder", root=str(root), image_size=8, batch_size=3)
     _, val, _ = build_loaders(cfg)
 
     def always_a(images: torch.Tensor) -> torch.Tensor:  # class 0 ("a") for every image
@@ -515,7 +515,7 @@ def test_evaluation_counts_only_readable_images_and_reports_the_skipped(tmp_path
     # (all_reduce_sum adds them; here, in one process, the test does).
     shares = []
     for rank in (0, 1):
-        half = dataclasses.replace(cfg, batch_size=2)  # 2 training images per rank
+        half = cfg.model_copy(update={"batch_size": 2})  # 2 training images per rank
         _, share, _ = build_loaders(half, distributed=True, rank=rank, world_size=2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -528,10 +528,11 @@ def test_evaluation_counts_only_readable_images_and_reports_the_skipped(tmp_path
 def test_evaluation_pads_the_last_batch_into_one_graph() -> None:
     """360 digits at batch 32 leave a last batch of 8: padded, so a compiled predictor sees
     one shape (one graph), and the padding never counts."""
-    from vitkdl.train.data import DataConfig, build_loaders
+    from tests.train.plans import data_plan
+    from vitkdl.train.data import build_loaders
     from vitkdl.train.loop import evaluate
 
-    _, val, _ = build_loaders(DataConfig(source="digits", image_size=8, in_chans=1, batch_size=32))
+    _, val, _ = build_loaders(data_plan("digits", image_size=8, in_chans=1, batch_size=32))
     graphs: list[object] = []
 
     def backend(gm, example_inputs):  # type: ignore[no-untyped-def]

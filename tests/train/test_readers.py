@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.train.plans import data_plan
 from vitkdl.cli import main
-from vitkdl.train.data import DataConfig, DataError, build_datasets, build_loaders, set_epoch
+from vitkdl.planner import DataPlan
+from vitkdl.train.data import DataError, build_datasets, build_loaders, set_epoch
 
 
 def _png(colour: tuple[int, int, int]) -> bytes:
@@ -74,9 +76,9 @@ def shards(tmp_path: Path) -> tuple[str, str]:
     return str(folder / "train-{0000..0003}.tar"), str(folder / "val-{00..02}.tar")
 
 
-def _cfg(**kw) -> DataConfig:
+def _cfg(**kw) -> DataPlan:
     base = {"image_size": 8, "batch_size": 2, "augment": "none", "workers": 0}
-    return DataConfig(**{**base, **kw})
+    return data_plan(**{**base, **kw})
 
 
 def test_hfds_local_directory_with_an_unreadable_row(hf_dir: Path) -> None:

@@ -80,7 +80,7 @@ def _tokens(m: ModelPlan) -> str:
 
 
 def _input(m: ModelPlan) -> str:
-    h, w = m.input_size if m.input_size != (0, 0) else (m.img_size, m.img_size)
+    h, w = m.input_size
     patch = f", patch {m.patch_size}" if m.vit else ""
     return f"{h}x{w}x{m.in_chans}{patch}, {m.interpolation}"
 
@@ -118,7 +118,7 @@ def _teacher_resize(plan: Plan) -> str | None:
     t = plan.teacher
     if t is None or not plan.teacher_used:
         return None
-    size = t.input_size if t.input_size != (0, 0) else (t.img_size, t.img_size)
+    size = t.input_size
     if tuple(size) == (plan.data.image_size, plan.data.image_size):
         return None
     return (

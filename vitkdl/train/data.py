@@ -1,13 +1,13 @@
 """Data layer of the ViTKD trainer: datasets, loaders and mixup/cutmix.
 
-Five sources are supported (``DataConfig.source``); ``hfds`` (Hugging Face datasets) and
+Five sources are supported (``DataPlan.source``); ``hfds`` (Hugging Face datasets) and
 ``wds`` (webdataset shards) live in :mod:`vitkdl.train.readers`, the other three here:
 
 ``"digits"``
     the 1797 8x8 handwritten digits that scikit-learn bundles, embedded in the package
     (``vitkdl/data/digits.npz``; no download, no scikit-learn), held fully in memory. The
     train/val split is a fixed 80/20 stratified split (1437 train / 360 val images),
-    independent of ``DataConfig.seed``.
+    independent of ``DataPlan.seed``.
 ``"synthetic"``
     Deterministic random images (a per-class low-frequency pattern plus Gaussian noise, so
     the task is learnable) for smoke tests and benchmarks.
@@ -16,8 +16,9 @@ Five sources are supported (``DataConfig.source``); ``hfds`` (Hugging Face datas
     decoded with PIL and transformed with timm's ``create_transform`` (DeiT recipe:
     RandAugment ``rand-m9-mstd0.5-inc1`` + random erasing 0.25).
 
-Everything here takes plain values; the caller maps the resolved plan onto
-:class:`DataConfig`.  Errors a user can fix are raised as :class:`DataError` whose message
+Everything here reads the resolved plan's data block, :class:`vitkdl.planner.DataPlan`
+(normalisation, interpolation, crop and seed included: the planner resolves them once).
+Errors a user can fix are raised as :class:`DataError` whose message
 names the offending path or value and the ``--set data.<key>=...`` override that fixes it.
 """
 
@@ -26,28 +27,17 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
-from vitkdl.sources import (
-    DEIT_AUTO_AUGMENT,
-    DEIT_RE_PROB,
-    DIGITS_MEAN,
-    DIGITS_STD,
-    input_norm,
-    match_channels,
-    source,
-)
-from vitkdl.sources import (
-    SOURCES as SOURCE_FACTS,
-)
+from vitkdl.planner import DataPlan
+from vitkdl.sources import DEIT_AUTO_AUGMENT, DEIT_RE_PROB, DIGITS_MEAN, DIGITS_STD, source
 
 __all__ = [
     "DEIT_AUTO_AUGMENT",
@@ -56,7 +46,6 @@ __all__ = [
     "DIGITS_MEAN",
     "DIGITS_STD",
     "IMAGE_EXTENSIONS",
-    "DataConfig",
     "DataError",
     "DigitsDataset",
     "ImageFolderDataset",
@@ -65,16 +54,13 @@ __all__ = [
     "build_loaders",
     "build_mixup",
     "build_transforms",
+    "loader_workers",
     "mix_seed",
     "patch_timm_posterize",
     "posterize",
-    "resolve_norm",
     "set_epoch",
     "unwrap",
 ]
-
-SOURCES: tuple[str, ...] = tuple(SOURCE_FACTS)
-AUGMENTS: tuple[str, ...] = ("deit", "basic", "none")
 
 DEIT_RE_MODE: str = "pixel"
 
@@ -90,116 +76,19 @@ class DataError(Exception):
     """A data problem the user can fix; the message names the path/value and the fix."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Everything the data layer needs, as plain values.
-
-    Attributes:
-        source: ``"digits"``, ``"synthetic"`` or ``"imagefolder"``.
-        root: ``imagefolder`` root holding ``train/<class>/*`` and ``val/<class>/*``.
-        image_size: Square side length fed to the model.
-        in_chans: Channels fed to the model (``imagefolder`` supports 1 or 3).
-        batch_size: Batch size per device.
-        workers: ``DataLoader`` worker processes per device (0 = load in the main process).
-        augment: ``"deit"`` (RandAugment + random erasing), ``"basic"`` (random resized crop,
-            flip, colour jitter) or ``"none"`` (the eval transform is used for training too).
-        mixup: Mixup alpha (0 disables).
-        cutmix: CutMix alpha (0 disables).
-        smoothing: Label smoothing applied to the mixed targets.
-        size: ``synthetic`` train split size (val gets ``max(size // 4, batch_size)``).
-        classes: ``synthetic`` number of classes.
-        mean: Normalisation mean; one value (broadcast) or one per channel.
-        std: Normalisation std; one value (broadcast) or one per channel.
-        interpolation: Resize interpolation for ``imagefolder`` (timm name, e.g. ``bicubic``).
-        crop_pct: Eval centre-crop fraction for ``imagefolder``.
-        seed: Seed for shuffling, sampler and worker seeding, and ``synthetic`` content.
-        prefetch_device: For sources that decode files, a device (``"cuda:0"``) to which the
-            workers' uint8 batches are copied on a side stream and normalised (and randomly
-            erased) there, by timm's ``PrefetchLoader``: a quarter of the bytes of float32
-            over the bus, and no float work in the workers. None: float batches normalised by
-            the workers (the CPU path).
-        name: ``hfds``: the dataset's hub name (else ``root`` is a save_to_disk directory).
-        split: ``hfds``: the training split.
-        val_split: ``hfds``: the validation split (default: validation, val, valid or test).
-        val_root: ``wds``: the validation shards (a brace pattern).
-        image_key: ``hfds``: the image column (``image``); ``wds``: the image members
-            (``jpg;jpeg;png;webp``).
-        label_key: ``hfds``: the label column (``label``); ``wds``: a field of the ``.json``
-            member (default: the ``.cls`` member).
-    """
-
-    source: str
-    root: str | None = None
-    image_size: int = 224
-    in_chans: int = 3
-    batch_size: int = 32
-    workers: int = 0
-    augment: str = "none"
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    smoothing: float = 0.0
-    size: int = 256
-    classes: int = 10
-    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
-    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-    seed: int = 0
-    prefetch_device: str | None = None
-    name: str | None = None
-    split: str = "train"
-    val_split: str | None = None
-    val_root: str | None = None
-    image_key: str | None = None
-    label_key: str | None = None
-
-    def __post_init__(self) -> None:
-        # Accept lists (e.g. from a parsed plan) but store hashable tuples.
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        _validate(self)
-
-
-def _validate(cfg: DataConfig) -> None:
-    def bad(key: str, value: Any, want: str) -> DataError:
-        return DataError(f"data.{key}={value!r} is invalid: {want}; pass --set data.{key}=...")
-
-    if cfg.source not in SOURCES:
-        raise bad("source", cfg.source, f"expected one of {', '.join(SOURCES)}")
-    if cfg.augment not in AUGMENTS:
-        raise bad("augment", cfg.augment, f"expected one of {', '.join(AUGMENTS)}")
-    for key in ("image_size", "in_chans", "batch_size", "size", "classes"):
-        if int(getattr(cfg, key)) < 1:
-            raise bad(key, getattr(cfg, key), "expected a positive integer")
-    if cfg.workers < 0:
-        raise bad("workers", cfg.workers, "expected an integer >= 0")
-    for key in ("mixup", "cutmix"):
-        if getattr(cfg, key) < 0:
-            raise bad(key, getattr(cfg, key), "expected an alpha >= 0 (0 disables)")
-    if not 0.0 <= cfg.smoothing < 1.0:
-        raise bad("smoothing", cfg.smoothing, "expected a value in [0, 1)")
-    if not 0.0 < cfg.crop_pct <= 1.0:
-        raise bad("crop_pct", cfg.crop_pct, "expected a value in (0, 1]")
-    if any(s <= 0 for s in cfg.std):
-        raise bad("std", cfg.std, "expected positive values")
+def _check(cfg: DataPlan) -> None:
+    """What the recipe's checks leave to the loader: the channels a decoded image can have."""
     if source(cfg.source).decodes and cfg.in_chans not in (1, 3):
-        raise bad("in_chans", cfg.in_chans, f"{cfg.source} supports 1 (grayscale) or 3 (RGB)")
-    resolve_norm(cfg.mean, cfg.std, cfg.in_chans)
-
-
-def resolve_norm(
-    mean: Sequence[float], std: Sequence[float], in_chans: int
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Match ``mean``/``std`` to ``in_chans`` the way timm's ``resolve_data_config`` does
-    (:func:`vitkdl.sources.match_channels`): a single value is broadcast to every channel; a
-    3-value (RGB) tuple used with ``in_chans == 1`` is averaged to one grey value."""
-    try:
-        return match_channels(mean, std, in_chans)
-    except ValueError as exc:
-        key = str(exc).split(" ", 1)[0]
         raise DataError(
-            f"data.{exc}; pass --set data.{key}=... with 1 or {in_chans} values"
-        ) from None
+            f"data.in_chans={cfg.in_chans!r} is invalid: {cfg.source} supports 1 (grayscale) "
+            "or 3 (RGB); set in_chans on the student"
+        )
+
+
+def loader_workers(cfg: DataPlan) -> int:
+    """The loader worker processes per device on this machine: the plan's, at most one per
+    CPU (a recipe written for a bigger machine still runs here)."""
+    return min(cfg.workers, os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,9 +174,8 @@ class DigitsDataset(Dataset):
         return x.contiguous(), int(self.targets[index])
 
 
-def _build_digits(cfg: DataConfig) -> tuple[DigitsDataset, DigitsDataset, int]:
+def _build_digits(cfg: DataPlan) -> tuple[DigitsDataset, DigitsDataset, int]:
     x_tr, x_va, y_tr, y_va = _digits_split()
-    mean, std = input_norm("digits", cfg.mean, cfg.std, cfg.in_chans)
 
     def make(x: Any, y: Any, augment: str) -> DigitsDataset:
         return DigitsDataset(
@@ -295,8 +183,8 @@ def _build_digits(cfg: DataConfig) -> tuple[DigitsDataset, DigitsDataset, int]:
             torch.tensor(y),
             image_size=cfg.image_size,
             in_chans=cfg.in_chans,
-            mean=mean,
-            std=std,
+            mean=cfg.mean,
+            std=cfg.std,
             augment=augment,
         )
 
@@ -363,41 +251,45 @@ def mix_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def _build_synthetic(cfg: DataConfig) -> tuple[SyntheticDataset, SyntheticDataset, int]:
+def _build_synthetic(cfg: DataPlan) -> tuple[SyntheticDataset, SyntheticDataset, int]:
+    # The planner sizes both splits (vitkdl.sources.split_sizes); the classes are the head's.
+    assert cfg.train_images is not None and cfg.val_images is not None
     common = {
         "image_size": cfg.image_size,
         "in_chans": cfg.in_chans,
-        "classes": cfg.classes,
+        "classes": cfg.num_classes,
         "seed": cfg.seed,
     }
-    train = SyntheticDataset(cfg.size, split="train", **common)
-    val = SyntheticDataset(max(cfg.size // 4, cfg.batch_size), split="val", **common)
-    return train, val, cfg.classes
+    train = SyntheticDataset(cfg.train_images, split="train", **common)
+    val = SyntheticDataset(cfg.val_images, split="val", **common)
+    return train, val, cfg.num_classes
 
 
 # ---------------------------------------------------------------------------------------------
 # imagefolder
 
 
-def build_transforms(cfg: DataConfig) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+def build_transforms(
+    cfg: DataPlan, *, uint8: bool = False
+) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
     """timm ``(train, eval)`` transforms for ``imagefolder`` according to ``cfg.augment``.
 
     ``deit``: random resized crop, flip, RandAugment ``rand-m9-mstd0.5-inc1`` and random
     erasing (p=0.25, per-pixel noise, as in DeiT).  ``basic``: the same without RandAugment
     and random erasing (so colour jitter 0.4 is on).  ``none``: the eval transform (resize to
-    ``image_size / crop_pct``, centre crop) for training too.
+    ``image_size / crop_pct``, centre crop) for training too.  ``uint8``: images are left
+    unnormalised (and not erased), for the device to finish (see :func:`build_loaders`).
     """
-    mean, std = resolve_norm(cfg.mean, cfg.std, cfg.in_chans)
     if cfg.augment == "deit":
         patch_timm_posterize()
     common: dict[str, Any] = {
         "input_size": (cfg.in_chans, cfg.image_size, cfg.image_size),
         "interpolation": cfg.interpolation,
-        "mean": mean,
-        "std": std,
+        "mean": cfg.mean,
+        "std": cfg.std,
         "crop_pct": cfg.crop_pct,
         # uint8 out, normalisation and random erasing on the device (see prefetch_device)
-        "use_prefetcher": _prefetch(cfg),
+        "use_prefetcher": uint8,
     }
     eval_tf = create_transform(is_training=False, **common)
     if cfg.augment == "deit":
@@ -448,25 +340,26 @@ def patch_timm_posterize() -> None:
             auto_augment.NAME_TO_OP[name] = posterize
 
 
-def _prefetch(cfg: DataConfig) -> bool:
-    """Whether batches travel as uint8 to ``cfg.prefetch_device`` (sources that decode)."""
-    return cfg.prefetch_device is not None and source(cfg.source).decodes
+def _prefetch(cfg: DataPlan, prefetch_device: str | None) -> bool:
+    """Whether batches travel as uint8 to ``prefetch_device`` (sources that decode)."""
+    return prefetch_device is not None and source(cfg.source).decodes
 
 
-def _device_side(cfg: DataConfig, train: DataLoader, val: DataLoader) -> tuple[Any, Any]:
+def _device_side(
+    cfg: DataPlan, prefetch_device: str, train: DataLoader, val: DataLoader
+) -> tuple[Any, Any]:
     """Both loaders wrapped in timm's ``PrefetchLoader``: the copy of the next batch overlaps
     the step on a side stream; normalisation (and DeiT's random erasing, for training) runs
     on the device."""
     from timm.data.loader import PrefetchLoader
 
-    mean, std = resolve_norm(cfg.mean, cfg.std, cfg.in_chans)
-    device = torch.device(str(cfg.prefetch_device))
+    device = torch.device(prefetch_device)
 
     def wrap(loader: DataLoader, re_prob: float) -> Any:
         return PrefetchLoader(
             loader,
-            mean=mean,
-            std=std,
+            mean=cfg.mean,
+            std=cfg.std,
             channels=cfg.in_chans,
             device=device,
             re_prob=re_prob,
@@ -604,7 +497,9 @@ class ImageFolderDataset(Dataset):
         )
 
 
-def _build_imagefolder(cfg: DataConfig) -> tuple[ImageFolderDataset, ImageFolderDataset, int]:
+def _build_imagefolder(
+    cfg: DataPlan, uint8: bool
+) -> tuple[ImageFolderDataset, ImageFolderDataset, int]:
     if not cfg.root:
         raise DataError(
             "data.source=imagefolder needs a data root; pass --set data.root=/path/to/imagenet"
@@ -632,7 +527,7 @@ def _build_imagefolder(cfg: DataConfig) -> tuple[ImageFolderDataset, ImageFolder
             "--set data.root=/path/to/imagenet"
         )
     class_to_idx = {c: i for i, c in enumerate(classes)}
-    train_tf, eval_tf = build_transforms(cfg)
+    train_tf, eval_tf = build_transforms(cfg, uint8=uint8)
     train = ImageFolderDataset(
         split_dirs["train"], class_to_idx, transform=train_tf, in_chans=cfg.in_chans
     )
@@ -666,7 +561,7 @@ def _short(names: Sequence[str], limit: int = 10) -> str:
 
 
 def build_datasets(
-    cfg: DataConfig, *, rank: int = 0, world_size: int = 1
+    cfg: DataPlan, *, rank: int = 0, world_size: int = 1, uint8: bool = False
 ) -> tuple[Dataset, Dataset, int]:
     """Build ``(train, val, num_classes)`` for ``cfg.source``.
 
@@ -674,38 +569,44 @@ def build_datasets(
     ``[in_chans, image_size, image_size]`` and ``label`` an ``int`` in ``[0, num_classes)``.
     The val split is never augmented.  Raises :class:`DataError` for a missing/empty root or
     split, or val classes that are not a subset of train classes (``imagefolder``).
-    ``rank`` / ``world_size``: how a streamed source (``wds``) splits itself.
+    ``rank`` / ``world_size``: how a streamed source (``wds``) splits itself. ``uint8``:
+    decoded images come unnormalised, as uint8 (see :func:`build_transforms`).
     """
+    _check(cfg)
     if cfg.source == "digits":
         return _build_digits(cfg)
     if cfg.source == "synthetic":
         return _build_synthetic(cfg)
     if source(cfg.source).package is not None:
-        return _build_reader(cfg, rank, world_size)
-    return _build_imagefolder(cfg)
+        return _build_reader(cfg, rank, world_size, uint8)
+    return _build_imagefolder(cfg, uint8)
 
 
-def _build_reader(cfg: DataConfig, rank: int, world_size: int) -> tuple[Dataset, Dataset, int]:
+def _build_reader(
+    cfg: DataPlan, rank: int, world_size: int, uint8: bool
+) -> tuple[Dataset, Dataset, int]:
     """Hugging Face datasets and webdataset shards (:mod:`vitkdl.train.readers`)."""
     from vitkdl.train import readers
 
+    transforms = build_transforms(cfg, uint8=uint8)
     try:
         if source(cfg.source).streamed:
-            return readers.build_wds(cfg, build_transforms(cfg), rank, world_size)
-        return readers.build_hfds(cfg, build_transforms(cfg))
+            return readers.build_wds(cfg, transforms, rank, world_size)
+        return readers.build_hfds(cfg, transforms)
     except readers.DataError as exc:
         raise DataError(str(exc)) from None
 
 
 def build_loaders(
-    cfg: DataConfig,
+    cfg: DataPlan,
     *,
     distributed: bool = False,
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = True,
+    prefetch_device: str | None = None,
 ) -> tuple[DataLoader, DataLoader, int]:
-    """Build ``(train_loader, val_loader, num_classes)``.
+    """Build ``(train_loader, val_loader, num_classes)`` of a plan's data block.
 
     Train: shuffled by a ``DistributedSampler(shuffle=True, seed=cfg.seed)`` (one replica
     when not ``distributed``) and
@@ -715,7 +616,13 @@ def build_loaders(
     the start of every epoch for a per-epoch order that is reproducible and resumable.
     Worker RNGs (torch, ``random``, numpy) are seeded by torch from the loader's generator
     (per rank and epoch); with ``workers=0`` augmentation draws from the global RNGs, which
-    the trainer seeds and checkpoints.
+    the trainer seeds and checkpoints. The workers are :func:`loader_workers`.
+
+    ``prefetch_device``: for sources that decode files, a device (``"cuda:0"``) to which the
+    workers' uint8 batches are copied on a side stream and normalised (and randomly erased)
+    there, by timm's ``PrefetchLoader``: a quarter of the bytes of float32 over the bus, and
+    no float work in the workers. None: float batches normalised by the workers (the CPU
+    path).
 
     Raises :class:`DataError` when ``drop_last`` would leave the train loader without a
     single batch.
@@ -724,10 +631,52 @@ def build_loaders(
         raise DataError(f"rank {rank} is outside [0, world_size={world_size})")
     if not distributed:
         rank, world_size = 0, 1
-    train_ds, val_ds, num_classes = build_datasets(cfg, rank=rank, world_size=world_size)
+    cfg = cfg.model_copy(update={"workers": loader_workers(cfg)})
+    uint8 = _prefetch(cfg, prefetch_device)
+    train_ds, val_ds, num_classes = build_datasets(
+        cfg, rank=rank, world_size=world_size, uint8=uint8
+    )
+    common = _loader_args(cfg, uint8)
     if isinstance(train_ds, IterableDataset):
-        return _stream_loaders(cfg, train_ds, val_ds, num_classes)
+        # A streamed source splits itself across ranks and workers and yields whole batches
+        # only (no sampler).
+        train = DataLoader(train_ds, drop_last=True, **common)
+        val = DataLoader(val_ds, drop_last=False, **common)
+    else:
+        train, val = _map_loaders(
+            cfg, train_ds, val_ds, common, distributed, rank, world_size, drop_last
+        )
+    if prefetch_device is not None and uint8:
+        train, val = _device_side(cfg, prefetch_device, train, val)
+    return train, val, num_classes
 
+
+def _loader_args(cfg: DataPlan, uint8: bool) -> dict[str, Any]:
+    """The ``DataLoader`` arguments both splits share."""
+    common: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": cfg.workers > 0,
+    }
+    if uint8:
+        from timm.data.loader import fast_collate
+
+        common["collate_fn"] = fast_collate  # uint8 images stacked as they are
+    return common
+
+
+def _map_loaders(
+    cfg: DataPlan,
+    train_ds: Dataset,
+    val_ds: Dataset,
+    common: dict[str, Any],
+    distributed: bool,
+    rank: int,
+    world_size: int,
+    drop_last: bool,
+) -> tuple[DataLoader, DataLoader]:
+    """The loaders of a map-style dataset: a sampler for training, in order for validation."""
     # The train order is DistributedSampler's even on one process: the permutation of epoch e
     # is randperm(n, seed + e) whatever the world size, so N processes at batch B / N see the
     # same global batches as one process at batch B (and a resumed run replays the order).
@@ -750,17 +699,6 @@ def build_loaders(
             f"data.batch_size={cfg.batch_size}, so drop_last leaves no batch; pass "
             f"--set data.batch_size=<n <= {per_replica}> or use more data"
         )
-
-    common: dict[str, Any] = {
-        "batch_size": cfg.batch_size,
-        "num_workers": cfg.workers,
-        "pin_memory": torch.cuda.is_available(),
-        "persistent_workers": cfg.workers > 0,
-    }
-    if _prefetch(cfg):
-        from timm.data.loader import fast_collate
-
-        common["collate_fn"] = fast_collate  # uint8 images stacked as they are
     train_gen = torch.Generator().manual_seed(cfg.seed + rank)
     val_gen = torch.Generator().manual_seed(cfg.seed + rank)
     train_loader = DataLoader(
@@ -780,31 +718,7 @@ def build_loaders(
         generator=val_gen,
         **common,
     )
-    if _prefetch(cfg):
-        return (*_device_side(cfg, train_loader, val_loader), num_classes)
-    return train_loader, val_loader, num_classes
-
-
-def _stream_loaders(
-    cfg: DataConfig, train_ds: Dataset, val_ds: Dataset, num_classes: int
-) -> tuple[DataLoader, DataLoader, int]:
-    """Loaders of a streamed source: it splits itself across ranks and workers and yields
-    whole batches only (no sampler)."""
-    common: dict[str, Any] = {
-        "batch_size": cfg.batch_size,
-        "num_workers": cfg.workers,
-        "pin_memory": torch.cuda.is_available(),
-        "persistent_workers": cfg.workers > 0,
-    }
-    if _prefetch(cfg):
-        from timm.data.loader import fast_collate
-
-        common["collate_fn"] = fast_collate  # uint8 images stacked as they are
-    train = DataLoader(train_ds, drop_last=True, **common)
-    val = DataLoader(val_ds, drop_last=False, **common)
-    if _prefetch(cfg):
-        return (*_device_side(cfg, train, val), num_classes)
-    return train, val, num_classes
+    return train_loader, val_loader
 
 
 def set_epoch(loader: DataLoader, epoch: int, *, seed: int, rank: int = 0) -> None:
@@ -827,7 +741,7 @@ def set_epoch(loader: DataLoader, epoch: int, *, seed: int, rank: int = 0) -> No
         inner.generator.manual_seed(mix_seed(seed, rank, epoch))
 
 
-def build_mixup(cfg: DataConfig, num_classes: int) -> Callable[..., Any] | None:
+def build_mixup(cfg: DataPlan, num_classes: int) -> Callable[..., Any] | None:
     """timm ``Mixup`` for ``cfg.mixup``/``cfg.cutmix`` alphas, or ``None`` when both are 0.
 
     Configured as in DeiT: ``switch_prob=0.5``, ``mode="batch"``, ``prob=1.0``,

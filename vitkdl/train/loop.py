@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -40,7 +39,6 @@ from vitkdl.train.checkpoint import (
 )
 from vitkdl.train.data import (
     UNREADABLE,
-    DataConfig,
     build_loaders,
     build_mixup,
     check_val_readable,
@@ -110,38 +108,6 @@ class RunOptions:
     # Called after every optimizer step with (step, total steps, epoch): how a sweep shows
     # each run's progress. Cheap calls only (no device sync happens for it).
     on_step: Callable[[int, int, int], None] | None = None
-
-
-def data_config(plan: Plan, device: torch.device | None = None) -> DataConfig:
-    """The data layer's view of the plan; on a GPU, batches of decoded images travel as uint8
-    and are normalised there (``DataConfig.prefetch_device``)."""
-    d, s = plan.data, plan.student
-    return DataConfig(
-        source=d.source,
-        root=d.root,
-        image_size=d.image_size,
-        in_chans=d.in_chans,
-        batch_size=d.batch_size,
-        workers=min(d.workers, os.cpu_count() or 1),
-        augment=d.augment,
-        mixup=d.mixup,
-        cutmix=d.cutmix,
-        smoothing=d.smoothing,
-        size=d.train_images or 1024,
-        classes=d.num_classes,
-        mean=s.mean,
-        std=s.std,
-        interpolation=s.interpolation,
-        crop_pct=s.crop_pct,
-        seed=plan.seed,
-        prefetch_device=str(device) if device is not None and device.type == "cuda" else None,
-        name=d.name,
-        split=d.split,
-        val_split=d.val_split,
-        val_root=d.val_root,
-        image_key=d.image_key,
-        label_key=d.label_key,
-    )
 
 
 def _seed_everything(seed: int) -> None:
@@ -340,9 +306,13 @@ class Run:
             # Tiny models: thread hand-offs cost more than the maths (measured 5x on 2 cores).
             torch.set_num_threads(1)
         program = self.program = build(plan, device, load=opts.load_weights, runs_dir=opts.runs_dir)
-        self.cfg = data_config(plan, device)
+        # On a GPU, batches of decoded images travel as uint8 and are normalised there.
         self.train_loader, self.val_loader, num_classes = build_loaders(
-            self.cfg, distributed=job.enabled, rank=job.rank, world_size=job.world_size
+            plan.data,
+            distributed=job.enabled,
+            rank=job.rank,
+            world_size=job.world_size,
+            prefetch_device=str(device) if device.type == "cuda" else None,
         )
         if job.enabled:
             if plan.shard == "fsdp":
@@ -358,14 +328,14 @@ class Run:
             )
         # Before any step: a validation split that cannot be read would otherwise fail only
         # at the first evaluation, an epoch later.
-        cfg = self.cfg
+        cfg = plan.data
         split = cfg.val_root or (f"{cfg.root}/val" if cfg.root else cfg.name or cfg.root)
         check_val_readable(
             self.val_loader,
             f"({cfg.source}{' ' + split if split else ''})",
             allow_empty=job.enabled,
         )
-        self.mixup = build_mixup(self.cfg, num_classes)
+        self.mixup = build_mixup(plan.data, num_classes)
         self._optimizer()
 
         self.start_epoch, self.skip_batches, self.step, self.best_top1 = 0, 0, 0, 0.0
@@ -511,7 +481,7 @@ class Run:
 
     def _epoch(self, epoch: int) -> bool:
         """One epoch's steps; True when ``--max-steps`` stopped the run."""
-        set_epoch(self.train_loader, epoch, seed=self.cfg.seed, rank=self.job.rank)
+        set_epoch(self.train_loader, epoch, seed=self.plan.data.seed, rank=self.job.rank)
         batches = iter(self.train_loader)
         self.batch_in_epoch = 0
         if self.checkpoint is not None and epoch == self.start_epoch:

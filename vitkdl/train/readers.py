@@ -243,7 +243,7 @@ def _val_split(splits: Sequence[str], asked: str | None, where: str) -> str:
 
 
 def build_hfds(cfg: Any, transforms: tuple[Any, Any]) -> tuple[HFDataset, HFDataset, int]:
-    """``(train, val, classes)`` of ``data hfds`` (``cfg``: the data layer's DataConfig)."""
+    """``(train, val, classes)`` of ``data hfds`` (``cfg``: the plan's DataPlan)."""
     loaded = _load_hfds(cfg.name, cfg.root)
     where = cfg.root or cfg.name
     splits = list(loaded.keys())
@@ -511,7 +511,7 @@ class WdsDataset(IterableDataset):
 def build_wds(
     cfg: Any, transforms: tuple[Any, Any], rank: int, world_size: int
 ) -> tuple[WdsDataset, WdsDataset, int]:
-    """``(train, val, classes)`` of ``data wds`` (``cfg``: the data layer's DataConfig)."""
+    """``(train, val, classes)`` of ``data wds`` (``cfg``: the plan's DataPlan)."""
     _require("wds")
     if not cfg.root:
         raise DataError(
