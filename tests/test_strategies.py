@@ -202,12 +202,23 @@ def test_generate_unmasked_tokens_do_not_count() -> None:
 @pytest.mark.parametrize("n", [1, 4, 9, 49, 196])
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
 def test_generate_mask_count_exact(n: int, ratio: float) -> None:
+    """The kept tokens are rounded down (MGD's ``int(N * (1 - ratio))``), so the masked
+    ones are the ratio's share rounded up: never fewer, less than one token more, never
+    none; every sample masks exactly that many."""
     mod = Generate(4, 4, mask=ratio)
-    expected = n - int(n * (1 - ratio))
-    assert mod.num_masked(n) == expected
+    count = mod.num_masked(n)
+    assert n * ratio - 1e-9 <= count < n * ratio + 1 and 1 <= count <= n
+    if ratio == 1.0:
+        assert count == n
     m = mod.make_mask(7, n, torch.device("cpu"))
     assert m.dtype == torch.bool and m.shape == (7, n)
-    assert m.sum(dim=1).tolist() == [expected] * 7
+    assert m.sum(dim=1).tolist() == [count] * 7
+
+
+def test_generate_mask_counts_of_the_papers_grids() -> None:
+    assert Generate(4, 4, mask=0.5).num_masked(196) == 98  # ViTKD's 14x14 grid, half
+    assert Generate(4, 4, mask=0.5).num_masked(49) == 25  # 24.5 rounded up
+    assert Generate(4, 4, mask=0.75).num_masked(196) == 147
 
 
 def test_generate_mask_is_fresh_and_uniform() -> None:

@@ -488,10 +488,12 @@ def _program_timer(work: _Workload, compiled: bool) -> tuple[_Timer, Program, Up
 _PARTS = ("teacher_forward", "student_forward_backward", "adapters_losses", "optimizer")
 
 
-def _breakdown_timer(work: _Workload, program: Program, update: Update) -> _Timer:
-    """The compiled step's parts, each compiled on its own and timed between
-    synchronisations: teacher forward, student forward + backward, adapters + losses (forward
-    and backward), optimizer (clipping, AdamW, zeroing)."""
+_PartFn = Callable[..., Any]
+
+
+def _part_functions(work: _Workload, program: Program) -> tuple[_PartFn | None, _PartFn, _PartFn]:
+    """The compiled step's halves, each compiled on its own: the teacher's forward (None
+    without a teacher), the student's forward, the adapters and losses."""
     plan = work.plan
     s_points, t_points = model_taps(plan.terms, "student"), model_taps(plan.terms, "teacher")
     s_keys = [*(p.key for p in s_points), "norm"]
@@ -526,7 +528,14 @@ def _breakdown_timer(work: _Workload, program: Program, update: Update) -> _Time
         return term_losses(plan.terms, terms, inputs)["loss"]
 
     t_fn = work.compile(teacher_fwd) if plan.teacher_used else None
-    s_fn, l_fn = work.compile(student_fwd), work.compile(losses)
+    return t_fn, work.compile(student_fwd), work.compile(losses)
+
+
+def _breakdown_timer(work: _Workload, program: Program, update: Update) -> _Timer:
+    """The compiled step's parts, each compiled on its own and timed between
+    synchronisations: teacher forward, student forward + backward, adapters + losses (forward
+    and backward), optimizer (clipping, AdamW, zeroing)."""
+    t_fn, s_fn, l_fn = _part_functions(work, program)
 
     def parts() -> dict[str, float]:
         marks: list[float] = []

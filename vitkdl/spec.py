@@ -772,8 +772,8 @@ def _set_recipe(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
 
 
 def _set_distill(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
-    from vitkdl.terms import KINDS
-
+    """``distill.TERM.FIELD`` (set, add a field, remove a field; ``+`` adds a kind without
+    taps) or ``~distill.TERM`` (the same recipe without the term)."""
     parts = o.parts
     if not (len(parts) == 3 or (o.op == "~" and len(parts) == 2)):
         example = next(iter(raw.terms), "TERM")
@@ -783,73 +783,115 @@ def _set_distill(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> None:
             hint=f"e.g. distill.{example}.weight, or ~distill.{example} to remove the term",
         )
         return
-    term_name = parts[1]
-    term = raw.terms.get(term_name)
-    default = KINDS.get(term_name)
-    # A default kind (labels) is in every recipe that does not remove it.
-    has = term is not None or (
-        default is not None and default.default and term_name not in raw.removed
-    )
-    defaults = [k for k, v in KINDS.items() if v.default and k not in raw.terms]
-    have = [n for n in (*raw.terms, *defaults) if n not in raw.removed]
-    addable = default is not None and not default.paired
-    if len(parts) == 2:  # ~distill.TERM: the same recipe without the term
-        if not has:
-            o.fail(
-                f"no distill term named '{term_name}'",
-                diags,
-                expected=one_of(have) if have else "(no terms)",
-                hint=did_you_mean(term_name, have),
-            )
-            return
-        raw.terms.pop(term_name, None)
-        if default is not None and default.default:
-            raw.removed[term_name] = o.span
+    terms = _DistillTerms(raw, parts[1])
+    if len(parts) == 2:
+        _remove_term(raw, o, terms, diags)
         return
-    fname = parts[2]
-    if not has:
-        if o.op == "~":
-            o.fail(f"no distill term named '{term_name}'", diags, expected=one_of(have))
+    if not terms.has:
+        if not _may_add_term(o, terms, diags):
             return
-        if o.op == "":
-            o.fail(
-                f"no distill term named '{term_name}'",
-                diags,
-                expected=one_of(have) if have else "(no terms)",
-                hint=" ".join(
-                    h
-                    for h in (
-                        did_you_mean(term_name, have),
-                        f"+{o.path}=... adds a {term_name} term" if addable else None,
-                    )
-                    if h
-                )
-                or None,
-            )
-            return
-        if default is None or default.paired:  # a term with taps is written in the recipe
-            o.fail(
-                f"cannot add a distill term '{term_name}' from an override",
-                diags,
-                expected="a kind without taps: "
-                + one_of(sorted(k for k, v in KINDS.items() if not v.paired)),
-                hint=did_you_mean(term_name, KINDS)
-                or "a term that pairs taps is written in the recipe's distill block",
-            )
-            return
-        raw.removed.pop(term_name, None)
+        raw.removed.pop(terms.name, None)
     elif o.op == "+":
-        o.exists(f"the recipe already has a distill term '{term_name}'", diags)
+        o.exists(f"the recipe already has a distill term '{terms.name}'", diags)
         return
+    term = raw.terms.get(terms.name)
     if term is None:  # an unwritten default kind, or a kind being added
-        t = syn.Term(term_name, (), (), None, None, (), o.span, o.span)
-        term = raw.terms[term_name] = RawTerm(term_name, t, {})
+        t = syn.Term(terms.name, (), (), None, None, (), o.span, o.span)
+        term = raw.terms[terms.name] = RawTerm(terms.name, t, {})
+    fname = parts[2]
     if o.op == "~":
-        o.remove(term.fields, fname, f"the {term_name} term", diags)
+        o.remove(term.fields, fname, f"the {terms.name} term", diags)
         return
     assert o.value is not None
     # A field the term's kind does not know is the term's own error, reported once.
     term.fields[fname] = _as_field(fname, o.value, o.at)
+
+
+@dataclass
+class _DistillTerms:
+    """The terms a ``distill.TERM`` override meets: whether the recipe has ``name`` (written,
+    or a default kind not removed), the names it has, whether ``name`` could be added."""
+
+    raw: RawRecipe
+    name: str
+
+    @property
+    def kind(self) -> Any:
+        from vitkdl.terms import KINDS
+
+        return KINDS.get(self.name)
+
+    @property
+    def has(self) -> bool:
+        default = self.kind
+        # A default kind (labels) is in every recipe that does not remove it.
+        return self.name in self.raw.terms or (
+            default is not None and default.default and self.name not in self.raw.removed
+        )
+
+    @property
+    def have(self) -> list[str]:
+        from vitkdl.terms import KINDS
+
+        raw = self.raw
+        defaults = [k for k, v in KINDS.items() if v.default and k not in raw.terms]
+        return [n for n in (*raw.terms, *defaults) if n not in raw.removed]
+
+    @property
+    def addable(self) -> bool:
+        return self.kind is not None and not self.kind.paired
+
+
+def _remove_term(
+    raw: RawRecipe, o: _Override, terms: _DistillTerms, diags: list[Diagnostic]
+) -> None:
+    """``~distill.TERM``: the term goes; a default kind is remembered as removed."""
+    if not terms.has:
+        have = terms.have
+        o.fail(
+            f"no distill term named '{terms.name}'",
+            diags,
+            expected=one_of(have) if have else "(no terms)",
+            hint=did_you_mean(terms.name, have),
+        )
+        return
+    raw.terms.pop(terms.name, None)
+    if terms.kind is not None and terms.kind.default:
+        raw.removed[terms.name] = o.span
+
+
+def _may_add_term(o: _Override, terms: _DistillTerms, diags: list[Diagnostic]) -> bool:
+    """Whether an override may set a field of a term the recipe does not have: only ``+`` or
+    ``++`` of a kind without taps; otherwise the error says what the recipe has."""
+    from vitkdl.terms import KINDS
+
+    name, have = terms.name, terms.have
+    if o.op == "~":
+        o.fail(f"no distill term named '{name}'", diags, expected=one_of(have))
+        return False
+    if o.op == "":
+        hints = (
+            did_you_mean(name, have),
+            f"+{o.path}=... adds a {name} term" if terms.addable else None,
+        )
+        o.fail(
+            f"no distill term named '{name}'",
+            diags,
+            expected=one_of(have) if have else "(no terms)",
+            hint=" ".join(h for h in hints if h) or None,
+        )
+        return False
+    if not terms.addable:  # a term with taps is written in the recipe
+        o.fail(
+            f"cannot add a distill term '{name}' from an override",
+            diags,
+            expected="a kind without taps: "
+            + one_of(sorted(k for k, v in KINDS.items() if not v.paired)),
+            hint=did_you_mean(name, KINDS)
+            or "a term that pairs taps is written in the recipe's distill block",
+        )
+        return False
+    return True
 
 
 def _block_for(raw: RawRecipe, o: _Override, diags: list[Diagnostic]) -> RawBlock | None:

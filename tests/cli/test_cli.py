@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import vitkdl
 from tests.cli import run
 from tests.conftest import GOLDEN, RECIPES, ROOT, check_golden, shipped_recipes
 from vitkdl.cli import main
@@ -106,11 +107,21 @@ def test_explain_json(capsys) -> None:
     assert data["terms"][0]["formula"] == "3e-05 * sum((align(s) - t)^2) / B"  # in words too
 
 
-def test_module_entry_point_and_version() -> None:
+def test_module_entry_point_and_version(tmp_path) -> None:
+    """``python -m vitkdl`` is the command: its version is the package's, a command runs
+    through it with the command's exit status, and no command is a usage error."""
     out = subprocess.run(
         [sys.executable, "-m", "vitkdl", "--version"], capture_output=True, text=True, check=True
     ).stdout
-    assert out.startswith("vitkdl ")
+    assert out == f"vitkdl {vitkdl.__version__}\n"
+    missing = tmp_path / "missing.vkd"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitkdl", "validate", str(missing)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and str(missing) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "vitkdl"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "validate" in proc.stderr and proc.stdout == ""
 
 
 @pytest.mark.slow

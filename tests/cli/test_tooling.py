@@ -13,6 +13,7 @@ from tests.cli import run
 from tests.conftest import GOLDEN, RECIPES
 from vitkdl.cli import build_parser
 from vitkdl.cli.common import print_diagnostics
+from vitkdl.scaffold import init_recipe
 
 MESSY = "student   deit_tiny_patch16_224{drop_path=0.1 # why\n}\n"
 TIDY = "student deit_tiny_patch16_224 {\n    drop_path = 0.1  # why\n}\n"
@@ -132,7 +133,12 @@ def test_init_writes_a_recipe_that_validates(tmp_path, capsys) -> None:
     code, out, _ = run(
         capsys, "init", "--teacher", "deit3_small_patch16_224", "--student", "deit_tiny_patch16_224"
     )
-    assert code == 0 and out.startswith("# ViTKD + NKD: deit_tiny_patch16_224 taught by")
+    # Without -o the recipe is standard output and nothing else: it validates as written.
+    assert code == 0 and out == init_recipe("deit3_small_patch16_224", "deit_tiny_patch16_224")
+    spec, diags, _ = vitkdl.validate(tmp_path / "stdout.vkd", text=out)
+    assert spec is not None and not [d for d in diags if d.is_error], diags
+    assert spec.student.model == "deit_tiny_patch16_224"
+    assert spec.teacher is not None and spec.teacher.model == "deit3_small_patch16_224"
 
 
 def test_init_refuses_different_grids_in_one_message(capsys) -> None:
