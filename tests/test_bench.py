@@ -21,12 +21,12 @@ from vitkdl.bench import (
     BenchError,
     ConfigResult,
     HandWrittenLoss,
+    _ratios,
     bench_plan,
     register_feature_hooks,
     run_bench,
     timm_task_kwargs,
 )
-from vitkdl.bench import _ratios as _ratios
 from vitkdl.cli import main
 from vitkdl.cli.bench import render
 from vitkdl.planner import TapPoint
