@@ -919,7 +919,7 @@ def test_a_dinov2_teacher_with_registers_on_another_grid(tmp_path: Path, capsys)
     assert "resizes the teacher's input to 56x56 (bicubic)" in text
     program = build(path)
     gen = next(t for t in program.plan.terms if t.kind == "generate")
-    assert gen.options["grid"] == (3, 3) and gen.teacher_shape == [9, 32]
+    assert gen.options.grid == (3, 3) and gen.teacher_shape == [9, 32]
     images, labels = torch.randn(2, 3, 24, 24), torch.tensor([1, 2])
     program.eval()
     with torch.no_grad():

@@ -392,7 +392,7 @@ class HandWrittenLoss(nn.Module):
     def __init__(self, plan: Plan) -> None:
         super().__init__()
         self.plan_terms = plan.terms
-        losses = {t.name: KINDS[t.kind].reference(t, plan) for t in plan.terms}
+        losses = {t.name: KINDS[t.kind].reference(t) for t in plan.terms}
         missing = [f"{t.name} ({t.kind})" for t in plan.terms if losses[t.name] is None]
         if missing:
             raise BenchError(f"no hand-written reference for {', '.join(missing)}")

@@ -775,7 +775,7 @@ def build(
                 hint = f"vitkdl run {source} (or `vitkdl run` this recipe, which trains it first)"
                 raise VkdError([error(message, hint=hint)])
             load_weights(teacher, path, "teacher")
-    terms = nn.ModuleDict({t.name: KINDS[t.kind].module(t, plan) for t in plan.terms}).to(dev)
+    terms = nn.ModuleDict({t.name: KINDS[t.kind].module(t) for t in plan.terms}).to(dev)
     mode = resolve_compile(compile or plan.compile, dev)
     return Program(
         plan,
