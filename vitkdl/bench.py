@@ -423,7 +423,7 @@ def register_feature_hooks(
 
     handles = []
     for tap in taps:
-        if tap.point not in ("out", "norm"):
+        if tap.point not in ("mlp", "norm"):
             raise BenchError(f"the hook-based reference taps block outputs and norm, not {tap.key}")
         module = model.norm if tap.point == "norm" else model.blocks[int(tap.block or 0)]
         handles.append(module.register_forward_hook(capture(tap.key)))

@@ -90,9 +90,6 @@ def _heads_error(model: ModelSpec) -> Diagnostic:
     )
 
 
-_POINTS = {None: "out", "mlp": "out", "attn": "attn", "attn_map": "attn_map"}
-
-
 def resolve_tap(tap: TapSpec, facts: ModelFacts) -> tuple[list[TapPoint], list[Diagnostic]]:
     """A tap's absolute points: blocks (with the point inside them) or the final norm, with
     errors for indices out of range and points the model's blocks do not have."""
@@ -128,8 +125,8 @@ def resolve_tap(tap: TapSpec, facts: ModelFacts) -> tuple[list[TapPoint], list[D
     out: list[TapPoint] = []
     diags: list[Diagnostic] = []
     assert tap.index is not None
-    point = _POINTS[tap.sub]
-    if point != "out" and not facts.sub_taps:
+    point = tap.sub or "mlp"  # plain blocks[i] is the block output, after the FFN half
+    if point != "mlp" and not facts.sub_taps:
         return [], [
             error(
                 f"{tap.side}.blocks[...].{tap.sub}: {facts.name}'s blocks cannot be tapped inside "

@@ -39,14 +39,17 @@ class _Plain(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-Point = Literal["out", "attn", "attn_map", "norm", "fc_norm"]
+#: Where a tap reads, in a recipe's words (one vocabulary from the recipe to the program):
+#: the points inside a block (:data:`~vitkdl.nodes.TAP_SUBPOINTS`) and the ends of a model.
+Point = Literal["mlp", "attn", "attn_map", "norm", "fc_norm"]
 
 
 class TapPoint(_Plain):
-    """One resolved tap of a model: a block's output (``out``, FFN-out), the residual stream
-    after a block's attention half (``attn``, MHA-out), a block's attention probabilities
-    (``attn_map``), or the final norm's output (``norm``, block None): patch tokens only;
-    or the pooled, normalised feature (``fc_norm``, block None), one token per image."""
+    """One resolved tap of a model: a block's output after its FFN half (``mlp``, FFN-out;
+    a recipe's ``blocks[i]`` or ``blocks[i].mlp``), the residual stream after a block's
+    attention half (``attn``, MHA-out), a block's attention probabilities (``attn_map``), or
+    the final norm's output (``norm``, block None): patch tokens only; or the pooled,
+    normalised feature (``fc_norm``, block None), one token per image."""
 
     block: int | None = None
     point: Point
@@ -59,7 +62,7 @@ class TapPoint(_Plain):
         """The name of this tap in a model's pass: ``blocks.3``, ``blocks.3.attn``, ``norm``."""
         if self.point in ("norm", "fc_norm"):
             return self.point
-        return f"blocks.{self.block}" + ("" if self.point == "out" else f".{self.point}")
+        return f"blocks.{self.block}" + ("" if self.point == "mlp" else f".{self.point}")
 
 
 class AdapterPlan(_Plain):
@@ -194,7 +197,7 @@ def adapter_words(a: AdapterPlan) -> str:
 def points_words(points: Sequence[TapPoint]) -> str:
     """Resolved taps in words: ``blocks 0, 1``, ``blocks 0.attn, 1.attn``, ``norm``."""
     blocks = [
-        str(p.block) + ("" if p.point == "out" else f".{p.point}")
+        str(p.block) + ("" if p.point == "mlp" else f".{p.point}")
         for p in points
         if p.point not in ("norm", "fc_norm")
     ]
