@@ -159,7 +159,7 @@ def test_hand_written_loss_matches_the_strategies(tiny: Path) -> None:
     targets = torch.tensor([1, 2, 3, 4])
 
     feats: dict[str, torch.Tensor] = {}
-    points = [TapPoint(block=0, point="out"), TapPoint(point="norm")]
+    points = [TapPoint(block=0, point="mlp"), TapPoint(point="norm")]
     handles = register_feature_hooks(program.student, points, 1, feats)
     s_logits = program.student(images)
     for h in handles:

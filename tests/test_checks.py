@@ -7,6 +7,8 @@ change; review the diff.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
 import vitkdl
@@ -14,8 +16,8 @@ from tests.conftest import GOLDEN, check_golden
 from vitkdl.checks import CHECKS, resolve_tap
 from vitkdl.errors import render
 from vitkdl.models import model_facts
-from vitkdl.spec import SliceSpec, TapSpec
-from vitkdl.terms.base import points_words
+from vitkdl.nodes import TAP_SUBPOINTS, SliceSpec, TapSpec
+from vitkdl.terms.base import Point, points_words
 
 BROKEN = sorted((GOLDEN / "broken").glob("*.vkd"))
 
@@ -70,12 +72,28 @@ def test_resolve_tap_indices() -> None:
     )
     got, errs = resolve_tap(tap, facts)
     assert [p.block for p in got] == [0, 11, 2, 5, 8, 11] and not errs
-    assert {p.point for p in got} == {"out"}
+    assert {p.point for p in got} == {"mlp"}
     got, errs = resolve_tap(TapSpec(side="student", point="blocks", index=(12,)), facts)
     assert got == [] and "out of range" in errs[0].message
     assert resolve_tap(TapSpec(side="teacher", point="norm"), facts)[0][0].key == "norm"
     attn, _ = resolve_tap(TapSpec(side="student", point="blocks", index=(1,), sub="attn"), facts)
     assert attn[0].key == "blocks.1.attn"
+
+
+def test_one_tap_vocabulary_from_recipe_to_plan() -> None:
+    """A resolved point is spelt as the recipe spells it: ``blocks[1].mlp`` and plain
+    ``blocks[1]`` are both the point ``mlp``, and every point a recipe can write inside a
+    block is a plan point."""
+    facts = model_facts("deit_tiny_patch16_224", {"depth": 2})
+    assert set(TAP_SUBPOINTS) <= set(get_args(Point))
+    for sub in TAP_SUBPOINTS:
+        tap = TapSpec(side="student", point="blocks", index=(1,), sub=sub)
+        assert [p.point for p in resolve_tap(tap, facts)[0]] == [sub]
+    plain = resolve_tap(TapSpec(side="student", point="blocks", index=(1,)), facts)[0]
+    assert (
+        plain
+        == resolve_tap(TapSpec(side="student", point="blocks", index=(1,), sub="mlp"), facts)[0]
+    )
 
 
 def test_one_error_per_cause(tmp_path) -> None:

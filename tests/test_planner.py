@@ -8,6 +8,7 @@ import pytest
 
 import vitkdl
 from tests.conftest import RECIPES
+from vitkdl.terms.nkd import NKDOptions
 
 
 def test_deit_base_plan_matches_the_paper_setting() -> None:
@@ -26,10 +27,13 @@ def test_deit_base_plan_matches_the_paper_setting() -> None:
     assert [p.key for p in generate.student] == [p.key for p in generate.teacher] == ["norm"]
     generator = next(a for a in generate.adapters if a.name == "generator")
     assert generator.params == 2 * (9 * 1024 * 1024 + 1024)  # 18.9 M
-    assert generate.options["masked_tokens"] == 98
+    assert generate.options.masked_tokens == 98
     assert abs(generate.coefficient - 3e-6 * 98 * 1024 / 0.5) < 1e-9
-    assert nkd.options == {"temperature": 1.0, "gamma": 1.0}
-    assert labels.options == {"smoothing": 0.1}
+    assert nkd.options.model_dump() == {"temperature": 1.0, "gamma": 1.0}
+    assert labels.options.model_dump() == {"smoothing": 0.1}
+    # each entry carries what its kind's module is built from: both widths, typed options
+    assert [(e.student_width, e.teacher_width) for e in plan.terms] == [(768, 1024)] * 4
+    assert isinstance(nkd.options, NKDOptions) and nkd.options.temperature == 1.0
     assert plan.data.global_batch == 128 and plan.optimizer.lr == 1e-3
     assert plan.schedule.warmup_epochs == 20 and plan.ema == 0.99996 and plan.clip_grad == 5.0
     assert plan.cost.total == (
@@ -74,11 +78,11 @@ def test_plan_records_share_one_frozen_base() -> None:
 
     for record in (Plan, DataPlan, TapPoint, TermPlan):
         assert issubclass(record, Plain), record
-    tap = TapPoint(block=1, point="out")
+    tap = TapPoint(block=1, point="mlp")
     with pytest.raises(ValidationError):
         tap.block = 2  # frozen
     with pytest.raises(ValidationError):
-        TapPoint(point="out", where="nowhere")  # extra fields rejected
+        TapPoint(point="mlp", where="nowhere")  # extra fields rejected
 
 
 def test_counts_in_words() -> None:

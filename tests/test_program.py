@@ -169,7 +169,7 @@ def check_out(out: dict[str, torch.Tensor], names: list[str]) -> None:
 def taps(program: Program, images: torch.Tensor, side: str) -> dict[int | str, torch.Tensor]:
     model = program.student if side == "student" else program.teacher
     plan = program.plan.student if side == "student" else program.plan.teacher
-    points = [TapPoint(block=b, point="out") for b in range(plan.depth)]
+    points = [TapPoint(block=b, point="mlp") for b in range(plan.depth)]
     with torch.no_grad():
         logits, out = program_module.tap_pass(model, images, points, plan.prefix_tokens)
     assert logits.shape == (images.shape[0], plan.num_classes)
@@ -783,9 +783,9 @@ def test_sub_block_taps_equal_what_timms_blocks_compute() -> None:
     x = torch.randn(2, 3, 32, 32)
     points = [
         TapPoint(block=1, point="attn"),
-        TapPoint(block=1, point="out"),
+        TapPoint(block=1, point="mlp"),
         TapPoint(block=2, point="attn_map"),
-        TapPoint(block=2, point="out"),
+        TapPoint(block=2, point="mlp"),
     ]
     block_in: dict[int, torch.Tensor] = {}
     hooks = [
@@ -919,7 +919,7 @@ def test_a_dinov2_teacher_with_registers_on_another_grid(tmp_path: Path, capsys)
     assert "resizes the teacher's input to 56x56 (bicubic)" in text
     program = build(path)
     gen = next(t for t in program.plan.terms if t.kind == "generate")
-    assert gen.options["grid"] == (3, 3) and gen.teacher_shape == [9, 32]
+    assert gen.options.grid == (3, 3) and gen.teacher_shape == [9, 32]
     images, labels = torch.randn(2, 3, 24, 24), torch.tensor([1, 2])
     program.eval()
     with torch.no_grad():

@@ -402,7 +402,7 @@ class HandWrittenLoss(nn.Module):
     def __init__(self, plan: Plan) -> None:
         super().__init__()
         self.plan_terms = plan.terms
-        losses = {t.name: KINDS[t.kind].reference(t, plan) for t in plan.terms}
+        losses = {t.name: KINDS[t.kind].reference(t) for t in plan.terms}
         missing = [f"{t.name} ({t.kind})" for t in plan.terms if losses[t.name] is None]
         if missing:
             raise BenchError(f"no hand-written reference for {', '.join(missing)}")
@@ -433,7 +433,7 @@ def register_feature_hooks(
 
     handles = []
     for tap in taps:
-        if tap.point not in ("out", "norm"):
+        if tap.point not in ("mlp", "norm"):
             raise BenchError(f"the hook-based reference taps block outputs and norm, not {tap.key}")
         module = model.norm if tap.point == "norm" else model.blocks[int(tap.block or 0)]
         handles.append(module.register_forward_hook(capture(tap.key)))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitkdl import hub
@@ -21,25 +20,8 @@ from vitkdl.models import ModelError, ModelFacts, model_facts
 from vitkdl.sources import expand_braces, known_classes, source
 from vitkdl.spec import MODEL_FIELDS, ModelSpec, PairedTermSpec, RecipeSpec, SliceSpec, TapSpec
 from vitkdl.terms import KINDS, needs_teacher
+from vitkdl.terms.base import Context as Context  # re-exported: it lives beside Kind
 from vitkdl.terms.base import TapPoint
-
-
-@dataclass(frozen=True)
-class Context:
-    """What the checks look at: the spec, both models' facts and the strictness, and every
-    paired term's taps resolved per side (None where a tap could not be resolved: its own
-    error is reported once, and checks that need the taps skip the term)."""
-
-    spec: RecipeSpec
-    student: ModelFacts | None = None
-    teacher: ModelFacts | None = None
-    model_errors: tuple[Diagnostic, ...] = ()
-    tap_warnings: tuple[Diagnostic, ...] = ()  # taps that resolve but read something else
-    strict: bool = False
-    taps: dict[tuple[str, str], list[TapPoint] | None] = field(default_factory=dict)
-
-    def facts(self, side: str) -> ModelFacts | None:
-        return self.student if side == "student" else self.teacher
 
 
 def default_classes(spec: RecipeSpec, model: ModelSpec) -> int | None:
@@ -108,9 +90,6 @@ def _heads_error(model: ModelSpec) -> Diagnostic:
     )
 
 
-_POINTS = {None: "out", "mlp": "out", "attn": "attn", "attn_map": "attn_map"}
-
-
 def resolve_tap(tap: TapSpec, facts: ModelFacts) -> tuple[list[TapPoint], list[Diagnostic]]:
     """A tap's absolute points: blocks (with the point inside them) or the final norm, with
     errors for indices out of range and points the model's blocks do not have."""
@@ -146,8 +125,8 @@ def resolve_tap(tap: TapSpec, facts: ModelFacts) -> tuple[list[TapPoint], list[D
     out: list[TapPoint] = []
     diags: list[Diagnostic] = []
     assert tap.index is not None
-    point = _POINTS[tap.sub]
-    if point != "out" and not facts.sub_taps:
+    point = tap.sub or "mlp"  # plain blocks[i] is the block output, after the FFN half
+    if point != "mlp" and not facts.sub_taps:
         return [], [
             error(
                 f"{tap.side}.blocks[...].{tap.sub}: {facts.name}'s blocks cannot be tapped inside "

@@ -344,8 +344,8 @@ def head_pass(
     probabilities computed explicitly where ``attn_map`` is tapped), every other block whole,
     so it keeps its fused attention. No hooks: one graph.
     """
-    if all(p.point in ("out", "norm", "fc_norm") for p in points):
-        blocks = sorted({p.block for p in points if p.point == "out" and p.block is not None})
+    if all(p.point in ("mlp", "norm", "fc_norm") for p in points):
+        blocks = sorted({p.block for p in points if p.point == "mlp" and p.block is not None})
         if blocks:
             final, feats = model.forward_intermediates(images, indices=blocks, output_fmt="NLC")
             taps = {f"blocks.{b}": f for b, f in zip(blocks, feats, strict=True)}
@@ -371,7 +371,7 @@ def _block_pass(
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     for i, blk in enumerate(model.blocks):
         inside = want.get(i, set())
-        if inside <= {"out"}:
+        if inside <= {"mlp"}:
             x = blk(x)
         else:
             h = blk.norm1(x)
@@ -384,7 +384,7 @@ def _block_pass(
             if "attn" in inside:
                 taps[f"blocks.{i}.attn"] = x[:, prefix:]
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        if "out" in inside:
+        if "mlp" in inside:
             taps[f"blocks.{i}"] = x[:, prefix:]
     return model.norm(x), taps
 
@@ -775,7 +775,7 @@ def build(
                 hint = f"vitkdl run {source} (or `vitkdl run` this recipe, which trains it first)"
                 raise VkdError([error(message, hint=hint)])
             load_weights(teacher, path, "teacher")
-    terms = nn.ModuleDict({t.name: KINDS[t.kind].module(t, plan) for t in plan.terms}).to(dev)
+    terms = nn.ModuleDict({t.name: KINDS[t.kind].module(t) for t in plan.terms}).to(dev)
     mode = resolve_compile(compile or plan.compile, dev)
     return Program(
         plan,

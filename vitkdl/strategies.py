@@ -1,7 +1,8 @@
 """Distillation losses for ViTKD, usable on their own with any trainer.
 
 Every loss here is a plain :class:`torch.nn.Module` that returns a 0-dim float32 tensor; each
-lives with the rest of its kind in :mod:`vitkdl.terms` and is re-exported here:
+lives with the rest of its kind, in its kind's ``vitkdl/terms/KEYWORD/module.py``, and is
+re-exported here:
 
 * :class:`Mimic` - feature mimicking (per-layer adapter + squared error; token relations;
   attention maps).
@@ -29,15 +30,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from vitkdl.terms import KINDS, generate, kd, labels, mimic, nkd
+from vitkdl.terms import KINDS
+from vitkdl.terms.generate.module import Generate
+from vitkdl.terms.kd.module import KD
+from vitkdl.terms.labels.module import LabelLoss
+from vitkdl.terms.mimic.module import Mimic
+from vitkdl.terms.nkd.module import NKD
 
 __all__ = ["KD", "NKD", "Generate", "LabelLoss", "Mimic", "get_strategy"]
-
-Mimic = mimic.module_class()
-Generate = generate.module_class()
-KD = kd.module_class()
-NKD = nkd.module_class()
-LabelLoss = labels.module_class()
 
 
 def get_strategy(name: str) -> type[nn.Module]:

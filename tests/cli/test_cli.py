@@ -101,8 +101,8 @@ def test_explain_json(capsys) -> None:
     assert code == 0 and data["student"]["width"] == 768 and data["teacher"]["depth"] == 24
     assert data["teacher"]["tokens"] == 196 and data["terms"][1]["options"]["mask"] == 0.75
     assert data["terms"][0]["teacher"] == [
-        {"block": 0, "point": "out", "identity": False},
-        {"block": 1, "point": "out", "identity": False},
+        {"block": 0, "point": "mlp", "identity": False},
+        {"block": 1, "point": "mlp", "identity": False},
     ]
     assert data["terms"][0]["formula"] == "3e-05 * sum((align(s) - t)^2) / B"  # in words too
 

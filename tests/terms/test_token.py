@@ -12,12 +12,12 @@ import vitkdl
 from tests.test_program import one_graph
 from vitkdl.cli import main
 from vitkdl.terms import KINDS
-from vitkdl.terms.token import module_class, reference_class
+from vitkdl.terms.token.module import HandToken, TokenDistillation
 
 
 def test_hard_is_cross_entropy_on_the_teachers_argmax() -> None:
     dist, teacher = torch.randn(4, 6), torch.randn(4, 6)
-    got = module_class()(mode="hard", weight=0.5)(dist, teacher)
+    got = TokenDistillation(mode="hard", weight=0.5)(dist, teacher)
     want = 0.0
     for b in range(4):
         y = int(teacher[b].argmax())
@@ -27,17 +27,17 @@ def test_hard_is_cross_entropy_on_the_teachers_argmax() -> None:
 
 def test_soft_is_t2_times_the_batch_mean_kl() -> None:
     dist, teacher, tau = torch.randn(4, 6), torch.randn(4, 6), 3.0
-    got = module_class()(mode="soft", temperature=tau, weight=2.0)(dist, teacher)
+    got = TokenDistillation(mode="soft", temperature=tau, weight=2.0)(dist, teacher)
     p_t = torch.softmax(teacher / tau, dim=1)
     p_s = torch.softmax(dist / tau, dim=1)
     kl = (p_t * (p_t.log() - p_s.log())).sum() / 4  # summed over classes, batch mean
     torch.testing.assert_close(got, 2.0 * tau**2 * kl, rtol=1e-5, atol=1e-6)
     # DeiT's own DistillationLoss term (the hand-written reference) agrees
     for mode in ("hard", "soft"):
-        ours = module_class()(mode=mode, temperature=tau)(dist, teacher)
-        torch.testing.assert_close(reference_class()(mode, tau)(dist, teacher), ours)
+        ours = TokenDistillation(mode=mode, temperature=tau)(dist, teacher)
+        torch.testing.assert_close(HandToken(mode, tau)(dist, teacher), ours)
     with pytest.raises(ValueError, match="mode"):
-        module_class()(mode="medium")
+        TokenDistillation(mode="medium")
 
 
 DEIT = """

@@ -218,8 +218,8 @@ def _render_terms(plan: Plan, out: Console) -> None:
             )
         for a in t.adapters:
             out.print(f"   {escape(a.name)}: {escape(adapter_words(a))}  {_n(a.params)} params")
-        if t.options:
-            opts = ", ".join(f"{k} {_value(v)}" for k, v in t.options.items() if v is not None)
+        if options := t.options.model_dump():
+            opts = ", ".join(f"{k} {_value(v)}" for k, v in options.items() if v is not None)
             out.print(f"   {escape(opts)}")
         out.print(f"   {escape(words.formula)}  [dim]({escape(words.reduction)})[/]")
         for note in words.notes:

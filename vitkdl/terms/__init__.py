@@ -1,11 +1,13 @@
-"""The loss kinds: one module per kind, and this registry, the only list of them.
+"""The loss kinds: one package per kind, and this registry, the only list of them.
 
 Every stage asks here: the spec stage looks a term's keyword up (an unknown one gets a
 did-you-mean from :data:`KINDS`), the checks run each kind's own checks, the planner asks each
 kind for its plan entry, ``explain`` for its words, the program for its module and how to feed
-it, ``bench`` for its hand-written reference. Adding a kind is one new module (a
-:class:`~vitkdl.terms.base.Kind` subclass, see ``mimic.py``) listed below, plus its tests.
-Torch-free: the kinds build their torch modules only when asked.
+it, ``bench`` for its hand-written reference. Adding a kind is one new folder,
+``terms/KEYWORD/``: ``__init__.py`` declares it (a :class:`~vitkdl.terms.base.Kind` subclass
+with its spec, checks, plan and words, torch-free; see ``mimic/``) and ``module.py`` holds its
+torch modules as top-level classes, imported only when one is built; plus its line below and
+its tests.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from vitkdl.terms import generate, kd, labels, mimic, nkd, token
-from vitkdl.terms.base import Kind, StepInputs, TapPoint, TermPlan, Words
+from vitkdl.terms.base import Context, Kind, KindOptions, StepInputs, TapPoint, TermPlan, Words
 
 __all__ = [
     "KINDS",
+    "Context",
     "Kind",
+    "KindOptions",
     "StepInputs",
     "TapPoint",
     "TermPlan",

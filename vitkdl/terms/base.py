@@ -1,12 +1,16 @@
 """What every loss kind declares, and the plan data they share. Torch-free.
 
-A kind (one module per kind under :mod:`vitkdl.terms`) is a :class:`Kind` subclass with, top to
-bottom: its keyword and one-line summary; its spec (a :class:`~vitkdl.spec.TermSpec` subclass:
-fields, defaults, bounds); what it consumes and whether it needs a teacher; its own checks; its
-plan (a :class:`TermPlan`: tap points, shapes, adapters with parameter and FLOP counts as
-numbers, the per-element coefficient, its typed options as data); its words for ``explain``
-(formula and reduction, from the plan entry alone); and its torch module, built lazily so that
-everything above stays importable without torch.
+A kind (one folder per kind under :mod:`vitkdl.terms`: ``KEYWORD/__init__.py`` declares it,
+``KEYWORD/module.py`` holds its torch modules) is a :class:`Kind` subclass with, top to
+bottom: its keyword and one-line summary; its spec (a :class:`~vitkdl.nodes.TermSpec`
+subclass: fields, defaults, bounds); what it consumes and whether it needs a teacher; its own
+checks; its plan (a :class:`TermPlan`: tap points, shapes, both widths, adapters with
+parameter and FLOP counts as numbers, the per-element coefficient, its typed options); its
+words for ``explain`` (formula and reduction, from the plan entry alone); and its torch
+module, built from the plan entry alone by importing ``module.py`` lazily, so that everything
+above stays importable without torch. :class:`Context` (what checks and plans look at) lives
+here too: this module imports nothing above the node types, so the spec, the checks and the
+planner import the kinds and never the reverse.
 
 The program feeds a term through :meth:`Kind.loss` with a :class:`StepInputs` (both models'
 logits and taps, the targets), so no stage outside the kind knows how its module is called.
@@ -15,33 +19,34 @@ logits and taps, the targets), so no stage outside the kind knows how its module
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializeAsAny
 
 from vitkdl.errors import Diagnostic, error
+from vitkdl.models import ModelFacts
+from vitkdl.nodes import TermSpec
 from vitkdl.plain import Plain as _Plain
-from vitkdl.spec import TermSpec
 
-if TYPE_CHECKING:  # typing only: checks and the planner import this module, not the reverse
+if TYPE_CHECKING:  # typing only; torch is imported when a module is built
     from torch import Tensor, nn
-
-    from vitkdl.checks import Context
-    from vitkdl.planner import Plan
 
 # --------------------------------------------------------------------------------------------
 # Plan data shared by all kinds
 
 
-Point = Literal["out", "attn", "attn_map", "norm", "fc_norm"]
+#: Where a tap reads, in a recipe's words (one vocabulary from the recipe to the program):
+#: the points inside a block (:data:`~vitkdl.nodes.TAP_SUBPOINTS`) and the ends of a model.
+Point = Literal["mlp", "attn", "attn_map", "norm", "fc_norm"]
 
 
 class TapPoint(_Plain):
-    """One resolved tap of a model: a block's output (``out``, FFN-out), the residual stream
-    after a block's attention half (``attn``, MHA-out), a block's attention probabilities
-    (``attn_map``), or the final norm's output (``norm``, block None): patch tokens only;
-    or the pooled, normalised feature (``fc_norm``, block None), one token per image."""
+    """One resolved tap of a model: a block's output after its FFN half (``mlp``, FFN-out;
+    a recipe's ``blocks[i]`` or ``blocks[i].mlp``), the residual stream after a block's
+    attention half (``attn``, MHA-out), a block's attention probabilities (``attn_map``), or
+    the final norm's output (``norm``, block None): patch tokens only; or the pooled,
+    normalised feature (``fc_norm``, block None), one token per image."""
 
     block: int | None = None
     point: Point
@@ -54,7 +59,7 @@ class TapPoint(_Plain):
         """The name of this tap in a model's pass: ``blocks.3``, ``blocks.3.attn``, ``norm``."""
         if self.point in ("norm", "fc_norm"):
             return self.point
-        return f"blocks.{self.block}" + ("" if self.point == "out" else f".{self.point}")
+        return f"blocks.{self.block}" + ("" if self.point == "mlp" else f".{self.point}")
 
 
 class AdapterPlan(_Plain):
@@ -68,9 +73,15 @@ class AdapterPlan(_Plain):
     flops: int
 
 
+class KindOptions(_Plain):
+    """A kind's own options in its plan entry: each kind subclasses it with typed fields
+    (``KDOptions(temperature=...)``); a kind without options leaves it empty."""
+
+
 class TermPlan(_Plain):
-    """One distillation term, resolved: data (keys and numbers); ``explain`` asks the term's
-    kind for its words."""
+    """One distillation term, resolved: data (keys and numbers), everything the kind's module
+    is built from (:meth:`Kind.module` reads nothing else); ``explain`` asks the term's kind for
+    its words."""
 
     name: str
     kind: str
@@ -86,7 +97,23 @@ class TermPlan(_Plain):
     weight: float
     elements: float  # what a sum-reduced loss sums over per image (1 for mean-reduced ones)
     coefficient: float  # weight x elements: its weight on the mean-reduced loss
-    options: dict[str, Any]  # the kind's own options (its typed Options model, dumped)
+    student_width: int  # the models' embedding widths (what adapters are built between)
+    teacher_width: int | None  # None without a teacher
+    options: SerializeAsAny[KindOptions]  # the kind's own options, typed (its subclass)
+
+
+OptionsT = TypeVar("OptionsT", bound=KindOptions)
+
+
+def options_of(entry: TermPlan, cls: type[OptionsT]) -> OptionsT:
+    """A plan entry's options as its kind's type: a type check, not a re-validation (the
+    kind's plan built them typed)."""
+    if not isinstance(entry.options, cls):
+        raise TypeError(
+            f"{entry.kind} '{entry.name}': options are {type(entry.options).__name__}, "
+            f"not {cls.__name__}"
+        )
+    return entry.options
 
 
 @dataclass(frozen=True)
@@ -167,7 +194,7 @@ def adapter_words(a: AdapterPlan) -> str:
 def points_words(points: Sequence[TapPoint]) -> str:
     """Resolved taps in words: ``blocks 0, 1``, ``blocks 0.attn, 1.attn``, ``norm``."""
     blocks = [
-        str(p.block) + ("" if p.point == "out" else f".{p.point}")
+        str(p.block) + ("" if p.point == "mlp" else f".{p.point}")
         for p in points
         if p.point not in ("norm", "fc_norm")
     ]
@@ -181,6 +208,7 @@ def points_words(points: Sequence[TapPoint]) -> str:
 
 def term_plan(
     term: TermSpec,
+    ctx: Context,
     *,
     student: Sequence[TapPoint] = (),
     teacher: Sequence[TapPoint] = (),
@@ -188,10 +216,11 @@ def term_plan(
     teacher_shape: Sequence[int] = (),
     adapters: Sequence[AdapterPlan] = (),
     elements: float = 1,
-    options: BaseModel | None = None,
+    options: KindOptions | None = None,
 ) -> TermPlan:
-    """A :class:`TermPlan` from a term's spec and what its kind resolved (adapters' FLOPs are
-    forward FLOPs; forward + backward is three times that)."""
+    """A :class:`TermPlan` from a term's spec, the models' facts (``ctx``: their widths) and
+    what its kind resolved (adapters' FLOPs are forward FLOPs; forward + backward is three
+    times that)."""
     written = getattr(term, "student", ()), getattr(term, "teacher", ())
     return TermPlan(
         name=term.name,
@@ -208,8 +237,36 @@ def term_plan(
         weight=term.weight,
         elements=elements,
         coefficient=term.weight * elements,
-        options=options.model_dump() if options is not None else {},
+        student_width=ctx.student.embed_dim if ctx.student is not None else 0,
+        teacher_width=ctx.teacher.embed_dim if ctx.teacher is not None else None,
+        options=options if options is not None else KindOptions(),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# What a kind's checks and plan look at
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the checks and the kinds look at: the spec, both models' facts and the
+    strictness, and every paired term's taps resolved per side (None where a tap could not be
+    resolved: its own error is reported once, and checks that need the taps skip the term).
+
+    ``spec`` is the :class:`~vitkdl.spec.RecipeSpec`; it is typed loosely because the spec
+    stage sits above the kinds (it asks their registry), and this module imports nothing
+    above it."""
+
+    spec: Any
+    student: ModelFacts | None = None
+    teacher: ModelFacts | None = None
+    model_errors: tuple[Diagnostic, ...] = ()
+    tap_warnings: tuple[Diagnostic, ...] = ()  # taps that resolve but read something else
+    strict: bool = False
+    taps: dict[tuple[str, str], list[TapPoint] | None] = field(default_factory=dict)
+
+    def facts(self, side: str) -> ModelFacts | None:
+        return self.student if side == "student" else self.teacher
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,7 +282,7 @@ class Kind:
     summary: ClassVar[str]
     """One line for ``explain``, diagnostics and editors."""
     spec: ClassVar[type[TermSpec]]
-    """The term's fields: a :class:`~vitkdl.spec.TermSpec` subclass."""
+    """The term's fields: a :class:`~vitkdl.nodes.TermSpec` subclass."""
     paired: ClassVar[bool] = False
     """Written with taps, ``KEYWORD student.TAPS -> teacher.TAPS``."""
     needs_teacher: ClassVar[bool] = True
@@ -256,18 +313,19 @@ class Kind:
         raise NotImplementedError
 
     def module_class(self) -> type[nn.Module]:
-        """The class of the torch module that computes the term (imports torch)."""
+        """The class of the torch module that computes the term: a top-level class of the
+        kind's ``module.py``, imported here (so importing the kind never imports torch)."""
         raise NotImplementedError
 
-    def module(self, entry: TermPlan, plan: Plan) -> nn.Module:
-        """The torch module that computes the term, configured by its plan entry."""
+    def module(self, entry: TermPlan) -> nn.Module:
+        """The torch module that computes the term, configured by its plan entry alone."""
         raise NotImplementedError
 
     def loss(self, module: nn.Module, entry: TermPlan, inputs: StepInputs) -> Tensor:
         """The term's value for one step: how the program feeds the module."""
         raise NotImplementedError
 
-    def reference(self, entry: TermPlan, plan: Plan) -> nn.Module | None:
+    def reference(self, entry: TermPlan) -> nn.Module | None:
         """An independent hand-written implementation (as users write it today, fed through
         :meth:`loss` like the module), for ``vitkdl bench``'s hook-based configuration and the
         tests; None when the kind has none."""
@@ -354,10 +412,11 @@ def resample_notes(options: BaseModel) -> tuple[str, ...]:
 def teacher_on_student_grid(entry: TermPlan, tensors: list[Tensor]) -> list[Tensor]:
     """The teacher's tapped tokens ``[B, N_t, D]`` on the student's grid ``[B, N_s, D]``
     (unchanged when the grids agree): the resampling a feature term plans, in the step."""
-    mode = entry.options.get("resample")
-    if mode is None:
+    mode = getattr(entry.options, "resample", None)
+    src = getattr(entry.options, "teacher_grid", None)
+    dst = getattr(entry.options, "student_grid", None)
+    if mode is None or src is None or dst is None:
         return tensors
     from vitkdl.terms._torch import resample_tokens
 
-    src, dst = entry.options["teacher_grid"], entry.options["student_grid"]
     return [resample_tokens(x, tuple(src), tuple(dst), mode) for x in tensors]

@@ -19,21 +19,24 @@ top-1. Without a ``token`` term a distilled student's heads are averaged everywh
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel
-
 from vitkdl.errors import Diagnostic, error, warning
-from vitkdl.spec import TermSpec
-from vitkdl.terms.base import Kind, StepInputs, TermPlan, Words, term_plan
+from vitkdl.nodes import TermSpec
+from vitkdl.terms.base import (
+    Context,
+    Kind,
+    KindOptions,
+    StepInputs,
+    TermPlan,
+    Words,
+    options_of,
+    term_plan,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
-
-    from vitkdl.checks import Context
-    from vitkdl.planner import Plan
 
 
 class TokenSpec(TermSpec):
@@ -45,7 +48,7 @@ class TokenSpec(TermSpec):
     weight: float = 1.0
 
 
-class TokenOptions(BaseModel):
+class TokenOptions(KindOptions):
     mode: str
     temperature: float | None  # soft only
 
@@ -82,13 +85,14 @@ class Token(Kind):
         soft = term.mode == "soft"
         return term_plan(
             term,
+            ctx,
             student_shape=[classes],
             teacher_shape=[classes],
             options=TokenOptions(mode=term.mode, temperature=term.temperature if soft else None),
         )
 
     def words(self, entry: TermPlan) -> Words:
-        o = TokenOptions.model_validate(entry.options)
+        o = options_of(entry, TokenOptions)
         heads = (
             "the distillation head learns the teacher; the class head learns the other "
             "logit terms (the labels); evaluation averages the two heads",
@@ -103,22 +107,28 @@ class Token(Kind):
         )
 
     def module_class(self) -> type[nn.Module]:
-        return module_class()
+        from vitkdl.terms.token.module import TokenDistillation
 
-    def module(self, entry: TermPlan, plan: Plan) -> nn.Module:
-        o = TokenOptions.model_validate(entry.options)
-        return module_class()(mode=o.mode, temperature=o.temperature or 1.0, weight=entry.weight)
+        return TokenDistillation
+
+    def module(self, entry: TermPlan) -> nn.Module:
+        o = options_of(entry, TokenOptions)
+        from vitkdl.terms.token.module import TokenDistillation
+
+        return TokenDistillation(mode=o.mode, temperature=o.temperature or 1.0, weight=entry.weight)
 
     def loss(self, module: nn.Module, entry: TermPlan, inputs: StepInputs) -> Tensor:
         dist = inputs.s_dist_logits if inputs.s_dist_logits is not None else inputs.s_logits
         return module(dist, inputs.t_logits)
 
-    def reference(self, entry: TermPlan, plan: Plan) -> nn.Module | None:
-        o = TokenOptions.model_validate(entry.options)
-        return reference_class()(o.mode, o.temperature or 1.0, entry.weight)
+    def reference(self, entry: TermPlan) -> nn.Module | None:
+        o = options_of(entry, TokenOptions)
+        from vitkdl.terms.token.module import HandToken
+
+        return HandToken(o.mode, o.temperature or 1.0, entry.weight)
 
     def timm_task(self, entry: TermPlan) -> dict[str, Any] | None:
-        o = TokenOptions.model_validate(entry.options)
+        o = options_of(entry, TokenOptions)
         return {
             "task": "TokenDistillationTask",
             "distill_type": o.mode,
@@ -128,77 +138,3 @@ class Token(Kind):
 
 
 KIND = Token()
-
-
-@functools.cache
-def module_class() -> type[nn.Module]:
-    """:class:`TokenDistillation`, the loss module."""
-    import torch.nn.functional as F
-    from torch import nn
-
-    class TokenDistillation(nn.Module):
-        r"""DeiT's distillation-token loss on the student's distillation head.
-
-        ``mode="hard"``: :math:`w\,\mathrm{CE}(z^{dist}, \arg\max_c z^t_c)`, batch mean.
-        ``mode="soft"``: :math:`w\,T^2 \frac{1}{B}\sum_b \sum_c p^t_{b,c}(\log p^t_{b,c} -
-        \log p^{dist}_{b,c})` with :math:`p = \operatorname{softmax}(z/T)`. Teacher logits
-        are detached.
-        """
-
-        def __init__(self, mode: str = "hard", temperature: float = 1.0, weight: float = 1.0):
-            super().__init__()
-            if mode not in ("hard", "soft"):
-                raise ValueError(f"TokenDistillation: mode must be 'hard' or 'soft', got {mode!r}")
-            if temperature <= 0:
-                raise ValueError(f"TokenDistillation: temperature must be > 0, got {temperature}")
-            self.mode: str = mode
-            self.temperature: float = float(temperature)
-            self.weight: float = float(weight)
-
-        def forward(self, dist_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-            """The loss for the distillation head's ``[B, C]`` logits."""
-            z, t = dist_logits.float(), teacher_logits.detach().float()
-            if self.mode == "hard":
-                return F.cross_entropy(z, t.argmax(dim=-1)) * self.weight
-            tau = self.temperature
-            log_ps = F.log_softmax(z / tau, dim=-1)
-            log_pt = F.log_softmax(t / tau, dim=-1)
-            kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
-            return kl.mean() * (self.weight * tau * tau)
-
-        def extra_repr(self) -> str:
-            return f"mode={self.mode}, temperature={self.temperature:g}, weight={self.weight:g}"
-
-    TokenDistillation.__qualname__ = "TokenDistillation"
-    return TokenDistillation
-
-
-@functools.cache
-def reference_class() -> type[nn.Module]:
-    """facebookresearch/deit's ``DistillationLoss`` term as users write it (batch-mean KL)."""
-    import torch.nn.functional as F
-    from torch import nn
-
-    class HandToken(nn.Module):
-        def __init__(self, mode: str = "hard", tau: float = 1.0, weight: float = 1.0) -> None:
-            super().__init__()
-            self.mode, self.tau, self.weight = mode, tau, weight
-
-        def forward(self, outputs_kd: Tensor, teacher_outputs: Tensor) -> Any:
-            if self.mode == "soft":
-                t = self.tau
-                loss = (
-                    F.kl_div(
-                        F.log_softmax(outputs_kd.float() / t, dim=1),
-                        F.log_softmax(teacher_outputs.float() / t, dim=1),
-                        reduction="batchmean",
-                        log_target=True,
-                    )
-                    * t
-                    * t
-                )
-            else:
-                loss = F.cross_entropy(outputs_kd.float(), teacher_outputs.argmax(dim=1))
-            return self.weight * loss
-
-    return HandToken
