@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,49 @@ def test_corrupt_image_is_skipped_warned_and_counted(folder: Path) -> None:
             assert sum(len(y) for _, y in loader) == 6  # 7 files, batch 2, drop_last
     assert sum("x.jpg" in str(w.message) for w in caught) == 1
     assert loader.dataset.skipped == {str(bad)}
+
+
+def _log_warnings_to(path: str) -> Callable[[int], None]:
+    """A DataLoader worker_init_fn: the worker's warnings go to ``path``, one line each (the
+    test's own warning capture does not reach a worker process)."""
+
+    def init(worker_id: int) -> None:
+        def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+            with open(path, "a") as f:
+                f.write(f"{worker_id}: {message}\n")
+
+        warnings.showwarning = show
+
+    return init
+
+
+def test_an_unreadable_image_is_warned_about_once_per_run_across_loader_workers(
+    folder: Path, tmp_path: Path
+) -> None:
+    """Two DataLoader workers, the broken file read by one of them in the first epoch and by
+    the other in the second: one warning in all (each worker used to warn once)."""
+    from torch.utils.data import DataLoader
+
+    bad = folder / "train" / "cat" / "x.jpg"
+    bad.write_bytes(b"\x00garbage, not a jpeg\xff" * 10)
+    train, _, _ = build_datasets(_folder_cfg(folder))
+    idx = [p for p, _ in train.samples].index(str(bad))
+    others = [i for i in range(len(train)) if i != idx]
+    order = [idx, *others]  # batch k goes to worker k % 2: the broken file to worker 0 ...
+    log = tmp_path / "warnings.txt"
+    loader = DataLoader(
+        train,
+        batch_size=1,
+        sampler=order,  # type: ignore[arg-type]
+        num_workers=2,
+        persistent_workers=True,
+        worker_init_fn=_log_warnings_to(str(log)),
+    )
+    for _epoch in range(2):
+        assert sum(len(y) for _, y in loader) == len(train)
+        order[:] = [others[0], idx, *others[1:]]  # ... then to worker 1
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 and "x.jpg" in lines[0], lines
 
 
 def test_an_unreadable_validation_image_is_never_replaced_by_another(folder: Path) -> None:

@@ -276,6 +276,40 @@ def test_jobs_run_in_parallel_processes_and_sigterm_stops_them_with_checkpoints(
 
 
 @pytest.mark.slow
+def test_sigint_to_the_experiment_alone_stops_its_workers_and_the_report_is_true(
+    recipes: Path,
+) -> None:
+    """SIGINT to the experiment's process only (not its group, as `kill -INT PID` does): the
+    experiment passes it on, the unfinished run saves a checkpoint and stops, the run that had
+    finished is reported done with its accuracy, and the message says to run it again."""
+    (recipes / "base.vkd").write_text(
+        BASE.replace("epochs = 1  log_every = 5", "epochs = 1  log_every = 1")
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "vitkdl", "run", "base.vkd", "--grid", "train.epochs=1,8"]
+    cmd += ["--jobs", "2", "--out", "runs"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = recipes / "runs"
+    finished = lambda: [f for f in _folders(runs, "base") if (f / "summary.json").exists()]  # noqa: E731
+    _wait_for(lambda: len(finished()) == 1 and len(_folders(runs, "base")) == 2)
+    (long,) = [f for f in _folders(runs, "base") if f not in finished()]
+    _wait_for(lambda: _train_lines(long) >= 3)
+    proc.send_signal(signal.SIGINT)  # to this process alone
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in err
+    assert (long / "last.pt").exists() and not (long / "summary.json").exists()
+    assert "stopped by SIGINT" in (long / "log.txt").read_text()
+    assert _train_lines(long) < 8 * (1437 // 64)  # it did not train on to the end
+    data = report(runs, "base")
+    by_epochs = {a["cell"]["train.epochs"]: a["runs"][0] for a in data["arms"]}
+    done, stopped = by_epochs["1"], by_epochs["8"]
+    assert done["status"] == "done" and isinstance(done["top1"], float)
+    assert stopped["status"] == "interrupted" and stopped["top1"] is None
+    assert "--resume" not in json.dumps(data) and "--resume" not in err + out
+
+
+@pytest.mark.slow
 def test_submitit_runs_each_run_as_a_job(recipes: Path, capsys) -> None:
     pytest.importorskip("submitit")
     args = ["run", "student.vkd", "--seeds", "0-1", "--max-steps", "3", "--out", "runs"]
@@ -326,3 +360,63 @@ def test_a_worker_reports_a_run_held_by_another_process_and_trains_nothing(
     mine(2, 9, 0)
     mine.remove()
     assert not (folder / "progress.json").exists()
+
+
+class _FakeHandle:
+    """A started run whose exit status is given (None: still running)."""
+
+    def __init__(self, run, code: int | None, why: str = "") -> None:  # type: ignore[no-untyped-def]
+        self.run, self.started, self.code, self.why = run, time.monotonic(), code, why
+        self.stops: list[str] = []
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def stop(self, name: str = "SIGTERM") -> None:
+        self.stops.append(name)
+
+    def reason(self) -> str:
+        return self.why
+
+
+def _scheduler(tmp_path: Path, handles: dict[str, int | None], why: str = ""):  # type: ignore[no-untyped-def]
+    import io
+
+    from rich.console import Console
+
+    from vitkdl.experiment import PlannedRun
+    from vitkdl.train.jobs import Board, JobOptions, _Scheduler
+
+    opts = JobOptions(out_root=tmp_path / "runs")
+    board = Board(Console(file=io.StringIO(), width=200), len(handles), quiet=False)
+    scheduler = _Scheduler(None, opts, [], board, {})  # type: ignore[arg-type]
+    for slot, (key, code) in enumerate(handles.items()):
+        run = PlannedRun(key, "base.vkd", "base", key, (), "recipe", seed=slot)
+        scheduler.running[slot] = _FakeHandle(run, code, why)
+    return scheduler
+
+
+def test_an_interrupted_experiment_reports_what_each_run_did(tmp_path: Path) -> None:
+    """After a Ctrl-C the experiment waits for its runs: one that finished (status 0) is done,
+    one stopped by the signal is interrupted, one still running at the deadline is too."""
+    from vitkdl.train.jobs import drain
+
+    scheduler = _scheduler(tmp_path, {"finished": 0, "stopped": 130, "hung": None})
+    drain(scheduler, timeout=0.0)
+    statuses = {key: o.status for key, o in scheduler.outcomes.items()}
+    assert statuses == {"finished": "done", "stopped": "interrupted", "hung": "interrupted"}
+    assert scheduler.running == {}
+
+
+def test_a_stopped_run_of_an_experiment_says_to_run_the_experiment_again(tmp_path: Path) -> None:
+    """The run's own message (from the training loop) says --resume; in an experiment the
+    same command continues it."""
+    why = "stopped by SIGINT at step 3; saved last.pt. Continue with --resume (exit status 130)."
+    scheduler = _scheduler(tmp_path, {"a": 130, "b": None}, why=why)
+    handle = scheduler.running.pop(0)
+    scheduler._end(handle, 130)
+    message = scheduler.outcomes["a"].message
+    assert "--resume" not in message and "same command again" in message
+    assert "stopped by SIGINT at step 3" in message
+    # the other running run was asked to stop with the same signal
+    assert scheduler.running[1].stops == ["SIGINT"]

@@ -193,6 +193,20 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path) ->
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_run_resumed_at_its_end_counts_the_epochs_it_has(tmp_path, capsys) -> None:
+    """A 2-epoch run whose last checkpoint is its end (it died before its summary was
+    written): --resume trains nothing more, and the summary says 2 epochs, not 3."""
+    recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=2, log_every=50))
+    out = tmp_path / "runs"
+    assert run(str(recipe), "--out", str(out)) == 0
+    whole = _summary(out / "tiny")
+    (out / "tiny" / "summary.json").unlink()
+    assert run(str(recipe), "--out", str(out), "--resume") == 0
+    resumed = _summary(out / "tiny")
+    assert resumed["steps"] == whole["steps"] == 2 * (1437 // 32)
+    assert resumed["epochs"] == whole["epochs"] == 2
+
+
 def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, capsys) -> None:
     recipe = write(tmp_path, "tiny.vkd", TINY.format(name="tiny", epochs=1, log_every=10))
     out = str(tmp_path / "runs")

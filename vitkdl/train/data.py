@@ -410,6 +410,47 @@ def _scan_class(class_dir: str) -> list[str]:
 UNREADABLE = -1
 
 
+class WarnedOnce:
+    """Which of ``n`` samples a run has already warned about, shared by the DataLoader worker
+    processes of the run: the flags live in shared memory made here, in the process that
+    builds the dataset, before the workers fork (or are spawned: the flags travel to them).
+    Each worker holds its own copy of a dataset, so without this every worker would warn about
+    the same unreadable file once more."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.flags: Any = _shared_flags(n)
+
+    def first(self, index: int) -> bool:
+        """Whether ``index`` is warned about for the first time in this run (then marked)."""
+        if self.flags is None:
+            return True
+        with self.flags.get_lock():  # two workers may fail on the same file at once
+            if self.flags[index]:
+                return False
+            self.flags[index] = 1
+            return True
+
+    def __getstate__(self) -> dict[str, Any]:
+        from multiprocessing.context import get_spawning_popen
+
+        # Shared memory travels only to a process being started; a copy made otherwise
+        # (a deepcopy, a pickle to disk) gets flags of its own.
+        shared = get_spawning_popen() is not None
+        return {"n": self.n, "flags": self.flags if shared else None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.n = state["n"]
+        self.flags = state["flags"] if state["flags"] is not None else _shared_flags(self.n)
+
+
+def _shared_flags(n: int) -> Any:
+    """``n`` zeroed bytes in shared memory, with a lock (None for none)."""
+    import multiprocessing
+
+    return multiprocessing.Array("b", n) if n else None
+
+
 def unreadable_stand_in(transform: Callable[[Any], Any] | None, mode: str) -> tuple[Any, int]:
     """What an evaluation dataset yields for a sample it cannot read: a blank image through
     its own transform (so the batch keeps its shape), labelled :data:`UNREADABLE`."""
@@ -423,7 +464,8 @@ class ImageFolderDataset(Dataset):
     """``split_dir/<class>/<image>`` with a given class->index map, robust to corrupt files.
 
     An image that fails to open/decode does not crash the run: the dataset emits a
-    ``RuntimeWarning`` naming the file (once per file), records it in :attr:`skipped` and
+    ``RuntimeWarning`` naming the file (once per file and run, whichever DataLoader worker
+    reads it: :class:`WarnedOnce`), records it in :attr:`skipped` and
     returns the next readable sample (index ``i + 1``, wrapping around) instead; with
     ``replace=False`` (evaluation) it returns :func:`unreadable_stand_in`, so no image is
     counted twice.  Only when no file of the split can be decoded is :class:`DataError`
@@ -457,6 +499,7 @@ class ImageFolderDataset(Dataset):
         self.targets = [t for _, t in self.samples]
         #: Paths of files that failed to decode and were skipped (in this process).
         self.skipped: set[str] = set()
+        self.warned = WarnedOnce(len(self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -471,7 +514,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         n = len(self.samples)
         for attempt in range(n):
-            path, target = self.samples[(index + attempt) % n]
+            at = (index + attempt) % n
+            path, target = self.samples[at]
             if path in self.skipped:
                 if not self.replace:
                     return unreadable_stand_in(self.transform, self.mode)
@@ -480,11 +524,12 @@ class ImageFolderDataset(Dataset):
                 img = self._load(path)
             except Exception as exc:  # corrupt/truncated/unreadable file: skip, never crash
                 self.skipped.add(path)
-                warnings.warn(
-                    f"skipping unreadable image {path}: {type(exc).__name__}: {exc}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                if self.warned.first(at):
+                    warnings.warn(
+                        f"skipping unreadable image {path}: {type(exc).__name__}: {exc}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 if not self.replace:
                     return unreadable_stand_in(self.transform, self.mode)
                 continue

@@ -16,9 +16,13 @@ and said so), each through :mod:`vitkdl.train.worker`:
 One live line per running run (on a terminal); a run that fails is reported with the reason
 and the others go on. An unfinished run (killed, preempted) is continued from its checkpoint
 when the experiment is run again. SIGTERM or SIGUSR1 asks every running run to stop at its next
-step with a checkpoint; Ctrl-C does the same. At the end the report (:mod:`vitkdl.experiment`,
-:mod:`vitkdl.train.report`) is printed and written to ``OUT/experiments/LABEL-HASH/``:
-``report.json``, ``report.txt`` and ``report.png``.
+step with a checkpoint; Ctrl-C does the same (the first one; a second one aborts the runs at
+once). The worker processes run in sessions of their own, so that a stop reaches them from the
+experiment alone, once, whether it came from a terminal or was sent to the experiment's process
+only: SIGINT is passed on as SIGINT, SIGTERM and SIGUSR1 as SIGTERM. The report says what each
+run did: a run that finished before the stop reached it is done, with its accuracy. At the
+end the report (:mod:`vitkdl.experiment`, :mod:`vitkdl.train.report`) is printed and written
+to ``OUT/experiments/LABEL-HASH/``: ``report.json``, ``report.txt`` and ``report.png``.
 
 Exit status: 0 every run finished; 1 some run failed or was skipped (the others finished and
 the report says which); 75 stopped by SIGTERM / SIGUSR1 (checkpoints saved: run the same
@@ -31,6 +35,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,7 +50,13 @@ from rich.markup import escape
 from vitkdl.exits import FAILED, OK
 from vitkdl.experiment import Experiment, Outcome, PlannedRun, assemble_report
 from vitkdl.runs import LOG, done, experiment_dir, point_latest, read_summary
-from vitkdl.train.signals import INTERRUPTED, PREEMPTED, stop_signals
+from vitkdl.train.signals import (
+    INTERRUPTED,
+    PREEMPTED,
+    exit_status,
+    interrupt_stops,
+    stop_signals,
+)
 from vitkdl.train.worker import Task, execute, failure_reason, log_file, read_progress
 
 
@@ -78,8 +89,9 @@ class Handle(Protocol):
     def poll(self) -> int | None:
         """Its exit status once it has ended, else None."""
 
-    def stop(self) -> None:
-        """Ask it to stop at its next step with a checkpoint."""
+    def stop(self, name: str = "SIGTERM") -> None:
+        """Ask it to stop at its next step with a checkpoint: ``name`` is the signal the
+        experiment had (SIGINT is passed on as SIGINT, the others as SIGTERM)."""
 
     def reason(self) -> str:
         """Why it failed (after it ended)."""
@@ -112,7 +124,7 @@ class _Ended:
     def poll(self) -> int | None:
         return self.code
 
-    def stop(self) -> None:
+    def stop(self, name: str = "SIGTERM") -> None:
         pass
 
     def reason(self) -> str:
@@ -148,15 +160,29 @@ class _Process:
     proc: subprocess.Popen[bytes]
     folder: Path
 
-    def poll(self) -> int | None:
-        return self.proc.poll()
+    stopped: str | None = None
 
-    def stop(self) -> None:
+    def poll(self) -> int | None:
+        code = self.proc.poll()
+        if code and self.stopped is not None and failure_reason(self.folder).startswith("stopped"):
+            # torchrun ends with an error of its own after passing a signal on; its workers
+            # saved and stopped as asked
+            return exit_status(self.stopped)
+        return code
+
+    def stop(self, name: str = "SIGTERM") -> None:
+        self.stopped = self.stopped or name
         with contextlib.suppress(OSError):
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(_passed_on(name))
 
     def reason(self) -> str:
         return failure_reason(self.folder)
+
+
+def _passed_on(name: str) -> signal.Signals:
+    """The signal a worker gets for the experiment's ``name``: SIGINT stays SIGINT (the run
+    says it was interrupted, and a second one aborts it), the rest become SIGTERM."""
+    return signal.SIGINT if name == "SIGINT" else signal.SIGTERM
 
 
 def visible_gpus(device: str | None) -> list[str]:
@@ -189,6 +215,7 @@ class _Worker:
             env=env,
             pass_fds=(write,),
             text=True,
+            start_new_session=True,  # a terminal's Ctrl-C reaches it from the experiment, once
         )
         os.close(write)
         os.set_blocking(read, False)
@@ -250,9 +277,9 @@ class _Served:
         self.message = f"its worker process ended (exit status {code})"
         return code if code else FAILED
 
-    def stop(self) -> None:
+    def stop(self, name: str = "SIGTERM") -> None:
         with contextlib.suppress(OSError):
-            self.worker.proc.send_signal(signal.SIGTERM)
+            self.worker.proc.send_signal(_passed_on(name))
 
     def reason(self) -> str:
         return self.message or failure_reason(self.folder)
@@ -294,6 +321,7 @@ class LocalLauncher:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.env(slot),
+                start_new_session=True,  # stops reach it from the experiment, once
             )
         finally:
             log.close()
@@ -356,7 +384,7 @@ class _Job:
         except Exception:
             return FAILED
 
-    def stop(self) -> None:
+    def stop(self, name: str = "SIGTERM") -> None:
         with contextlib.suppress(Exception):
             self.job.cancel()  # SLURM sends SIGTERM first: the run saves a checkpoint
 
@@ -516,7 +544,7 @@ class _Scheduler:
         """A stop signal: start nothing more, and ask every running run to save and stop."""
         self.stop_reason = name
         for handle in list(self.running.values()):
-            handle.stop()
+            handle.stop(name)
 
     def task(self, run: PlannedRun, threads: int | None) -> Task:
         return Task(
@@ -589,10 +617,12 @@ class _Scheduler:
         message = ""
         if status != "done":
             message = handle.reason() or f"exit status {code}"
-        if status in ("preempted", "interrupted") and self.stop_reason is None:
-            self.stop_reason = "SIGINT" if status == "interrupted" else "SIGTERM"
-            for other in self.running.values():
-                other.stop()
+        if status in ("preempted", "interrupted"):
+            message = continue_hint(message)
+            if self.stop_reason is None:
+                self.stop_reason = "SIGINT" if status == "interrupted" else "SIGTERM"
+                for other in self.running.values():
+                    other.stop(self.stop_reason)
         outcome = Outcome(
             run.key,
             status,  # type: ignore[arg-type]
@@ -607,6 +637,29 @@ class _Scheduler:
         folder = run.folder(self.opts.out_root)
         summary = read_summary(folder) if outcome.ok else None
         self.board.finished(run, outcome, summary)
+
+
+_RESUME_HINT = re.compile(r"[Cc]ontinue with --resume\b")
+
+
+def continue_hint(message: str) -> str:
+    """A stopped run's message as an experiment says it: the experiment is continued by
+    running the same command again, not by ``--resume``."""
+    return _RESUME_HINT.sub("Run the same command again to continue", message)
+
+
+def drain(scheduler: _Scheduler, timeout: float = 120.0) -> None:
+    """After the experiment was interrupted: wait (``timeout`` seconds in all) for the running
+    runs to end, and record what each did (a run that finished is done, with its accuracy; one
+    still running when the time is up is interrupted)."""
+    deadline = time.monotonic() + timeout
+    for handle in list(scheduler.running.values()):
+        code = handle.poll()
+        while code is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            code = handle.poll()
+        scheduler._end(handle, INTERRUPTED if code is None else code)
+    scheduler.running.clear()
 
 
 def _jobs(opts: JobOptions, gpus: list[str]) -> int:
@@ -673,18 +726,19 @@ def _run_pending(
     else:
         launcher = LocalLauncher(opts, slots, gpus)
     scheduler = _Scheduler(experiment, opts, pending, board, outcomes)
+    # A run of this process (InlineLauncher) has Ctrl-C handled by its own training loop; runs
+    # in other processes have it passed on by this one, the first one as a stop at the next
+    # step, a second one (KeyboardInterrupt) as an abort.
+    inline = isinstance(launcher, InlineLauncher)
+    interrupts = contextlib.nullcontext() if inline else interrupt_stops(scheduler.stop, board.note)
     try:
-        with stop_signals(scheduler.stop):
+        with stop_signals(scheduler.stop), interrupts:
             scheduler.run(launcher, slots)
     except KeyboardInterrupt:
-        # Ctrl-C reached every process of the terminal's group: the runs save and stop.
         scheduler.stop_reason = "SIGINT"
-        deadline = time.monotonic() + 120
         for handle in scheduler.running.values():
-            while handle.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            scheduler._end(handle, handle.poll() or INTERRUPTED)
-        scheduler.running.clear()
+            handle.stop("SIGINT")  # a second Ctrl-C: theirs aborts them at once
+        drain(scheduler)
     finally:
         board.close()
         if hasattr(launcher, "close"):

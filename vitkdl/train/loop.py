@@ -832,7 +832,8 @@ class Run:
             # Validation images that could not be read, left out of the accuracies above.
             "eval_skipped": last.get("skipped"),
             "teacher_top1": self.teacher_top1,
-            "epochs": self.epoch + 1,
+            # A run resumed at its end trains no epoch: self.epoch is then plan.epochs.
+            "epochs": min(self.epoch + 1, plan.epochs),
             "steps": self.step,
             # What the recipe plans and what --max-steps asked for: a run stopped by
             # --max-steps is *partial*, reused by the same request (vitkdl.runs.done).

@@ -116,6 +116,9 @@ class HFDataset(Dataset):
         self.transform = transform
         self.mode = "L" if in_chans == 1 else "RGB"
         self.skipped: set[int] = set()
+        from vitkdl.train.data import WarnedOnce
+
+        self.warned = WarnedOnce(len(self.table))  # once per row and run, across workers
 
     def __len__(self) -> int:
         return len(self.table)
@@ -135,12 +138,13 @@ class HFDataset(Dataset):
             except Exception as exc:  # an undecodable row: skip it, never crash
                 self.skipped.add(i)
                 named = f" ({image['path']})" if image.get("path") else ""
-                warnings.warn(
-                    f"skipping unreadable image in row {i} of {self.where}{named}: "
-                    f"{type(exc).__name__}: {exc}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                if self.warned.first(i):
+                    warnings.warn(
+                        f"skipping unreadable image in row {i} of {self.where}{named}: "
+                        f"{type(exc).__name__}: {exc}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 if not self.replace:
                     return unreadable_stand_in(self.transform, self.mode)
                 continue
