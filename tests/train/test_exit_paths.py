@@ -171,10 +171,14 @@ def test_a_read_only_out_in_an_experiment(tmp_path: Path, monkeypatch, capsys) -
 
 
 def test_square_brackets_in_out_are_shown(tmp_path: Path, capsys) -> None:
+    """rich would take ``[a]`` and ``[bold]`` for markup and drop them from the messages."""
     recipe, out = _recipe(tmp_path), tmp_path / "[a]" / "[bold]runs"
-    assert main(["run", recipe, "--out", str(out), "--resume"]) == USAGE
-    err = _err(capsys)
-    assert f"no checkpoint at {out}" in err
+    assert main(["run", recipe, "--out", str(out), "--resume"]) == USAGE  # an error
+    assert f"no checkpoint at {out}" in _err(capsys)
+    assert main(["run", recipe, "--out", str(out), "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["run", recipe, "--out", str(out), "--max-steps", "1"]) == 0  # a note
+    assert f"{(out / 'base').resolve()} ran as far as --max-steps 1 asks" in _err(capsys)
 
 
 def test_resume_force_from_a_checkpoint_of_other_models_is_refused(

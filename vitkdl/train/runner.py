@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 import vitkdl
 from vitkdl.errors import VkdError
@@ -126,7 +127,7 @@ def _ensure(
         early = stopped_early(summary)
         note = f" ({early}, as far as --max-steps {req.max_steps} asks)" if early else ""
         console.print(
-            f"{why}: {out / 'student.safetensors'} is up to date{note}; reusing it",
+            f"{why}: {escape(str(out / 'student.safetensors'))} is up to date{note}; reusing it",
             highlight=False,
         )
         return [summary]
@@ -225,7 +226,8 @@ def _run_held(
             (),
             req,
             console,
-            f"[bold]{spec.name}[/]: its teacher, the final student of {teacher.from_recipe}",
+            f"[bold]{spec.name}[/]: its teacher, the final student of "
+            f"{escape(teacher.from_recipe)}",
         )
         teacher_run = summaries[-1]  # the teacher's own run comes after its dependencies
 
@@ -240,7 +242,7 @@ def _run_held(
             if early
             else f"{out} is finished; reusing it (--force trains it again)"
         )
-        console.print(f"[bold]{spec.name}[/]: {state}", highlight=False)
+        console.print(f"[bold]{spec.name}[/]: {escape(state)}", highlight=False)
     else:
         summary = _train(spec, out, how, checkpoint, req, console)
         if job.is_main:
@@ -255,7 +257,7 @@ def _run_held(
             baseline_overrides(overrides),
             req,
             console,
-            f"[bold]{spec.name}[/]: its baseline {baseline}",
+            f"[bold]{spec.name}[/]: its baseline {escape(str(baseline))}",
         )
     return summary, summaries
 
@@ -307,7 +309,7 @@ def _train(
         write_atomic(out / "plan.json", plan.model_dump_json(indent=2) + "\n")
         note = point_latest(req.out_root, spec.name, out)
         if note is not None and not req.quiet:
-            console.print(note, highlight=False)
+            console.print(note, highlight=False, markup=False)
     return train(plan, opts, console)
 
 
