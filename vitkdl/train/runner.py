@@ -48,7 +48,7 @@ from vitkdl.runs import (
 )
 from vitkdl.spec import RecipeSpec, load_spec
 from vitkdl.train import distributed
-from vitkdl.train.loop import RunOptions, TrainError, check_writable, train
+from vitkdl.train.loop import ResumeRefused, RunOptions, TrainError, check_writable, train
 
 __all__ = [
     "BASELINE_ROOTS",
@@ -304,13 +304,20 @@ def _train(
         recipe=resolved,
         on_step=req.on_step,
     )
+    link = latest_link(req.out_root, spec.name)
+    before = link.resolve() if link.is_symlink() else None
     if job.is_main:
         write_atomic(out / "recipe.json", json.dumps(resolved, indent=2) + "\n")
         write_atomic(out / "plan.json", plan.model_dump_json(indent=2) + "\n")
         note = point_latest(req.out_root, spec.name, out)
         if note is not None and not req.quiet:
             console.print(note, highlight=False, markup=False)
-    return train(plan, opts, console)
+    try:
+        return train(plan, opts, console)
+    except ResumeRefused:  # nothing trained: OUT/NAME stays on the run it named before
+        if job.is_main and before is not None and before != out.resolve():
+            point_latest(req.out_root, spec.name, before)
+        raise
 
 
 def run_many(
