@@ -3,8 +3,10 @@ README's table in step with it."""
 
 from __future__ import annotations
 
+import ast
 import errno
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +53,78 @@ def test_an_unwritable_file_is_one_line_naming_it() -> None:
     bare = OSError(errno.EROFS, "Read-only file system", "/out/x")
     assert exit_of(bare) == exits.Exit(exits.IOERR, "cannot write /out/x: Read-only file system")
     assert status_of(OSError(errno.ENOENT, "No such file")) == exits.INTERNAL
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = ROOT / "vitkdl" / "cli"
+
+
+def _readme_table() -> dict[int, tuple[str, str]]:
+    """The README's exit-status table: status -> (its constant's name, its commands cell)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("**Exit status** of every `vitkdl` command")
+    rows: dict[int, tuple[str, str]] = {}
+    for line in text[start:].splitlines()[1:]:
+        if rows and not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells and cells[0].isdigit():
+            assert int(cells[0]) not in rows, f"status {cells[0]} twice in the README"
+            rows[int(cells[0])] = (cells[1].strip("`"), cells[2])
+    return rows
+
+
+def _constants() -> dict[str, int]:
+    return {
+        name: value
+        for name, value in vars(exits).items()
+        if name.isupper() and isinstance(value, int) and not isinstance(value, bool)
+    }
+
+
+def test_the_readme_table_is_the_constants_module() -> None:
+    table = _readme_table()
+    constants = _constants()
+    assert set(table) == set(constants.values()) == set(exits.MEANINGS)
+    for status, (name, _) in table.items():
+        assert constants.get(name) == status, f"README: {status} is not vitkdl.exits.{name}"
+
+
+def _returned(path: Path) -> set[int]:
+    """The statuses a CLI module returns or exits with, as literals or vitkdl.exits names
+    (a ``return`` of a computed value is ``vitkdl run``'s exit_of, checked on its own)."""
+    constants = _constants()
+    found: set[int] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        value = None
+        if isinstance(node, ast.Return) and node.value is not None:
+            value = node.value
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "SystemExit":
+            value = node.args[0] if node.args else None
+        if isinstance(value, ast.Constant) and isinstance(value.value, int):
+            if not isinstance(value.value, bool):
+                found.add(value.value)
+        elif isinstance(value, ast.Name) and value.id in constants:
+            found.add(constants[value.id])
+    return found
+
+
+def test_every_status_a_command_returns_is_in_the_readme_for_that_command() -> None:
+    table = _readme_table()
+    modules = sorted(p for p in CLI.glob("*.py") if p.stem not in ("common",))
+    assert len(modules) > 8
+    seen: set[int] = set()
+    for path in modules:
+        command = path.stem
+        statuses = _returned(path)
+        if command == "run":  # every exception goes through exit_of: any status it maps to
+            statuses |= set(exits.MEANINGS)
+        seen |= statuses
+        for status in statuses:
+            assert status in table, f"vitkdl/cli/{path.name} returns {status}, not in README"
+            cell = table[status][1]
+            if command != "__init__":  # main(): every command's last line
+                assert cell == "all" or f"`{command}`" in cell, (
+                    f"README: status {status} does not list `{command}` (it returns it)"
+                )
+    assert seen == set(table)  # and the table lists nothing no command returns

@@ -171,10 +171,14 @@ def test_a_read_only_out_in_an_experiment(tmp_path: Path, monkeypatch, capsys) -
 
 
 def test_square_brackets_in_out_are_shown(tmp_path: Path, capsys) -> None:
+    """rich would take ``[a]`` and ``[bold]`` for markup and drop them from the messages."""
     recipe, out = _recipe(tmp_path), tmp_path / "[a]" / "[bold]runs"
-    assert main(["run", recipe, "--out", str(out), "--resume"]) == USAGE
-    err = _err(capsys)
-    assert f"no checkpoint at {out}" in err
+    assert main(["run", recipe, "--out", str(out), "--resume"]) == USAGE  # an error
+    assert f"no checkpoint at {out}" in _err(capsys)
+    assert main(["run", recipe, "--out", str(out), "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["run", recipe, "--out", str(out), "--max-steps", "1"]) == 0  # a note
+    assert f"{(out / 'base').resolve()} ran as far as --max-steps 1 asks" in _err(capsys)
 
 
 def test_resume_force_from_a_checkpoint_of_other_models_is_refused(
@@ -187,10 +191,8 @@ def test_resume_force_from_a_checkpoint_of_other_models_is_refused(
     assert code == USAGE, err
     assert f"{folder / 'last.pt'} holds weights of other models" in err
     assert "size mismatch for" in err and "internal error" not in err
-    # A file that is no checkpoint at all, under --force: refused the same way. (The refused
-    # command moved OUT/base to its own, empty folder: point it back at the old run.)
-    (out / "base").unlink()
-    (out / "base").symlink_to(folder.name)
+    assert (out / "base").resolve() == folder  # the refusal left the latest link alone
+    # A file that is no checkpoint at all, under --force: refused the same way.
     (folder / "last.pt").write_bytes(b"not a checkpoint")
     (folder / "last.pt.sha256").unlink()
     code = main(["run", wide, "--out", str(out), "--resume", "--force", "--quiet"])

@@ -293,3 +293,30 @@ def test_a_run_on_a_truncated_shard_stops_before_training(tmp_path: Path, capsys
     err = " ".join(capsys.readouterr().err.split())
     assert f"webdataset shard {shard} is truncated" in err and "after 12 readable" in err
     assert not (out / "wds" / "summary.json").exists()
+
+
+@pytest.mark.parametrize(("feature", "missing"), [("class", None), ("int", None), ("class", -1)])
+def test_hfds_a_row_without_a_label_is_named_before_training(
+    tmp_path: Path, feature: str, missing: int | None
+) -> None:
+    """A label of None (or the datasets library's -1, "no label") used to fail in a loader
+    worker mid-epoch (``int(None)``) or as an internal error (``max`` over the column)."""
+    datasets = pytest.importorskip("datasets")
+    names = ["r", "b", "g"]
+    label = datasets.ClassLabel(names=names) if feature == "class" else datasets.Value("int64")
+    feats = datasets.Features({"image": datasets.Image(), "label": label})
+
+    def rows(n: int, unlabelled: int | None) -> dict:
+        images = [{"bytes": _png(COLOURS[i % 3]), "path": None} for i in range(n)]
+        return {"image": images, "label": [missing if i == unlabelled else i % 3 for i in range(n)]}
+
+    path = tmp_path / "hf"
+    splits = {"train": rows(6, None), "validation": rows(4, 2)}
+    datasets.DatasetDict(
+        {k: datasets.Dataset.from_dict(v, features=feats) for k, v in splits.items()}
+    ).save_to_disk(str(path))
+    with pytest.raises(DataError) as caught:
+        build_loaders(_cfg(source="hfds", root=str(path)))
+    message = str(caught.value)
+    assert f"{path}[validation]: row 2 has no label (label = {missing})" in message
+    assert "\n" not in message

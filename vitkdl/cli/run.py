@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
 
         problem = device_problem(args.device)
         if problem is not None:
-            err.print(f"vitkdl run: error: {problem}", highlight=False)
+            err.print(f"vitkdl run: error: {problem}", highlight=False, markup=False)
             return USAGE
     if "WORLD_SIZE" not in os.environ and is_experiment(args):
         return run_experiment(args, out, err)
@@ -284,7 +284,7 @@ def run_experiment(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     bad = [a for a in args.launcher_args if "=" not in a]
     if bad:
-        err.print(f"vitkdl run: error: --launcher-arg is KEY=VALUE, got '{bad[0]}'")
+        err.print(f"vitkdl run: error: --launcher-arg is KEY=VALUE, got '{bad[0]}'", markup=False)
         return USAGE
     try:
         experiment, _ = plan_experiment(

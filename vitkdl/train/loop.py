@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from vitkdl.exits import WriteError, writing
 from vitkdl.planner import Plan
@@ -977,13 +978,14 @@ def _resume_point(plan: Plan, opts: RunOptions, console: Console | None) -> dict
             raise TrainError(str(exc)) from None
         if problems and console is not None:
             console.print(
-                f"[yellow]warning:[/] {'; '.join(problems)}; resuming from {path} instead "
+                f"[yellow]warning:[/] {escape('; '.join(problems))}; resuming from "
+                f"{escape(str(path))} instead "
                 f"(step {ckpt['step']}, epoch {ckpt['epoch']})",
                 highlight=False,
             )
     if console is not None:
         for note in notes:
-            console.print(f"note: {note}", highlight=False)
+            console.print(f"note: {note}", highlight=False, markup=False)
     if ckpt["hash"] != plan.hash and not opts.force:
         raise ResumeRefused(
             f"--resume: {path} was written by a different version of the recipe "

@@ -246,6 +246,27 @@ def _val_split(splits: Sequence[str], asked: str | None, where: str) -> str:
     )
 
 
+def _check_labels(table: Any, label_key: str, where: str) -> None:
+    """A DataError naming the first row of ``table`` without a class index: ``None``, or
+    negative (the datasets library's ``-1`` for "no label", as in unlabelled test splits).
+    Read from the Arrow column at once, before any worker would fail on the row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = table.data.column(label_key)
+    if not (pa.types.is_integer(column.type) or pa.types.is_null(column.type)):
+        return  # not class indices: int() says so
+    missing = pc.or_kleene(pc.is_null(column), pc.fill_null(pc.less(column, 0), False))
+    first = pc.index(missing, True).as_py()
+    if first is None or first < 0:
+        return
+    value = column[first].as_py()
+    raise DataError(
+        f"{where}: row {first} has no label ({label_key} = {value}); every row needs a class "
+        "index from 0: label or drop such rows, or pass --set data.split=NAME for a labelled split"
+    )
+
+
 def build_hfds(cfg: Any, transforms: tuple[Any, Any]) -> tuple[HFDataset, HFDataset, int]:
     """``(train, val, classes)`` of ``data hfds`` (``cfg``: the plan's DataPlan)."""
     loaded = _load_hfds(cfg.name, cfg.root)
@@ -265,6 +286,8 @@ def build_hfds(cfg: Any, transforms: tuple[Any, Any]) -> tuple[HFDataset, HFData
                 f"{where}[{cfg.split}] has no column {key!r} (it has "
                 f"{', '.join(table.column_names)}); pass --set data.{field}=COLUMN"
             )
+    for split in dict.fromkeys((cfg.split, val)):
+        _check_labels(loaded[split], label_key, f"{where}[{split}]")
     feature = table.features[label_key]
     classes = getattr(feature, "num_classes", None)
     if classes is None:  # plain integers: count them

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 import vitkdl
 from vitkdl.errors import VkdError
@@ -47,7 +48,7 @@ from vitkdl.runs import (
 )
 from vitkdl.spec import RecipeSpec, load_spec
 from vitkdl.train import distributed
-from vitkdl.train.loop import RunOptions, TrainError, check_writable, train
+from vitkdl.train.loop import ResumeRefused, RunOptions, TrainError, check_writable, train
 
 __all__ = [
     "BASELINE_ROOTS",
@@ -126,7 +127,7 @@ def _ensure(
         early = stopped_early(summary)
         note = f" ({early}, as far as --max-steps {req.max_steps} asks)" if early else ""
         console.print(
-            f"{why}: {out / 'student.safetensors'} is up to date{note}; reusing it",
+            f"{why}: {escape(str(out / 'student.safetensors'))} is up to date{note}; reusing it",
             highlight=False,
         )
         return [summary]
@@ -225,7 +226,8 @@ def _run_held(
             (),
             req,
             console,
-            f"[bold]{spec.name}[/]: its teacher, the final student of {teacher.from_recipe}",
+            f"[bold]{spec.name}[/]: its teacher, the final student of "
+            f"{escape(teacher.from_recipe)}",
         )
         teacher_run = summaries[-1]  # the teacher's own run comes after its dependencies
 
@@ -240,7 +242,7 @@ def _run_held(
             if early
             else f"{out} is finished; reusing it (--force trains it again)"
         )
-        console.print(f"[bold]{spec.name}[/]: {state}", highlight=False)
+        console.print(f"[bold]{spec.name}[/]: {escape(state)}", highlight=False)
     else:
         summary = _train(spec, out, how, checkpoint, req, console)
         if job.is_main:
@@ -255,7 +257,7 @@ def _run_held(
             baseline_overrides(overrides),
             req,
             console,
-            f"[bold]{spec.name}[/]: its baseline {baseline}",
+            f"[bold]{spec.name}[/]: its baseline {escape(str(baseline))}",
         )
     return summary, summaries
 
@@ -302,13 +304,20 @@ def _train(
         recipe=resolved,
         on_step=req.on_step,
     )
+    link = latest_link(req.out_root, spec.name)
+    before = link.resolve() if link.is_symlink() else None
     if job.is_main:
         write_atomic(out / "recipe.json", json.dumps(resolved, indent=2) + "\n")
         write_atomic(out / "plan.json", plan.model_dump_json(indent=2) + "\n")
         note = point_latest(req.out_root, spec.name, out)
         if note is not None and not req.quiet:
-            console.print(note, highlight=False)
-    return train(plan, opts, console)
+            console.print(note, highlight=False, markup=False)
+    try:
+        return train(plan, opts, console)
+    except ResumeRefused:  # nothing trained: OUT/NAME stays on the run it named before
+        if job.is_main and before is not None and before != out.resolve():
+            point_latest(req.out_root, spec.name, before)
+        raise
 
 
 def run_many(
