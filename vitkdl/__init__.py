@@ -1,9 +1,17 @@
 """vitkdl: a declarative language and compiler for ViTKD knowledge distillation of ViTs.
 
-The pipeline, one stage per module, each importing only earlier ones::
+The pipeline, one stage per module::
 
     source text --syntax--> syntax tree --spec--> RecipeSpec --checks--> diagnostics
                 --planner--> Plan --program--> Program (compiled step) --train--> runs/NAME/
+
+Each layer imports only the layers below it, lowest first: errors, syntax; the node types
+(:mod:`vitkdl.nodes`) and the leaf facts (models, sources, hub, runs, ...); the loss kinds
+(:mod:`vitkdl.terms`, their registry); spec; checks and the language's words; the planner;
+the program; experiments; :mod:`vitkdl.pipeline` (the stages chained); train; bench and the
+tools (lsp, scaffold, the reference); the CLI. This facade re-exports the pipeline, and
+nothing below the CLI imports the facade. ``pyproject.toml`` states this as import-linter
+contracts (``lint-imports``, run by CI), so it is checked, not only claimed.
 
 Python API (every stage can be driven on its own as well)::
 
@@ -14,101 +22,28 @@ Python API (every stage can be driven on its own as well)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitkdl.errors import Diagnostic, Span, VkdError
+from vitkdl.pipeline import Overrides, format_value, load, override_list, plan, validate
 
 if TYPE_CHECKING:
     from vitkdl.planner import Plan
-    from vitkdl.spec import RecipeSpec
 
 __version__ = "0.1.0"
-__all__ = ["Diagnostic", "Span", "VkdError", "__version__", "build", "load", "plan", "validate"]
-
-Overrides = Mapping[str, Any] | Sequence[str] | None
-
-
-def format_value(value: Any) -> str:
-    """A Python value in recipe value syntax (for overrides given as a mapping)."""
-    import re
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    text = str(value)
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*", text):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def override_list(overrides: Overrides) -> list[str]:
-    """``{"train.epochs": 1}`` or ``["train.epochs=1"]`` as ``PATH=VALUE`` strings."""
-    if overrides is None:
-        return []
-    if isinstance(overrides, Mapping):
-        return [f"{k}={format_value(v)}" for k, v in overrides.items()]
-    return list(overrides)
-
-
-def validate(
-    path: str | Path,
-    overrides: Overrides = None,
-    *,
-    strict: bool = False,
-    text: str | None = None,
-    sweep: bool = True,
-) -> tuple[RecipeSpec | None, list[Diagnostic], Any]:
-    """Load and check a recipe without raising: ``(spec, diagnostics, sources)``.
-
-    ``text``: the recipe's unsaved text (an editor buffer); ``path`` still names it.
-    ``sweep``: check the recipe's ``sweep`` block too, every cell and seed of it.
-    """
-    from vitkdl.checks import run_checks
-    from vitkdl.spec import load_spec
-
-    spec, diags, sources = load_spec(path, override_list(overrides), text=text)
-    if spec is not None and spec.student is not None:
-        ctx, more = run_checks(spec, strict=strict)
-        diags = diags + more
-        if not any(d.is_error for d in diags):  # the terms resolve: weigh their coefficients
-            from vitkdl.planner import coefficient_warnings, term_plans
-
-            diags = diags + coefficient_warnings(spec, term_plans(spec, ctx))
-    if sweep and spec is not None:
-        from vitkdl.experiment import check_sweep
-
-        diags = diags + check_sweep(
-            path, override_list(overrides), sources, strict=strict, text=text, known=diags
-        )
-    return spec, diags, sources
-
-
-def load(path: str | Path, overrides: Overrides = None, *, strict: bool = False) -> RecipeSpec:
-    """Load a recipe (``extends`` and overrides resolved) and check it.
-
-    Raises :class:`VkdError` carrying every diagnostic when any is an error. ``strict`` turns
-    what ``validate`` only warns about (missing data root or weight files) into errors.
-    """
-    spec, diags, sources = validate(path, overrides, strict=strict, sweep=False)
-    if spec is None or any(d.is_error for d in diags):
-        raise VkdError(diags, sources)
-    return spec
-
-
-def plan(spec: RecipeSpec, world_size: int = 1) -> Plan:
-    """The resolved :class:`~vitkdl.planner.Plan` of a loaded spec."""
-    from vitkdl.checks import make_context
-    from vitkdl.planner import make_plan
-
-    ctx = make_context(spec)
-    if ctx.model_errors:
-        raise VkdError(list(ctx.model_errors))
-    return make_plan(spec, ctx, world_size=world_size)
+__all__ = [
+    "Diagnostic",
+    "Overrides",
+    "Span",
+    "VkdError",
+    "__version__",
+    "build",
+    "format_value",
+    "load",
+    "override_list",
+    "plan",
+    "validate",
+]
 
 
 def build(plan: Plan, device: Any = None, **kwargs: Any) -> Any:

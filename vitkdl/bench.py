@@ -69,7 +69,7 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import vitkdl
+from vitkdl import pipeline
 from vitkdl.bench_options import (
     BACKENDS,
     DEFAULT_STEPS,
@@ -80,6 +80,7 @@ from vitkdl.bench_options import (
 from vitkdl.planner import Plan, TapPoint
 from vitkdl.program import (
     Program,
+    build,
     create_model,
     distilled_heads,
     model_taps,
@@ -471,10 +472,10 @@ def _program_timer(work: _Workload, compiled: bool) -> tuple[_Timer, Program, Up
     """(a) or (b): vitkdl's step, compiled or eager, then the trainer's update."""
     torch.manual_seed(work.plan.seed)
     if compiled and work.backend == "inductor":
-        program = vitkdl.build(work.plan, work.device, load=False, compile=work.mode or "default")
+        program = build(work.plan, work.device, load=False, compile=work.mode or "default")
         step = program.step
     else:
-        program = vitkdl.build(work.plan, work.device, load=False, compile="off")
+        program = build(work.plan, work.device, load=False, compile="off")
         step = work.compile(program.forward) if compiled else program.forward
     program.train()
     update = _update(work.plan, program.terms.named_parameters(), program.student, work)
@@ -1222,7 +1223,7 @@ def run_bench(
     keyword arguments go to :func:`bench_plan`. Raises :class:`vitkdl.VkdError` for a recipe
     with errors and :class:`BenchError` for a bad option.
     """
-    over = vitkdl.override_list(overrides)
+    over = pipeline.override_list(overrides)
     if batch is not None:
         if batch < 1:
             raise BenchError("--batch must be at least 1")
@@ -1230,5 +1231,5 @@ def run_bench(
             # Two values for one path are an error (not "the last wins"), said in its words.
             raise BenchError("--batch and --set data.batch_size both set the batch; give one")
         over.append(f"data.batch_size={batch}")
-    plan = vitkdl.plan(vitkdl.load(path, over))
+    plan = pipeline.plan(pipeline.load(path, over))
     return bench_plan(plan, **kwargs)

@@ -55,11 +55,11 @@ class _Resolved:
 
 def _resolve(text: str, path: Path, *, check: bool = True) -> _Resolved:
     """Validate and plan ``text``; with ``check``, any error is an :class:`InitError`."""
-    import vitkdl
     from vitkdl.checks import make_context
+    from vitkdl.pipeline import validate
     from vitkdl.planner import make_plan
 
-    spec, diags, _ = vitkdl.validate(path, text=text)
+    spec, diags, _ = validate(path, text=text)
     errors = [d for d in diags if d.is_error]
     if spec is None or (errors and check):
         raise InitError("\n".join(_brief(d) for d in errors or diags))

@@ -50,12 +50,12 @@ def _same_file(name: str, path: Path) -> bool:
 
 def analyse(text: str, path: Path) -> Analysis:
     """Check ``text`` as the recipe at ``path`` (diagnostics, model facts, plan)."""
-    import vitkdl
     from vitkdl.checks import make_context
     from vitkdl.errors import VkdError
+    from vitkdl.pipeline import validate
     from vitkdl.planner import make_plan
 
-    spec, diags, sources = vitkdl.validate(path, text=text)
+    spec, diags, sources = validate(path, text=text)
     out = Analysis(path, text, spec, tuple(diags), sources)
     if spec is None or spec.student is None:
         return out

@@ -31,7 +31,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-import vitkdl
+from vitkdl import pipeline
 from vitkdl.errors import VkdError
 from vitkdl.experiment import BASELINE_ROOTS, baseline_of, baseline_overrides, smoke_overrides
 from vitkdl.runs import (
@@ -120,7 +120,7 @@ def _ensure(
     """The summaries of a run of ``path`` under ``overrides`` and ``req.max_steps``: a
     finished one (or one already as far as ``--max-steps`` asks) is reused, else it is trained
     now (an unfinished run of it is continued)."""
-    spec = vitkdl.load(path, list(overrides), strict=True)
+    spec = pipeline.load(path, list(overrides), strict=True)
     out = run_dir(req.out_root, spec.name, spec.hash())
     summary = done(out, spec.hash(), req.max_steps)
     if summary is not None:
@@ -193,7 +193,7 @@ def run_recipe(
         if probe is None:
             raise VkdError(diags, sources)
         overrides = smoke_overrides(probe, overrides) + overrides
-    spec = vitkdl.load(path, overrides, strict=not req.smoke)
+    spec = pipeline.load(path, overrides, strict=not req.smoke)
     job = distributed.current()
     out = run_dir(req.out_root, spec.name, spec.hash())
     if job.is_main:
@@ -288,7 +288,7 @@ def _train(
     console: Console,
 ) -> dict[str, Any]:
     job = distributed.current()
-    plan = vitkdl.plan(spec, world_size=job.world_size)
+    plan = pipeline.plan(spec, world_size=job.world_size)
     resolved = spec.canonical()
     opts = RunOptions(
         out_dir=out,

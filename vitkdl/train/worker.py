@@ -130,7 +130,7 @@ def execute(
 ) -> tuple[int, str]:
     """Run ``task`` in this process, printing to ``console``; returns (exit status, the
     reason when it did not finish)."""
-    from vitkdl.cli.common import print_diagnostics
+    from vitkdl.diagnostics_print import print_diagnostics
     from vitkdl.errors import VkdError
     from vitkdl.train.runner import RunRequest, run_recipe
 

@@ -39,12 +39,10 @@ from vitkdl.terms.base import (
     teacher_on_student_grid,
     term_plan,
 )
+from vitkdl.terms.generate.counts import MLP_RATIO, masked
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
-
-
-MLP_RATIO = 4  # the attention generator's block, as a timm ViT block
 
 
 class GenerateSpec(PairedTermSpec):
@@ -69,11 +67,6 @@ class GenerateOptions(KindOptions):
     resample: str | None = None
     teacher_grid: tuple[int, int] | None = None
     student_grid: tuple[int, int] | None = None
-
-
-def masked(tokens: int, mask: float) -> int:
-    """Tokens masked per sample, as the authors count them: ``N - int(N * (1 - mask))``."""
-    return tokens - int(tokens * (1 - mask))
 
 
 def generator_plan(kind: str, width: int, heads: int, tokens: int) -> AdapterPlan:

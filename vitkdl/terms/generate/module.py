@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkdl.terms._torch import adapter_input, as_list, check_tokens, make_align
-from vitkdl.terms.generate import MLP_RATIO, masked
+from vitkdl.terms.generate.counts import MLP_RATIO, masked
 
 
 class Generate(nn.Module):
