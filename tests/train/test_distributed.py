@@ -280,9 +280,11 @@ def test_two_processes_save_by_steps_and_stop_together_on_sigterm(tmp_path) -> N
     assert summary["steps"] == 3 * ((1437 // 2) // 16) and summary["ranks_in_sync"]
 
 
-def test_ctrl_c_to_the_process_group_stops_both_ranks_at_one_step(tmp_path) -> None:
+@pytest.mark.parametrize("to_group", [True, False], ids=["ctrl-c", "kill-int-pid"])
+def test_ctrl_c_to_the_process_group_stops_both_ranks_at_one_step(tmp_path, to_group) -> None:
     """Ctrl-C (SIGINT to the terminal's whole process group: launcher, torchrun, workers) is
-    one press: both ranks save at the step they agree on and the launcher exits 130."""
+    one press: both ranks save at the step they agree on and the launcher exits 130. The same
+    for SIGINT to the launcher's PID alone (torchrun and the workers have it from it)."""
     import os
     import signal
     import time
@@ -304,10 +306,14 @@ def test_ctrl_c_to_the_process_group_stops_both_ranks_at_one_step(tmp_path) -> N
         if metrics.exists() and metrics.read_text().count('"train"') >= 30:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "stopped by SIGINT" in err and "aborted" not in err
+    assert not (runs / "pair" / "summary.json").exists()  # it did not train on to the end
     saved = torch.load(runs / "pair" / "last.pt", weights_only=True)
     assert saved["step"] >= 30 and saved["step"] % 10 == 0  # where the ranks agreed to stop
     assert len(saved["rng"]) == 2

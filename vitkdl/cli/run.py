@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
 
@@ -158,6 +160,29 @@ def is_experiment(args: argparse.Namespace) -> bool:
 _LAUNCHER_NOISE = re.compile(r"^(E|W)\d{4} .*(elastic|distributed)|^\*{5,}|^Setting OMP_NUM")
 
 
+def _relay(stream: TextIO, shown: list[str]) -> None:
+    """Pass torchrun's output on to stderr, up to its traceback or failure table."""
+    hiding = False
+    for line in stream:
+        hiding = hiding or line.startswith(("Traceback (most recent call last):", "====="))
+        if not hiding and not _LAUNCHER_NOISE.match(line):
+            sys.stderr.write(line)
+            shown.append(line)
+
+
+def _abort_workers(torchrun: int) -> None:
+    """A second Ctrl-C: a second SIGINT to each of torchrun's workers (its children), which
+    aborts them at once (:func:`vitkdl.train.signals.interrupt_stops`); torchrun, in the middle
+    of passing the first one on, would not pass this one."""
+    try:
+        children = Path(f"/proc/{torchrun}/task/{torchrun}/children").read_text().split()
+    except OSError:  # not Linux: the workers stop at their step as asked
+        return
+    for pid in children:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid), signal.SIGINT)
+
+
 def launch_torchrun(nproc: int) -> int:
     """Re-run this command under torchrun with ``nproc`` processes on this machine."""
     argv = sys.argv[1:]
@@ -183,33 +208,36 @@ def launch_torchrun(nproc: int) -> int:
         "vitkdl",
         *rest,
     ]
-    from vitkdl.train.signals import exit_status, interrupt_stops, stop_signals
+    from vitkdl.train.signals import exit_status, interrupt_stops, stop_signals, stop_with_parent
 
     # The workers report their own errors; what the launcher prints after a failure (its
-    # traceback and failure table) adds nothing for a user, so it is held back.
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # traceback and failure table) adds nothing for a user, so it is held back. torchrun runs
+    # in a session of its own (its workers too, in theirs): a stop reaches it from this
+    # process alone, once, whether it came from a terminal or was sent to this PID only.
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=stop_with_parent,  # if this process is killed, torchrun saves and stops
+    )
     assert proc.stderr is not None
     stopped: list[str] = []
 
-    def forward(name: str) -> None:  # torchrun passes SIGTERM on to its workers
+    def forward(name: str) -> None:  # torchrun passes the signal on to its workers
         stopped.append(name)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT if name == "SIGINT" else signal.SIGTERM)
 
-    def pressed(name: str) -> None:  # torchrun had the same Ctrl-C from the terminal; a
-        stopped.append(name)  # second signal to it could skip a rank's copy of the first
-
-    hiding = False
     shown: list[str] = []
-
-    # The workers run in sessions of their own: a terminal's Ctrl-C reaches them from
-    # torchrun alone, once (rank 0 prints the note). Holding it here keeps this process
-    # reading their output until they have saved.
-    with stop_signals(forward), interrupt_stops(pressed, lambda note: None):
-        for line in proc.stderr:
-            hiding = hiding or line.startswith(("Traceback (most recent call last):", "====="))
-            if not hiding and not _LAUNCHER_NOISE.match(line):
-                sys.stderr.write(line)
-                shown.append(line)
+    # The first Ctrl-C: the workers stop at the step they agree on, with a checkpoint (rank 0
+    # prints the note); this process reads their output until they have saved. A second one
+    # aborts them at once.
+    with stop_signals(forward), interrupt_stops(forward, lambda note: None):
+        try:
+            _relay(proc.stderr, shown)
+        except KeyboardInterrupt:
+            _abort_workers(proc.pid)
+            _relay(proc.stderr, shown)
         code = proc.wait()
     if stopped:  # the workers saved a checkpoint at their next step
         return exit_status(stopped[0])

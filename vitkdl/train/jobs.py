@@ -56,6 +56,7 @@ from vitkdl.train.signals import (
     exit_status,
     interrupt_stops,
     stop_signals,
+    stop_with_parent,
 )
 from vitkdl.train.worker import Task, execute, failure_reason, log_file, read_progress
 
@@ -322,6 +323,7 @@ class LocalLauncher:
                 stdin=subprocess.DEVNULL,
                 env=self.env(slot),
                 start_new_session=True,  # stops reach it from the experiment, once
+                preexec_fn=stop_with_parent,  # and if the experiment is killed, it stops too
             )
         finally:
             log.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -74,3 +75,17 @@ def interrupt_stops(on_stop: Callable[[str], None], note: Callable[[str], None])
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def stop_with_parent() -> None:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux; elsewhere
+    nothing): a child started in a session of its own (``start_new_session``, so that a
+    terminal's Ctrl-C reaches it from its parent alone) then still saves and stops when the
+    parent is killed. Also a ``preexec_fn`` (it runs in the child before it execs)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
