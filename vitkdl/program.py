@@ -352,17 +352,36 @@ def head_pass(
         else:
             final, taps = model.forward_features(images), {}
     else:
-        final, taps = _block_pass(model, images, points, prefix)
+        x, taps = _block_pass(model, images, points, prefix)
+        final = model.norm(x)
     taps["norm"] = final[:, prefix:]
     if any(p.point == "fc_norm" for p in points):  # the pooled, normalised feature: one token
         taps["fc_norm"] = model.fc_norm(model.pool(final)).unsqueeze(1)
     return model.forward_head(final), taps
 
 
+def shallow_pass(
+    model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int, depth: int
+) -> dict[str, Tensor]:
+    """The taps of a timm ViT (as :func:`head_pass` gives them) from its first ``depth``
+    blocks only: no later block, final norm or head runs. For a teacher whose logits and
+    later points no term reads; the taps are the very tensors the full pass computes."""
+    if all(p.point == "out" for p in points):
+        blocks = sorted({p.block for p in points if p.block is not None})
+        assert blocks and blocks[-1] < depth
+        feats = model.forward_intermediates(
+            images, indices=blocks, output_fmt="NLC", stop_early=True, intermediates_only=True
+        )
+        return {f"blocks.{b}": f for b, f in zip(blocks, feats, strict=True)}
+    return _block_pass(model, images, points, prefix, depth)[1]
+
+
 def _block_pass(
-    model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int
+    model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int, depth: int | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """timm's ``forward_features``, block by block, tapping inside the requested blocks."""
+    """timm's ``forward_features`` before the final norm, block by block, tapping inside the
+    requested blocks: the residual stream after the first ``depth`` blocks (all by default)
+    and the taps."""
     want: dict[int, set[str]] = {}
     for p in points:
         if p.block is not None:
@@ -370,6 +389,8 @@ def _block_pass(
     taps: dict[str, Tensor] = {}
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     for i, blk in enumerate(model.blocks):
+        if depth is not None and i >= depth:
+            break
         inside = want.get(i, set())
         if inside <= {"mlp"}:
             x = blk(x)
@@ -386,7 +407,7 @@ def _block_pass(
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         if "mlp" in inside:
             taps[f"blocks.{i}"] = x[:, prefix:]
-    return model.norm(x), taps
+    return x, taps
 
 
 def attention_with_map(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -532,6 +553,11 @@ class Program(nn.Module):
         self._teacher_points = model_taps(plan.terms, "teacher")
         self._teacher_prefix = plan.teacher.prefix_tokens if plan.teacher else 0
         self._needs_teacher = teacher is not None and plan.teacher_used
+        # Only as deep as read: the teacher stops after its deepest tapped block when nothing
+        # later (logits, final norm, later blocks) is read (None: the full pass).
+        self._teacher_stop: int | None = None
+        if plan.teacher is not None and 0 < plan.teacher_depth < plan.teacher.depth:
+            self._teacher_stop = plan.teacher_depth
         self._dist = _Distribution()
         if teacher is not None:
             teacher.requires_grad_(False)
@@ -687,11 +713,21 @@ class Program(nn.Module):
 
     def teacher_pass(self, images: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The teacher's logits and taps for a batch (no gradients), or ``(None, {})`` when
-        no term needs them."""
+        no term needs them. A teacher whose logits no term reads stops after the plan's
+        :attr:`~vitkdl.planner.Plan.teacher_depth` blocks: its logits are then None."""
         if not self._needs_teacher:
             return None, {}
         assert self.teacher is not None
         with torch.no_grad(), self._autocast(images.device.type):
+            if self._teacher_stop is not None:
+                taps = shallow_pass(
+                    self.teacher,
+                    self.teacher_input(images),
+                    self._teacher_points,
+                    self._teacher_prefix,
+                    self._teacher_stop,
+                )
+                return None, taps
             return tap_pass(
                 self.teacher, self.teacher_input(images), self._teacher_points, self._teacher_prefix
             )

@@ -395,6 +395,7 @@ def run(args: argparse.Namespace) -> int:
         out.print_json(data=data)
     else:
         render_plan(plan, out, origins)
+        render_teacher_depth(plan, out)
         if not grid.empty:
             render_sweep(grid, out)
         if report is not None:
@@ -405,6 +406,22 @@ def run(args: argparse.Namespace) -> int:
             for line in report["lines"]:
                 out.print(f"  {escape(line)}")
     return 0
+
+
+def render_teacher_depth(plan: Plan, out: Console) -> None:
+    """``teacher depth: 2 of 12 blocks ...``: printed only when the teacher stops early (no term
+    reads its logits or any point after its deepest tapped block), with the FLOPs of the depth
+    that runs against the full forward's."""
+    t = plan.teacher
+    if t is None or not plan.teacher_used or not 0 < plan.teacher_depth < t.depth:
+        return
+    out.print(
+        f"[bold]teacher depth[/]: {plan.teacher_depth} of {t.depth} blocks run (no term reads "
+        f"its logits or any point after block {plan.teacher_depth - 1}: no later block, final "
+        f"norm or head), {_n(plan.cost.teacher_forward)} FLOPs per image instead of "
+        f"{_n(t.forward_flops)} "
+        f"({plan.cost.teacher_forward / t.forward_flops:.0%} of a full teacher forward)"
+    )
 
 
 def sweep_data(grid: Grid) -> dict[str, object]:
