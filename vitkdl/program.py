@@ -491,14 +491,21 @@ class StudentSide(nn.Module):
         # The terms run under autocast too (their adapters' matmuls and convolutions in bf16 on
         # a GPU); each computes its error and reduction in fp32.
         with _autocast(images.device.type, self.autocast_dtype):
-            out, s_taps = head_pass(self.student, images, self.points, self.prefix)
-            s_dist = None
-            if self.dist_head:
-                s_logits, s_dist = distilled_heads(out)
-            else:
-                s_logits = single_logits(out)
-            inputs = StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist)
+            inputs = self.step_inputs(images, targets, t_logits, t_taps)
             return term_losses(self.plan_terms, self.terms, inputs)
+
+    def step_inputs(
+        self, images: Tensor, targets: Tensor, t_logits: Tensor | None, t_taps: dict[str, Tensor]
+    ) -> StepInputs:
+        """The student's pass on a batch with the teacher's outputs, as every term reads them
+        (under the caller's autocast): what :meth:`forward` feeds the terms."""
+        out, s_taps = head_pass(self.student, images, self.points, self.prefix)
+        s_dist = None
+        if self.dist_head:
+            s_logits, s_dist = distilled_heads(out)
+        else:
+            s_logits = single_logits(out)
+        return StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist)
 
 
 def fsdp_policy(dtype: torch.dtype | None) -> Any:
