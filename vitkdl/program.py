@@ -78,6 +78,18 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
+def teacher_precision(
+    device: torch.device, autocast_dtype: torch.dtype | None
+) -> torch.dtype | None:
+    """The dtype the frozen teacher's weights are held in, or None for fp32: bf16 under bf16
+    autocast on CUDA, where autocast would otherwise cast every fp32 weight to bf16 again at
+    each step (the teacher never trains, so its fp32 master copy buys nothing). Elsewhere the
+    teacher keeps fp32 weights (CPU autocast, fp16 with its loss scaling, fp32)."""
+    if device.type == "cuda" and autocast_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     """An autocast dtype as a recipe writes it (``bf16``, ``fp16``; ``fp32`` for None)."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32") if dtype else "fp32"
@@ -566,6 +578,7 @@ class Program(nn.Module):
         if plan.teacher is not None and 0 < plan.teacher_depth < plan.teacher.depth:
             self._teacher_stop = plan.teacher_depth
         self._dist = _Distribution()
+        self.teacher_dtype: torch.dtype | None = None
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -598,6 +611,15 @@ class Program(nn.Module):
             self.predict_heads = torch.compile(
                 self.student_heads, fullgraph=True, mode=compile_mode
             )
+
+    def hold_teacher(self, dtype: torch.dtype | None) -> None:
+        """Hold the frozen teacher's weights in ``dtype`` (None: as they are); its input is
+        cast to it too, so it runs in that precision with or without autocast. Call before
+        the step is first compiled."""
+        if self.teacher is None or dtype is None:
+            return
+        self.teacher.to(dtype)
+        self.teacher_dtype = dtype
 
     @property
     def student(self) -> nn.Module:
@@ -710,6 +732,8 @@ class Program(nn.Module):
             images = images * self.teacher_scale + self.teacher_shift
         if self.teacher_resize is not None:
             images = resize_input(images, *self.teacher_resize)
+        if self.teacher_dtype is not None:
+            images = images.to(self.teacher_dtype)
         return images
 
     def teacher_logits(self, images: Tensor) -> Tensor:
@@ -820,11 +844,14 @@ def build(
             load_weights(teacher, path, "teacher")
     terms = nn.ModuleDict({t.name: KINDS[t.kind].module(t) for t in plan.terms}).to(dev)
     mode = resolve_compile(compile or plan.compile, dev)
-    return Program(
+    autocast_dtype = resolve_precision(plan.precision, dev)
+    program = Program(
         plan,
         student,
         teacher,
         terms,
-        autocast_dtype=resolve_precision(plan.precision, dev),
+        autocast_dtype=autocast_dtype,
         compile_mode=mode,
     ).to(dev)
+    program.hold_teacher(teacher_precision(dev, autocast_dtype))
+    return program
