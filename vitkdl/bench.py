@@ -502,10 +502,10 @@ def _part_functions(work: _Workload, program: Program) -> tuple[_PartFn | None, 
     s_prefix = plan.student.prefix_tokens
     student, terms = program.student, program.terms
 
-    def teacher_fwd(images: Tensor) -> tuple[Tensor, list[Tensor]]:
-        logits, taps = program.teacher_pass(images)  # the step's own teacher half
-        assert logits is not None
-        return logits, [taps[k] for k in t_keys]
+    def teacher_fwd(images: Tensor) -> tuple[Tensor | None, list[Tensor]]:
+        # The step's own teacher half (no logits nor final norm when it stops early)
+        logits, taps = program.teacher_pass(images)
+        return logits, [taps[k] for k in t_keys if k in taps]
 
     def student_fwd(images: Tensor) -> tuple[Tensor, list[Tensor]]:
         with _autocast(work.device, work.dtype):

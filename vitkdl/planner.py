@@ -161,6 +161,10 @@ class Plan(_Plain):
     student: ModelPlan
     teacher: ModelPlan | None
     teacher_used: bool  # some term reads the teacher: it is built, run and evaluated
+    # The teacher's blocks the step runs (0 when no term reads the teacher): all of them, or,
+    # when no term reads its logits or any point after block k, k + 1 (the step stops there:
+    # no later block, final norm or head). See :func:`teacher_depth`.
+    teacher_depth: int = 0
     terms: list[TermPlan]
     data: DataPlan
     optimizer: OptimizerPlan
@@ -287,7 +291,8 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
     opt = spec.train.optimizer
     sched = spec.train.schedule
     teacher_used = teacher is not None and needs_teacher(t.kind for t in terms)
-    teacher_fwd = teacher.forward_flops if teacher is not None and teacher_used else 0
+    depth = teacher_depth(teacher, terms) if teacher_used else 0
+    teacher_fwd = teacher_flops(teacher, depth) if teacher is not None and teacher_used else 0
     adapter_flops = sum(t.adapter_flops for t in terms)
     cost = CostPlan(
         teacher_forward=teacher_fwd,
@@ -304,6 +309,7 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
         student=student,
         teacher=teacher,
         teacher_used=teacher_used,
+        teacher_depth=depth,
         terms=terms,
         data=data_plan(spec, student, world_size),
         optimizer=OptimizerPlan(
@@ -338,6 +344,39 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
         world_size=world_size,
         cost=cost,
     )
+
+
+def teacher_depth(teacher: ModelPlan | None, terms: list[TermPlan]) -> int:
+    """How many of the teacher's blocks the step runs: its whole depth when a term reads its
+    logits, its final norm or pooled feature (or it has no ViT blocks), else up to and
+    including the deepest block some term taps."""
+    if teacher is None:
+        return 0
+    points = [p for t in terms for p in t.teacher]
+    if (
+        not teacher.vit
+        or not points
+        or any(KINDS[t.kind].reads_teacher_logits for t in terms)
+        or any(p.block is None for p in points)
+    ):
+        return teacher.depth
+    return max(p.block for p in points if p.block is not None) + 1
+
+
+def teacher_flops(teacher: ModelPlan, depth: int) -> int:
+    """Forward FLOPs per image of the teacher run through its first ``depth`` blocks (its whole
+    forward at full depth). The counted forward is the patch embedding, ``teacher.depth`` equal
+    blocks and the head(s) (norms and additions count no FLOPs), so one block's share is what
+    is left after the patch embedding and head; exact for timm's plain ViT blocks."""
+    full = teacher.forward_flops
+    if depth >= teacher.depth or teacher.depth == 0:
+        return full
+    stem = 2 * teacher.tokens * teacher.in_chans * teacher.patch_size**2 * teacher.width
+    head = (2 if teacher.distilled else 1) * 2 * teacher.width * teacher.num_classes
+    block = (full - stem - head) / teacher.depth
+    if block <= 0:  # a stem other than one patch projection (a hybrid): scale the whole
+        return round(full * depth / teacher.depth)
+    return round(stem + depth * block)
 
 
 def term_plans(spec: RecipeSpec, ctx: Context) -> list[TermPlan]:

@@ -78,6 +78,18 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
+def teacher_precision(
+    device: torch.device, autocast_dtype: torch.dtype | None
+) -> torch.dtype | None:
+    """The dtype the frozen teacher's weights are held in, or None for fp32: bf16 under bf16
+    autocast on CUDA, where autocast would otherwise cast every fp32 weight to bf16 again at
+    each step (the teacher never trains, so its fp32 master copy buys nothing). Elsewhere the
+    teacher keeps fp32 weights (CPU autocast, fp16 with its loss scaling, fp32)."""
+    if device.type == "cuda" and autocast_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     """An autocast dtype as a recipe writes it (``bf16``, ``fp16``; ``fp32`` for None)."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32") if dtype else "fp32"
@@ -352,17 +364,36 @@ def head_pass(
         else:
             final, taps = model.forward_features(images), {}
     else:
-        final, taps = _block_pass(model, images, points, prefix)
+        x, taps = _block_pass(model, images, points, prefix)
+        final = model.norm(x)
     taps["norm"] = final[:, prefix:]
     if any(p.point == "fc_norm" for p in points):  # the pooled, normalised feature: one token
         taps["fc_norm"] = model.fc_norm(model.pool(final)).unsqueeze(1)
     return model.forward_head(final), taps
 
 
+def shallow_pass(
+    model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int, depth: int
+) -> dict[str, Tensor]:
+    """The taps of a timm ViT (as :func:`head_pass` gives them) from its first ``depth``
+    blocks only: no later block, final norm or head runs. For a teacher whose logits and
+    later points no term reads; the taps are the very tensors the full pass computes."""
+    if all(p.point == "out" for p in points):
+        blocks = sorted({p.block for p in points if p.block is not None})
+        assert blocks and blocks[-1] < depth
+        feats = model.forward_intermediates(
+            images, indices=blocks, output_fmt="NLC", stop_early=True, intermediates_only=True
+        )
+        return {f"blocks.{b}": f for b, f in zip(blocks, feats, strict=True)}
+    return _block_pass(model, images, points, prefix, depth)[1]
+
+
 def _block_pass(
-    model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int
+    model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int, depth: int | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """timm's ``forward_features``, block by block, tapping inside the requested blocks."""
+    """timm's ``forward_features`` before the final norm, block by block, tapping inside the
+    requested blocks: the residual stream after the first ``depth`` blocks (all by default)
+    and the taps."""
     want: dict[int, set[str]] = {}
     for p in points:
         if p.block is not None:
@@ -370,6 +401,8 @@ def _block_pass(
     taps: dict[str, Tensor] = {}
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     for i, blk in enumerate(model.blocks):
+        if depth is not None and i >= depth:
+            break
         inside = want.get(i, set())
         if inside <= {"mlp"}:
             x = blk(x)
@@ -386,7 +419,7 @@ def _block_pass(
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         if "mlp" in inside:
             taps[f"blocks.{i}"] = x[:, prefix:]
-    return model.norm(x), taps
+    return x, taps
 
 
 def attention_with_map(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -470,14 +503,21 @@ class StudentSide(nn.Module):
         # The terms run under autocast too (their adapters' matmuls and convolutions in bf16 on
         # a GPU); each computes its error and reduction in fp32.
         with _autocast(images.device.type, self.autocast_dtype):
-            out, s_taps = head_pass(self.student, images, self.points, self.prefix)
-            s_dist = None
-            if self.dist_head:
-                s_logits, s_dist = distilled_heads(out)
-            else:
-                s_logits = single_logits(out)
-            inputs = StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist)
+            inputs = self.step_inputs(images, targets, t_logits, t_taps)
             return term_losses(self.plan_terms, self.terms, inputs)
+
+    def step_inputs(
+        self, images: Tensor, targets: Tensor, t_logits: Tensor | None, t_taps: dict[str, Tensor]
+    ) -> StepInputs:
+        """The student's pass on a batch with the teacher's outputs, as every term reads them
+        (under the caller's autocast): what :meth:`forward` feeds the terms."""
+        out, s_taps = head_pass(self.student, images, self.points, self.prefix)
+        s_dist = None
+        if self.dist_head:
+            s_logits, s_dist = distilled_heads(out)
+        else:
+            s_logits = single_logits(out)
+        return StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist)
 
 
 def fsdp_policy(dtype: torch.dtype | None) -> Any:
@@ -532,7 +572,13 @@ class Program(nn.Module):
         self._teacher_points = model_taps(plan.terms, "teacher")
         self._teacher_prefix = plan.teacher.prefix_tokens if plan.teacher else 0
         self._needs_teacher = teacher is not None and plan.teacher_used
+        # Only as deep as read: the teacher stops after its deepest tapped block when nothing
+        # later (logits, final norm, later blocks) is read (None: the full pass).
+        self._teacher_stop: int | None = None
+        if plan.teacher is not None and 0 < plan.teacher_depth < plan.teacher.depth:
+            self._teacher_stop = plan.teacher_depth
         self._dist = _Distribution()
+        self.teacher_dtype: torch.dtype | None = None
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -565,6 +611,15 @@ class Program(nn.Module):
             self.predict_heads = torch.compile(
                 self.student_heads, fullgraph=True, mode=compile_mode
             )
+
+    def hold_teacher(self, dtype: torch.dtype | None) -> None:
+        """Hold the frozen teacher's weights in ``dtype`` (None: as they are); its input is
+        cast to it too, so it runs in that precision with or without autocast. Call before
+        the step is first compiled."""
+        if self.teacher is None or dtype is None:
+            return
+        self.teacher.to(dtype)
+        self.teacher_dtype = dtype
 
     @property
     def student(self) -> nn.Module:
@@ -677,6 +732,8 @@ class Program(nn.Module):
             images = images * self.teacher_scale + self.teacher_shift
         if self.teacher_resize is not None:
             images = resize_input(images, *self.teacher_resize)
+        if self.teacher_dtype is not None:
+            images = images.to(self.teacher_dtype)
         return images
 
     def teacher_logits(self, images: Tensor) -> Tensor:
@@ -687,11 +744,21 @@ class Program(nn.Module):
 
     def teacher_pass(self, images: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The teacher's logits and taps for a batch (no gradients), or ``(None, {})`` when
-        no term needs them."""
+        no term needs them. A teacher whose logits no term reads stops after the plan's
+        :attr:`~vitkdl.planner.Plan.teacher_depth` blocks: its logits are then None."""
         if not self._needs_teacher:
             return None, {}
         assert self.teacher is not None
         with torch.no_grad(), self._autocast(images.device.type):
+            if self._teacher_stop is not None:
+                taps = shallow_pass(
+                    self.teacher,
+                    self.teacher_input(images),
+                    self._teacher_points,
+                    self._teacher_prefix,
+                    self._teacher_stop,
+                )
+                return None, taps
             return tap_pass(
                 self.teacher, self.teacher_input(images), self._teacher_points, self._teacher_prefix
             )
@@ -777,11 +844,14 @@ def build(
             load_weights(teacher, path, "teacher")
     terms = nn.ModuleDict({t.name: KINDS[t.kind].module(t) for t in plan.terms}).to(dev)
     mode = resolve_compile(compile or plan.compile, dev)
-    return Program(
+    autocast_dtype = resolve_precision(plan.precision, dev)
+    program = Program(
         plan,
         student,
         teacher,
         terms,
-        autocast_dtype=resolve_precision(plan.precision, dev),
+        autocast_dtype=autocast_dtype,
         compile_mode=mode,
     ).to(dev)
+    program.hold_teacher(teacher_precision(dev, autocast_dtype))
+    return program

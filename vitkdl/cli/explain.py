@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -49,6 +51,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also build the models (random weights) and trace the training step "
         "with torch._dynamo.explain: graphs, graph breaks, trace time",
+    )
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="also run the recipe's program (its weights loaded, eager, no optimizer step) on "
+        "a few real batches of its training data: each term's value, its share of the loss "
+        "and of the student's gradient, and the teacher's own top-1 on those batches",
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=2,
+        metavar="N",
+        help="batches the probe runs (default: 2)",
+    )
+    p.add_argument("--device", default=None, help="the probe's device (default: cuda if any)")
+    p.add_argument(
+        "--runs",
+        default="runs",
+        metavar="DIR",
+        help="where a teacher `from` a recipe finds its run (default: runs)",
     )
     add_recipe_options(p)
     p.set_defaults(func=run)
@@ -375,6 +398,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     grid, _ = read_sweep(args.recipe, sources)  # its problems were reported by validate
     report = compile_report(plan) if args.compile else None
+    probed = None
+    if args.probe:
+        probed, code = _probe(plan, args, err)
+        if probed is None:
+            return code
     # Where each call argument came from: the spec's spans (the plan holds only values).
     origins = {
         "optimizer": spec.call_origins(spec.train.optimizer),
@@ -392,9 +420,12 @@ def run(args: argparse.Namespace) -> int:
             data["sweep"] = sweep_data(grid)
         if report is not None:
             data["compile_report"] = report
+        if probed is not None:
+            data["probe"] = probed.to_dict()
         out.print_json(data=data)
     else:
         render_plan(plan, out, origins)
+        render_teacher_depth(plan, out)
         if not grid.empty:
             render_sweep(grid, out)
         if report is not None:
@@ -404,7 +435,92 @@ def run(args: argparse.Namespace) -> int:
             )
             for line in report["lines"]:
                 out.print(f"  {escape(line)}")
+        if probed is not None:
+            render_probe(probed, out)
     return 0
+
+
+def _probe(plan: Plan, args: argparse.Namespace, err: Console) -> tuple[Any, int]:
+    """Run the probe (imports torch), or print why it cannot run: ``(report, 0)`` or
+    ``(None, exit status)``."""
+    from vitkdl.errors import VkdError
+    from vitkdl.program import device_problem
+    from vitkdl.train.data import DataError
+
+    if args.batches < 1:
+        err.print("vitkdl explain: error: --batches must be at least 1")
+        return None, 2
+    if args.device is not None and (problem := device_problem(args.device)) is not None:
+        err.print(f"vitkdl explain: error: {escape(problem)}")
+        return None, 2
+    from vitkdl.probe import probe
+
+    try:
+        return probe(plan, args.batches, args.device, runs_dir=args.runs), 0
+    except VkdError as exc:
+        print_diagnostics(err, exc.diagnostics, exc.sources)
+        return None, 2
+    except DataError as exc:
+        err.print(f"vitkdl explain: error: {escape(str(exc))}")
+        return None, 2
+
+
+def _share(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.1%}"
+
+
+def render_probe(report: Any, out: Console) -> None:
+    """The probe's table (:class:`vitkdl.probe.ProbeReport`): each term's value, its share of
+    the loss and of the student's gradient, and the teacher's top-1 on the probed images."""
+    table = Table(
+        title=f"probe: {report.batches} batch{'es' * (report.batches != 1)}, "
+        f"{report.images} training images on {report.device} (eager, before any step)",
+        title_justify="left",
+        show_edge=False,
+    )
+    for name, justify in (
+        ("term", "left"),
+        ("value", "right"),
+        ("share of loss", "right"),
+        ("|grad| (student)", "right"),
+        ("share of grad", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for t in report.terms:
+        table.add_row(
+            escape(f"{t.name} ({t.kind})"),
+            f"{t.value:.4g}",
+            _share(t.loss_share),
+            f"{t.grad_norm:.4g}",
+            _share(t.grad_share),
+        )
+    table.add_row("total", f"{report.loss:.4g}", "100%", f"{report.grad_norm:.4g}", "100%")
+    out.print(table)
+    out.print(
+        "  [dim]share of grad: the term's gradient projected on the total's, "
+        "<g_term, g> / |g|^2 (sums to 100%; negative: it pulls against the rest)[/]"
+    )
+    if report.teacher_top1 is not None:
+        out.print(
+            f"  teacher top-1 on these images: {report.teacher_top1:.1f}% "
+            f"({report.teacher_correct}/{report.images}; before mixup, eval mode)"
+        )
+
+
+def render_teacher_depth(plan: Plan, out: Console) -> None:
+    """``teacher depth: 2 of 12 blocks ...``: printed only when the teacher stops early (no term
+    reads its logits or any point after its deepest tapped block), with the FLOPs of the depth
+    that runs against the full forward's."""
+    t = plan.teacher
+    if t is None or not plan.teacher_used or not 0 < plan.teacher_depth < t.depth:
+        return
+    out.print(
+        f"[bold]teacher depth[/]: {plan.teacher_depth} of {t.depth} blocks run (no term reads "
+        f"its logits or any point after block {plan.teacher_depth - 1}: no later block, final "
+        f"norm or head), {_n(plan.cost.teacher_forward)} FLOPs per image instead of "
+        f"{_n(t.forward_flops)} "
+        f"({plan.cost.teacher_forward / t.forward_flops:.0%} of a full teacher forward)"
+    )
 
 
 def sweep_data(grid: Grid) -> dict[str, object]:
