@@ -199,7 +199,6 @@ def probe(
     """Build the recipe's program (eager, its weights loaded) and probe it on the first
     ``batches`` batches of its training stream (:func:`probe_batches`)."""
     from vitkdl.train.data import build_loaders, build_mixup
-    from vitkdl.train.loop import data_config
 
     if batches < 1:
         raise ValueError("--batches must be at least 1")
@@ -208,7 +207,7 @@ def probe(
     torch.manual_seed(plan.seed)
     program = build(plan, device, load=load, runs_dir=runs_dir, compile="off")
     dev = next(program.student.parameters()).device
-    cfg = dataclasses.replace(data_config(plan, dev), workers=0)  # a few batches: no workers
+    cfg = plan.data.model_copy(update={"workers": 0})  # a few batches: no workers
     loader, _, num_classes = build_loaders(cfg)
     mixup = build_mixup(cfg, num_classes)
 

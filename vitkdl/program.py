@@ -378,7 +378,7 @@ def shallow_pass(
     """The taps of a timm ViT (as :func:`head_pass` gives them) from its first ``depth``
     blocks only: no later block, final norm or head runs. For a teacher whose logits and
     later points no term reads; the taps are the very tensors the full pass computes."""
-    if all(p.point == "out" for p in points):
+    if all(p.point == "mlp" for p in points):
         blocks = sorted({p.block for p in points if p.block is not None})
         assert blocks and blocks[-1] < depth
         feats = model.forward_intermediates(
