@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from vitkdl.planner import DataPlan
 from vitkdl.sources import DEIT_AUTO_AUGMENT, DEIT_RE_PROB, DIGITS_MEAN, DIGITS_STD, source
+from vitkdl.train.samples import UNREADABLE, WarnedOnce, mix_seed, unreadable_stand_in
 
 __all__ = [
     "DEIT_AUTO_AUGMENT",
@@ -243,14 +244,6 @@ class SyntheticDataset(Dataset):
         return self._pattern(label) + noise, label
 
 
-def mix_seed(*parts: int) -> int:
-    """Combine integers into one 63-bit seed (stable across processes, unlike ``hash``)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h * 0x100000001B3 ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 def _build_synthetic(cfg: DataPlan) -> tuple[SyntheticDataset, SyntheticDataset, int]:
     # The planner sizes both splits (vitkdl.sources.split_sizes); the classes are the head's.
     assert cfg.train_images is not None and cfg.val_images is not None
@@ -401,63 +394,6 @@ def _scan_class(class_dir: str) -> list[str]:
             if _is_image(f) and not f.startswith(".")
         )
     return files
-
-
-#: The label of an evaluation sample that could not be read. Evaluation leaves it out of every
-#: count and reports how many there were: standing in another image for it would count that
-#: image twice and measure top-1 on another set (training, where only the stream of images
-#: matters, takes the next readable one instead).
-UNREADABLE = -1
-
-
-class WarnedOnce:
-    """Which of ``n`` samples a run has already warned about, shared by the DataLoader worker
-    processes of the run: the flags live in shared memory made here, in the process that
-    builds the dataset, before the workers fork (or are spawned: the flags travel to them).
-    Each worker holds its own copy of a dataset, so without this every worker would warn about
-    the same unreadable file once more."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.flags: Any = _shared_flags(n)
-
-    def first(self, index: int) -> bool:
-        """Whether ``index`` is warned about for the first time in this run (then marked)."""
-        if self.flags is None:
-            return True
-        with self.flags.get_lock():  # two workers may fail on the same file at once
-            if self.flags[index]:
-                return False
-            self.flags[index] = 1
-            return True
-
-    def __getstate__(self) -> dict[str, Any]:
-        from multiprocessing.context import get_spawning_popen
-
-        # Shared memory travels only to a process being started; a copy made otherwise
-        # (a deepcopy, a pickle to disk) gets flags of its own.
-        shared = get_spawning_popen() is not None
-        return {"n": self.n, "flags": self.flags if shared else None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.n = state["n"]
-        self.flags = state["flags"] if state["flags"] is not None else _shared_flags(self.n)
-
-
-def _shared_flags(n: int) -> Any:
-    """``n`` zeroed bytes in shared memory, with a lock (None for none)."""
-    import multiprocessing
-
-    return multiprocessing.Array("b", n) if n else None
-
-
-def unreadable_stand_in(transform: Callable[[Any], Any] | None, mode: str) -> tuple[Any, int]:
-    """What an evaluation dataset yields for a sample it cannot read: a blank image through
-    its own transform (so the batch keeps its shape), labelled :data:`UNREADABLE`."""
-    from PIL import Image
-
-    img = Image.new(mode, (32, 32))
-    return (transform(img) if transform is not None else img), UNREADABLE
 
 
 class ImageFolderDataset(Dataset):

@@ -38,6 +38,7 @@ from typing import Any
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from vitkdl.sources import expand_braces, source
+from vitkdl.train.samples import WarnedOnce, mix_seed, unreadable_stand_in
 
 #: Image members of a webdataset sample, in the order they are looked for.
 WDS_IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
@@ -68,19 +69,6 @@ def _open_image(data: bytes | None, path: str | None, mode: str) -> Any:
     stream: Any = io.BytesIO(data) if data else open(path or "", "rb")  # noqa: SIM115
     with stream:
         return Image.open(stream).convert(mode)  # convert() forces the full decode
-
-
-def unreadable_stand_in(transform: Callable[[Any], Any] | None, mode: str) -> tuple[Any, int]:
-    """:func:`vitkdl.train.data.unreadable_stand_in` (imported when first needed)."""
-    from vitkdl.train.data import unreadable_stand_in as stand_in
-
-    return stand_in(transform, mode)
-
-
-def _mix(*parts: int) -> int:
-    from vitkdl.train.data import mix_seed
-
-    return mix_seed(*parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +104,6 @@ class HFDataset(Dataset):
         self.transform = transform
         self.mode = "L" if in_chans == 1 else "RGB"
         self.skipped: set[int] = set()
-        from vitkdl.train.data import WarnedOnce
 
         self.warned = WarnedOnce(len(self.table))  # once per row and run, across workers
 
@@ -450,7 +437,7 @@ class WdsDataset(IterableDataset):
         epoch = int(self._epoch.value)
         order = list(self.urls)
         if self.train:
-            random.Random(_mix(self.seed, epoch)).shuffle(order)
+            random.Random(mix_seed(self.seed, epoch)).shuffle(order)
         if len(order) >= big:
             mine, every = order[g::big], None
         else:  # fewer shards than workers: every worker reads all, keeps every G-th sample
@@ -458,7 +445,7 @@ class WdsDataset(IterableDataset):
         if not self.train:
             yield from self._samples(mine, every)
             return
-        rng = random.Random(_mix(self.seed, epoch, g))
+        rng = random.Random(mix_seed(self.seed, epoch, g))
         stream = self._cycle(mine, every, rng)
         left = self.quota()
         size = min(SHUFFLE_BUFFER, left)
