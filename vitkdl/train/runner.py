@@ -46,6 +46,7 @@ from vitkdl.runs import (
     stopped_early,
     write_atomic,
 )
+from vitkdl.settings import RunSettings
 from vitkdl.spec import RecipeSpec, load_spec
 from vitkdl.train import distributed
 from vitkdl.train.loop import ResumeRefused, RunOptions, TrainError, check_writable, train
@@ -95,17 +96,12 @@ def _hold(spec: RecipeSpec, out: Path, req: RunRequest, stack: ExitStack) -> Non
 
 
 @dataclass(frozen=True)
-class RunRequest:
-    """What ``vitkdl run`` was asked to do for each recipe."""
+class RunRequest(RunSettings):
+    """What ``vitkdl run`` was asked to do for each recipe: the settings
+    (:class:`vitkdl.settings.RunSettings`) and what is a recipe's own."""
 
-    out_root: Path = Path("runs")
     overrides: tuple[str, ...] = ()
     resume: bool = False
-    force: bool = False
-    max_steps: int | None = None
-    smoke: bool = False
-    quiet: bool = False
-    device: str | None = None
     baseline: bool = True
     # Continue an unfinished run of the same recipe instead of refusing to start over (how
     # dependencies and baselines are run: the user did not ask for them by name).
