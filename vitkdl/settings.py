@@ -9,8 +9,9 @@ through its stages add only what is their own:
   processes per run);
 - :class:`vitkdl.train.worker.Task`: one run sent to a worker (its recipe, folder, overrides,
   threads; it travels as JSON);
-- :class:`vitkdl.train.loop.RunOptions` is what the training loop reads, made from a
-  :class:`RunRequest` in one place (:func:`vitkdl.train.runner.run_recipe`).
+- :class:`vitkdl.train.loop.RunOptions`: what the training loop reads (the run's folder, the
+  checkpoint to resume from, evaluation batches, whether to load teacher weights), made from
+  a :class:`RunRequest` in one place (:func:`vitkdl.train.runner.run_recipe`).
 
 Torch-free.
 """

@@ -286,17 +286,14 @@ def _train(
     job = distributed.current()
     plan = pipeline.plan(spec, world_size=job.world_size)
     resolved = spec.canonical()
+    max_steps = SMOKE_STEPS if req.smoke and req.max_steps is None else req.max_steps
     opts = RunOptions(
+        **replace(req.settings(), max_steps=max_steps).settings_dict(),
         out_dir=out,
-        device=req.device,
         resume=how == "resume",
         resume_from=checkpoint if checkpoint != out / "last.pt" else None,
-        force=req.force,
-        max_steps=SMOKE_STEPS if req.smoke and req.max_steps is None else req.max_steps,
         max_eval_batches=2 if req.smoke else None,
-        quiet=req.quiet,
         load_weights=not req.smoke,
-        runs_dir=req.out_root,
         recipe=resolved,
         on_step=req.on_step,
     )
