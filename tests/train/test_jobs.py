@@ -420,3 +420,44 @@ def test_a_stopped_run_of_an_experiment_says_to_run_the_experiment_again(tmp_pat
     assert "stopped by SIGINT at step 3" in message
     # the other running run was asked to stop with the same signal
     assert scheduler.running[1].stops == ["SIGINT"]
+
+
+def test_the_settings_of_an_experiment_reach_each_run_as_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One settings record (vitkdl.settings.RunSettings) travels from the experiment's options
+    through the worker's task (as JSON) to the run's request; only what is a run's own
+    changes on the way (its step limit, force for the named recipes only, its log not quiet)."""
+    import io
+
+    from rich.console import Console
+
+    from vitkdl.experiment import PlannedRun
+    from vitkdl.settings import RunSettings
+    from vitkdl.train.jobs import Board, JobOptions, _Scheduler
+    from vitkdl.train.worker import Task, execute
+
+    opts = JobOptions(
+        out_root=tmp_path / "runs", device="cpu", force=True, smoke=True, quiet=True, jobs=2
+    )
+    board = Board(Console(file=io.StringIO()), 2, quiet=True)
+    scheduler = _Scheduler(None, opts, [], board, {})  # type: ignore[arg-type]
+    asked: list = []
+    monkeypatch.setattr(
+        runner, "run_recipe", lambda path, req, console: asked.append(req) or ({}, [])
+    )
+    for role, max_steps in (("recipe", 7), ("teacher", None)):
+        run = PlannedRun("k", "r.vkd", "r", "h", ("train.seed=1",), role, max_steps=max_steps)  # type: ignore[arg-type]
+        task = Task.from_json(scheduler.task(run, threads=3).to_json())
+        assert execute(task, Console(file=io.StringIO()))[0] == 0
+        req = asked[-1]
+        expected = RunSettings(
+            out_root=tmp_path / "runs",
+            device="cpu",
+            force=role == "recipe",
+            smoke=True,
+            quiet=False,
+            max_steps=max_steps,
+        )
+        assert task.settings() == req.settings() == expected
+        assert req.overrides == ("train.seed=1",) and task.threads == 3

@@ -40,7 +40,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +50,7 @@ from rich.markup import escape
 from vitkdl.exits import FAILED, OK
 from vitkdl.experiment import Experiment, Outcome, PlannedRun, assemble_report
 from vitkdl.runs import LOG, done, experiment_dir, point_latest, read_summary
+from vitkdl.settings import RunSettings
 from vitkdl.train.signals import (
     INTERRUPTED,
     PREEMPTED,
@@ -62,18 +63,15 @@ from vitkdl.train.worker import Task, execute, failure_reason, log_file, read_pr
 
 
 @dataclass(frozen=True)
-class JobOptions:
-    """How to run the runs of an experiment."""
+class JobOptions(RunSettings):
+    """How to run the runs of an experiment: the settings (:class:`vitkdl.settings.
+    RunSettings`; ``force`` trains the named recipes' runs again, ``quiet`` is the experiment's
+    own output) and how the runs are launched."""
 
-    out_root: Path = Path("runs")
     jobs: int | None = None  # runs at once (None: 1 on CPU, one per GPU)
     launcher: str = "local"  # or "submitit"
     launcher_args: tuple[tuple[str, str], ...] = ()  # submitit parameters, KEY=VALUE
-    device: str | None = None
     nproc: int | None = None  # processes per run (torchrun)
-    force: bool = False  # train the named recipes' runs again
-    smoke: bool = False
-    quiet: bool = False
     poll_seconds: float = 0.25
 
 
@@ -549,15 +547,17 @@ class _Scheduler:
             handle.stop(name)
 
     def task(self, run: PlannedRun, threads: int | None) -> Task:
+        settings = replace(
+            self.opts.settings(),
+            max_steps=run.max_steps,  # planned per run (teachers and baselines too)
+            force=self.opts.force and run.role == "recipe",
+            quiet=False,  # the run's log says everything
+        )
         return Task(
+            **settings.settings_dict(),
             path=run.path,
             key=run.key,
-            out_root=str(self.opts.out_root),
             overrides=run.overrides,
-            max_steps=run.max_steps,
-            force=self.opts.force and run.role == "recipe",
-            smoke=self.opts.smoke,
-            device=self.opts.device,
             threads=threads,
         )
 

@@ -28,6 +28,7 @@ from vitkdl.exits import WriteError, writing
 from vitkdl.planner import Plan
 from vitkdl.program import Program, build, precision_name, resolve_device
 from vitkdl.runs import checkpoint_files, write_atomic
+from vitkdl.settings import RunSettings
 from vitkdl.train import distributed
 from vitkdl.train.checkpoint import (
     CheckpointError,
@@ -89,19 +90,16 @@ class Interrupted(TrainError):
         self.code = exit_status(signal_name)
 
 
-@dataclass
-class RunOptions:
-    """How to run (not what: that is the plan)."""
+@dataclass(frozen=True, kw_only=True)
+class RunOptions(RunSettings):
+    """How to run (not what: that is the plan): the settings (:class:`vitkdl.settings.
+    RunSettings`; ``max_steps`` already the smoke run's when it is one, ``out_root`` where
+    teachers' runs are found) and what the loop needs of its own."""
 
     out_dir: Path
-    device: str | None = None
     resume: bool = False
-    force: bool = False
-    max_steps: int | None = None
     max_eval_batches: int | None = None
-    quiet: bool = False
     load_weights: bool = True
-    runs_dir: Path = Path("runs")
     recipe: dict[str, Any] = field(default_factory=dict)
     # Resume from this checkpoint instead of OUT/last.pt (a run of an earlier version of the
     # recipe, continued under --force into this run's own folder).
@@ -306,7 +304,7 @@ class Run:
         if device.type == "cpu" and plan.cost.total * plan.data.batch_size < SMALL_STEP_FLOPS:
             # Tiny models: thread hand-offs cost more than the maths (measured 5x on 2 cores).
             torch.set_num_threads(1)
-        program = self.program = build(plan, device, load=opts.load_weights, runs_dir=opts.runs_dir)
+        program = self.program = build(plan, device, load=opts.load_weights, runs_dir=opts.out_root)
         # On a GPU, batches of decoded images travel as uint8 and are normalised there.
         self.train_loader, self.val_loader, num_classes = build_loaders(
             plan.data,

@@ -46,6 +46,7 @@ from vitkdl.runs import (
     stopped_early,
     write_atomic,
 )
+from vitkdl.settings import RunSettings
 from vitkdl.spec import RecipeSpec, load_spec
 from vitkdl.train import distributed
 from vitkdl.train.loop import ResumeRefused, RunOptions, TrainError, check_writable, train
@@ -95,17 +96,12 @@ def _hold(spec: RecipeSpec, out: Path, req: RunRequest, stack: ExitStack) -> Non
 
 
 @dataclass(frozen=True)
-class RunRequest:
-    """What ``vitkdl run`` was asked to do for each recipe."""
+class RunRequest(RunSettings):
+    """What ``vitkdl run`` was asked to do for each recipe: the settings
+    (:class:`vitkdl.settings.RunSettings`) and what is a recipe's own."""
 
-    out_root: Path = Path("runs")
     overrides: tuple[str, ...] = ()
     resume: bool = False
-    force: bool = False
-    max_steps: int | None = None
-    smoke: bool = False
-    quiet: bool = False
-    device: str | None = None
     baseline: bool = True
     # Continue an unfinished run of the same recipe instead of refusing to start over (how
     # dependencies and baselines are run: the user did not ask for them by name).
@@ -290,17 +286,14 @@ def _train(
     job = distributed.current()
     plan = pipeline.plan(spec, world_size=job.world_size)
     resolved = spec.canonical()
+    max_steps = SMOKE_STEPS if req.smoke and req.max_steps is None else req.max_steps
     opts = RunOptions(
+        **replace(req.settings(), max_steps=max_steps).settings_dict(),
         out_dir=out,
-        device=req.device,
         resume=how == "resume",
         resume_from=checkpoint if checkpoint != out / "last.pt" else None,
-        force=req.force,
-        max_steps=SMOKE_STEPS if req.smoke and req.max_steps is None else req.max_steps,
         max_eval_batches=2 if req.smoke else None,
-        quiet=req.quiet,
         load_weights=not req.smoke,
-        runs_dir=req.out_root,
         recipe=resolved,
         on_step=req.on_step,
     )

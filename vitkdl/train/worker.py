@@ -33,23 +33,20 @@ from rich.console import Console
 from vitkdl.exits import FAILED as FAILED_RUN
 from vitkdl.exits import INTERNAL, INTERRUPTED, OK, exit_of
 from vitkdl.runs import LOG, PROGRESS
+from vitkdl.settings import RunSettings
 
 #: The line a failed run's log ends with, before the reason.
 FAILED = "vitkdl run: error:"
 
 
-@dataclass(frozen=True)
-class Task:
-    """What a worker is asked to run (plain data: it travels as JSON or through pickle)."""
+@dataclass(frozen=True, kw_only=True)
+class Task(RunSettings):
+    """What a worker is asked to run (plain data: it travels as JSON or through pickle): the
+    settings (:class:`vitkdl.settings.RunSettings`) and the run's own."""
 
     path: str
     key: str  # the folder's name the run is expected in, NAME-HASH
-    out_root: str
     overrides: tuple[str, ...] = ()
-    max_steps: int | None = None
-    force: bool = False
-    smoke: bool = False
-    device: str | None = None
     threads: int | None = None  # CPU threads for this run (None: as torch chooses)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -58,12 +55,13 @@ class Task:
         return Path(self.out_root) / self.key
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps({**asdict(self), "out_root": str(self.out_root)})
 
     @classmethod
     def from_json(cls, text: str) -> Task:
         data = json.loads(text)
         data["overrides"] = tuple(data.get("overrides", ()))
+        data["out_root"] = Path(data.get("out_root", "runs"))
         return cls(**data)
 
 
@@ -135,12 +133,8 @@ def execute(
     from vitkdl.train.runner import RunRequest, run_recipe
 
     req = RunRequest(
-        out_root=Path(task.out_root),
+        **task.settings_dict(),
         overrides=tuple(task.overrides),
-        force=task.force,
-        max_steps=task.max_steps,
-        smoke=task.smoke,
-        device=task.device,
         baseline=False,
         continue_unfinished=True,
         on_step=on_step,
