@@ -1041,7 +1041,7 @@ def _translate(
 ) -> Diagnostic:
     """A pydantic error in the words of a recipe author (``called``: what the user wrote for
     a call's name, e.g. ``schedule`` for ``schedule = cosin(...)``)."""
-    kind = err["type"]
+    error_type = err["type"]
     loc = err["loc"]
     field_name = str(loc[0]) if loc else where
     name = called if called is not None and field_name == "name" else field_name
@@ -1063,14 +1063,14 @@ def _translate(
             "kwargs",
         )
     ]
-    if kind == "extra_forbidden":
+    if error_type == "extra_forbidden":
         return error(
             f"unknown field '{name}' in {where}",
             span,
             expected=one_of(fields),
             hint=did_you_mean(name, fields),
         )
-    if kind == "literal_error":
+    if error_type == "literal_error":
         choices = _choices_of(model, field_name)
         got = value if isinstance(value, str) else _describe_value(value)
         return error(
@@ -1080,13 +1080,13 @@ def _translate(
             hint=did_you_mean(str(got), choices),
         )
     shown = _describe_value(value)
-    if kind in ("int_type", "int_parsing", "int_from_float"):
+    if error_type in ("int_type", "int_parsing", "int_from_float"):
         return error(f"{name} must be a whole number, got {shown}", span)
-    if kind in ("float_type", "float_parsing"):
+    if error_type in ("float_type", "float_parsing"):
         return error(f"{name} must be a number, got {shown}", span)
-    if kind in ("bool_type", "bool_parsing"):
+    if error_type in ("bool_type", "bool_parsing"):
         return error(f"{name} must be true or false, got {shown}", span)
-    if kind in ("string_type",):
+    if error_type in ("string_type",):
         return error(
             f"{name} must be a string, got {shown}", span, hint='write it in double quotes: "..."'
         )
@@ -1096,10 +1096,10 @@ def _translate(
         "less_than": "<",
         "less_than_equal": "<=",
     }
-    if kind in bounds:
+    if error_type in bounds:
         limit = next(iter(ctx.values())) if ctx else "?"
-        return error(f"{name} must be {bounds[kind]} {limit}, got {shown}", span)
-    if kind == "value_error" and "error" in ctx:  # a field's own check, in words
+        return error(f"{name} must be {bounds[error_type]} {limit}, got {shown}", span)
+    if error_type == "value_error" and "error" in ctx:  # a field's own check, in words
         return error(f"{name}: {ctx['error']}", span)
     return error(f"{name}: {err['msg']}", span)
 
