@@ -143,7 +143,7 @@ def test_unknown_model_suggests() -> None:
     with pytest.raises(ModelError) as info:
         model_facts("deit_tiny_patch16_22")
     err = info.value
-    assert err.kind == "unknown_model"
+    assert err.reason == "unknown_model"
     assert err.message == "unknown timm model 'deit_tiny_patch16_22'"
     assert err.suggestions[0] == "deit_tiny_patch16_224"
     assert len(err.suggestions) <= 3
@@ -155,7 +155,7 @@ def test_unknown_tag() -> None:
     with pytest.raises(ModelError) as info:
         model_facts("deit3_large_patch16_224.fb_in22k")
     err = info.value
-    assert err.kind == "unknown_tag"
+    assert err.reason == "unknown_tag"
     assert "fb_in22k" in err.message
     assert err.suggestions
     assert set(err.suggestions) <= {
@@ -168,7 +168,7 @@ def test_bad_argument() -> None:
     with pytest.raises(ModelError) as info:
         model_facts(TINY, {**TINY_KWARGS, "foo": 1})
     err = info.value
-    assert err.kind == "bad_argument"
+    assert err.reason == "bad_argument"
     assert err.argument == "foo"
     assert "foo" in err.message
     assert {"img_size", "patch_size", "depth", "embed_dim", "num_heads"} <= set(err.expected)
@@ -205,7 +205,7 @@ def test_build_failed_is_one_line() -> None:
     with pytest.raises(ModelError) as info:  # a 16x16 patch does not fit in an 8x8 image
         model_facts(TINY, {"img_size": 8, "patch_size": 16, "depth": 1})
     err = info.value
-    assert err.kind == "build_failed"
+    assert err.reason == "build_failed"
     assert err.message.startswith("RuntimeError: ")
     assert "\n" not in err.message
 
@@ -213,14 +213,14 @@ def test_build_failed_is_one_line() -> None:
 def test_hub_names_are_rejected_without_network() -> None:
     with pytest.raises(ModelError) as info:
         model_facts("hf-hub:timm/vit_tiny_patch16_224.augreg_in21k")
-    assert info.value.kind == "unknown_model"
+    assert info.value.reason == "unknown_model"
 
 
 def test_model_error_pickles() -> None:
     err = ModelError("bad_argument", "m", suggestions=["a"], argument="x", expected=["a", "b"])
     again = pickle.loads(pickle.dumps(err))
     assert again == err
-    assert (again.kind, again.argument, again.expected) == ("bad_argument", "x", ["a", "b"])
+    assert (again.reason, again.argument, again.expected) == ("bad_argument", "x", ["a", "b"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def test_warm_cache_needs_no_torch(cache_dir: Path) -> None:
         import json, sys
         from vitkdl.models import ModelError, model_facts, suggest_models
         facts = model_facts({TINY!r}, {TINY_KWARGS!r})
-        kinds = []
+        reasons = []
         for name, kwargs in [
             ({TINY!r}, {{**{TINY_KWARGS!r}, "foo": 1}}),  # cached error
             ("deit_tiny_patch16_22", None),  # not cached: answered from the name index
@@ -325,10 +325,10 @@ def test_warm_cache_needs_no_torch(cache_dir: Path) -> None:
             try:
                 model_facts(name, kwargs)
             except ModelError as err:
-                kinds.append(err.kind)
+                reasons.append(err.reason)
         print(json.dumps({{
             "facts": facts.model_dump(mode="json"),
-            "kinds": kinds,
+            "reasons": reasons,
             "suggest": suggest_models("deit_tiny_patch16_22"),
             "torch": "torch" in sys.modules,
             "timm": "timm" in sys.modules,
@@ -349,7 +349,7 @@ def test_warm_cache_needs_no_torch(cache_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert ModelFacts.model_validate(out["facts"]) == facts
-    assert out["kinds"] == ["bad_argument", "unknown_model", "unknown_tag"]
+    assert out["reasons"] == ["bad_argument", "unknown_model", "unknown_tag"]
     assert out["suggest"][0] == "deit_tiny_patch16_224"
     assert out["torch"] is False
     assert out["timm"] is False

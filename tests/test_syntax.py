@@ -24,8 +24,8 @@ train { optimizer = adamw(lr = 1e-3, weight_decay = 0.05) compile = max-autotune
 
 def test_design_example_parses_to_typed_nodes() -> None:
     tree = syn.parse(DESIGN, "x.vkd")
-    kinds = [s.kind for s in tree.statements]
-    assert kinds == ["recipe", "extends", "teacher", "student", "distill", "train"]
+    keywords = [s.keyword for s in tree.statements]
+    assert keywords == ["recipe", "extends", "teacher", "student", "distill", "train"]
     teacher = tree.statements[2]
     assert teacher.arg == "deit3_large_patch16_224.fb_in22k_ft_in1k"
     assert (teacher.arg_span.line, teacher.arg_span.column) == (4, 9)

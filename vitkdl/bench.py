@@ -269,19 +269,20 @@ def _rounds(timers: Sequence[_Timer], device: torch.device, steps: int) -> None:
 
 
 class _Memory:
-    """Peak memory per configuration: CUDA allocator peak, or the process's peak RSS."""
+    """Peak memory per configuration: CUDA allocator peak, or the process's peak RSS;
+    ``measure`` says which, in words (the JSON's ``memory_kind``)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.resettable = False
         if device.type == "cuda":
-            self.kind = (
+            self.measure = (
                 "torch.cuda.max_memory_allocated while the configuration is built and "
                 "warmed up, less what was allocated before (the other configurations)"
             )
         else:
             self.resettable = self._clear_refs()
-            self.kind = (
+            self.measure = (
                 "process peak RSS (VmHWM, reset through /proc/self/clear_refs) while "
                 "the configuration is built and warmed up, less the RSS before; "
                 "approximate: the allocator reuses memory freed earlier"
@@ -1025,7 +1026,7 @@ class Bench:
             steps=self.steps,
             warmup=self.warmup,
             flops_per_image=plan.cost.total,
-            memory_kind=self.memory.kind,
+            memory_kind=self.memory.measure,
             configs=configs,
             ratios=ratios,
             breakdown=parts,

@@ -43,7 +43,7 @@ def _facts(spec: RecipeSpec, model: ModelSpec | None) -> tuple[ModelFacts | None
         hint = None
         if exc.suggestions:
             hint = "did you mean " + " or ".join(f"'{s}'" for s in exc.suggestions[:2]) + "?"
-        if exc.kind == "bad_argument" and exc.argument:
+        if exc.reason == "bad_argument" and exc.argument:
             name = "drop_path" if exc.argument == "drop_path_rate" else exc.argument
             span = model.at(name)
             return None, [
@@ -54,7 +54,7 @@ def _facts(spec: RecipeSpec, model: ModelSpec | None) -> tuple[ModelFacts | None
                     hint=_argument_hint(name, exc.expected),
                 )
             ]
-        if exc.kind == "build_failed" and "divisible by num_heads" in exc.message:
+        if exc.reason == "build_failed" and "divisible by num_heads" in exc.message:
             return None, [_heads_error(model)]
         return None, [error(exc.message, span, hint=hint)]
 

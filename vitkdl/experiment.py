@@ -227,7 +227,7 @@ def read_sweep(
     except VkdError:
         return Grid(), []
     sources.add(tree.file, text)
-    sweeps = [st for st in tree.statements if st.kind == "sweep"]
+    sweeps = [st for st in tree.statements if st.keyword == "sweep"]
     if not sweeps:
         return Grid(), []
     axes: list[Axis] = []

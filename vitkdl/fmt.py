@@ -71,7 +71,7 @@ class _Tok:
 class _Line:
     depth: int
     text: str
-    kind: str  # "item", "close", "cont" (an item continued after a comment), "comment"
+    category: str  # "item", "close", "cont" (an item continued after a comment), "comment"
     stmt: int
     blank: bool  # the source had a blank line before it
     opens: bool = False  # ends with '{'
@@ -180,23 +180,23 @@ def _lines(tokens: list[_Tok], tail: list[tuple[str, bool]]) -> list[_Line]:
         starts = tok.item or (tok.close and not empty_close)
         if tok.comments:
             if tok.item:
-                depth, kind = tok.depth, "comment"
+                depth, category = tok.depth, "comment"
             elif tok.close:
-                depth, kind = tok.depth + 1, "comment"
+                depth, category = tok.depth + 1, "comment"
             else:
-                depth, kind = item_depth + 1, "cont"
+                depth, category = item_depth + 1, "cont"
             for text, blank in tok.comments:
-                lines.append(_Line(depth, text, kind, tok.stmt, blank))
+                lines.append(_Line(depth, text, category, tok.stmt, blank))
             cur = None
         if starts or pending_break or cur is None:
             if tok.item:
-                kind, depth = "item", tok.depth
+                category, depth = "item", tok.depth
                 item_depth = tok.depth
             elif tok.close:
-                kind, depth = "close", tok.depth
+                category, depth = "close", tok.depth
             else:
-                kind, depth = "cont", item_depth + 1
-            cur = _Line(depth, tok.text, kind, tok.stmt, tok.blank)
+                category, depth = "cont", item_depth + 1
+            cur = _Line(depth, tok.text, category, tok.stmt, tok.blank)
             lines.append(cur)
         else:
             assert prev is not None
@@ -215,13 +215,13 @@ def _lines(tokens: list[_Tok], tail: list[tuple[str, bool]]) -> list[_Line]:
 def _render(lines: list[_Line]) -> str:
     spans: dict[int, int] = {}
     for line in lines:
-        if line.kind != "comment" or line.depth > 0:
+        if line.category != "comment" or line.depth > 0:
             spans[line.stmt] = spans.get(line.stmt, 0) + 1
     out: list[str] = []
     for i, line in enumerate(lines):
         if i > 0:
             prev = lines[i - 1]
-            if prev.opens or line.kind in ("close", "cont"):
+            if prev.opens or line.category in ("close", "cont"):
                 blank = False
             elif line.depth == 0 and line.stmt != prev.stmt:
                 blank = line.blank or spans.get(line.stmt, 0) > 1 or spans.get(prev.stmt, 0) > 1

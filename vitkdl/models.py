@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only, never imported at run time
     import torch.nn
 
 __all__ = [
-    "ErrorKind",
+    "ErrorReason",
     "ModelError",
     "ModelFacts",
     "cache_path",
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: Bump when the layout of the cache file or of :class:`ModelFacts` changes.
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 
 #: Keyword arguments of ``timm.create_model`` that would load weights; they are dropped because
 #: facts are always resolved with ``pretrained=False`` on the meta device.
@@ -62,8 +62,8 @@ _DEFAULT_STD = (0.229, 0.224, 0.225)
 _DEFAULT_INTERPOLATION = "bicubic"
 _DEFAULT_CROP_PCT = 0.875
 
-ErrorKind = Literal["unknown_model", "unknown_tag", "bad_argument", "not_vit", "build_failed"]
-_ERROR_KINDS = frozenset(get_args(ErrorKind))
+ErrorReason = Literal["unknown_model", "unknown_tag", "bad_argument", "not_vit", "build_failed"]
+_ERROR_REASONS = frozenset(get_args(ErrorReason))
 
 _UNEXPECTED_KWARG = re.compile(
     r"(?:(?P<qual>[\w.<>]+)\(\) )?got an unexpected keyword argument '(?P<arg>[^']+)'"
@@ -150,7 +150,7 @@ class ModelError(Exception):
     """Why a model name plus ``create_model`` keyword arguments cannot be used by vitkdl.
 
     Attributes:
-        kind: ``"unknown_model"``, ``"unknown_tag"``, ``"bad_argument"``, ``"not_vit"`` or
+        reason: ``"unknown_model"``, ``"unknown_tag"``, ``"bad_argument"``, ``"not_vit"`` or
             ``"build_failed"``.
         message: One clear sentence.
         suggestions: Did-you-mean candidates, closest first (at most 3); may be empty.
@@ -160,7 +160,7 @@ class ModelError(Exception):
 
     def __init__(
         self,
-        kind: ErrorKind,
+        reason: ErrorReason,
         message: str,
         *,
         suggestions: list[str] | None = None,
@@ -168,7 +168,7 @@ class ModelError(Exception):
         expected: list[str] | None = None,
     ) -> None:
         super().__init__(message)
-        self.kind: ErrorKind = kind
+        self.reason: ErrorReason = reason
         self.message = message
         self.suggestions: list[str] = list(suggestions or [])
         self.argument = argument
@@ -178,7 +178,7 @@ class ModelError(Exception):
         return self.message
 
     def __repr__(self) -> str:
-        return f"ModelError({self.kind!r}, {self.message!r})"
+        return f"ModelError({self.reason!r}, {self.message!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_error_from_dict, (self.to_dict(),))
@@ -193,7 +193,7 @@ class ModelError(Exception):
     def to_dict(self) -> dict[str, Any]:
         """The error as a JSON-ready dict (the form stored in the cache)."""
         return {
-            "kind": self.kind,
+            "reason": self.reason,
             "message": self.message,
             "suggestions": list(self.suggestions),
             "argument": self.argument,
@@ -204,7 +204,7 @@ class ModelError(Exception):
     def from_dict(cls, data: Mapping[str, Any]) -> ModelError:
         """Rebuild an error from :meth:`to_dict` output."""
         return cls(
-            data["kind"],
+            data["reason"],
             str(data["message"]),
             suggestions=[str(s) for s in data.get("suggestions") or []],
             argument=data.get("argument"),
@@ -446,7 +446,7 @@ def _from_entry(entry: Mapping[str, Any] | None) -> ModelFacts | ModelError | No
     try:
         if "facts" in entry:
             return ModelFacts.model_validate(entry["facts"])
-        if "error" in entry and entry["error"].get("kind") in _ERROR_KINDS:
+        if "error" in entry and entry["error"].get("reason") in _ERROR_REASONS:
             return ModelError.from_dict(entry["error"])
     except (ValueError, TypeError, KeyError, AttributeError):
         return None

@@ -44,15 +44,15 @@ def device_problem(device: str) -> str | None:
     m = _DEVICE.fullmatch(device)
     if m is None:
         return f"unknown device '{device}'; expected one of cpu, cuda, cuda:N, mps"
-    kind, index = m.group(1), m.group(2)
-    if kind == "cuda":
+    device_type, index = m.group(1), m.group(2)
+    if device_type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             return f"--device {device}: no CUDA device here (use --device cpu)"
         if index is not None and int(index[1:]) >= count:
             last = f"cuda:{count - 1}"
             return f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to {last}"
-    if kind == "mps" and not torch.backends.mps.is_available():
+    if device_type == "mps" and not torch.backends.mps.is_available():
         return f"--device {device}: no MPS device here (use --device cpu)"
     return None
 

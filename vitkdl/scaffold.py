@@ -77,14 +77,14 @@ def _round(x: float) -> float:
     return float(f"{x:.{SIGNIFICANT}g}")
 
 
-def _statement_text(text: str, kind: str) -> str:
-    """The text of the top-level statement ``kind`` of a recipe (comments inside kept)."""
+def _statement_text(text: str, keyword: str) -> str:
+    """The text of the top-level statement ``keyword`` of a recipe (comments inside kept)."""
     from vitkdl.syntax import parse
 
     for st in parse(text).statements:
-        if st.kind == kind:
+        if st.keyword == keyword:
             return _cut(text, st.span)
-    raise InitError(f"the shipped layout has no {kind} statement")  # pragma: no cover
+    raise InitError(f"the shipped layout has no {keyword} statement")  # pragma: no cover
 
 
 def _cut(text: str, span: Any) -> str:
@@ -176,7 +176,7 @@ def _data_block(training_text: str, source: str, root: str | None, image_size: i
     minimal block for another source."""
     from vitkdl.syntax import parse
 
-    (paper,) = [st for st in parse(training_text).statements if st.kind == "data"]
+    (paper,) = [st for st in parse(training_text).statements if st.keyword == "data"]
     fields = [f"root = {_quote(root)}"] if root is not None else []
     if source != paper.arg:
         return (

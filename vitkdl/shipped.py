@@ -95,7 +95,7 @@ def dependencies(text: str) -> list[str]:
     return [
         st.arg
         for st in parse(text).statements
-        if st.arg is not None and (st.kind == "extends" or st.from_path)
+        if st.arg is not None and (st.keyword == "extends" or st.from_path)
     ]
 
 

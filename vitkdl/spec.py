@@ -315,7 +315,7 @@ class RecipeSpec(Node):
 
 @dataclass
 class RawBlock:
-    kind: str
+    keyword: str
     arg: str | None
     arg_span: Span | None
     span: Span
@@ -402,33 +402,33 @@ def _merge_tree(raw: RawRecipe, tree: syn.SyntaxTree, diags: list[Diagnostic]) -
     whole terms by name for ``distill``."""
     seen: dict[str, Span] = {}
     for st in tree.statements:
-        if st.kind == "extends":
+        if st.keyword == "extends":
             continue
-        if st.kind in seen:
-            first = seen[st.kind]
+        if st.keyword in seen:
+            first = seen[st.keyword]
             diags.append(
                 error(
-                    f"a second '{st.kind}' statement",
+                    f"a second '{st.keyword}' statement",
                     st.span,
                     hint=f"the first is at {first.line}:{first.column}; merge them into one",
                 )
             )
             continue
-        seen[st.kind] = st.span
-        if st.kind == "sweep":  # the experiment over this recipe: vitkdl.experiment reads it
+        seen[st.keyword] = st.span
+        if st.keyword == "sweep":  # the experiment over this recipe: vitkdl.experiment reads it
             continue
-        if st.kind == "recipe":
+        if st.keyword == "recipe":
             raw.name, raw.name_span = st.arg, st.arg_span
-        elif st.kind == "distill":
+        elif st.keyword == "distill":
             for name, term in _term_names(st.terms, diags):
                 raw.terms[name] = RawTerm(
                     name, term, _fields(term.fields, f"{term.kind} term", diags)
                 )
         else:
-            base = raw.blocks.get(st.kind)
-            fields = _fields(st.fields, f"the {st.kind} block", diags)
+            base = raw.blocks.get(st.keyword)
+            fields = _fields(st.fields, f"the {st.keyword} block", diags)
             block = RawBlock(
-                st.kind, st.arg, st.arg_span, st.span, from_path=st.from_path, file=tree.file
+                st.keyword, st.arg, st.arg_span, st.span, from_path=st.from_path, file=tree.file
             )
             if base is not None:
                 if st.arg is None:
@@ -440,7 +440,7 @@ def _merge_tree(raw: RawRecipe, tree: syn.SyntaxTree, diags: list[Diagnostic]) -
                 block.fields = {**base.fields, **fields}
             else:
                 block.fields = fields
-            raw.blocks[st.kind] = block
+            raw.blocks[st.keyword] = block
 
 
 def _load_raw(
@@ -479,7 +479,7 @@ def _load_raw(
         diags.extend(exc.diagnostics)
         return None
     raw = RawRecipe(file=name)
-    extends = [st for st in tree.statements if st.kind == "extends"]
+    extends = [st for st in tree.statements if st.keyword == "extends"]
     for st in extends[1:]:
         diags.append(
             error(
@@ -909,7 +909,7 @@ def _set_field(
     default (a model's); a name outside them is a free argument that ``+`` adds."""
     written = fname in block.fields
     present = written or known is None or fname in known
-    where = f"the {block.kind} block"
+    where = f"the {block.keyword} block"
     if o.op == "~":
         o.remove(block.fields, fname, where, diags)
         return
@@ -1041,7 +1041,7 @@ def _translate(
 ) -> Diagnostic:
     """A pydantic error in the words of a recipe author (``called``: what the user wrote for
     a call's name, e.g. ``schedule`` for ``schedule = cosin(...)``)."""
-    kind = err["type"]
+    error_type = err["type"]
     loc = err["loc"]
     field_name = str(loc[0]) if loc else where
     name = called if called is not None and field_name == "name" else field_name
@@ -1063,14 +1063,14 @@ def _translate(
             "kwargs",
         )
     ]
-    if kind == "extra_forbidden":
+    if error_type == "extra_forbidden":
         return error(
             f"unknown field '{name}' in {where}",
             span,
             expected=one_of(fields),
             hint=did_you_mean(name, fields),
         )
-    if kind == "literal_error":
+    if error_type == "literal_error":
         choices = _choices_of(model, field_name)
         got = value if isinstance(value, str) else _describe_value(value)
         return error(
@@ -1080,13 +1080,13 @@ def _translate(
             hint=did_you_mean(str(got), choices),
         )
     shown = _describe_value(value)
-    if kind in ("int_type", "int_parsing", "int_from_float"):
+    if error_type in ("int_type", "int_parsing", "int_from_float"):
         return error(f"{name} must be a whole number, got {shown}", span)
-    if kind in ("float_type", "float_parsing"):
+    if error_type in ("float_type", "float_parsing"):
         return error(f"{name} must be a number, got {shown}", span)
-    if kind in ("bool_type", "bool_parsing"):
+    if error_type in ("bool_type", "bool_parsing"):
         return error(f"{name} must be true or false, got {shown}", span)
-    if kind in ("string_type",):
+    if error_type in ("string_type",):
         return error(
             f"{name} must be a string, got {shown}", span, hint='write it in double quotes: "..."'
         )
@@ -1096,10 +1096,10 @@ def _translate(
         "less_than": "<",
         "less_than_equal": "<=",
     }
-    if kind in bounds:
+    if error_type in bounds:
         limit = next(iter(ctx.values())) if ctx else "?"
-        return error(f"{name} must be {bounds[kind]} {limit}, got {shown}", span)
-    if kind == "value_error" and "error" in ctx:  # a field's own check, in words
+        return error(f"{name} must be {bounds[error_type]} {limit}, got {shown}", span)
+    if error_type == "value_error" and "error" in ctx:  # a field's own check, in words
         return error(f"{name}: {ctx['error']}", span)
     return error(f"{name}: {err['msg']}", span)
 
@@ -1196,9 +1196,9 @@ def _block_data(block: RawBlock) -> tuple[dict[str, Any], dict[str, Span]]:
 def _model_spec(block: RawBlock, diags: list[Diagnostic]) -> ModelSpec | None:
     data, spans = _block_data(block)
     extra = {k: data.pop(k) for k in list(data) if k not in MODEL_FIELDS}
-    data.update(role=block.kind, model=block.arg or "", extra=extra)
+    data.update(role=block.keyword, model=block.arg or "", extra=extra)
     spans["model"] = block.arg_span or block.span
-    return _validate(ModelSpec, data, spans, f"the {block.kind} block", block.span, diags)
+    return _validate(ModelSpec, data, spans, f"the {block.keyword} block", block.span, diags)
 
 
 def _tap_spec(tap: syn.Tap, diags: list[Diagnostic]) -> TapSpec | None:

@@ -132,7 +132,7 @@ class Statement:
     ``distill``, ``train`` or ``sweep`` (whose fields are named by dotted paths). ``arg`` is
     the model name, data source, name or path."""
 
-    kind: str
+    keyword: str
     arg: str | None
     arg_span: Span | None
     fields: tuple[Field, ...]
@@ -317,7 +317,7 @@ class _Build(Transformer):
 
     def _statement(
         self,
-        kind: str,
+        keyword: str,
         meta: Any,
         arg: Any,
         body: Any,
@@ -332,7 +332,8 @@ class _Build(Transformer):
             arg_span = self._s(arg)
         else:
             name, arg_span = None, None
-        return Statement(kind, name, arg_span, tuple(body or ()), terms, self._s(meta), from_path)
+        body = tuple(body or ())
+        return Statement(keyword, name, arg_span, body, terms, self._s(meta), from_path)
 
     @v_args(meta=True)
     def recipe_name(self, meta: Any, items: list[Any]) -> Statement:

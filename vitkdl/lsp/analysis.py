@@ -253,7 +253,7 @@ def path_strings(text: str) -> list[tuple[int, int, str]]:
     keywords = set(language.keywords())
     out = []
     for prev, tok in itertools.pairwise(tokens):
-        if tok.kind == "string" and prev.kind == "word" and prev.text in keywords:
+        if tok.category == "string" and prev.category == "word" and prev.text in keywords:
             out.append((tok.start, tok.end, tok.text[1:-1]))
     return out
 

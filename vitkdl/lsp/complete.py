@@ -29,19 +29,20 @@ _PATH_PREFIX = re.compile(r"(?<![\w-])(?P<keyword>[A-Za-z_]+)\s+\"(?P<path>[^\"\
 
 @dataclass(frozen=True)
 class Item:
-    """One completion: ``kind`` is keyword, field, choice, model, tap, function or file."""
+    """One completion: ``category`` is keyword, field, choice, model, tap, function or file
+    (the server maps it to the protocol's completion item kind)."""
 
     label: str
-    kind: str
+    category: str
     detail: str = ""
     documentation: str = ""
 
 
 @dataclass(frozen=True)
 class Tok:
-    """A token of the tolerant scan: ``kind`` is word, string, number or punct."""
+    """A token of the tolerant scan: ``category`` is word, string, number or punct."""
 
-    kind: str
+    category: str
     text: str
     start: int
     end: int
@@ -55,16 +56,16 @@ def scan(text: str) -> list[Tok]:
         if not value.strip() or token in Comment:
             continue
         if token in String:
-            kind = "string"
+            category = "string"
         elif token in Number:
-            kind = "number"
+            category = "number"
         elif token in Punctuation or token in Operator or token in Error:
-            kind = "punct"
+            category = "punct"
         elif token in Name or token in Literal or str(token).startswith("Token.Keyword"):
-            kind = "word"
+            category = "word"
         else:
-            kind = "punct"
-        out.append(Tok(kind, value, start, start + len(value)))
+            category = "punct"
+        out.append(Tok(category, value, start, start + len(value)))
     return out
 
 
@@ -109,7 +110,7 @@ def _opener(tokens: list[Tok], at: int, lo: int) -> int | None:
     words = set(language.statement_keywords()) | set(language.term_kinds())
     for i in reversed(_same_level(tokens, lo, at)):
         t = tokens[i]
-        if t.kind != "word" or t.text not in words:
+        if t.category != "word" or t.text not in words:
             continue
         if i + 1 < len(tokens) and tokens[i + 1].text == ".":
             continue
@@ -143,8 +144,8 @@ def _field_items(model: type, names: tuple[str, ...]) -> list[Item]:
 
 def _choice_items(model: type, field: str) -> list[Item]:
     nested = language.nested_model(model, field)
-    kind = "function" if nested is not None else "choice"
-    return [Item(c, kind, f"{field} = {c}") for c in language.value_choices(model, field)]
+    category = "function" if nested is not None else "choice"
+    return [Item(c, category, f"{field} = {c}") for c in language.value_choices(model, field)]
 
 
 def _model_items(prefix: str) -> tuple[list[Item], bool]:
@@ -177,7 +178,7 @@ def _file_items(keyword: str, typed: str, path: Path | None) -> list[Item]:
 def _body(tokens: list[Tok], open_at: int, model: type, block: str | None) -> list[Item]:
     """Inside a ``{ ... }`` body: a field's choices after ``name =``, else the fields."""
     level = _same_level(tokens, open_at + 1, len(tokens))
-    if len(level) >= 2 and tokens[level[-1]].text == "=" and tokens[level[-2]].kind == "word":
+    if len(level) >= 2 and tokens[level[-1]].text == "=" and tokens[level[-2]].category == "word":
         return _choice_items(model, tokens[level[-2]].text)
     return _field_items(model, language.fields_of(model, block))
 
@@ -194,7 +195,7 @@ def _call(tokens: list[Tok], open_at: int, outer: list[int]) -> list[Item]:
     if model is None:
         return []
     level = _same_level(tokens, open_at + 1, len(tokens))
-    if len(level) >= 2 and tokens[level[-1]].text == "=" and tokens[level[-2]].kind == "word":
+    if len(level) >= 2 and tokens[level[-1]].text == "=" and tokens[level[-2]].category == "word":
         return _choice_items(model, tokens[level[-2]].text)
     names = tuple(n for n in language.fields_of(model) if not language.literal_choices(model, n))
     return _field_items(model, names)
@@ -223,7 +224,7 @@ def _statement_start(tokens: list[Tok], lo: int, hi: int, text: str) -> int:
         t = tokens[i]
         side = i + 1 < len(tokens) and tokens[i + 1].text == "."
         starts = i == lo or _line_start(text, t.start) or tokens[i - 1].text in ("{", "}")
-        if t.kind == "word" and t.text in words and not side and starts:
+        if t.category == "word" and t.text in words and not side and starts:
             return i
     return lo
 
@@ -268,7 +269,7 @@ def _header(
     if in_terms and words is not None and start < len(tokens):
         words = _for_kind(tokens[start].text, words, len(level))
     items = _keyword_items(words)
-    if accepts is not None and "NAME" in accepts and last is not None and last.kind == "word":
+    if accepts is not None and "NAME" in accepts and last is not None and last.category == "word":
         if not in_terms and language.takes_model_name(last.text):
             models, more = _model_items(partial)
             return items + models, more
@@ -299,7 +300,7 @@ def complete(text: str, offset: int, path: Path | None = None) -> tuple[list[Ite
     tokens = scan(text[:before])
     last = tokens[-1] if tokens else None
     if _in_comment_or_string(text[:offset]) or (
-        last is not None and last.kind == "number" and last.end == before
+        last is not None and last.category == "number" and last.end == before
     ):
         return [], False
     frames = open_brackets(tokens)

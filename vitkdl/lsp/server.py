@@ -36,7 +36,7 @@ from vitkdl.lsp.analysis import Analysis, analyse, definition, hover, path_strin
 from vitkdl.lsp.complete import Item, complete
 from vitkdl.lsp.framing import Frame, FrameReader, dispatch
 
-_KINDS = {
+_CATEGORIES = {  # a completion's category as the protocol's item kind
     "keyword": types.CompletionItemKind.Keyword,
     "field": types.CompletionItemKind.Field,
     "choice": types.CompletionItemKind.EnumMember,
@@ -321,7 +321,10 @@ def _item(item: Item) -> types.CompletionItem:
         else None
     )
     return types.CompletionItem(
-        label=item.label, kind=_KINDS.get(item.kind), detail=item.detail or None, documentation=doc
+        label=item.label,
+        kind=_CATEGORIES.get(item.category),
+        detail=item.detail or None,
+        documentation=doc,
     )
 
 

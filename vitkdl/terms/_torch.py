@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ALIGN_KINDS = ("linear", "identity", "mlp", "auto")
+ALIGN_CHOICES = ("linear", "identity", "mlp", "auto")
 
 
 def as_list(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -18,23 +18,23 @@ def as_list(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
     return list(x)
 
 
-def make_align(kind: str, d_in: int, d_out: int) -> nn.Module:
+def make_align(align: str, d_in: int, d_out: int) -> nn.Module:
     """One student->teacher width adapter: ``linear`` (with bias), ``identity`` (widths must
     match), ``mlp`` (Linear - GELU - Linear) or ``auto`` (identity when the widths match, else
     linear, what the ViTKD authors do for shallow mimicking)."""
-    if kind == "auto":
-        kind = "identity" if d_in == d_out else "linear"
-    if kind == "linear":
+    if align == "auto":
+        align = "identity" if d_in == d_out else "linear"
+    if align == "linear":
         return nn.Linear(d_in, d_out, bias=True)
-    if kind == "identity":
+    if align == "identity":
         if d_in != d_out:
             raise ValueError(
                 f"align='identity' needs equal widths, got student {d_in} and teacher {d_out}"
             )
         return nn.Identity()
-    if kind == "mlp":
+    if align == "mlp":
         return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
-    raise ValueError(f"unknown align {kind!r}; expected one of {', '.join(ALIGN_KINDS)}")
+    raise ValueError(f"unknown align {align!r}; expected one of {', '.join(ALIGN_CHOICES)}")
 
 
 def check_tokens(name: str, s: Tensor, t: Tensor) -> None:

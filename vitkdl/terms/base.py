@@ -170,11 +170,11 @@ def mlp(name: str, d_in: int, d_out: int, tokens: int) -> AdapterPlan:
     )
 
 
-def align(kind: str, name: str, d_in: int, d_out: int, tokens: int) -> list[AdapterPlan]:
-    """The width adapter an ``align`` choice builds (none for ``identity``)."""
-    if kind == "identity":
+def align(choice: str, name: str, d_in: int, d_out: int, tokens: int) -> list[AdapterPlan]:
+    """The width adapter the ``align`` option ``choice`` builds (none for ``identity``)."""
+    if choice == "identity":
         return []
-    return [(mlp if kind == "mlp" else linear)(name, d_in, d_out, tokens)]
+    return [(mlp if choice == "mlp" else linear)(name, d_in, d_out, tokens)]
 
 
 def adapter_words(a: AdapterPlan) -> str:

@@ -182,8 +182,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
     """Restore what :func:`rng_state` captured (onto ``device``'s generator on a GPU)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    algorithm, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((algorithm, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if isinstance(cuda, list):  # written by vitkdl <= 0.1: one state per visible GPU

@@ -361,9 +361,9 @@ class SubmititRun:
 
 
 def _launcher_value(text: str) -> Any:
-    for kind in (int, float):
+    for convert in (int, float):
         try:
-            return kind(text)
+            return convert(text)
         except ValueError:
             pass
     return {"true": True, "false": False}.get(text, text)

@@ -69,9 +69,9 @@ class GenerateOptions(KindOptions):
     student_grid: tuple[int, int] | None = None
 
 
-def generator_plan(kind: str, width: int, heads: int, tokens: int) -> AdapterPlan:
+def generator_plan(generator: str, width: int, heads: int, tokens: int) -> AdapterPlan:
     """The generator as numbers (forward FLOPs per image over ``tokens`` tokens)."""
-    if kind == "conv":
+    if generator == "conv":
         conv = 9 * width * width + width
         return AdapterPlan(
             name="generator",
@@ -80,7 +80,7 @@ def generator_plan(kind: str, width: int, heads: int, tokens: int) -> AdapterPla
             params=2 * conv,
             flops=2 * 2 * 9 * width * width * tokens,
         )
-    if kind == "attention":
+    if generator == "attention":
         hidden = MLP_RATIO * width
         params = (
             4 * width  # two LayerNorms

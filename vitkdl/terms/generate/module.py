@@ -69,7 +69,7 @@ class Generate(nn.Module):
         self.teacher_dim: int = int(teacher_dim)
         self.mask_ratio: float = float(mask)
         self.weight: float = float(weight)
-        self.kind: str = generator
+        self.generator_name: str = generator
         self.grid: tuple[int, int] | None = tuple(grid) if grid else None  # type: ignore
         self.align = make_align(align, self.student_dim, self.teacher_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.teacher_dim))
@@ -148,7 +148,7 @@ class Generate(nn.Module):
         return sq.sum() / (b * self.mask_ratio) * self.weight
 
     def _generate(self, x: Tensor) -> Tensor:
-        if self.kind != "conv":
+        if self.generator_name != "conv":
             return self.generator(x)
         b, n, d = x.shape
         h, w = self.grid or (self.grid_side(n), self.grid_side(n))
@@ -156,7 +156,10 @@ class Generate(nn.Module):
         return self.generator(grid).flatten(2).transpose(1, 2)
 
     def extra_repr(self) -> str:
-        return f"mask_ratio={self.mask_ratio:g}, generator={self.kind}, weight={self.weight:g}"
+        return (
+            f"mask_ratio={self.mask_ratio:g}, generator={self.generator_name}, "
+            f"weight={self.weight:g}"
+        )
 
 
 class HandGenerate(nn.Module):
