@@ -348,6 +348,14 @@ def check_classes(ctx: Context) -> Iterable[Diagnostic]:
             spec.student.at("head"),
             hint="remove head from the student block",
         )
+    if spec.student is not None and spec.student.precision != "auto":
+        yield error(
+            "precision says how the frozen teacher's weights are held; the student trains "
+            "under train.precision",
+            spec.student.at("precision"),
+            hint=f"remove precision from the student block (train {{ precision = "
+            f"{'bf16' if spec.student.precision == 'fp8' else spec.student.precision} }})",
+        )
 
 
 def logit_terms(spec: RecipeSpec) -> list:

@@ -82,6 +82,8 @@ class ModelPlan(_Plain):
     hf_hub_id: str | None = None
     hf_hub_filename: str | None = None
     pretrained_classes: int | None = None
+    # How a frozen teacher's weights are held (`precision`): auto, fp32, bf16 or fp8.
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
 
 
 class DataPlan(_Plain):

@@ -79,15 +79,44 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def teacher_precision(
-    device: torch.device, autocast_dtype: torch.dtype | None
+    device: torch.device, autocast_dtype: torch.dtype | None, written: str = "auto"
 ) -> torch.dtype | None:
-    """The dtype the frozen teacher's weights are held in, or None for fp32: bf16 under bf16
-    autocast on CUDA, where autocast would otherwise cast every fp32 weight to bf16 again at
-    each step (the teacher never trains, so its fp32 master copy buys nothing). Elsewhere the
-    teacher keeps fp32 weights (CPU autocast, fp16 with its loss scaling, fp32)."""
-    if device.type == "cuda" and autocast_dtype == torch.bfloat16:
+    """The dtype the frozen teacher's weights are held in, or None for as loaded (fp32).
+
+    ``written``: the teacher's ``precision``. ``bf16`` (and ``fp8``, whose layers other than
+    the FP8 linears stay in bf16) holds them in bf16 on any device, ``fp32`` as loaded;
+    ``auto`` holds them in bf16 under bf16 autocast on CUDA, where autocast would otherwise
+    cast every fp32 weight to bf16 again at each step (the teacher never trains, so its fp32
+    master copy buys nothing), and as loaded elsewhere (CPU autocast, fp16 with its loss
+    scaling, fp32)."""
+    if written in ("bf16", "fp8"):
+        return torch.bfloat16
+    if written == "auto" and device.type == "cuda" and autocast_dtype == torch.bfloat16:
         return torch.bfloat16
     return None
+
+
+def float8_teacher(teacher: nn.Module, device: torch.device) -> None:
+    """Run the teacher's linear layers in FP8 (torchao's float8 inference: dynamic scaling of
+    activations and weights), or a :class:`VkdError` naming what is missing: torchao (the
+    ``[fp8]`` extra) or a GPU with FP8 (compute capability 8.9 or newer)."""
+    try:
+        import torchao.quantization as tq
+    except ImportError:
+        message = "teacher { precision = fp8 } needs torchao, which is not installed"
+        hint = 'pip install -e ".[fp8]" (torchao), or precision = bf16'
+        raise VkdError([error(message, hint=hint)]) from None
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        message = (
+            "teacher { precision = fp8 } needs a CUDA GPU with FP8 (compute capability 8.9 "
+            f"or newer: Ada, Hopper and later); the device is {device}"
+        )
+        raise VkdError([error(message, hint="precision = bf16")])
+    config = getattr(tq, "Float8DynamicActivationFloat8WeightConfig", None)
+    if config is not None:
+        tq.quantize_(teacher, config())
+    else:  # torchao before 0.9
+        tq.quantize_(teacher, tq.float8_dynamic_activation_float8_weight())
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -853,5 +882,8 @@ def build(
         autocast_dtype=autocast_dtype,
         compile_mode=mode,
     ).to(dev)
-    program.hold_teacher(teacher_precision(dev, autocast_dtype))
+    written = plan.teacher.precision if plan.teacher is not None else "auto"
+    program.hold_teacher(teacher_precision(dev, autocast_dtype, written))
+    if written == "fp8" and program.teacher is not None:
+        float8_teacher(program.teacher, dev)
     return program

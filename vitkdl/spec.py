@@ -77,6 +77,10 @@ class ModelSpec(Node):
     # `head = random`: a teacher head its weights do not provide is meant (a test); logit
     # terms refuse one otherwise. `pretrained` (the default, None) asks the weights for it.
     head: Annotated[Literal["pretrained", "random"] | None, ModelField()] = None
+    # `precision = bf16` (a teacher): how its frozen weights are held. auto: bf16 under bf16
+    # autocast on CUDA, else as loaded (fp32); fp8: its linear layers in FP8 (torchao's float8
+    # inference, the [fp8] extra; GPUs with FP8). The student trains under train.precision.
+    precision: Annotated[Literal["auto", "fp32", "bf16", "fp8"], ModelField()] = "auto"
     extra: dict[str, Any] = Field(default_factory=dict)
     # `teacher from "PATH"`: the recipe whose final student this teacher is.
     from_recipe: str | None = None

@@ -426,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         render_plan(plan, out, origins)
         render_teacher_depth(plan, out)
+        render_teacher_precision(plan, out)
         if not grid.empty:
             render_sweep(grid, out)
         if report is not None:
@@ -505,6 +506,24 @@ def render_probe(report: Any, out: Console) -> None:
             f"  teacher top-1 on these images: {report.teacher_top1:.1f}% "
             f"({report.teacher_correct}/{report.images}; before mixup, eval mode)"
         )
+
+
+#: How a teacher's ``precision`` holds its weights, in words.
+TEACHER_PRECISION = {
+    "fp32": "fp32 weights (as loaded), whatever the autocast",
+    "bf16": "bf16 weights (its input cast to bf16), on every device",
+    "fp8": "FP8 linear layers (torchao's float8 inference: dynamic scaling), the rest in "
+    "bf16; needs torchao (the [fp8] extra) and a GPU with FP8",
+}
+
+
+def render_teacher_precision(plan: Plan, out: Console) -> None:
+    """``teacher precision: ...``: printed only when the recipe writes one (``auto``, the
+    default, holds it in bf16 under bf16 autocast on CUDA and as loaded elsewhere)."""
+    t = plan.teacher
+    if t is None or not plan.teacher_used or t.precision == "auto":
+        return
+    out.print(f"[bold]teacher precision[/]: {escape(TEACHER_PRECISION[t.precision])}")
 
 
 def render_teacher_depth(plan: Plan, out: Console) -> None:
