@@ -25,6 +25,7 @@ import json
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ __all__ = [
     "RunInUse",
     "RunRefused",
     "RunRequest",
+    "Start",
     "baseline_overrides",
+    "decide_start",
     "run_many",
     "run_recipe",
 ]
@@ -140,21 +143,30 @@ def _ensure(
     return run_recipe(path, dep_req, console)[1]
 
 
-def _start(spec: RecipeSpec, out: Path, req: RunRequest) -> tuple[str, Path | None]:
-    """How a run starts: ``("reuse", None)`` for a finished run, ``("resume", checkpoint)``,
-    or ``("fresh", None)``; refuses (TrainError) where going on would lose or mix work."""
+class Start(Enum):
+    """How a run starts."""
+
+    REUSE = "reuse"  # finished (or as far as --max-steps asks): nothing to train
+    RESUME = "resume"  # continued from a checkpoint
+    FRESH = "fresh"  # trained from the start
+
+
+def decide_start(spec: RecipeSpec, out: Path, req: RunRequest) -> tuple[Start, Path | None]:
+    """How the run of ``spec`` in ``out`` starts, and the checkpoint it resumes from (None
+    unless :attr:`Start.RESUME`); refuses (:class:`RunRefused`) where going on would lose or
+    mix work. The one place that decides it."""
     ckpt = out / "last.pt"
     saved = bool(checkpoint_files(out))  # last.pt, or best.pt when last.pt is gone
     if done(out, spec.hash(), req.max_steps) is not None and not req.force:
-        return "reuse", None
+        return Start.REUSE, None
     if req.resume:
         if saved:
-            return "resume", ckpt
+            return Start.RESUME, ckpt
         latest = latest_link(req.out_root, spec.name)
         other = latest.resolve() / "last.pt" if latest.is_symlink() else None
         if other is not None and other.exists() and other.parent != out.resolve():
             if req.force:  # continue that run under the changed recipe, in this run's folder
-                return "resume", other
+                return Start.RESUME, other
             raise RunRefused(
                 f"--resume: {out} holds no checkpoint of this recipe; the latest run of "
                 f"{spec.name}, {other.parent}, is of a different version of the recipe "
@@ -164,7 +176,7 @@ def _start(spec: RecipeSpec, out: Path, req: RunRequest) -> tuple[str, Path | No
         raise RunRefused(f"--resume: no checkpoint at {ckpt}; start without --resume")
     if saved and not req.force and not req.smoke:
         if req.continue_unfinished:
-            return "resume", ckpt
+            return Start.RESUME, ckpt
         summary = read_summary(out)
         where = ckpt.name
         if summary is not None and summary.get("hash") == spec.hash():
@@ -174,7 +186,7 @@ def _start(spec: RecipeSpec, out: Path, req: RunRequest) -> tuple[str, Path | No
             f"{out} holds an unfinished run of this recipe ({where}); "
             f"--resume continues it{to}, --force starts it over"
         )
-    return "fresh", None
+    return Start.FRESH, None
 
 
 def run_recipe(
@@ -211,7 +223,7 @@ def _run_held(
 
     # Decided before the teacher trains: a refusal (an unfinished run without --resume)
     # comes before any work.
-    how, checkpoint = _start(spec, out, req)
+    how, checkpoint = decide_start(spec, out, req)
     teacher = spec.teacher
     teacher_run: dict[str, Any] | None = None
     if teacher is not None and teacher.from_recipe is not None and not req.smoke:
@@ -227,7 +239,7 @@ def _run_held(
         )
         teacher_run = summaries[-1]  # the teacher's own run comes after its dependencies
 
-    if how == "reuse":
+    if how is Start.REUSE:
         summary = done(out, spec.hash(), req.max_steps)
         assert summary is not None
         early = stopped_early(summary)
@@ -278,7 +290,7 @@ def _mark_teacher(
 def _train(
     spec: RecipeSpec,
     out: Path,
-    how: str,
+    how: Start,
     checkpoint: Path | None,
     req: RunRequest,
     console: Console,
@@ -290,7 +302,7 @@ def _train(
     opts = RunOptions(
         **replace(req.settings(), max_steps=max_steps).settings_dict(),
         out_dir=out,
-        resume=how == "resume",
+        resume=how is Start.RESUME,
         resume_from=checkpoint if checkpoint != out / "last.pt" else None,
         max_eval_batches=2 if req.smoke else None,
         load_weights=not req.smoke,
