@@ -3,12 +3,12 @@
 ``vitkdl run`` says how to run in one place, :class:`RunSettings`; the records that carry a run
 through its stages add only what is their own:
 
-- :class:`vitkdl.train.runner.RunRequest`: one recipe's runs (overrides, ``--resume``, the
-  baseline, continuing a dependency);
+- :class:`RunRequest`: one run as asked (its overrides, ``--resume``, whether an unfinished
+  run is continued, how the console introduces a dependency);
 - :class:`vitkdl.train.jobs.JobOptions`: an experiment's runs (how many at once, the launcher,
   processes per run);
-- :class:`vitkdl.train.worker.Task`: one run sent to a worker (its recipe, folder, overrides,
-  threads; it travels as JSON);
+- :class:`vitkdl.train.worker.Task`: a :class:`RunRequest` sent to the inline launcher or a
+  worker (its recipe, folder, threads; it travels as JSON);
 - :class:`vitkdl.train.loop.RunOptions`: what the training loop reads (the run's folder, the
   checkpoint to resume from, evaluation batches, whether to load teacher weights), made from
   a :class:`RunRequest` in one place (:func:`vitkdl.train.runner.run_recipe`).
@@ -41,3 +41,17 @@ class RunSettings:
     def settings_dict(self) -> dict[str, object]:
         """These settings as keyword arguments (for the record of the next stage)."""
         return {f.name: getattr(self, f.name) for f in fields(RunSettings)}
+
+
+@dataclass(frozen=True)
+class RunRequest(RunSettings):
+    """One run as asked: the settings and what is the run's own."""
+
+    overrides: tuple[str, ...] = ()
+    resume: bool = False  # --resume: continue from the run's checkpoint
+    # Continue an unfinished run instead of refusing to start it over: the runs of an
+    # experiment, and the teacher and baseline of a recipe (the user did not name them).
+    continue_unfinished: bool = False
+    # How the console introduces a run that another needs (its teacher, its baseline), in rich
+    # markup; empty for a recipe named on the command line.
+    why: str = ""

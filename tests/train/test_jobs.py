@@ -434,21 +434,19 @@ def test_the_settings_of_an_experiment_reach_each_run_as_given(
 
     from vitkdl.experiment import PlannedRun
     from vitkdl.settings import RunSettings
-    from vitkdl.train.jobs import Board, JobOptions, _Scheduler
+    from vitkdl.train.jobs import JobOptions, task_of
     from vitkdl.train.worker import Task, execute
 
     opts = JobOptions(
         out_root=tmp_path / "runs", device="cpu", force=True, smoke=True, quiet=True, jobs=2
     )
-    board = Board(Console(file=io.StringIO()), 2, quiet=True)
-    scheduler = _Scheduler(None, opts, [], board, {})  # type: ignore[arg-type]
     asked: list = []
     monkeypatch.setattr(
-        runner, "run_recipe", lambda path, req, console: asked.append(req) or ({}, [])
+        runner, "run_recipe", lambda path, req, console, on_step=None: asked.append(req) or {}
     )
     for role, max_steps in (("recipe", 7), ("teacher", None)):
         run = PlannedRun("k", "r.vkd", "r", "h", ("train.seed=1",), role, max_steps=max_steps)  # type: ignore[arg-type]
-        task = Task.from_json(scheduler.task(run, threads=3).to_json())
+        task = Task.from_json(task_of(run, opts, threads=3).to_json())
         assert execute(task, Console(file=io.StringIO()))[0] == 0
         req = asked[-1]
         expected = RunSettings(
@@ -461,3 +459,4 @@ def test_the_settings_of_an_experiment_reach_each_run_as_given(
         )
         assert task.settings() == req.settings() == expected
         assert req.overrides == ("train.seed=1",) and task.threads == 3
+        assert req.continue_unfinished and not req.resume  # an experiment continues its runs

@@ -10,13 +10,17 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from rich.console import Console
 
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics, print_exit
 from vitkdl.exits import FAILED, INTERNAL, OK, PREEMPTED, USAGE, exit_of
 from vitkdl.runs import IN_USE
+
+if TYPE_CHECKING:
+    from vitkdl.experiment import Experiment
+    from vitkdl.train.jobs import JobOptions
 
 #: The exit status of a run whose folder another process holds: sysexits' EX_TEMPFAIL,
 #: like a preempted run (the same command succeeds later).
@@ -145,8 +149,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def is_experiment(args: argparse.Namespace) -> bool:
-    """Whether the command asks for an experiment (several seeds, a sweep, parallel runs)
-    rather than the single runs of each recipe."""
+    """Whether the command is one experiment with a report (several seeds, a sweep, parallel
+    runs, a launcher) rather than each recipe's experiment of one run (its teacher's and
+    baseline's besides) with the recipe's table."""
     if args.seeds is not None or args.grid or args.jobs is not None:
         return True
     if args.launcher != "local" or args.launcher_args:
@@ -261,6 +266,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         err.print("vitkdl run: error: --nproc-per-node must be at least 1")
         return USAGE
+    bad = [a for a in args.launcher_args if "=" not in a]
+    if bad:
+        err.print(f"vitkdl run: error: --launcher-arg is KEY=VALUE, got '{bad[0]}'", markup=False)
+        return USAGE
     if args.device is not None:  # before any run folder is made
         from vitkdl.program import device_problem
 
@@ -268,25 +277,61 @@ def run(args: argparse.Namespace) -> int:
         if problem is not None:
             err.print(f"vitkdl run: error: {problem}", highlight=False, markup=False)
             return USAGE
-    if "WORLD_SIZE" not in os.environ and is_experiment(args):
-        return run_experiment(args, out, err)
-    if (args.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:
+    # A process of a torchrun job (--nproc-per-node) runs its recipes' runs with the others.
+    launched = "WORLD_SIZE" in os.environ
+    report = not launched and is_experiment(args)
+    if not report and not launched and (args.nproc_per_node or 1) > 1:
         return launch_torchrun(args.nproc_per_node)
-    from vitkdl.train.runner import RunInUse, RunRequest, run_many
+    from vitkdl.errors import VkdError
+    from vitkdl.experiment import plan_experiment
+    from vitkdl.train.jobs import JobOptions
 
-    req = RunRequest(
+    # An experiment plans every recipe together; a plain run is each recipe's experiment of
+    # one cell and its own seed, one after the other.
+    groups = [args.recipes] if report else [[path] for path in args.recipes]
+    try:
+        experiments = [
+            plan_experiment(
+                group,
+                args.overrides,
+                args.grid,
+                args.seeds,
+                max_steps=args.max_steps,
+                smoke=args.smoke,
+                baseline=args.baseline,
+            )[0]
+            for group in groups
+        ]
+    except VkdError as exc:
+        print_diagnostics(err, exc.diagnostics, exc.sources)
+        return USAGE
+    opts = JobOptions(
         out_root=args.out,
-        overrides=tuple(args.overrides),
-        resume=args.resume,
+        device=args.device,
         force=args.force,
-        max_steps=args.max_steps,
         smoke=args.smoke,
         quiet=args.quiet,
-        device=args.device,
-        baseline=args.baseline,
+        max_steps=args.max_steps,
+        resume=args.resume,
+        jobs=args.jobs,
+        launcher=args.launcher,
+        launcher_args=tuple(tuple(a.split("=", 1)) for a in args.launcher_args),  # type: ignore[misc]
+        nproc=args.nproc_per_node,
     )
+    if report:
+        return _run_experiment(experiments[0], opts, out, err)
+    return _run_plain(experiments, opts, out, err)
+
+
+def _run_plain(experiments: list[Experiment], opts: JobOptions, out: Console, err: Console) -> int:
+    """Each recipe's runs, here (:func:`vitkdl.train.jobs.run_plain`); what ended them mapped
+    to the exit status (:mod:`vitkdl.exits`)."""
+    from vitkdl.train import distributed
+    from vitkdl.train.jobs import run_plain
+    from vitkdl.train.runner import RunInUse
+
     try:
-        run_many(args.recipes, req, err, out)  # tables on stdout, the rest on stderr
+        run_plain(experiments, opts, err, out)  # tables on stdout, the rest on stderr
     except Exception as exc:  # mapped by vitkdl.exits; a bug goes on to main's last line
         ended = exit_of(exc)
         if ended.status == INTERNAL:
@@ -296,50 +341,17 @@ def run(args: argparse.Namespace) -> int:
             print_exit(err, "vitkdl run", exc)
         return ended.status
     finally:
-        from vitkdl.train import distributed
-
         distributed.shutdown()
     return OK
 
 
-def run_experiment(args: argparse.Namespace, out: Console, err: Console) -> int:
-    """``--seeds`` / ``--grid`` / a sweep block / ``--jobs`` / ``--launcher``: plan every run,
-    run what is missing, report (:mod:`vitkdl.train.jobs`)."""
-    from vitkdl.errors import VkdError
-    from vitkdl.experiment import plan_experiment
-    from vitkdl.train.jobs import JobOptions, LaunchError
-    from vitkdl.train.jobs import run_experiment as run_all
+def _run_experiment(experiment: Experiment, opts: JobOptions, out: Console, err: Console) -> int:
+    """``--seeds`` / ``--grid`` / a sweep block / ``--jobs`` / ``--launcher``: run what is
+    missing, report (:func:`vitkdl.train.jobs.run_experiment`)."""
+    from vitkdl.train.jobs import LaunchError, run_experiment
 
-    bad = [a for a in args.launcher_args if "=" not in a]
-    if bad:
-        err.print(f"vitkdl run: error: --launcher-arg is KEY=VALUE, got '{bad[0]}'", markup=False)
-        return USAGE
     try:
-        experiment, _ = plan_experiment(
-            args.recipes,
-            args.overrides,
-            args.grid,
-            args.seeds,
-            max_steps=args.max_steps,
-            smoke=args.smoke,
-            baseline=args.baseline,
-        )
-    except VkdError as exc:
-        print_diagnostics(err, exc.diagnostics, exc.sources)
-        return USAGE
-    opts = JobOptions(
-        out_root=args.out,
-        jobs=args.jobs,
-        launcher=args.launcher,
-        launcher_args=tuple(tuple(a.split("=", 1)) for a in args.launcher_args),  # type: ignore[misc]
-        device=args.device,
-        nproc=args.nproc_per_node,
-        force=args.force,
-        smoke=args.smoke,
-        quiet=args.quiet,
-    )
-    try:
-        code, _ = run_all(experiment, opts, out, err)
+        code, _ = run_experiment(experiment, opts, out, err)
     except (LaunchError, OSError) as exc:  # OSError: a folder of --out cannot be written
         if exit_of(exc).status == INTERNAL:
             raise

@@ -1,5 +1,11 @@
 """Running an experiment: its runs in dependency order, several at once, then its report.
 
+A plain ``vitkdl run R...`` is run here too (:func:`run_plain`): each recipe an experiment of
+one cell and its own seed (:func:`vitkdl.experiment.plan_experiment`), whose runs (the run of
+a ``teacher from`` recipe, the recipe's, its baseline's) the inline launcher runs one after the
+other in this process, printing to the console; the first that fails ends the command. At
+the end each recipe's table and a comparison of every run (``OUT/comparison.json``).
+
 :func:`run_experiment` takes the plan of :func:`vitkdl.experiment.plan_experiment`. A run that
 is already finished (same hash, so same seed and values) is reused and never trained again;
 the others run once their dependencies have finished (a run whose teacher failed is skipped,
@@ -40,6 +46,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,7 +56,7 @@ from rich.markup import escape
 
 from vitkdl.exits import FAILED, OK
 from vitkdl.experiment import Experiment, Outcome, PlannedRun, assemble_report
-from vitkdl.runs import LOG, done, experiment_dir, point_latest, read_summary
+from vitkdl.runs import LOG, done, experiment_dir, point_latest, read_summary, write_atomic
 from vitkdl.settings import RunSettings
 from vitkdl.train.signals import (
     INTERRUPTED,
@@ -59,7 +66,14 @@ from vitkdl.train.signals import (
     stop_signals,
     stop_with_parent,
 )
-from vitkdl.train.worker import Task, execute, failure_reason, log_file, read_progress
+from vitkdl.train.worker import (
+    Task,
+    execute,
+    failure_reason,
+    log_file,
+    read_progress,
+    run_task,
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class JobOptions(RunSettings):
     RunSettings`; ``force`` trains the named recipes' runs again, ``quiet`` is the experiment's
     own output) and how the runs are launched."""
 
+    resume: bool = False  # --resume: the named recipes' runs of a plain `vitkdl run R`
     jobs: int | None = None  # runs at once (None: 1 on CPU, one per GPU)
     launcher: str = "local"  # or "submitit"
     launcher_args: tuple[tuple[str, str], ...] = ()  # submitit parameters, KEY=VALUE
@@ -131,10 +146,16 @@ class _Ended:
 
 
 class InlineLauncher:
-    """One run at a time, in this process: no start-up cost per run."""
+    """One run at a time, in this process: no start-up cost per run. An experiment's run
+    (:meth:`start`) prints to its log and ends with an exit status; a plain ``vitkdl run``'s
+    (:meth:`run`) prints to the console, and what ends it goes up to the command."""
 
-    def __init__(self, opts: JobOptions, board: Board) -> None:
+    def __init__(self, opts: JobOptions, board: Board | None = None) -> None:
         self.opts, self.board = opts, board
+
+    def run(self, task: Task, console: Console) -> dict[str, Any]:
+        """Run ``task`` here, printing to ``console``; returns its summary."""
+        return run_task(task, console)
 
     def start(self, run: PlannedRun, task: Task, slot: int) -> Handle:
         started = time.monotonic()
@@ -142,7 +163,8 @@ class InlineLauncher:
         console = Console(file=log, width=120, highlight=False, no_color=True)
 
         def on_step(step: int, total: int, epoch: int) -> None:
-            self.board.progress(run.key, step, total, epoch)
+            if self.board is not None:
+                self.board.progress(run.key, step, total, epoch)
 
         try:
             with contextlib.redirect_stderr(log):  # warnings of the run go to its log too
@@ -515,6 +537,39 @@ class Board:
 # The scheduler
 
 
+def task_of(
+    run: PlannedRun,
+    opts: JobOptions,
+    *,
+    threads: int | None = None,
+    plain: bool = False,
+    why: str = "",
+) -> Task:
+    """The task of one planned run: the settings as given, its own step limit (planned per
+    run, teachers and baselines too), ``--force`` for the named recipes' runs alone. In an
+    experiment every unfinished run is continued and the run's log says everything; in a
+    ``plain`` ``vitkdl run R`` the named recipe's run is as asked (``--resume``; an unfinished
+    one is refused without it or ``--force``) and its teacher's and baseline's are continued,
+    introduced on the console by ``why``."""
+    named = run.role == "recipe"
+    settings = replace(
+        opts.settings(),
+        max_steps=run.max_steps,
+        force=opts.force and named,
+        quiet=opts.quiet and plain,
+    )
+    return Task(
+        **settings.settings_dict(),
+        path=run.path,
+        key=run.key,
+        overrides=run.overrides,
+        threads=threads,
+        resume=plain and named and opts.resume,
+        continue_unfinished=not (plain and named),
+        why=why,
+    )
+
+
 def _status(code: int) -> str:
     if code == OK:
         return "done"
@@ -545,21 +600,6 @@ class _Scheduler:
         self.stop_reason = name
         for handle in list(self.running.values()):
             handle.stop(name)
-
-    def task(self, run: PlannedRun, threads: int | None) -> Task:
-        settings = replace(
-            self.opts.settings(),
-            max_steps=run.max_steps,  # planned per run (teachers and baselines too)
-            force=self.opts.force and run.role == "recipe",
-            quiet=False,  # the run's log says everything
-        )
-        return Task(
-            **settings.settings_dict(),
-            path=run.path,
-            key=run.key,
-            overrides=run.overrides,
-            threads=threads,
-        )
 
     def run(self, launcher: Any, slots: int) -> None:
         threads = getattr(launcher, "threads", None)
@@ -597,7 +637,7 @@ class _Scheduler:
                 return
             slot = free[0]
             self.waiting.remove(run)
-            task = self.task(run, threads)
+            task = task_of(run, self.opts, threads=threads)
             self.board.started(run, slot, task.folder)
             handle = launcher.start(run, task, slot)
             self.running[slot] = handle
@@ -797,3 +837,74 @@ def _report(
     if not plotted:
         out.print(f"report.png skipped: {PLOTS_MISSING}", highlight=False, soft_wrap=True)
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# A plain `vitkdl run R...`
+
+
+def _why(experiment: Experiment, run: PlannedRun) -> str:
+    """How the console introduces a run that another run of ``experiment`` needs (rich
+    markup): a teacher by the run it teaches, a baseline by the recipe compared with it."""
+    if run.role == "teacher":
+        needs = next(r for r in experiment.runs if run.key in r.deps)
+        return f"[bold]{needs.recipe}[/]: its teacher, the final student of {escape(run.path)}"
+    if run.role == "baseline":
+        arm = next(
+            a
+            for a in experiment.arms
+            if a.baseline is not None and run.key in dict(experiment.arms[a.baseline].runs).values()
+        )
+        return f"[bold]{arm.recipe}[/]: its baseline {escape(run.path)}"
+    return ""
+
+
+def run_plain(
+    experiments: Sequence[Experiment], opts: JobOptions, console: Console, tables: Console
+) -> list[dict[str, Any]]:
+    """``vitkdl run R...`` without seeds, a grid or parallel runs: each recipe's experiment (one
+    cell, its own seed) run by the inline launcher, in this process, one run after the other
+    (the teacher's run, the recipe's, its baseline's), progress and notes on ``console``
+    (stderr). After each recipe its table, and with several runs a comparison at the end
+    (also ``OUT/comparison.json`` and ``.png``), on ``tables`` (stdout), so that
+    ``vitkdl run R > results.txt`` keeps just the results. What ends a run (a failure, a
+    refusal, a stop) ends the command: it goes up to the caller. Returns the runs' summaries,
+    one per run folder."""
+    from vitkdl.train import distributed
+    from vitkdl.train.report import (
+        PLOTS_MISSING,
+        comparison_table,
+        print_summary,
+        write_comparison,
+    )
+    from vitkdl.train.runner import check_start
+
+    job = distributed.init_from_env(opts.device)
+    if not job.is_main:
+        console = tables = Console(quiet=True)  # rank 0 alone reports
+    launcher = InlineLauncher(opts)
+    shown: dict[str, dict[str, Any]] = {}
+    for experiment in experiments:
+        tasks = [
+            (run, task_of(run, opts, plain=True, why=_why(experiment, run)))
+            for run in experiment.runs
+        ]
+        for run, task in tasks:  # a refusal comes before any work (its teacher's included)
+            if run.role == "recipe":
+                check_start(task.path, task)
+        summaries = {run.key: launcher.run(task, console) for run, task in tasks}
+        if not job.is_main:
+            continue
+        for run, _ in tasks:
+            if run.role == "recipe":
+                print_summary(tables, summaries[run.key])
+        for summary in summaries.values():
+            shown[f"{summary['recipe']}-{summary.get('hash')}"] = summary  # one row per folder
+    if len(shown) > 1:
+        rows = list(shown.values())
+        tables.print(comparison_table(rows))
+        opts.out_root.mkdir(parents=True, exist_ok=True)
+        if not write_comparison(rows, opts.out_root / "comparison.png"):
+            console.print(f"comparison.png skipped: {PLOTS_MISSING}", highlight=False)
+        write_atomic(opts.out_root / "comparison.json", json.dumps(rows, indent=2) + "\n")
+    return list(shown.values())

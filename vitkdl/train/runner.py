@@ -1,30 +1,30 @@
-"""Running recipes: dependencies first (``teacher from``), then the recipe, then comparisons.
+"""Running one run: how it starts (reuse, resume, fresh), its folder held, its training.
 
 Every run has its own folder, ``OUT/NAME-HASH/`` (:mod:`vitkdl.runs`), keyed by the hash of
 the resolved recipe, overrides and seed included; ``OUT/NAME`` links to the latest. A finished
 run is reused, never trained again or replaced, unless ``--force``; an unfinished one is
 continued with ``--resume`` (or started over with ``--force``), never overwritten silently.
+:func:`decide_start` is where that is decided, once, with the folder held
+(:func:`vitkdl.runs.hold`) until the run's last write.
 
-``--max-steps N`` applies to every run the command starts, its teacher and baseline included,
-so ``vitkdl run quickstart.vkd --max-steps 5`` is a quick pass over the whole graph. A run it
-stopped early is *partial* (its summary says where it stopped); the same command again reuses
-it, and ``--resume`` (without ``--max-steps``, or with a larger one) continues it. A student
-whose teacher was partial says so in its summary and in the tables.
+What runs, in what order, is the experiment's plan (:func:`vitkdl.experiment.plan_experiment`):
+a ``vitkdl run R`` is an experiment of one cell and the recipe's seed, whose dependencies (the
+run of a ``teacher from`` recipe, trained first when missing) and baseline (the student-only
+recipe it extends, compared with it at the end) are runs of their own
+(:func:`vitkdl.train.jobs.run_plain`).
 
-A recipe whose teacher is the final student of another recipe needs that recipe's run
-(as written there: command-line overrides do not reach a dependency); when it is missing, that
-recipe is trained first. A recipe that extends a complete student-only recipe (its baseline,
-like ``quickstart.vkd`` extends ``quickstart_baseline.vkd``) is compared with it at the end,
-the baseline run under the same student, data and training overrides, so the two sides differ
-only in what the recipe adds.
+``--max-steps N`` applies to every run the command starts, its teacher and baseline included.
+A run it stopped early is *partial* (its summary says where it stopped); the same command
+again reuses it, and ``--resume`` (without ``--max-steps``, or with a larger one) continues it.
+A student whose teacher was partial says so in its summary and in the tables.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from vitkdl import pipeline
-from vitkdl.errors import VkdError
-from vitkdl.experiment import BASELINE_ROOTS, baseline_of, baseline_overrides, smoke_overrides
 from vitkdl.runs import (
     RunHeld,
     checkpoint_files,
@@ -47,20 +45,18 @@ from vitkdl.runs import (
     stopped_early,
     write_atomic,
 )
-from vitkdl.settings import RunSettings
-from vitkdl.spec import RecipeSpec, load_spec
+from vitkdl.settings import RunRequest
+from vitkdl.spec import RecipeSpec
 from vitkdl.train import distributed
 from vitkdl.train.loop import ResumeRefused, RunOptions, TrainError, check_writable, train
 
 __all__ = [
-    "BASELINE_ROOTS",
     "RunInUse",
     "RunRefused",
     "RunRequest",
     "Start",
-    "baseline_overrides",
+    "check_start",
     "decide_start",
-    "run_many",
     "run_recipe",
 ]
 
@@ -96,51 +92,6 @@ def _hold(spec: RecipeSpec, out: Path, req: RunRequest, stack: ExitStack) -> Non
         refusal = distributed.all_gather_states({"refusal": refusal})[0]["refusal"]
     if refusal:
         raise RunInUse(refusal)
-
-
-@dataclass(frozen=True)
-class RunRequest(RunSettings):
-    """What ``vitkdl run`` was asked to do for each recipe: the settings
-    (:class:`vitkdl.settings.RunSettings`) and what is a recipe's own."""
-
-    overrides: tuple[str, ...] = ()
-    resume: bool = False
-    baseline: bool = True
-    # Continue an unfinished run of the same recipe instead of refusing to start over (how
-    # dependencies and baselines are run: the user did not ask for them by name).
-    continue_unfinished: bool = False
-    # Called after every optimizer step with (step, total steps, epoch) (a sweep's progress).
-    on_step: Callable[[int, int, int], None] | None = None
-
-
-def _ensure(
-    path: str, overrides: Sequence[str], req: RunRequest, console: Console, why: str
-) -> list[dict[str, Any]]:
-    """The summaries of a run of ``path`` under ``overrides`` and ``req.max_steps``: a
-    finished one (or one already as far as ``--max-steps`` asks) is reused, else it is trained
-    now (an unfinished run of it is continued)."""
-    spec = pipeline.load(path, list(overrides), strict=True)
-    out = run_dir(req.out_root, spec.name, spec.hash())
-    summary = done(out, spec.hash(), req.max_steps)
-    if summary is not None:
-        early = stopped_early(summary)
-        note = f" ({early}, as far as --max-steps {req.max_steps} asks)" if early else ""
-        console.print(
-            f"{why}: {escape(str(out / 'student.safetensors'))} is up to date{note}; reusing it",
-            highlight=False,
-        )
-        return [summary]
-    limit = f" (--max-steps {req.max_steps} applies to it too)" if req.max_steps else ""
-    console.print(f"{why}: missing or unfinished, training it first{limit}", highlight=False)
-    dep_req = replace(
-        req,
-        overrides=tuple(overrides),
-        resume=False,
-        force=False,
-        baseline=False,
-        continue_unfinished=True,
-    )
-    return run_recipe(path, dep_req, console)[1]
 
 
 class Start(Enum):
@@ -189,85 +140,94 @@ def decide_start(spec: RecipeSpec, out: Path, req: RunRequest) -> tuple[Start, P
     return Start.FRESH, None
 
 
-def run_recipe(
-    path: str | Path, req: RunRequest, console: Console
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Run one recipe and what it depends on. Returns its own summary and the summaries of
-    every run made or reused, in order (teacher, recipe, baseline)."""
-    path = Path(path)
-    overrides = list(req.overrides)
-    if req.smoke:
-        probe, diags, sources = load_spec(path, overrides)
-        if probe is None:
-            raise VkdError(diags, sources)
-        overrides = smoke_overrides(probe, overrides) + overrides
-    spec = pipeline.load(path, overrides, strict=not req.smoke)
+def load(path: str | Path, req: RunRequest) -> RecipeSpec:
+    """The recipe of a run as asked (a smoke run's missing data root or weights are no
+    error: it reads neither)."""
+    return pipeline.load(path, list(req.overrides), strict=not req.smoke)
+
+
+@contextmanager
+def _started(
+    path: str | Path, req: RunRequest
+) -> Iterator[tuple[RecipeSpec, Path, Start, Path | None]]:
+    """Inside: the run's recipe, its folder (writable, held by this process) and how it
+    starts (:func:`decide_start`)."""
+    spec = load(path, req)
     job = distributed.current()
     out = run_dir(req.out_root, spec.name, spec.hash())
     if job.is_main:
-        check_writable(out)  # before any training, dependencies included
+        check_writable(out)
     distributed.barrier()
     with ExitStack() as stack:
         # Held from before the decision to its last write: a second command of the same run
         # neither trains it again nor decides from files this one is rewriting.
         _hold(spec, out, req, stack)
-        return _run_held(spec, out, overrides, req, console)
+        how, checkpoint = decide_start(spec, out, req)
+        yield spec, out, how, checkpoint
 
 
-def _run_held(
-    spec: RecipeSpec, out: Path, overrides: list[str], req: RunRequest, console: Console
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """:func:`run_recipe` once its folder is held."""
-    job = distributed.current()
-    summaries: list[dict[str, Any]] = []
+def check_start(path: str | Path, req: RunRequest) -> None:
+    """What would keep the run from starting, raised now: its folder not writable, held by
+    another process, or a refusal (:class:`RunRefused`). Asked before its dependencies run,
+    so that such a run costs no work; the run asks again when its turn comes."""
+    with _started(path, req):
+        pass
 
-    # Decided before the teacher trains: a refusal (an unfinished run without --resume)
-    # comes before any work.
-    how, checkpoint = decide_start(spec, out, req)
-    teacher = spec.teacher
-    teacher_run: dict[str, Any] | None = None
-    if teacher is not None and teacher.from_recipe is not None and not req.smoke:
-        # --max-steps reaches the teacher too: a bounded command is a bounded smoke of the
-        # whole graph (the student then says its teacher stopped early).
-        summaries += _ensure(
-            teacher.from_recipe,
-            (),
-            req,
-            console,
-            f"[bold]{spec.name}[/]: its teacher, the final student of "
-            f"{escape(teacher.from_recipe)}",
-        )
-        teacher_run = summaries[-1]  # the teacher's own run comes after its dependencies
 
-    if how is Start.REUSE:
-        summary = done(out, spec.hash(), req.max_steps)
-        assert summary is not None
-        early = stopped_early(summary)
-        state = (
-            f"{out} ran as far as --max-steps {req.max_steps} asks ({early}); reusing it "
-            "(--resume without --max-steps, or with a larger one, continues it; --force "
-            "trains it again)"
-            if early
-            else f"{out} is finished; reusing it (--force trains it again)"
-        )
-        console.print(f"[bold]{spec.name}[/]: {escape(state)}", highlight=False)
-    else:
-        summary = _train(spec, out, how, checkpoint, req, console)
-        if job.is_main:
-            summary = _mark_teacher(out, summary, teacher_run)
-    summaries.append(summary)
+def run_recipe(
+    path: str | Path,
+    req: RunRequest,
+    console: Console,
+    on_step: Callable[[int, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run one recipe under ``req`` (its dependencies already run): reuse, resume or train
+    it. Returns its summary. ``on_step`` is called after every optimizer step with (step,
+    total steps, epoch) (an experiment's progress)."""
+    with _started(path, req) as (spec, out, how, checkpoint):
+        if how is Start.REUSE:
+            summary = done(out, spec.hash(), req.max_steps)
+            assert summary is not None
+            _say_reused(spec, out, summary, req, console)
+            return summary
+        if req.why:
+            limit = f" (--max-steps {req.max_steps} applies to it too)" if req.max_steps else ""
+            console.print(
+                f"{req.why}: missing or unfinished, training it first{limit}", highlight=False
+            )
+        summary = _train(spec, out, how, checkpoint, req, console, on_step)
+        if distributed.current().is_main:
+            summary = _mark_teacher(out, summary, _teacher_run(spec, req))
+        return summary
 
-    # The baseline runs as far as this run did (--max-steps too): like is compared with like.
-    baseline = baseline_of(spec) if req.baseline and not req.smoke else None
-    if baseline is not None:
-        summaries += _ensure(
-            baseline,
-            baseline_overrides(overrides),
-            req,
-            console,
-            f"[bold]{spec.name}[/]: its baseline {escape(str(baseline))}",
-        )
-    return summary, summaries
+
+def _say_reused(
+    spec: RecipeSpec, out: Path, summary: dict[str, Any], req: RunRequest, console: Console
+) -> None:
+    """Say that the run is reused: a dependency by its exported student, a named recipe by
+    its folder and how to train it further."""
+    early = stopped_early(summary)
+    if req.why:
+        note = f" ({early}, as far as --max-steps {req.max_steps} asks)" if early else ""
+        file = escape(str(out / "student.safetensors"))
+        console.print(f"{req.why}: {file} is up to date{note}; reusing it", highlight=False)
+        return
+    state = (
+        f"{out} ran as far as --max-steps {req.max_steps} asks ({early}); reusing it "
+        "(--resume without --max-steps, or with a larger one, continues it; --force "
+        "trains it again)"
+        if early
+        else f"{out} is finished; reusing it (--force trains it again)"
+    )
+    console.print(f"[bold]{spec.name}[/]: {escape(state)}", highlight=False)
+
+
+def _teacher_run(spec: RecipeSpec, req: RunRequest) -> dict[str, Any] | None:
+    """The summary of the run the recipe's teacher is the final student of (``teacher
+    from``), which the experiment ran before this one; None for any other teacher."""
+    t = spec.teacher
+    if t is None or t.from_recipe is None or req.smoke or not t.from_name or not t.from_hash:
+        return None
+    return read_summary(run_dir(req.out_root, t.from_name, t.from_hash))
 
 
 def _mark_teacher(
@@ -294,6 +254,7 @@ def _train(
     checkpoint: Path | None,
     req: RunRequest,
     console: Console,
+    on_step: Callable[[int, int, int], None] | None,
 ) -> dict[str, Any]:
     job = distributed.current()
     plan = pipeline.plan(spec, world_size=job.world_size)
@@ -307,7 +268,7 @@ def _train(
         max_eval_batches=2 if req.smoke else None,
         load_weights=not req.smoke,
         recipe=resolved,
-        on_step=req.on_step,
+        on_step=on_step,
     )
     link = latest_link(req.out_root, spec.name)
     before = link.resolve() if link.is_symlink() else None
@@ -323,38 +284,3 @@ def _train(
         if job.is_main and before is not None and before != out.resolve():
             point_latest(req.out_root, spec.name, before)
         raise
-
-
-def run_many(
-    paths: Sequence[str | Path], req: RunRequest, console: Console, tables: Console | None = None
-) -> list[dict[str, Any]]:
-    """Run each recipe; with several (or a recipe and its baseline), a comparison at the end.
-    Progress and notes go to ``console`` (stderr), the final tables to ``tables`` (stdout;
-    ``console`` when not given), so ``vitkdl run R > results.txt`` keeps just the results."""
-    from vitkdl.train.report import (
-        PLOTS_MISSING,
-        comparison_table,
-        print_summary,
-        write_comparison,
-    )
-
-    job = distributed.init_from_env(req.device)
-    if not job.is_main:
-        console = Console(quiet=True)  # rank 0 alone reports
-    tables = console if tables is None or not job.is_main else tables
-    shown: dict[str, dict[str, Any]] = {}
-    for path in paths:
-        own, summaries = run_recipe(path, req, console)
-        if not job.is_main:
-            continue
-        print_summary(tables, own)
-        for s in summaries:
-            shown[f"{s['recipe']}-{s.get('hash')}"] = s  # one row per run folder
-    if len(shown) > 1:
-        rows = list(shown.values())
-        tables.print(comparison_table(rows))
-        req.out_root.mkdir(parents=True, exist_ok=True)
-        if not write_comparison(rows, req.out_root / "comparison.png"):
-            console.print(f"comparison.png skipped: {PLOTS_MISSING}", highlight=False)
-        write_atomic(req.out_root / "comparison.json", json.dumps(rows, indent=2) + "\n")
-    return list(shown.values())

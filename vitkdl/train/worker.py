@@ -1,12 +1,14 @@
 """One run of an experiment, in this process.
 
-:mod:`vitkdl.train.jobs` runs each run of an experiment through :func:`execute`: in its own
-process for ``--jobs 1``, as ``python -m vitkdl.train.worker TASK`` for several at once (under
-torchrun when a run uses several processes), or inside a SLURM job through submitit. The run is
-an ordinary :func:`vitkdl.train.runner.run_recipe` of one recipe under its overrides, with no
-baseline (the experiment plans that as a run of its own), its dependencies already finished,
-and an unfinished run of the same recipe continued from its checkpoint. What it prints goes to
-``OUT/NAME-HASH/log.txt``; while it trains, ``progress.json`` there says how far it is.
+:mod:`vitkdl.train.jobs` runs each run of an experiment through :func:`execute`: in the
+experiment's process for ``--jobs 1`` (a plain ``vitkdl run R`` through :func:`run_task`, its
+output on the console and what ends it left to the command), as ``python -m
+vitkdl.train.worker TASK`` for several at once (under torchrun when a run uses several
+processes), or inside a SLURM job through submitit. The run is
+an ordinary :func:`vitkdl.train.runner.run_recipe` of one recipe under its overrides (its
+dependencies, a teacher's run or a baseline, are runs of the experiment of their own, already
+finished), an unfinished run of the same recipe continued from its checkpoint. What it prints
+goes to ``OUT/NAME-HASH/log.txt``; while it trains, ``progress.json`` there says how far it is.
 
 The exit status (:func:`execute`'s result) is the one ``vitkdl run`` would exit with
 (:func:`vitkdl.exits.exit_of`): 0 finished, 1 failed (the last line of the log says why), 2
@@ -24,31 +26,28 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
 
-from vitkdl.exits import FAILED as FAILED_RUN
 from vitkdl.exits import INTERNAL, INTERRUPTED, OK, exit_of
 from vitkdl.runs import LOG, PROGRESS
-from vitkdl.settings import RunSettings
+from vitkdl.settings import RunRequest
 
 #: The line a failed run's log ends with, before the reason.
 FAILED = "vitkdl run: error:"
 
 
 @dataclass(frozen=True, kw_only=True)
-class Task(RunSettings):
-    """What a worker is asked to run (plain data: it travels as JSON or through pickle): the
-    settings (:class:`vitkdl.settings.RunSettings`) and the run's own."""
+class Task(RunRequest):
+    """What a launcher is asked to run (plain data: it travels as JSON or through pickle): the
+    run as asked (:class:`vitkdl.settings.RunRequest`), its recipe and its folder."""
 
     path: str
     key: str  # the folder's name the run is expected in, NAME-HASH
-    overrides: tuple[str, ...] = ()
     threads: int | None = None  # CPU threads for this run (None: as torch chooses)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
@@ -121,27 +120,37 @@ def _fresh(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def run_task(
+    task: Task,
+    console: Console,
+    on_step: Callable[[int, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``task`` in this process, printing to ``console``; returns its summary and raises
+    what ended it otherwise (a run that is not in the folder the plan expects fails)."""
+    from vitkdl.train.loop import TrainError
+    from vitkdl.train.runner import run_recipe
+
+    with _fresh(task.threads):
+        summary = run_recipe(task.path, task, console, on_step)
+    if summary.get("hash") and f"{summary['recipe']}-{summary['hash']}" != task.key:
+        got = f"{summary['recipe']}-{summary['hash']}"
+        raise TrainError(f"the run was expected in {task.key}, not {got}")
+    return summary
+
+
 def execute(
     task: Task,
     console: Console,
     on_step: Callable[[int, int, int], None] | None = None,
 ) -> tuple[int, str]:
-    """Run ``task`` in this process, printing to ``console``; returns (exit status, the
-    reason when it did not finish)."""
+    """Run ``task`` in this process, printing to ``console``, as one run of an experiment:
+    what ended it is mapped to an exit status (:func:`vitkdl.exits.exit_of`) and said on
+    ``console``. Returns (exit status, the reason when it did not finish)."""
     from vitkdl.diagnostics_print import print_diagnostics
     from vitkdl.errors import VkdError
-    from vitkdl.train.runner import RunRequest, run_recipe
 
-    req = RunRequest(
-        **task.settings_dict(),
-        overrides=tuple(task.overrides),
-        baseline=False,
-        continue_unfinished=True,
-        on_step=on_step,
-    )
     try:
-        with _fresh(task.threads):
-            summary, _ = run_recipe(task.path, req, console)
+        run_task(task, console, on_step)
     except Exception as exc:  # mapped by vitkdl.exits; a bug is reported, the others go on
         ended = exit_of(exc, in_experiment=True)
         if isinstance(exc, VkdError):
@@ -151,10 +160,6 @@ def execute(
         head = "vitkdl run:" if ended.stopped else FAILED
         console.print(f"{head} {ended.message}", highlight=False, markup=False)
         return ended.status, ended.message
-    if summary.get("hash") and f"{summary['recipe']}-{summary['hash']}" != task.key:
-        message = f"the run was expected in {task.key}, not {summary['recipe']}-{summary['hash']}"
-        console.print(f"{FAILED} {message}", highlight=False, markup=False)
-        return FAILED_RUN, message
     return OK, ""
 
 
