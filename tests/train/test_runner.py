@@ -227,3 +227,39 @@ def test_a_held_run_that_needs_no_training_is_reused_but_not_forced(
         assert main(args) == 0 and len(trained) == 1  # reading a done run is safe
         assert main([*args, "--force"]) == 75 and len(trained) == 1  # retraining is not
     assert main([*args, "--force"]) == 0 and len(trained) == 2
+
+
+def test_a_run_is_an_experiment_of_one_cell_and_one_seed(recipes: Path, trained, capsys) -> None:
+    """`vitkdl run R` and `vitkdl run R --seeds S` (S the recipe's seed) are one experiment:
+    the same runs in the same folders (the second trains nothing), and every run is planned
+    and checked before any trains (a bad second recipe: nothing trains, in either)."""
+    (recipes / "bad.vkd").write_text(
+        BASE.replace("recipe base", "recipe bad").replace("epochs = 1", "epochs = 0")
+    )
+    runs = recipes / "runs"
+    for extra in ([], ["--seeds", "0"]):
+        code = main(
+            ["run", str(recipes / "base.vkd"), str(recipes / "bad.vkd"), "--out", str(runs), *extra]
+        )
+        # base.vkd is not trained before bad.vkd's error is found (the plain run did that)
+        assert code == 2 and trained == [], extra
+        assert "epochs must be > 0, got 0" in capsys.readouterr().err
+    assert not runs.exists() or not any(runs.glob("base-*"))
+
+    args = ["run", str(recipes / "student.vkd"), "--out", str(runs), "--max-steps", "3"]
+    assert main([*args, "--quiet"]) == 0, capsys.readouterr().err
+    assert sorted(name for name, _, _ in trained) == ["base", "student", "teacher"]
+    folders = sorted(p.name for p in runs.glob("*-*"))
+    trained.clear()
+    capsys.readouterr()
+    assert main([*args, "--seeds", "0"]) == 0  # seed 0: the recipe's own
+    assert (
+        trained == []
+        and sorted(p.name for p in runs.glob("*-*") if p.name != "experiments") == folders
+    )
+    assert "3 runs, 3 finished already (reused), 0 to run" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    report = json.loads((runs / "experiments" / "student" / "report.json").read_text())
+    planned = {Path(r["folder"]).name for a in report["arms"] for r in a["runs"]}
+    assert planned | {Path(t["folder"]).name for t in report["teachers"]} == set(folders)
