@@ -2,7 +2,7 @@
 together.
 
 An experiment is what ``vitkdl run`` does with ``--seeds``, ``--grid`` or a recipe's ``sweep``
-block::
+block (a plain ``vitkdl run R`` is the experiment of one cell and the recipe's seed)::
 
     sweep {
         distill.generate.mask = [0.25, 0.5, 0.75]    # an axis: a --set path and its values
@@ -63,7 +63,7 @@ Role = Literal["recipe", "baseline", "teacher"]
 
 
 # --------------------------------------------------------------------------------------------
-# Baselines and smoke runs (shared with the single-run path, vitkdl.train.runner)
+# Baselines and smoke runs
 
 
 def baseline_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
@@ -644,7 +644,7 @@ class _Planner:
             return None
         deps = self._teacher(spec, (*stack, path))
         key = f"{spec.name}-{spec.hash()}"
-        # --max-steps reaches teachers too, as in a single run (vitkdl.train.runner).
+        # --max-steps reaches teachers too: a bounded command is a quick pass over the graph.
         return self.add(
             PlannedRun(
                 key,
