@@ -4,11 +4,11 @@
 experiment's process for ``--jobs 1`` (a plain ``vitkdl run R`` through :func:`run_task`, its
 output on the console and what ends it left to the command), as ``python -m
 vitkdl.train.worker TASK`` for several at once (under torchrun when a run uses several
-processes), or inside a SLURM job through submitit. The run is
-an ordinary :func:`vitkdl.train.runner.run_recipe` of one recipe under its overrides (its
-dependencies, a teacher's run or a baseline, are runs of the experiment of their own, already
-finished), an unfinished run of the same recipe continued from its checkpoint. What it prints
-goes to ``OUT/NAME-HASH/log.txt``; while it trains, ``progress.json`` there says how far it is.
+processes), or inside a SLURM job through submitit. The run is an ordinary
+:func:`vitkdl.train.runner.run_recipe` of one recipe under its overrides (its dependencies, a
+teacher's run or a baseline, are runs of the experiment of their own, already finished), an
+unfinished run of the same recipe continued from its checkpoint. What it prints goes to
+``OUT/NAME-HASH/log.txt``; while it trains, ``progress.json`` there says how far it is.
 
 The exit status (:func:`execute`'s result) is the one ``vitkdl run`` would exit with
 (:func:`vitkdl.exits.exit_of`): 0 finished, 1 failed (the last line of the log says why), 2
