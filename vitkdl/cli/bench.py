@@ -11,7 +11,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vitkdl.bench_options import BACKENDS, DEFAULT_STEPS, DEFAULT_WARMUP, FLOOR_MODES, LABELS
+from vitkdl.bench_options import (
+    BACKENDS,
+    CONFIGURATIONS,
+    DEFAULT_STEPS,
+    DEFAULT_WARMUP,
+    FLOOR_MODES,
+    LABELS,
+    TEACHER_CONFIGURATIONS,
+)
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
 
 HELP = """Measure, in one process on the recipe's real models (random weights) and synthetic
@@ -106,6 +114,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-loader", dest="loader", action="store_false", help="skip timing the data loader"
     )
+    p.add_argument(
+        "--configs",
+        type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+        default=None,
+        metavar="NAME,...",
+        help="the configurations to measure (default all: "
+        f"{', '.join(CONFIGURATIONS)}); compiled and floor always",
+    )
     p.set_defaults(func=run)
 
 
@@ -154,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
             loader=args.loader,
             threads=args.threads,
             progress=progress,
+            configs=args.configs,
         )
     except BenchError as exc:
         err.print(f"[bold red]vitkdl bench: error:[/] {escape(str(exc))}")
@@ -253,6 +270,30 @@ def _render_ratios(q: dict[str, Any], out: Console) -> None:
         out.print(
             f"  overhead over the floor plus the measured adapters and losses: "
             f"{_f(_pct(q['overhead_vs_floor_plus_losses']))}%"
+        )
+    _render_teacher_ratios(q, out)
+
+
+def _render_teacher_ratios(q: dict[str, Any], out: Console) -> None:
+    """The teacher's share of the step and each teacher option's speed-up over (f)."""
+    shares = []
+    if q.get("teacher_share") is not None:
+        shares.append(f"{_f(_pct(q['teacher_share']))}% of the compiled step's parts")
+    if q.get("teacher_share_of_plain") is not None:
+        shares.append(f"{_f(_pct(q['teacher_share_of_plain']))}% of (f)'s step (f against j)")
+    if shares:
+        out.print(f"[bold]the teacher[/]: {'; '.join(shares)}")
+    options = [
+        f"{LABELS[n].split(' ', 1)[1]} {_f(q[f'{n}_vs_plain'], '.2f')}x"
+        for n in TEACHER_CONFIGURATIONS[1:]
+        if q.get(f"{n}_vs_plain") is not None
+    ]
+    if options:
+        out.print(f"  speed-up over (f) the plain teacher: {', '.join(options)}")
+    if q.get("cached_vs_student_only") is not None:
+        out.print(
+            "  cached logits against the student-only step (the floor's): "
+            f"{_f(q['cached_vs_student_only'], '.3f')}x"
         )
 
 
