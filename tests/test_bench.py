@@ -514,6 +514,8 @@ def test_configs_option_selects_and_checks_names(tiny: Path) -> None:
         Bench(plan, configs=["cache"])
     bench = Bench(plan, configs=["eager"])
     assert bench.selected == {"compiled", "floor", "eager"}
+    bench = Bench(plan, configs=["masked"])  # an option's ratio is against the plain teacher
+    assert bench.selected == {"compiled", "floor", "masked", "teacher_plain"}
 
 
 def test_teacher_ratios_are_speed_ups_over_the_plain_teacher(tiny: Path) -> None:

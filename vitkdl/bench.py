@@ -1062,7 +1062,10 @@ class Bench:
         self.skipped: dict[str, str] = {}
         # The configurations to measure (compiled and the floor always), and those that run
         # exactly as one measured before them: name -> that one's name.
+        # A teacher option's ratio is against the plain teacher: it comes with any of them.
         self.selected = None if configs is None else {*configs, "compiled", "floor"}
+        if self.selected is not None and self.selected & set(TEACHER_CONFIGURATIONS):
+            self.selected.add("teacher_plain")
         self.same_as: dict[str, str] = {}
         self._runs_as: dict[str, tuple[Any, ...]] = {}
         self._flops: dict[str, int] = {}  # a teacher configuration's FLOPs per image

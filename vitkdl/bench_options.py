@@ -58,7 +58,8 @@ MASKED_KEEP = 0.5
 
 def configurations_problem(names: list[str]) -> str | None:
     """What is wrong with ``--configs`` (the configurations to measure), or None. ``compiled``
-    and ``floor`` are measured whatever it says (the ratios are against them)."""
+    and ``floor`` are measured whatever it says (the ratios are against them), and
+    ``teacher_plain`` with any teacher option."""
     unknown = [n for n in names if n not in CONFIGURATIONS]
     if unknown:
         return f"unknown configuration {unknown[0]!r}; one of {', '.join(CONFIGURATIONS)}"
