@@ -236,3 +236,58 @@ def test_explain_shows_keep_the_tokens_and_the_flops_saved(
     assert "of a full teacher forward saved" in text
     assert main(["explain", str(path), "--set", "teacher.keep=1"]) == 0
     assert "all 16 patches" in " ".join(capsys.readouterr().out.split())
+
+
+DDP_MASKED = """
+import json, os, sys, torch, torch.distributed as dist
+import vitkdl
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+plan = vitkdl.plan(vitkdl.load(sys.argv[2]))
+losses = {}
+for name in ("plain", "ddp"):
+    torch.manual_seed(0)
+    p = vitkdl.build(plan, "cpu", load=False, compile=sys.argv[3])
+    if name == "ddp":
+        p.distribute(None)
+    p.train()
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    out = p.step(x, y)
+    out["loss"].backward()
+    losses[name] = [float(out["loss"].detach()), float(out["kd"])]
+print(json.dumps(losses))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["off", "default"])
+def test_under_ddp_the_masked_teacher_runs_inside_the_student_side(
+    tmp_path: Path, mode: str
+) -> None:
+    """Under DDP (one gloo process, eager and compiled) the masked teacher runs in the
+    wrapped student side's pass: the same losses as the plain step."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = tmp_path / "ddp_masked.py"
+    script.write_text(DDP_MASKED)
+    path = recipe(tmp_path, teacher())
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    port = "29573" if mode == "off" else "29574"
+    proc = subprocess.run(
+        [sys.executable, str(script), port, str(path), mode],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert losses["plain"] == pytest.approx(losses["ddp"], rel=1e-5)
