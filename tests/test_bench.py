@@ -470,6 +470,8 @@ def test_teacher_configurations_are_measured_where_the_recipe_allows_them(tiny: 
         assert result.ratios[name] is not None, name
     assert result.ratios["teacher_share_of_plain"] is not None
     assert result.ratios["early_exit_vs_plain"] is None
+    assert result.configs["masked"].details["teacher_tokens"] == 8  # of 16
+    assert result.configs["teacher_plain"].details["same_as"] == "compiled"
     # (k) is the plain teacher on half its 16 patches; (j) holds no teacher at all
     plan = bench.plan
     masked = teacher_variant(plan, "masked", torch.device("cpu"))

@@ -1069,6 +1069,7 @@ class Bench:
         self.same_as: dict[str, str] = {}
         self._runs_as: dict[str, tuple[Any, ...]] = {}
         self._flops: dict[str, int] = {}  # a teacher configuration's FLOPs per image
+        self._details: dict[str, dict[str, Any]] = {}  # how its teacher runs
         # The compiled configuration's modules, kept until its breakdown is built on them.
         self._compiled: tuple[Program, Update] | None = None
 
@@ -1169,6 +1170,14 @@ class Bench:
             return []
         self._runs_as[name] = runs_as
         self._flops[name] = plan.cost.total
+        t = plan.teacher
+        assert t is not None
+        self._details[name] = {
+            "teacher_depth": plan.teacher_depth,
+            "teacher_tokens": plan.teacher_keep or t.tokens,
+            "teacher_precision": t.precision,
+            "teacher_forward_flops": plan.cost.teacher_forward,
+        }
         return [_program_timer(self.work, True, plan, name)[0]]
 
     def _build_breakdown(self) -> None:
@@ -1279,7 +1288,8 @@ class Bench:
         t = self.timers[name]
         ms_steps = [x * 1e3 for x in t.times]
         flops = self._flops.get(name, self.plan.cost.total)
-        return self._result(name, t.median * 1e3, flops, t.compile_seconds(), ms_steps)
+        details = self._details.get(name, {})
+        return self._result(name, t.median * 1e3, flops, t.compile_seconds(), ms_steps, **details)
 
     def _floor_best(self, role: str) -> _Timer | None:
         """The floor's student step or teacher inference in its fastest mode."""

@@ -26,10 +26,14 @@ HELP = """Measure, in one process on the recipe's real models (random weights) a
 batches of its shapes: (a) vitkdl's compiled step, (b) the same step eager, (c) a plain eager
 implementation with forward hooks, two full forwards and a hand-written loss module, (d) the
 floor: a student-only training step plus teacher inference, (e) for recipes timm can express
-(kd or token with the labels), timm's own LogitDistillationTask / TokenDistillationTask.
-Prints images/s, ms/step, peak
-memory, the ratios a/b, a/c and the overhead of a over d, a breakdown of the compiled step and
-the data loader's own images/s. Each configuration is warmed up (--warmup steps; the first
+(kd or token with the labels), timm's own LogitDistillationTask / TokenDistillationTask;
+then the teacher's options, each the compiled step with one option on, where the recipe and
+the machine allow it: (f) the plain teacher (whole, fp32 weights, every token) they are
+compared with, (g) early exit, (h) bf16, (i) fp8, (j) cached logits (the teacher's logits an
+input of the step), (k) the masked teacher (keep, MaskedKD). Prints images/s, ms/step, peak
+memory, the ratios a/b, a/c and the overhead of a over d, each option's speed-up over (f), the
+teacher's share of the step, (j) against the student-only step, a breakdown of the compiled
+step and the data loader's own images/s. Each configuration is warmed up (--warmup steps; the first
 compiles, its extra time is shown as compile time), then all are timed in --steps interleaved
 rounds, one step of each per round; medians are shown. Weight files and the data root are not
 needed (a missing root only skips the loader measurement)."""
@@ -39,6 +43,8 @@ EPILOG = """examples:
   vitkdl bench recipes/deit_tiny_vitkd_kd.vkd --steps 5 --set student.depth=4 \\
       --set teacher.depth=4 --batch 16
   vitkdl bench recipes/deit_base_vitkd_kd.vkd --batch 128 --json > bench.json
+  vitkdl bench recipes/quickstart.vkd --set '~distill.mimic' --set '~distill.generate' \
+      --configs cached_logits,masked --floor best
 
 On CPU, inductor compiles each graph in about a minute the first time (cached afterwards);
 --backend aot_eager or eager (for tests and debugging) skip code generation."""
