@@ -430,6 +430,7 @@ def test_bench_measures_timms_own_task_as_a_peer(tmp_path: Path) -> None:
         compile_backend="eager",
         breakdown=False,
         loader=False,
+        configs=["eager", "hooks", "timm"],
     )
     assert set(result.configs) == {"compiled", "eager", "hooks", "timm", "floor"}
     assert result.ratios["compiled_vs_timm"] > 0
