@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The teacher's cost on one CUDA device (issue 20, item 1): DeiT-S <- DeiT III-B at batch 128,
-# bf16, inductor, random weights. Under 8 minutes with cold compiles (two benches, capped).
+# The teacher's cost on one CUDA device (issue 20): DeiT-S <- DeiT III-B at batch 128, bf16,
+# inductor, random weights, synthetic batches. Under 8 minutes with cold compiles (each step
+# capped by `timeout`; a step that runs out leaves the others' results).
 #
 #   bash benchmarks/gpu_teacher_cost.sh        # results under $OUT (default benchmarks/results)
 #
-#  1. shallow: deit_small_vitkd_kd.vkd with only its shallow mimicking term (generate and nkd
-#     removed): the teacher stops after block 1 (2 of 12 blocks). One process gives the
-#     compiled step, the teacher's early-exit forward (the breakdown's teacher part, compiled
-#     alone) and the full teacher's inference (the floor's, compiled alone): their ratio is
-#     the early exit's saving on the teacher.
-#  2. full: the same mimicking plus nkd, which reads the teacher's logits, so the whole
-#     teacher runs (nkd itself costs next to nothing): the compiled step only.
-# Then one line per figure, and the ratio of the two steps.
+#  1. logits: deit_small_vitkd_kd.vkd with only its logit term (nkd; mimic and generate
+#     removed), so every logit-only option applies. One process, `vitkdl bench --configs`:
+#     the compiled step (the recipe as written: on CUDA its teacher is held in bf16), the
+#     plain teacher (f: fp32 weights, autocast casts them every step), bf16 (h: the recipe's
+#     own step, reported as it), fp8 (i: when torchao and an FP8 GPU are there, else the
+#     reason), cached logits (j: the teacher's logits an input of the step), the masked
+#     teacher (k: keep = 0.5, MaskedKD), the floor, and the compiled step's breakdown (the
+#     teacher's share of the step).
+#  2. shallow: the same recipe with only its shallow mimicking (blocks 0 and 1): the teacher
+#     stops after block 1 (early exit, g: the recipe's own step) against the plain teacher.
+#  3. probe: `vitkdl explain --probe` on 2 synthetic batches of 128 with a random-weights
+#     teacher file (each term's share of the loss and gradient, the teacher's top-1).
+# Then one line per figure in $OUT/gpu_teacher_cost_summary.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -21,40 +27,62 @@ RECIPE=recipes/deit_small_vitkd_kd.vkd
 COMMON=(--device cuda --batch 128 --no-loader --steps 20 --warmup 3 --json)
 step() { echo "== $(date +%T) $*" >&2; }
 
-step "1/2 shallow recipe: the teacher stops after block 1"
-timeout 300 vitkdl bench "$RECIPE" --set '~distill.generate' --set '~distill.nkd' \
-    --floor compiled "${COMMON[@]}" > "$OUT/gpu_teacher_shallow.json"
+step "1/3 logits: the teacher's options on the nkd-only recipe"
+timeout 270 vitkdl bench "$RECIPE" --set '~distill.mimic' --set '~distill.generate' \
+    --floor compiled --configs teacher_plain,teacher_bf16,teacher_fp8,cached_logits,masked \
+    "${COMMON[@]}" > "$OUT/gpu_teacher_logits.json"
 
-step "2/2 the same mimicking + nkd: the full teacher"
-timeout 150 vitkdl bench "$RECIPE" --set '~distill.generate' --no-breakdown --floor eager \
-    "${COMMON[@]}" > "$OUT/gpu_teacher_full.json"
+step "2/3 shallow: early exit against the plain teacher"
+timeout 120 vitkdl bench "$RECIPE" --set '~distill.generate' --set '~distill.nkd' \
+    --floor compiled --no-breakdown --configs early_exit,teacher_plain \
+    "${COMMON[@]}" > "$OUT/gpu_teacher_shallow.json"
+
+step "3/3 probe: 2 synthetic batches, a random-weights teacher"
+WEIGHTS="$OUT/deit3_base_random.safetensors"
+timeout 60 python - "$WEIGHTS" <<'PY'
+import sys, timm
+from safetensors.torch import save_file
+model = timm.create_model("deit3_base_patch16_224")
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[1])
+PY
+timeout 60 vitkdl explain "$RECIPE" --probe --batches 2 --device cuda --json \
+    --set data.source=synthetic --set data.size=256 --set "teacher.weights=$WEIGHTS" \
+    > "$OUT/gpu_teacher_probe.json"
+rm -f "$WEIGHTS"
 
 python - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 def load(name):
     p = out / name
-    return json.loads(p.read_text()) if p.exists() and p.stat().st_size else None
-shallow, full = load("gpu_teacher_shallow.json"), load("gpu_teacher_full.json")
+    try:
+        return json.loads(p.read_text()) if p.exists() and p.stat().st_size else None
+    except json.JSONDecodeError:
+        return None
 rows = {}
-if shallow:
-    c = shallow["configs"]
-    rows["shallow step (compiled) ms"] = c["compiled"]["ms_per_step"]
-    rows["shallow step images/s"] = c["compiled"]["images_per_second"]
-    b = shallow.get("breakdown") or {}
-    rows["early-exit teacher forward ms (2 of 12 blocks)"] = b.get("teacher_forward_ms")
-    rows["full teacher inference ms (floor)"] = c["floor"]["details"].get("teacher_inference_ms")
-    if rows["early-exit teacher forward ms (2 of 12 blocks)"] and rows["full teacher inference ms (floor)"]:
-        rows["teacher: early exit / full"] = round(
-            rows["early-exit teacher forward ms (2 of 12 blocks)"]
-            / rows["full teacher inference ms (floor)"], 3)
-if full:
-    c = full["configs"]
-    rows["full-teacher step (compiled) ms"] = c["compiled"]["ms_per_step"]
-    rows["full-teacher step images/s"] = c["compiled"]["images_per_second"]
-if shallow and full:
-    rows["step speed-up from early exit"] = round(
-        full["configs"]["compiled"]["ms_per_step"] / shallow["configs"]["compiled"]["ms_per_step"], 3)
+for tag, name in (("logits", "gpu_teacher_logits.json"), ("shallow", "gpu_teacher_shallow.json")):
+    r = load(name)
+    if not r:
+        continue
+    rows[f"{tag}: device"] = r["device_name"]
+    for key, c in r["configs"].items():
+        same = c["details"].get("same_as")
+        rows[f"{tag}: {key} ms (img/s)"] = (
+            f"{c['ms_per_step']:.2f} ({c['images_per_second']:.0f})"
+            + (f" = {same}" if same else "")
+        )
+    for key, v in r["ratios"].items():
+        if v is not None and (key.startswith("teacher") or key.endswith("_vs_plain")
+                              or key == "cached_vs_student_only"):
+            rows[f"{tag}: {key}"] = round(v, 3)
+    rows[f"{tag}: notes"] = [n for n in r["notes"] if "not measured" in n]
+probe = load("gpu_teacher_probe.json")
+if probe and "probe" in probe:
+    p = probe["probe"]
+    rows["probe: terms (loss share, grad share)"] = {
+        t["name"]: [round(t["loss_share"], 3), round(t["grad_share"], 3)] for t in p["terms"]
+    }
+    rows["probe: teacher top-1 (random weights)"] = p.get("teacher_top1")
 (out / "gpu_teacher_cost_summary.json").write_text(json.dumps(rows, indent=2) + "\n")
 for k, v in rows.items():
     print(f"{k}: {v}")

@@ -17,6 +17,7 @@ import vitkdl
 from tests.conftest import ROOT
 from vitkdl.bench import (
     CONFIGURATIONS,
+    TEACHER_CONFIGURATIONS,
     Bench,
     BenchError,
     ConfigResult,
@@ -25,6 +26,7 @@ from vitkdl.bench import (
     bench_plan,
     register_feature_hooks,
     run_bench,
+    teacher_variant,
     timm_task_kwargs,
 )
 from vitkdl.cli import main
@@ -82,7 +84,9 @@ def test_python_api_four_figures_and_ratios(tiny: Path) -> None:
     threads = torch.get_num_threads()
     result = run_bench(tiny, steps=2, warmup=1, device="cpu", compile_backend="aot_eager")
     assert torch.get_num_threads() == threads  # restored
-    assert set(result.configs) == set(CONFIGS)
+    # the plain teacher is the recipe's own step here (reported as it, not built twice)
+    assert set(result.configs) == {*CONFIGS, "teacher_plain"}
+    assert result.configs["teacher_plain"].details["same_as"] == "compiled"
     for name in CONFIGS:
         c = result.configs[name]
         assert c.images_per_second > 0 and c.ms_per_step > 0, name
@@ -252,7 +256,14 @@ def test_ratios_are_keyed_by_configuration_name(tiny: Path) -> None:
 def test_configurations_are_named_and_built_in_order(tiny: Path) -> None:
     """The bench is a class: setup, build (each named configuration), time, results; a
     configuration that cannot be built for this recipe is left out by name."""
-    assert [c.name for c in CONFIGURATIONS] == ["compiled", "eager", "hooks", "timm", "floor"]
+    assert [c.name for c in CONFIGURATIONS] == [
+        "compiled",
+        "eager",
+        "hooks",
+        "timm",
+        "floor",
+        *TEACHER_CONFIGURATIONS,
+    ]
     plan = vitkdl.plan(vitkdl.load(tiny))
     lines: list[str] = []
     bench = Bench(
@@ -268,16 +279,21 @@ def test_configurations_are_named_and_built_in_order(tiny: Path) -> None:
     bench.setup()
     try:
         bench.build()
-        assert set(bench.skipped) == {"timm"}  # timm cannot express the mimic term
+        # timm cannot express the mimic term; the teacher's options are not for this recipe
+        # (its features are read, its logits too) or not for a CPU
+        assert set(bench.skipped) == {"timm", *TEACHER_CONFIGURATIONS[1:]}
+        assert bench.same_as == {"teacher_plain": "compiled"}
         assert list(bench.peak_mb) == ["compiled", "eager", "hooks", "floor"]
         bench.time()
     finally:
         torch.set_num_threads(bench.threads_before)
     assert all(len(t.times) == 1 for t in bench.timers.values())
     result = bench.results()
-    assert list(result.configs) == list(bench.peak_mb)
+    assert list(result.configs) == [*bench.peak_mb, "teacher_plain"]
     assert lines[0].startswith("build and warm up: compiled step (eager;")
-    assert lines[1:5] == [f"build and warm up: {n}" for n in ("eager", "hooks", "timm", "floor")]
+    assert lines[1:4] == [f"build and warm up: {n}" for n in ("eager", "hooks", "timm")]
+    assert lines[4] == "build and warm up: floor: student step and teacher inference"
+    assert lines[5:-1] == [f"build and warm up: {n} (eager)" for n in TEACHER_CONFIGURATIONS]
 
 
 def test_bad_options_raise_bench_error(tiny: Path) -> None:
@@ -310,7 +326,7 @@ def test_recipes_without_a_hand_written_peer_are_benched_without_it(tmp_path: Pa
         breakdown=False,
         loader=False,
     )
-    assert set(result.configs) == {"compiled", "eager", "floor"}
+    assert set(result.configs) == {"compiled", "eager", "floor", "teacher_plain"}
     assert result.ratios["compiled_vs_hooks"] is None
     assert any(n.startswith("hooks not measured") and "blocks.0.attn" in n for n in result.notes)
     console = Console(record=True, width=200)
@@ -414,6 +430,110 @@ def test_bench_measures_timms_own_task_as_a_peer(tmp_path: Path) -> None:
         compile_backend="eager",
         breakdown=False,
         loader=False,
+        configs=["eager", "hooks", "timm"],
     )
     assert set(result.configs) == {"compiled", "eager", "hooks", "timm", "floor"}
     assert result.ratios["compiled_vs_timm"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The teacher's options (issue 20): each a configuration where the recipe allows it
+
+
+def _teacher_bench(path: Path, overrides: list[str] | None = None) -> Bench:
+    """Build, warm up and time once (eager) every teacher configuration of a recipe."""
+    plan = vitkdl.plan(vitkdl.load(path, overrides))
+    names = list(TEACHER_CONFIGURATIONS)
+    bench = Bench(plan, steps=1, warmup=1, device="cpu", compile_backend="eager", configs=names)
+    bench.breakdown = bench.loader = False
+    bench.setup()
+    try:
+        bench.build()
+        bench.time()
+    finally:
+        torch.set_num_threads(bench.threads_before)
+    return bench
+
+
+def test_teacher_configurations_are_measured_where_the_recipe_allows_them(tiny: Path) -> None:
+    """A logit-only recipe: the cached step and the masked teacher are built; early exit is
+    not (the logits need the whole teacher), bf16 and fp8 not on a CPU. The plain teacher is
+    the recipe's own step, reported as it."""
+    bench = _teacher_bench(tiny, ["~distill.mimic", "~distill.generate"])
+    assert {"cached_logits", "masked"} <= set(bench.timers)
+    assert "logits" in bench.skipped["early_exit"]
+    assert bench.skipped["teacher_bf16"].startswith("CUDA only")
+    assert bench.skipped["teacher_fp8"].startswith("CUDA only")
+    assert bench.same_as == {"teacher_plain": "compiled"}
+    result = bench.results()
+    assert set(result.configs) >= {"compiled", "floor", "teacher_plain", "cached_logits", "masked"}
+    for name in ("cached_logits_vs_plain", "masked_vs_plain", "cached_vs_student_only"):
+        assert result.ratios[name] is not None, name
+    assert result.ratios["teacher_share_of_plain"] is not None
+    assert result.ratios["early_exit_vs_plain"] is None
+    assert result.configs["masked"].details["teacher_tokens"] == 8  # of 16
+    assert result.configs["teacher_plain"].details["same_as"] == "compiled"
+    # (k) is the plain teacher on half its 16 patches; (j) holds no teacher at all
+    plan = bench.plan
+    masked = teacher_variant(plan, "masked", torch.device("cpu"))
+    assert masked.teacher_keep == 8 and masked.teacher is not None
+    assert masked.teacher.precision == "fp32" and plan.teacher_keep is None
+    assert masked.cost.teacher_forward < plan.cost.teacher_forward
+
+
+def test_feature_recipes_get_early_exit_and_no_cache_or_mask(tiny: Path) -> None:
+    """Only shallow mimicking: the recipe's step already stops early (early exit is the
+    compiled step); the plain teacher runs whole; logits cannot stand for the features."""
+    bench = _teacher_bench(tiny, ["~distill.generate", "~distill.nkd", "teacher.depth=2"])
+    assert bench.plan.teacher_depth == 1
+    assert bench.same_as == {"early_exit": "compiled"}
+    assert "teacher_plain" in bench.timers
+    assert "reads the teacher's features" in bench.skipped["cached_logits"]
+    assert "reads the teacher's features" in bench.skipped["masked"]  # the recipe's own check
+    plain = teacher_variant(bench.plan, "teacher_plain", torch.device("cpu"))
+    assert plain.teacher_depth == 2 and bench.plan.teacher_depth == 1
+
+
+def test_a_recipe_that_keeps_tokens_is_its_own_masked_configuration(tiny: Path) -> None:
+    over = ["~distill.mimic", "~distill.generate", "teacher.keep=0.25"]
+    bench = _teacher_bench(tiny, over)
+    assert bench.same_as == {"masked": "compiled"}
+    assert "teacher_plain" in bench.timers  # every token: not the recipe's step
+    assert bench.plan.teacher_keep == 4
+
+
+def test_bf16_and_fp8_teachers_are_gpu_configurations(tiny: Path) -> None:
+    plan = vitkdl.plan(vitkdl.load(tiny))
+    held = teacher_variant(plan, "teacher_bf16", torch.device("cuda"))  # no CUDA call made
+    assert held.teacher is not None and held.teacher.precision == "bf16"
+    assert teacher_variant(plan, "teacher_plain", torch.device("cpu")).teacher.precision == "fp32"
+    with pytest.raises(BenchError, match="CUDA only"):
+        teacher_variant(plan, "teacher_fp8", torch.device("cpu"))
+
+
+def test_configs_option_selects_and_checks_names(tiny: Path) -> None:
+    plan = vitkdl.plan(vitkdl.load(tiny))
+    with pytest.raises(BenchError, match="unknown configuration 'cache'"):
+        Bench(plan, configs=["cache"])
+    bench = Bench(plan, configs=["eager"])
+    assert bench.selected == {"compiled", "floor", "eager"}
+    bench = Bench(plan, configs=["masked"])  # an option's ratio is against the plain teacher
+    assert bench.selected == {"compiled", "floor", "masked", "teacher_plain"}
+
+
+def test_teacher_ratios_are_speed_ups_over_the_plain_teacher(tiny: Path) -> None:
+    plan = vitkdl.plan(vitkdl.load(tiny))
+    measured = {n: _config(n, ms) for n, ms in (("compiled", 10.0), ("teacher_plain", 12.0))}
+    measured["floor"] = ConfigResult(
+        "floor", 1.0, 8.0, [8.0], 0.0, details={"student_step_ms": 5.0}
+    )
+    measured["cached_logits"] = _config("cached_logits", 6.0)
+    measured["masked"] = _config("masked", 8.0)
+    parts = {"teacher_forward_ms": 3.0, "sum_of_parts_ms": 12.0, "adapters_losses_ms": 1.0}
+    ratios = _ratios(plan, measured, parts)
+    assert ratios["cached_logits_vs_plain"] == pytest.approx(2.0)
+    assert ratios["masked_vs_plain"] == pytest.approx(1.5)
+    assert ratios["early_exit_vs_plain"] is None and ratios["teacher_bf16_vs_plain"] is None
+    assert ratios["teacher_share"] == pytest.approx(0.25)
+    assert ratios["teacher_share_of_plain"] == pytest.approx(0.5)
+    assert ratios["cached_vs_student_only"] == pytest.approx(6.0 / 5.0)

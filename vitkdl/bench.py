@@ -26,6 +26,27 @@ machine hits all of them alike:
               (compiled on CUDA, eager on CPU; ``floor="best"`` measures both and keeps the
               faster of each).
 
+The teacher's options (issue 20), each (a) with one option on, compiled alike, against
+``teacher_plain`` (f): the whole teacher, its weights as loaded (fp32; autocast casts them
+every step), every patch token, run in the step. Each is measured where the recipe allows it
+and left out, the reason in the notes, where it does not; one that runs exactly as a
+configuration measured before it (the recipe's own step is often one of them) is reported as
+that one (``details["same_as"]``), not built twice:
+
+``early_exit``    (g) only as deep as read: the teacher stops after its deepest tapped block
+                  (recipes that read only shallow blocks).
+``teacher_bf16``  (h) the teacher's weights held in bf16 (CUDA only).
+``teacher_fp8``   (i) its linear layers in FP8 (torchao and a GPU with FP8).
+``cached_logits`` (j) no teacher: its logits are an input of the step, the shape of a run that
+                  reads them from a cache (recipes whose terms read only the teacher's logits).
+``masked``        (k) MaskedKD: the teacher sees the share ``keep`` of the patch tokens (the
+                  recipe's, else :data:`~vitkdl.bench_options.MASKED_KEEP`), where the recipe's
+                  checks allow it (logit terms only, ViT teacher and student on one grid).
+
+The ratios give each as a speed-up over (f), the teacher's share of the step (from the
+breakdown, and measured as what the cached step saves over (f)) and the cached step against
+the floor's student-only step.
+
 For (a) a breakdown times the parts separately (each compiled on its own, synchronised between
 parts): teacher forward, student forward + backward, adapters + losses (forward + backward),
 optimizer (clipping, AdamW, zeroing). The data loader of the recipe is timed on its own and
@@ -51,6 +72,7 @@ Python API::
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import math
@@ -75,9 +97,13 @@ from vitkdl.bench_options import (
     DEFAULT_STEPS,
     DEFAULT_WARMUP,
     FLOOR_MODES,
+    MASKED_KEEP,
+    TEACHER_CONFIGURATIONS,
+    configurations_problem,
     options_problem,
 )
-from vitkdl.planner import Plan, TapPoint
+from vitkdl.errors import VkdError
+from vitkdl.planner import Plan, TapPoint, teacher_flops
 from vitkdl.program import (
     Program,
     build,
@@ -89,6 +115,7 @@ from vitkdl.program import (
     resolve_precision,
     single_logits,
     tap_pass,
+    teacher_precision,
     teacher_resize,
     term_losses,
 )
@@ -102,6 +129,7 @@ __all__ = [
     "CONFIGURATIONS",
     "FLOOR_MODES",
     "PEAK_FLOPS",
+    "TEACHER_CONFIGURATIONS",
     "Bench",
     "BenchError",
     "BenchResult",
@@ -112,6 +140,7 @@ __all__ = [
     "peak_flops",
     "register_feature_hooks",
     "run_bench",
+    "teacher_variant",
     "timm_task_kwargs",
 ]
 
@@ -469,22 +498,50 @@ class _Workload:
         return _compiler(self.backend, self.mode)(fn)
 
 
-def _program_timer(work: _Workload, compiled: bool) -> tuple[_Timer, Program, Update]:
-    """(a) or (b): vitkdl's step, compiled or eager, then the trainer's update."""
-    torch.manual_seed(work.plan.seed)
+def _program_timer(
+    work: _Workload, compiled: bool, plan: Plan | None = None, name: str | None = None
+) -> tuple[_Timer, Program, Update]:
+    """(a) or (b): vitkdl's step, compiled or eager, then the trainer's update; ``plan``: a
+    variant of the recipe's (a teacher option), timed as ``name``."""
+    plan = plan or work.plan
+    torch.manual_seed(plan.seed)
     if compiled and work.backend == "inductor":
-        program = build(work.plan, work.device, load=False, compile=work.mode or "default")
+        program = build(plan, work.device, load=False, compile=work.mode or "default")
         step = program.step
     else:
-        program = build(work.plan, work.device, load=False, compile="off")
+        program = build(plan, work.device, load=False, compile="off")
         step = work.compile(program.forward) if compiled else program.forward
     program.train()
-    update = _update(work.plan, program.terms.named_parameters(), program.student, work)
+    update = _update(plan, program.terms.named_parameters(), program.student, work)
 
     def one_step() -> None:
         train_step(step, update, work.images, work.targets)
 
-    return _Timer("compiled" if compiled else "eager", one_step, compiled), program, update
+    name = name or ("compiled" if compiled else "eager")
+    return _Timer(name, one_step, compiled), program, update
+
+
+def _cached_timer(work: _Workload, plan: Plan) -> _Timer:
+    """(j) the compiled step with the teacher's logits as an input instead of a teacher
+    forward: what a run that reads them from a cache pays. The logits are the teacher's on
+    the batch, computed once; the teacher is then dropped, as a cached run never loads it."""
+    torch.manual_seed(plan.seed)
+    program = build(plan, work.device, load=False, compile="off")
+    program.train()
+    logits = program.teacher_logits(work.images).detach()
+    program.teacher = None
+    core = program.core
+
+    def forward(images: Tensor, targets: Tensor, t_logits: Tensor) -> dict[str, Tensor]:
+        return core(images, targets, t_logits, {})
+
+    step = work.compile(forward)
+    update = _update(plan, program.terms.named_parameters(), program.student, work)
+
+    def one_step() -> None:
+        train_step(lambda x, y: step(x, y, logits), update, work.images, work.targets)
+
+    return _Timer("cached_logits", one_step, True)
 
 
 _PARTS = ("teacher_forward", "student_forward_backward", "adapters_losses", "optimizer")
@@ -503,8 +560,13 @@ def _part_functions(work: _Workload, program: Program) -> tuple[_PartFn | None, 
     s_prefix = plan.student.prefix_tokens
     student, terms = program.student, program.terms
 
+    kept = program.plan.teacher_keep if plan.teacher_used else None
+
     def teacher_fwd(images: Tensor) -> tuple[Tensor | None, list[Tensor]]:
         # The step's own teacher half (no logits nor final norm when it stops early)
+        if kept is not None:  # MaskedKD runs it after the student: any k patches cost alike
+            scores = torch.zeros(images.shape[0], plan.student.tokens, device=images.device)
+            return program.masked_teacher(images, scores), []
         logits, taps = program.teacher_pass(images)
         return logits, [taps[k] for k in t_keys if k in taps]
 
@@ -842,8 +904,123 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
     Configuration("eager", lambda bench: [_program_timer(bench.work, False)[0]]),
     Configuration("hooks", lambda bench: [_hooks_timer(bench.work)]),
     Configuration("timm", lambda bench: [_timm_timer(bench.work)]),
-    Configuration("floor", lambda bench: _floor_timers(bench.work, bench.floor_modes)),
+    Configuration(
+        "floor",
+        lambda bench: _floor_timers(bench.work, bench.floor_modes),
+        announce="floor: student step and teacher inference",
+        required=True,
+    ),
+    *(
+        Configuration(
+            name,
+            lambda bench, name=name: bench.build_teacher(name),
+            announce=f"{name} ({{backend}})",
+        )
+        for name in TEACHER_CONFIGURATIONS
+    ),
 )
+
+
+def _plain(plan: Plan) -> Plan:
+    """The recipe's plan with a plain teacher: its whole depth, its weights as loaded (fp32),
+    every patch token."""
+    t = plan.teacher
+    assert t is not None
+    teacher = t.model_copy(update={"precision": "fp32", "keep": None})
+    return _with_teacher(plan, teacher, t.depth, None)
+
+
+def _with_teacher(plan: Plan, teacher: Any, depth: int, kept: int | None) -> Plan:
+    """``plan`` with another teacher, run through ``depth`` blocks on ``kept`` patch tokens
+    (None: all), its cost counted again."""
+    forward = teacher_flops(teacher, depth, kept)
+    cost = plan.cost.model_copy(
+        update={
+            "teacher_forward": forward,
+            "total": plan.cost.total - plan.cost.teacher_forward + forward,
+        }
+    )
+    update = {"teacher": teacher, "teacher_depth": depth, "teacher_keep": kept, "cost": cost}
+    return plan.model_copy(update=update)
+
+
+def teacher_variant(plan: Plan, name: str, device: torch.device) -> Plan:
+    """The plan a teacher configuration runs (``teacher_plain`` and one option on it), or a
+    :class:`BenchError` saying why the recipe does not allow it here."""
+    t = plan.teacher
+    if t is None or not plan.teacher_used:
+        raise BenchError("no term reads a teacher")
+    plain = _plain(plan)
+    if name == "teacher_plain":
+        return plain
+    if name == "early_exit":
+        if plan.teacher_depth >= t.depth:
+            raise BenchError(
+                "a term reads the teacher's logits, final norm or last block: all of it runs"
+            )
+        return _with_teacher(plan, plain.teacher, plan.teacher_depth, None)
+    if name in ("teacher_bf16", "teacher_fp8"):
+        problem = _precision_problem(name, device)
+        if problem is not None:
+            raise BenchError(problem)
+        held = plain.teacher.model_copy(update={"precision": name.removeprefix("teacher_")})
+        return _with_teacher(plan, held, t.depth, None)
+    if name == "cached_logits":
+        for term in plan.terms:
+            if term.teacher:
+                raise BenchError(
+                    f"the {term.kind} term '{term.name}' reads the teacher's features: only "
+                    "logits can be cached"
+                )
+        return plain
+    if name == "masked":
+        return _masked_variant(plan, plain)
+    raise BenchError(f"unknown teacher configuration {name!r}")
+
+
+def _precision_problem(name: str, device: torch.device) -> str | None:
+    """Why the teacher cannot be measured in bf16 or fp8 on ``device``, or None."""
+    if device.type != "cuda":
+        if name == "teacher_bf16":
+            return "CUDA only (a GPU option: CPU matmuls in bf16 are no faster than in fp32)"
+        return "CUDA only (FP8 needs a GPU with compute capability 8.9 or newer)"
+    if name == "teacher_fp8":
+        import importlib.util
+
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            return f"{torch.cuda.get_device_name(device)} has no FP8 (compute capability < 8.9)"
+        if importlib.util.find_spec("torchao") is None:
+            return "torchao is not installed (the [fp8] extra)"
+    return None
+
+
+def _masked_variant(plan: Plan, plain: Plan) -> Plan:
+    """The plain teacher on the share ``keep`` of its patch tokens (the recipe's, else
+    :data:`MASKED_KEEP`), where the recipe's own checks allow it (they are run again)."""
+    t = plan.teacher
+    assert t is not None and plain.teacher is not None
+    keep = t.keep if t.keep is not None else MASKED_KEEP
+    try:  # a recipe that writes keep has passed its checks already
+        masked = plan
+        if t.keep is None:
+            over = [*plan.overrides, f"teacher.keep={keep}"]
+            masked = pipeline.plan(pipeline.load(plan.file, over))
+    except VkdError as exc:
+        first = next((d for d in exc.diagnostics if d.is_error), None)
+        raise BenchError(first.message if first else str(exc)) from None
+    if masked.teacher_keep is None:
+        raise BenchError(f"keep = {keep:g} keeps every patch token")
+    teacher = plain.teacher.model_copy(update={"keep": keep})
+    return _with_teacher(plan, teacher, t.depth, masked.teacher_keep)
+
+
+def _runs_as(plan: Plan, device: torch.device, dtype: torch.dtype | None) -> tuple[Any, ...]:
+    """What decides how a plan's teacher runs: two plans alike here time the same step."""
+    t = plan.teacher
+    if t is None or not plan.teacher_used:
+        return ()
+    held = teacher_precision(device, dtype, t.precision)
+    return (plan.teacher_depth, plan.teacher_keep, held, t.precision == "fp8")
 
 
 class Bench:
@@ -867,8 +1044,11 @@ class Bench:
         loader: bool = True,
         threads: int | None = None,
         progress: Progress | None = None,
+        configs: Sequence[str] | None = None,
     ) -> None:
         problem = options_problem(steps, warmup, compile_backend, floor, threads)
+        if problem is None and configs is not None:
+            problem = configurations_problem(list(configs))
         if problem is not None:
             raise BenchError(problem)
         self.plan = plan
@@ -880,6 +1060,16 @@ class Bench:
         self.timers: dict[str, _Timer] = {}
         self.peak_mb: dict[str, float] = {}
         self.skipped: dict[str, str] = {}
+        # The configurations to measure (compiled and the floor always), and those that run
+        # exactly as one measured before them: name -> that one's name.
+        # A teacher option's ratio is against the plain teacher: it comes with any of them.
+        self.selected = None if configs is None else {*configs, "compiled", "floor"}
+        if self.selected is not None and self.selected & set(TEACHER_CONFIGURATIONS):
+            self.selected.add("teacher_plain")
+        self.same_as: dict[str, str] = {}
+        self._runs_as: dict[str, tuple[Any, ...]] = {}
+        self._flops: dict[str, int] = {}  # a teacher configuration's FLOPs per image
+        self._details: dict[str, dict[str, Any]] = {}  # how its teacher runs
         # The compiled configuration's modules, kept until its breakdown is built on them.
         self._compiled: tuple[Program, Update] | None = None
 
@@ -938,6 +1128,8 @@ class Bench:
         """Build and warm up every configuration in turn (the compiled step's parts right
         after the compiled step); each one's peak memory is what its building added."""
         for config in CONFIGURATIONS:
+            if self.selected is not None and config.name not in self.selected:
+                continue
             what = config.announce.format(name=config.name, backend=self.backend)
             self.say(f"build and warm up: {what}")
             self.memory.reset()
@@ -949,6 +1141,8 @@ class Bench:
                     raise
                 self.skipped[config.name] = str(exc)
                 continue
+            if not built:  # runs as a configuration measured before it
+                continue
             self._warm(built)
             self.peak_mb[config.name] = max(0.0, self.memory.peak_mb() - before)
             if config.name == "compiled":
@@ -958,7 +1152,33 @@ class Bench:
         """(a), keeping its modules for the breakdown."""
         timer, program, update = _program_timer(self.work, True)
         self._compiled = program, update
+        self._runs_as["compiled"] = _runs_as(self.plan, self.dev, self.dtype)
         return timer
+
+    def build_teacher(self, name: str) -> list[_Timer]:
+        """A teacher configuration (f)-(k): the compiled step on its variant of the plan, or
+        nothing when it runs exactly as one measured before it (``same_as``); a
+        :class:`BenchError` saying why the recipe does not allow it."""
+        plan = teacher_variant(self.plan, name, self.dev)
+        if name == "cached_logits":
+            self._flops[name] = plan.cost.total - plan.cost.teacher_forward
+            return [_cached_timer(self.work, plan)]
+        runs_as = _runs_as(plan, self.dev, self.dtype)
+        other = next((n for n, r in self._runs_as.items() if r == runs_as), None)
+        if other is not None:
+            self.same_as[name] = other
+            return []
+        self._runs_as[name] = runs_as
+        self._flops[name] = plan.cost.total
+        t = plan.teacher
+        assert t is not None
+        self._details[name] = {
+            "teacher_depth": plan.teacher_depth,
+            "teacher_tokens": plan.teacher_keep or t.tokens,
+            "teacher_precision": t.precision,
+            "teacher_forward_flops": plan.cost.teacher_forward,
+        }
+        return [_program_timer(self.work, True, plan, name)[0]]
 
     def _build_breakdown(self) -> None:
         """The compiled step's parts on the compiled configuration's modules (no memory
@@ -997,6 +1217,10 @@ class Bench:
                 configs["floor"] = self._floor_result()
             elif config.name in self.timers:
                 configs[config.name] = self._timed_result(config.name)
+            elif config.name in self.same_as:
+                other = configs[self.same_as[config.name]]
+                details = {**other.details, "same_as": other.name}
+                configs[config.name] = dataclasses.replace(other, name=config.name, details=details)
         parts = self._breakdown_result(configs["compiled"]) if self.breakdown else None
         self.timers.clear()  # frees the configurations' modules before the loader runs
         torch._dynamo.reset()
@@ -1063,9 +1287,9 @@ class Bench:
         """A configuration timed as one step."""
         t = self.timers[name]
         ms_steps = [x * 1e3 for x in t.times]
-        return self._result(
-            name, t.median * 1e3, self.plan.cost.total, t.compile_seconds(), ms_steps
-        )
+        flops = self._flops.get(name, self.plan.cost.total)
+        details = self._details.get(name, {})
+        return self._result(name, t.median * 1e3, flops, t.compile_seconds(), ms_steps, **details)
 
     def _floor_best(self, role: str) -> _Timer | None:
         """The floor's student step or teacher inference in its fastest mode."""
@@ -1120,6 +1344,7 @@ class Bench:
         """What the figures leave out and what they ran under."""
         dev = self.dev
         notes: list[str] = [f"{name} not measured: {why}" for name, why in self.skipped.items()]
+        notes += [f"{name} runs as {other}: the same step" for name, other in self.same_as.items()]
         if dev.type == "cuda" and self.peak is None:
             notes.append(f"MFU omitted: no known peak for {torch.cuda.get_device_name(dev)}")
         elif self.peak is not None and not self.low_precision:
@@ -1146,6 +1371,16 @@ def _ratios(
         """How much faster ``ref`` runs than ``other``: other's ms over ref's."""
         return ms[other] / ms[ref] if other in ms and ref in ms else None
 
+    return {**_core_ratios(plan, parts, ms, speedup), **_teacher_ratios(configs, parts)}
+
+
+def _core_ratios(
+    plan: Plan,
+    parts: Mapping[str, Any] | None,
+    ms: Mapping[str, float],
+    speedup: Callable[[str, str], float | None],
+) -> dict[str, float | None]:
+    """The compiled step against the eager one, the hooks, timm's task and the floor."""
     cost = plan.cost
     floor_flops = cost.teacher_forward + cost.student_forward_backward
     return {
@@ -1172,6 +1407,45 @@ def _ratios(
     }
 
 
+def _teacher_ratios(
+    configs: Mapping[str, ConfigResult], parts: Mapping[str, Any] | None
+) -> dict[str, float | None]:
+    """The teacher's share of the step and each teacher option's speed-up over the plain
+    teacher (its ms over the option's); None where one is not measured."""
+    ms = {name: c.ms_per_step for name, c in configs.items()}
+    plain = ms.get("teacher_plain")
+    out: dict[str, float | None] = {
+        # the compiled step's teacher forward (its breakdown) over the sum of its parts
+        "teacher_share": parts["teacher_forward_ms"] / parts["sum_of_parts_ms"]
+        if parts and parts.get("sum_of_parts_ms") and "teacher_forward_ms" in parts
+        else None,
+        # measured the other way: what dropping the teacher saves on the plain teacher's step
+        "teacher_share_of_plain": 1 - ms["cached_logits"] / plain
+        if plain and "cached_logits" in ms
+        else None,
+    }
+    for name in TEACHER_CONFIGURATIONS[1:]:
+        out[f"{name}_vs_plain"] = plain / ms[name] if plain and name in ms else None
+    # A run reading cached logits against the floor's student-only step (same step, no KD):
+    # the cache's promise is that the teacher then costs next to nothing.
+    student = _floor_student_ms(configs.get("floor"), configs.get("cached_logits"))
+    out["cached_vs_student_only"] = (
+        ms["cached_logits"] / student if student and "cached_logits" in ms else None
+    )
+    return out
+
+
+def _floor_student_ms(floor: ConfigResult | None, cached: ConfigResult | None) -> float | None:
+    """The floor's student step in the cached step's mode (compiled) when measured, else its
+    best."""
+    if floor is None:
+        return None
+    measured = floor.details.get("measured_ms", {})
+    if cached is not None and "student.compiled" in measured:
+        return measured["student.compiled"]
+    return floor.details.get("student_step_ms")
+
+
 def bench_plan(plan: Plan, **options: Any) -> BenchResult:
     """Benchmark a resolved plan (see the module docstring for what is measured).
 
@@ -1192,6 +1466,8 @@ def bench_plan(plan: Plan, **options: Any) -> BenchResult:
         loader: time the recipe's data loader.
         threads: CPU threads (default: the trainer's rule, one thread for small steps).
         progress: called with a line before each measurement.
+        configs: the configurations to measure (default all; ``compiled`` and ``floor``
+            always).
 
     Resets ``torch._dynamo`` before and after. Raises :class:`BenchError` for a bad option or
     device.

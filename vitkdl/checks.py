@@ -358,6 +358,77 @@ def check_classes(ctx: Context) -> Iterable[Diagnostic]:
         )
 
 
+def check_masked_teacher(ctx: Context) -> Iterable[Diagnostic]:
+    """MaskedKD (``teacher { keep = 0.5 }``): a share of the patch tokens of a ViT teacher,
+    chosen by the attention of a ViT student's class token in its last block, on the same
+    patch grid; only terms that read the teacher's logits (a feature term's target would
+    change with the tokens the teacher saw); written on the teacher only."""
+    spec = ctx.spec
+    if spec.student is not None and spec.student.keep is not None:
+        yield error(
+            "keep says which patch tokens the frozen teacher sees (MaskedKD); the student "
+            "always sees the whole image",
+            spec.student.at("keep"),
+            hint="move keep into the teacher block",
+        )
+    teacher = spec.teacher
+    if teacher is None or teacher.keep is None:
+        return
+    at = teacher.at("keep")  # its range, (0, 1], is the spec's (a positioned error there)
+    t, s = ctx.teacher, ctx.student
+    if t is not None and not t.sub_taps:
+        why = t.not_vit or "blocks vitkdl cannot run on a subset of the tokens"
+        yield error(
+            f"keep feeds the teacher a subset of its patch tokens, and the teacher {t.name} "
+            f"({t.family}) has {why}",
+            at,
+            expected="a timm Vision Transformer teacher (ViT, DeiT, DeiT III) with plain blocks",
+            hint="remove keep: a teacher without patch tokens runs whole",
+        )
+    if s is not None and (not s.sub_taps or s.num_prefix_tokens < 1):
+        why = "no class token" if s.sub_taps else (s.not_vit or "blocks vitkdl cannot run")
+        yield error(
+            f"keep ranks the patches by the student's class-token attention in its last block, "
+            f"and the student {s.name} ({s.family}) has {why}",
+            at,
+            expected="a timm Vision Transformer student with a class token",
+            hint="remove keep from the teacher block",
+        )
+    if (
+        t is not None
+        and s is not None
+        and t.sub_taps
+        and s.sub_taps
+        and tuple(t.grid) != tuple(s.grid)
+    ):
+        yield error(
+            f"keep picks the teacher's patches by the student's attention to the same patches, "
+            f"and their patch grids differ (student {s.grid[0]}x{s.grid[1]}, teacher "
+            f"{t.grid[0]}x{t.grid[1]})",
+            at,
+            hint="give both models the same patch grid (img_size / patch_size), or remove keep",
+        )
+    for term in _paired(spec):
+        if term.weight > 0 and term.teacher:
+            yield error(
+                f"the {term.kind} term '{term.name}' reads the teacher's features "
+                f"({term.teacher[0].text()}), and with keep the teacher sees only some patch "
+                "tokens: its targets would change",
+                term.span,
+                expected="with keep, only terms that read the teacher's logits ("
+                + ", ".join(k for k, kind in KINDS.items() if kind.reads_teacher_logits)
+                + ")",
+                hint=f"remove keep from the teacher block, or the {term.kind} term",
+            )
+    if spec.train.shard == "fsdp":
+        yield error(
+            "keep reads the attention inside the student's last block, which is not supported "
+            "with shard = fsdp yet",
+            at,
+            hint="train with shard = none (DDP), or remove keep",
+        )
+
+
 def logit_terms(spec: RecipeSpec) -> list:
     """The recipe's terms that read the teacher's logits (every logit kind, one rule)."""
     return [x for x in spec.terms if KINDS[x.kind].reads_teacher_logits]
@@ -707,6 +778,7 @@ CHECKS: tuple[Check, ...] = (
     check_sharded_taps,
     check_terms,
     check_classes,
+    check_masked_teacher,
     check_image_size,
     check_channels,
     check_data,

@@ -84,6 +84,8 @@ class ModelPlan(_Plain):
     pretrained_classes: int | None = None
     # How a frozen teacher's weights are held (`precision`): auto, fp32, bf16 or fp8.
     precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+    # MaskedKD (`keep`): the share of its patch tokens a frozen teacher sees, as written.
+    keep: float | None = None
 
 
 class DataPlan(_Plain):
@@ -167,6 +169,10 @@ class Plan(_Plain):
     # when no term reads its logits or any point after block k, k + 1 (the step stops there:
     # no later block, final norm or head). See :func:`teacher_depth`.
     teacher_depth: int = 0
+    # MaskedKD (`teacher { keep = 0.5 }`): the patch tokens the teacher sees, k = round(keep *
+    # N), those the student's last block's class token attends to most; None: all of them
+    # (no `keep`, keep = 1, or no term reads the teacher). See :func:`teacher_keep`.
+    teacher_keep: int | None = None
     terms: list[TermPlan]
     data: DataPlan
     optimizer: OptimizerPlan
@@ -294,7 +300,8 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
     sched = spec.train.schedule
     teacher_used = teacher is not None and needs_teacher(t.kind for t in terms)
     depth = teacher_depth(teacher, terms) if teacher_used else 0
-    teacher_fwd = teacher_flops(teacher, depth) if teacher is not None and teacher_used else 0
+    keep = teacher_keep(teacher) if teacher_used else None
+    teacher_fwd = teacher_flops(teacher, depth, keep) if teacher is not None and teacher_used else 0
     adapter_flops = sum(t.adapter_flops for t in terms)
     cost = CostPlan(
         teacher_forward=teacher_fwd,
@@ -312,6 +319,7 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
         teacher=teacher,
         teacher_used=teacher_used,
         teacher_depth=depth,
+        teacher_keep=keep,
         terms=terms,
         data=data_plan(spec, student, world_size),
         optimizer=OptimizerPlan(
@@ -365,20 +373,39 @@ def teacher_depth(teacher: ModelPlan | None, terms: list[TermPlan]) -> int:
     return max(p.block for p in points if p.block is not None) + 1
 
 
-def teacher_flops(teacher: ModelPlan, depth: int) -> int:
+def teacher_keep(teacher: ModelPlan | None) -> int | None:
+    """MaskedKD: how many patch tokens the teacher sees, ``round(keep * N)`` (at least one),
+    or None when it sees all of them (no ``keep``, or one that rounds to every token)."""
+    if teacher is None or teacher.keep is None or not teacher.vit:
+        return None
+    kept = max(1, round(teacher.keep * teacher.tokens))
+    return kept if kept < teacher.tokens else None
+
+
+def teacher_flops(teacher: ModelPlan, depth: int, kept: int | None = None) -> int:
     """Forward FLOPs per image of the teacher run through its first ``depth`` blocks (its whole
-    forward at full depth). The counted forward is the patch embedding, ``teacher.depth`` equal
-    blocks and the head(s) (norms and additions count no FLOPs), so one block's share is what
-    is left after the patch embedding and head; exact for timm's plain ViT blocks."""
+    forward at full depth), on ``kept`` of its patch tokens when masked (all by default). The
+    counted forward is the patch embedding, ``teacher.depth`` equal blocks and the head(s)
+    (norms and additions count no FLOPs), so one block's share is what is left after the
+    patch embedding and head; exact for timm's plain ViT blocks. A block on T tokens costs a
+    part linear in T (projections, MLP) plus the attention scores' 4 T^2 D; the patch
+    embedding runs on every patch (the tokens are chosen after it)."""
     full = teacher.forward_flops
-    if depth >= teacher.depth or teacher.depth == 0:
+    if (depth >= teacher.depth or teacher.depth == 0) and kept is None:
         return full
     stem = 2 * teacher.tokens * teacher.in_chans * teacher.patch_size**2 * teacher.width
     head = (2 if teacher.distilled else 1) * 2 * teacher.width * teacher.num_classes
     block = (full - stem - head) / teacher.depth
     if block <= 0:  # a stem other than one patch projection (a hybrid): scale the whole
-        return round(full * depth / teacher.depth)
-    return round(stem + depth * block)
+        return round(full * min(depth, teacher.depth) / teacher.depth)
+    if kept is not None:
+        seen, masked = teacher.tokens + teacher.prefix_tokens, kept + teacher.prefix_tokens
+        scores = 4 * teacher.width * seen**2
+        per_token = max(0.0, block - scores) / seen
+        block = per_token * masked + 4 * teacher.width * masked**2
+    if depth < teacher.depth:  # stops early: no later block, final norm or head
+        return round(stem + depth * block)
+    return round(stem + teacher.depth * block + head)
 
 
 def term_plans(spec: RecipeSpec, ctx: Context) -> list[TermPlan]:

@@ -373,7 +373,11 @@ def tap_pass(
 
 
 def head_pass(
-    model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int
+    model: nn.Module,
+    images: Tensor,
+    points: list[TapPoint],
+    prefix: int,
+    cls_row: int | None = None,
 ) -> tuple[Tensor | tuple[Tensor, ...], dict[str, Tensor]]:
     """One pass of a timm ViT: what its head returns (a distilled DeiT in distilled training:
     the class and distillation logits) and the requested taps (patch tokens only), keyed
@@ -384,8 +388,12 @@ def head_pass(
     tapped, the pass runs block by block: tapped blocks as their two halves (the attention
     probabilities computed explicitly where ``attn_map`` is tapped), every other block whole,
     so it keeps its fused attention. No hooks: one graph.
+
+    ``cls_row``: a block whose class token's attention to the patch tokens (mean over heads,
+    ``[B, N]``, no gradient) is returned too, as ``cls_attn`` (MaskedKD ranks the teacher's
+    patches by it).
     """
-    if all(p.point in ("mlp", "norm", "fc_norm") for p in points):
+    if cls_row is None and all(p.point in ("mlp", "norm", "fc_norm") for p in points):
         blocks = sorted({p.block for p in points if p.point == "mlp" and p.block is not None})
         if blocks:
             final, feats = model.forward_intermediates(images, indices=blocks, output_fmt="NLC")
@@ -393,7 +401,7 @@ def head_pass(
         else:
             final, taps = model.forward_features(images), {}
     else:
-        x, taps = _block_pass(model, images, points, prefix)
+        x, taps = _block_pass(model, images, points, prefix, cls_row=cls_row)
         final = model.norm(x)
     taps["norm"] = final[:, prefix:]
     if any(p.point == "fc_norm" for p in points):  # the pooled, normalised feature: one token
@@ -418,11 +426,16 @@ def shallow_pass(
 
 
 def _block_pass(
-    model: nn.Module, images: Tensor, points: list[TapPoint], prefix: int, depth: int | None = None
+    model: nn.Module,
+    images: Tensor,
+    points: list[TapPoint],
+    prefix: int,
+    depth: int | None = None,
+    cls_row: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """timm's ``forward_features`` before the final norm, block by block, tapping inside the
     requested blocks: the residual stream after the first ``depth`` blocks (all by default)
-    and the taps."""
+    and the taps (``cls_attn`` too for block ``cls_row``, see :func:`head_pass`)."""
     want: dict[int, set[str]] = {}
     for p in points:
         if p.block is not None:
@@ -433,13 +446,17 @@ def _block_pass(
         if depth is not None and i >= depth:
             break
         inside = want.get(i, set())
-        if inside <= {"mlp"}:
+        if inside <= {"mlp"} and i != cls_row:
             x = blk(x)
         else:
             h = blk.norm1(x)
             if "attn_map" in inside:
                 h, probs = attention_with_map(blk.attn, h)
                 taps[f"blocks.{i}.attn_map"] = probs[:, :, prefix:, prefix:]
+                if i == cls_row:
+                    taps["cls_attn"] = probs[:, :, 0, prefix:].detach().mean(dim=1)
+            elif i == cls_row:
+                h, taps["cls_attn"] = attention_with_cls_row(blk.attn, h, prefix)
             else:
                 h = blk.attn(h)
             x = x + blk.drop_path1(blk.ls1(h))  # MHA-out: the residual stream after attention
@@ -465,6 +482,51 @@ def attention_with_map(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), probs
+
+
+def attention_with_cls_row(attn: nn.Module, x: Tensor, prefix: int) -> tuple[Tensor, Tensor]:
+    """timm's ``Attention.forward`` (fused where timm fuses it) and the class token's
+    attention probabilities to the patch tokens, mean over heads: ``(output, [B, N])``. The
+    class token's row is computed from the same queries and keys, without gradient (it only
+    ranks patches); the output keeps its own."""
+    b, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    with torch.no_grad():
+        row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+        scores = row[:, :, 0, prefix:].mean(dim=1)
+    if getattr(attn, "fused_attn", False):
+        drop = attn.attn_drop.p if attn.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+    else:
+        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = attn.attn_drop(probs) @ v
+    out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), scores
+
+
+def keep_indices(scores: Tensor, kept: int) -> Tensor:
+    """The ``kept`` patches each image's ``scores`` ``[B, N]`` rank highest, ``[B, kept]``
+    (a static shape: one graph whatever the batch's attention)."""
+    return scores.detach().topk(kept, dim=1).indices
+
+
+def masked_pass(
+    model: nn.Module, images: Tensor, keep: Tensor, prefix: int
+) -> Tensor | tuple[Tensor, ...]:
+    """A timm ViT on some of its patch tokens (MaskedKD): the patch embedding of the whole
+    image and the position embeddings, then only the patches ``keep`` ``[B, k]`` indexes, each
+    with its own position embedding, behind the prefix (class, distillation, register)
+    tokens; then every block, the final norm and the head. Returns what the head returns."""
+    x = model._pos_embed(model.patch_embed(images))
+    index = keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    x = torch.cat([x[:, :prefix], x[:, prefix:].gather(1, index)], dim=1)
+    x = model.blocks(model.norm_pre(model.patch_drop(x)))
+    return model.forward_head(model.norm(x))
 
 
 def term_losses(
@@ -513,6 +575,11 @@ class StudentSide(nn.Module):
         self.dist_head = any(KINDS[t.kind].reads_dist_logits for t in plan.terms)
         if self.dist_head:
             student.set_distilled_training(True)
+        # MaskedKD: the teacher runs after the student, on the patches the student's last
+        # block's class token attends to most (set by the Program; a plain attribute, not a
+        # submodule: the teacher is never part of the trainable side).
+        self.masked_teacher: Callable[[Tensor, Tensor], Tensor] | None = None
+        self.last_block = plan.student.depth - 1
 
     def logits(self, images: Tensor) -> Tensor:
         """The student's logits (evaluation of a sharded student goes through here)."""
@@ -540,7 +607,11 @@ class StudentSide(nn.Module):
     ) -> StepInputs:
         """The student's pass on a batch with the teacher's outputs, as every term reads them
         (under the caller's autocast): what :meth:`forward` feeds the terms."""
-        out, s_taps = head_pass(self.student, images, self.points, self.prefix)
+        masked = self.masked_teacher if t_logits is None else None
+        cls_row = self.last_block if masked is not None else None
+        out, s_taps = head_pass(self.student, images, self.points, self.prefix, cls_row)
+        if masked is not None:
+            t_logits = masked(images, s_taps.pop("cls_attn"))
         s_dist = None
         if self.dist_head:
             s_logits, s_dist = distilled_heads(out)
@@ -606,6 +677,11 @@ class Program(nn.Module):
         self._teacher_stop: int | None = None
         if plan.teacher is not None and 0 < plan.teacher_depth < plan.teacher.depth:
             self._teacher_stop = plan.teacher_depth
+        # MaskedKD: the teacher sees plan.teacher_keep patch tokens, chosen by the student's
+        # attention, so it runs after the student, inside the student side's pass.
+        self._teacher_keep = plan.teacher_keep if self._needs_teacher else None
+        if self._teacher_keep is not None:
+            self.core.masked_teacher = self.masked_teacher
         self._dist = _Distribution()
         self.teacher_dtype: torch.dtype | None = None
         if teacher is not None:
@@ -775,8 +851,8 @@ class Program(nn.Module):
         """The teacher's logits and taps for a batch (no gradients), or ``(None, {})`` when
         no term needs them. A teacher whose logits no term reads stops after the plan's
         :attr:`~vitkdl.planner.Plan.teacher_depth` blocks: its logits are then None."""
-        if not self._needs_teacher:
-            return None, {}
+        if not self._needs_teacher or self._teacher_keep is not None:
+            return None, {}  # a masked teacher runs later, in the student side's pass
         assert self.teacher is not None
         with torch.no_grad(), self._autocast(images.device.type):
             if self._teacher_stop is not None:
@@ -791,6 +867,16 @@ class Program(nn.Module):
             return tap_pass(
                 self.teacher, self.teacher_input(images), self._teacher_points, self._teacher_prefix
             )
+
+    def masked_teacher(self, images: Tensor, scores: Tensor) -> Tensor:
+        """MaskedKD: the teacher's logits on the :attr:`~vitkdl.planner.Plan.teacher_keep`
+        patches that ``scores`` ``[B, N]`` (the student's class-token attention) rank
+        highest, plus its prefix tokens (no gradient, through the selection or the teacher)."""
+        assert self.teacher is not None and self._teacher_keep is not None
+        with torch.no_grad(), self._autocast(images.device.type):
+            keep = keep_indices(scores, self._teacher_keep)
+            seen = self.teacher_input(images)
+            return single_logits(masked_pass(self.teacher, seen, keep, self._teacher_prefix))
 
     def forward(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         t_logits, t_taps = self.teacher_pass(images)

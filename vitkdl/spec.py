@@ -81,6 +81,10 @@ class ModelSpec(Node):
     # autocast on CUDA, else as loaded (fp32); fp8: its linear layers in FP8 (torchao's float8
     # inference, the [fp8] extra; GPUs with FP8). The student trains under train.precision.
     precision: Annotated[Literal["auto", "fp32", "bf16", "fp8"], ModelField()] = "auto"
+    # `keep = 0.5` (a ViT teacher, logit terms only): MaskedKD. The teacher sees only that share
+    # of the patch tokens, those the student's last block's class-token attention ranks highest
+    # (None: all of them). Checked in vitkdl.checks.check_masked_teacher.
+    keep: Annotated[Annotated[float, Field(gt=0, le=1)] | None, ModelField()] = None
     extra: dict[str, Any] = Field(default_factory=dict)
     # `teacher from "PATH"`: the recipe whose final student this teacher is.
     from_recipe: str | None = None

@@ -11,17 +11,29 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vitkdl.bench_options import BACKENDS, DEFAULT_STEPS, DEFAULT_WARMUP, FLOOR_MODES, LABELS
+from vitkdl.bench_options import (
+    BACKENDS,
+    CONFIGURATIONS,
+    DEFAULT_STEPS,
+    DEFAULT_WARMUP,
+    FLOOR_MODES,
+    LABELS,
+    TEACHER_CONFIGURATIONS,
+)
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
 
 HELP = """Measure, in one process on the recipe's real models (random weights) and synthetic
 batches of its shapes: (a) vitkdl's compiled step, (b) the same step eager, (c) a plain eager
 implementation with forward hooks, two full forwards and a hand-written loss module, (d) the
 floor: a student-only training step plus teacher inference, (e) for recipes timm can express
-(kd or token with the labels), timm's own LogitDistillationTask / TokenDistillationTask.
-Prints images/s, ms/step, peak
-memory, the ratios a/b, a/c and the overhead of a over d, a breakdown of the compiled step and
-the data loader's own images/s. Each configuration is warmed up (--warmup steps; the first
+(kd or token with the labels), timm's own LogitDistillationTask / TokenDistillationTask;
+then the teacher's options, each the compiled step with one option on, where the recipe and
+the machine allow it: (f) the plain teacher (whole, fp32 weights, every token) they are
+compared with, (g) early exit, (h) bf16, (i) fp8, (j) cached logits (the teacher's logits an
+input of the step), (k) the masked teacher (keep, MaskedKD). Prints images/s, ms/step, peak
+memory, the ratios a/b, a/c and the overhead of a over d, each option's speed-up over (f), the
+teacher's share of the step, (j) against the student-only step, a breakdown of the compiled
+step and the data loader's own images/s. Each configuration is warmed up (--warmup steps; the first
 compiles, its extra time is shown as compile time), then all are timed in --steps interleaved
 rounds, one step of each per round; medians are shown. Weight files and the data root are not
 needed (a missing root only skips the loader measurement)."""
@@ -31,6 +43,8 @@ EPILOG = """examples:
   vitkdl bench recipes/deit_tiny_vitkd_kd.vkd --steps 5 --set student.depth=4 \\
       --set teacher.depth=4 --batch 16
   vitkdl bench recipes/deit_base_vitkd_kd.vkd --batch 128 --json > bench.json
+  vitkdl bench recipes/quickstart.vkd --set '~distill.mimic' --set '~distill.generate' \
+      --configs cached_logits,masked --floor best
 
 On CPU, inductor compiles each graph in about a minute the first time (cached afterwards);
 --backend aot_eager or eager (for tests and debugging) skip code generation."""
@@ -106,6 +120,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-loader", dest="loader", action="store_false", help="skip timing the data loader"
     )
+    p.add_argument(
+        "--configs",
+        type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+        default=None,
+        metavar="NAME,...",
+        help="the configurations to measure (default all: "
+        f"{', '.join(CONFIGURATIONS)}); compiled and floor always",
+    )
     p.set_defaults(func=run)
 
 
@@ -154,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
             loader=args.loader,
             threads=args.threads,
             progress=progress,
+            configs=args.configs,
         )
     except BenchError as exc:
         err.print(f"[bold red]vitkdl bench: error:[/] {escape(str(exc))}")
@@ -253,6 +276,30 @@ def _render_ratios(q: dict[str, Any], out: Console) -> None:
         out.print(
             f"  overhead over the floor plus the measured adapters and losses: "
             f"{_f(_pct(q['overhead_vs_floor_plus_losses']))}%"
+        )
+    _render_teacher_ratios(q, out)
+
+
+def _render_teacher_ratios(q: dict[str, Any], out: Console) -> None:
+    """The teacher's share of the step and each teacher option's speed-up over (f)."""
+    shares = []
+    if q.get("teacher_share") is not None:
+        shares.append(f"{_f(_pct(q['teacher_share']))}% of the compiled step's parts")
+    if q.get("teacher_share_of_plain") is not None:
+        shares.append(f"{_f(_pct(q['teacher_share_of_plain']))}% of (f)'s step (f against j)")
+    if shares:
+        out.print(f"[bold]the teacher[/]: {'; '.join(shares)}")
+    options = [
+        f"{LABELS[n].split(' ', 1)[1]} {_f(q[f'{n}_vs_plain'], '.2f')}x"
+        for n in TEACHER_CONFIGURATIONS[1:]
+        if q.get(f"{n}_vs_plain") is not None
+    ]
+    if options:
+        out.print(f"  speed-up over (f) the plain teacher: {', '.join(options)}")
+    if q.get("cached_vs_student_only") is not None:
+        out.print(
+            "  cached logits against the student-only step (the floor's): "
+            f"{_f(q['cached_vs_student_only'], '.3f')}x"
         )
 
 

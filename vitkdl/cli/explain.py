@@ -427,6 +427,7 @@ def run(args: argparse.Namespace) -> int:
         render_plan(plan, out, origins)
         render_teacher_depth(plan, out)
         render_teacher_precision(plan, out)
+        render_teacher_keep(plan, out)
         if not grid.empty:
             render_sweep(grid, out)
         if report is not None:
@@ -524,6 +525,31 @@ def render_teacher_precision(plan: Plan, out: Console) -> None:
     if t is None or not plan.teacher_used or t.precision == "auto":
         return
     out.print(f"[bold]teacher precision[/]: {escape(TEACHER_PRECISION[t.precision])}")
+
+
+def render_teacher_keep(plan: Plan, out: Console) -> None:
+    """``teacher tokens: 98 of 196 patches ...``: printed only when the recipe writes ``keep``
+    (MaskedKD): the tokens the teacher sees, how they are chosen, and its FLOPs saved."""
+    t = plan.teacher
+    if t is None or not plan.teacher_used or t.keep is None:
+        return
+    prefix = {0: "", 1: " plus its class token", 2: " plus its class and distillation tokens"}.get(
+        t.prefix_tokens, f" plus its {t.prefix_tokens} prefix tokens"
+    )
+    if plan.teacher_keep is None:
+        out.print(
+            f"[bold]teacher tokens[/]: all {t.tokens} patches{prefix} (keep = {t.keep:g}: "
+            "the full teacher)"
+        )
+        return
+    saved = 1 - plan.cost.teacher_forward / t.forward_flops
+    out.print(
+        f"[bold]teacher tokens[/]: {plan.teacher_keep} of {t.tokens} patches{prefix} (keep = "
+        f"{t.keep:g}, MaskedKD: each image's patches that the student's class token attends to "
+        "most in its last block, mean over heads, no gradient through the choice; each patch "
+        f"with its own position embedding), {_n(plan.cost.teacher_forward)} FLOPs per image "
+        f"instead of {_n(t.forward_flops)} ({saved:.0%} of a full teacher forward saved)"
+    )
 
 
 def render_teacher_depth(plan: Plan, out: Console) -> None:
