@@ -113,7 +113,9 @@ class DataPlan(_Plain):
     std: tuple[float, ...]
     interpolation: str
     crop_pct: float
-    seed: int  # shuffling, samplers, worker seeds and ``synthetic`` content
+    # The data stream's (data.seed, else train.seed): the order, each sample's augmentation,
+    # each batch's mixup/cutmix and ``synthetic`` content; never the student's.
+    seed: int
     # hfds / wds (see vitkdl.sources): hub name, splits, validation shards, columns
     name: str | None = None
     split: str = "train"
@@ -265,7 +267,7 @@ def data_plan(spec: RecipeSpec, student: ModelPlan, world_size: int = 1) -> Data
         "std": student.std,
         "interpolation": student.interpolation,
         "crop_pct": student.crop_pct,
-        "seed": spec.train.seed,
+        "seed": spec.train.seed if data.seed is None else data.seed,
     }
     # Every other field of the plan is the spec's field of that name, as written.
     written = {

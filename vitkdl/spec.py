@@ -146,6 +146,11 @@ class DataSpec(Node):
     val_root: str | None = None
     image_key: str | None = None
     label_key: str | None = None
+    # The data stream's seed: the order, every sample's augmentation and each batch's
+    # mixup/cutmix (and synthetic's content). None: train.seed. Kept apart from train.seed
+    # (the student's initialisation, drop path, masks), students of several seeds see one
+    # stream, which a teacher cache (teacher { cache = ... }) replays.
+    seed: Annotated[int, Field(ge=0)] | None = None
 
 
 OPTIMIZERS = (

@@ -308,6 +308,11 @@ def _add_data_rows(plan: Plan, setup: Table) -> None:
     setup.add_row(
         "mixing", f"mixup {d.mixup:g}, cutmix {d.cutmix:g}, label smoothing {d.smoothing:g}"
     )
+    setup.add_row(
+        "seeds",
+        f"data {d.seed} (data.seed, else train.seed: order, augmentation, mixup/cutmix), "
+        f"student {plan.seed} (train.seed: initialisation, drop path, masks)",
+    )
 
 
 def _add_training_rows(plan: Plan, setup: Table, origins: dict[str, dict[str, str]] | None) -> None:
@@ -341,7 +346,7 @@ def _add_training_rows(plan: Plan, setup: Table, origins: dict[str, dict[str, st
     setup.add_row(
         "training",
         f"clip_grad {plan.clip_grad if plan.clip_grad else 'off'}, "
-        f"ema {plan.ema if plan.ema else 'off'}, seed {plan.seed}, eval "
+        f"ema {plan.ema if plan.ema else 'off'}, eval "
         f"every {plan.eval_every}, checkpoint every "
         + (
             f"{plan.checkpoint_every} epoch(s)"

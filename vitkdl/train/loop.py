@@ -46,6 +46,7 @@ from vitkdl.train.data import (
     check_val_readable,
     mix_seed,
     set_epoch,
+    step_key,
     unwrap,
 )
 from vitkdl.train.report import PLOTS_MISSING, MetricsLog, write_curves
@@ -592,7 +593,8 @@ class Run:
         images = images.to(self.device, non_blocking=True)
         targets = labels.to(self.device, non_blocking=True)
         if self.mixup is not None:  # teacher and student see the same mixed batch
-            images, targets = self.mixup(images, targets)
+            key = step_key(self.plan.data.seed, self.epoch, self.batch_in_epoch, self.job.rank)
+            images, targets = self.mixup(images, targets, key)
         result = train_step(self.program.step, self.update, images, targets, self.step + 1)
         # The first step at which each term was NaN/Inf is remembered on the device (no sync
         # per step) and checked at every log line and before anything is evaluated or saved.

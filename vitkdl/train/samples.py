@@ -71,3 +71,45 @@ def unreadable_stand_in(transform: Callable[[Any], Any] | None, mode: str) -> tu
 
     img = Image.new(mode, (32, 32))
     return (transform(img) if transform is not None else img), UNREADABLE
+
+
+class seeded_streams:
+    """Run a block with the global random streams that augmentation draws from (Python's
+    ``random``, numpy's legacy global state and torch's CPU generator) seeded from ``key``,
+    and give them back as they were afterwards.
+
+    The training stream's random choices (a sample's crop, flip, RandAugment and random
+    erasing; a batch's mixup/cutmix pairing and lambda) are made under it, with ``key`` a
+    function of ``(data.seed, epoch, sample or step)`` only: so they replay bit for bit
+    whatever else drew from those streams (the student's initialisation, drop path, masks),
+    in the main process and in a loader worker alike, and the student's own streams are left
+    exactly where they were.
+    """
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+        self._saved: tuple[Any, Any, Any] | None = None
+
+    def __enter__(self) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        self._saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(self.key)
+        np.random.seed(self.key % 2**32)
+        torch.manual_seed(self.key)
+
+    def __exit__(self, *exc: object) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        assert self._saved is not None
+        py, np_state, torch_state = self._saved
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        self._saved = None
