@@ -81,6 +81,12 @@ class ModelSpec(Node):
     # autocast on CUDA, else as loaded (fp32); fp8: its linear layers in FP8 (torchao's float8
     # inference, the [fp8] extra; GPUs with FP8). The student trains under train.precision.
     precision: Annotated[Literal["auto", "fp32", "bf16", "fp8"], ModelField()] = "auto"
+    # `cache = "PATH"` (a teacher whose logits alone the terms read): its logits over every
+    # epoch's augmented batches, stored once (`vitkdl cache`, or before training) and
+    # replayed; the step then skips the teacher. `topk = 100`: the logits kept per sample
+    # (`all`: every class in fp32, exact; the default 100, or all when there are fewer).
+    cache: Annotated[str | None, ModelField()] = None
+    topk: Annotated[Annotated[int, Field(gt=0)] | Literal["all"] | None, ModelField()] = None
     extra: dict[str, Any] = Field(default_factory=dict)
     # `teacher from "PATH"`: the recipe whose final student this teacher is.
     from_recipe: str | None = None

@@ -376,7 +376,8 @@ def _render_cost(plan: Plan, out: Console) -> None:
     )
     cost.add_column("part")
     cost.add_column("FLOPs", justify="right")
-    cost.add_row("teacher forward", _n(c.teacher_forward))
+    cached = " (cached: not run)" if plan.cache is not None else ""
+    cost.add_row(f"teacher forward{cached}", _n(c.teacher_forward))
     cost.add_row("student forward + backward", _n(c.student_forward_backward))
     cost.add_row("adapters forward + backward", _n(c.adapters_forward_backward))
     cost.add_row("total", _n(c.total))
@@ -432,6 +433,7 @@ def run(args: argparse.Namespace) -> int:
         render_plan(plan, out, origins)
         render_teacher_depth(plan, out)
         render_teacher_precision(plan, out)
+        render_teacher_cache(plan, out)
         if not grid.empty:
             render_sweep(grid, out)
         if report is not None:
@@ -529,6 +531,42 @@ def render_teacher_precision(plan: Plan, out: Console) -> None:
     if t is None or not plan.teacher_used or t.precision == "auto":
         return
     out.print(f"[bold]teacher precision[/]: {escape(TEACHER_PRECISION[t.precision])}")
+
+
+def byte_words(n: int) -> str:
+    """A byte count as people read it: ``4.0 KB``, ``16.1 GB`` (powers of 1000)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def render_teacher_cache(plan: Plan, out: Console) -> None:
+    """``teacher cache: PATH, ...``: where the teacher's logits are stored, what each sample
+    keeps, the cache's size over the run, and what the step then skips."""
+    c = plan.cache
+    if c is None:
+        return
+    kept = (
+        f"all {c.classes} logits in fp32 (exact)"
+        if c.exact
+        else f"the top {c.topk} of {c.classes} logits (fp16 values, int"
+        f"{16 if c.classes <= 32767 else 32} indices; the rest of the distribution spread "
+        "evenly, as TinyViT does)"
+    )
+    total = c.total_bytes
+    size = (
+        f"{byte_words(total)} for {c.epochs} epochs of {c.samples_per_epoch:,} samples"
+        if total is not None
+        else f"{c.epochs} epochs of the data's samples (its size is known once it is read)"
+    )
+    out.print(
+        f"[bold]teacher cache[/]: {escape(c.path)}, {kept}: {c.bytes_per_sample:,} bytes per "
+        f"sample, {size}; keyed by the teacher's weights, the data, the transforms, the "
+        f"batch, the world size and data seed {plan.data.seed}. The step reads the teacher's "
+        "logits from it and never runs (or builds) the teacher; `vitkdl cache` fills it "
+        "(a run fills what is missing first)."
+    )
 
 
 def render_teacher_depth(plan: Plan, out: Console) -> None:
