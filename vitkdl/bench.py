@@ -77,7 +77,7 @@ from vitkdl.bench_options import (
     FLOOR_MODES,
     options_problem,
 )
-from vitkdl.planner import Plan, TapPoint
+from vitkdl.planner import Plan, TapPoint, without_cache
 from vitkdl.program import (
     Program,
     build,
@@ -473,10 +473,12 @@ def _program_timer(work: _Workload, compiled: bool) -> tuple[_Timer, Program, Up
     """(a) or (b): vitkdl's step, compiled or eager, then the trainer's update."""
     torch.manual_seed(work.plan.seed)
     if compiled and work.backend == "inductor":
-        program = build(work.plan, work.device, load=False, compile=work.mode or "default")
+        program = build(
+            without_cache(work.plan), work.device, load=False, compile=work.mode or "default"
+        )
         step = program.step
     else:
-        program = build(work.plan, work.device, load=False, compile="off")
+        program = build(without_cache(work.plan), work.device, load=False, compile="off")
         step = work.compile(program.forward) if compiled else program.forward
     program.train()
     update = _update(work.plan, program.terms.named_parameters(), program.student, work)

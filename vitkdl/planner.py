@@ -415,6 +415,21 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
     )
 
 
+def without_cache(plan: Plan) -> Plan:
+    """``plan`` with its teacher run in the step rather than read from a cache (what the
+    cache pass, the probe and bench build), its cost counting the teacher's forward again."""
+    if plan.cache is None or plan.teacher is None:
+        return plan
+    flops = teacher_flops(plan.teacher, plan.teacher_depth)
+    cost = plan.cost.model_copy(
+        update={
+            "teacher_forward": flops,
+            "total": plan.cost.total - plan.cost.teacher_forward + flops,
+        }
+    )
+    return plan.model_copy(update={"cache": None, "cost": cost})
+
+
 def teacher_depth(teacher: ModelPlan | None, terms: list[TermPlan]) -> int:
     """How many of the teacher's blocks the step runs: its whole depth when a term reads its
     logits, its final norm or pooled feature (or it has no ViT blocks), else up to and

@@ -263,3 +263,28 @@ def test_explain_and_the_cache_command(tmp_path, capsys) -> None:
     plain = recipe(tmp_path, "plain", cache=None)
     assert main(["cache", str(plain)]) == 2
     assert "has no teacher cache" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.slow
+def test_a_run_fills_only_the_epochs_it_reaches_and_reports_the_passes_top1(tmp_path) -> None:
+    path = recipe(tmp_path, "short", epochs=3)
+    out = tmp_path / "runs"
+    assert main(["run", str(path), "--out", str(out), "--quiet", "--max-steps", "5"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cache").glob("epoch-*.pt")) == ["epoch-00000.pt"]
+    summary = json.loads((out / "short" / "summary.json").read_text())
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert summary["teacher_top1"] == manifest["teacher_top1"] is not None
+    assert summary["steps"] == 5
+
+
+def test_probe_bench_and_compile_report_build_the_teacher_of_a_cached_plan(tmp_path) -> None:
+    """What measures the teacher builds it: the plan without its cache, its cost counting the
+    teacher's forward again."""
+    from vitkdl.planner import without_cache
+
+    plan = plan_of(recipe(tmp_path))
+    full = without_cache(plan)
+    assert plan.cost.teacher_forward == 0 and full.cache is None
+    assert full.cost.teacher_forward == plan.teacher.forward_flops  # type: ignore[union-attr]
+    assert full.cost.total == plan.cost.total + full.cost.teacher_forward
+    assert build(full, CPU, load=False).teacher is not None

@@ -15,7 +15,7 @@ from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
 from vitkdl.counts import count_words
 from vitkdl.experiment import Grid, read_sweep
 from vitkdl.optim import NO_DECAY_WORDS
-from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan
+from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan, without_cache
 from vitkdl.sources import source, teacher_affine
 from vitkdl.terms import KINDS
 from vitkdl.terms.base import adapter_words, points_words
@@ -625,7 +625,7 @@ def compile_report(plan: Plan) -> dict[str, object]:
 
     from vitkdl.program import build
 
-    program = build(plan, "cpu", load=False)  # the step is traced, never run compiled
+    program = build(without_cache(plan), "cpu", load=False)  # traced, never run compiled
     batch = 2
     images = torch.randn(batch, plan.student.in_chans, plan.data.image_size, plan.data.image_size)
     targets = torch.randint(0, plan.student.num_classes, (batch,))

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from vitkdl import hub
-from vitkdl.planner import CachePlan, Plan
+from vitkdl.planner import CachePlan, Plan, without_cache
 from vitkdl.program import (
     hub_file,
     precision_name,
@@ -292,9 +292,7 @@ def fill(
             random.seed(plan.seed)
             np.random.seed(plan.seed % 2**32)
             torch.manual_seed(plan.seed)
-            program = build(
-                plan.model_copy(update={"cache": None}), device, load=load, runs_dir=runs_dir
-            )
+            program = build(without_cache(plan), device, load=load, runs_dir=runs_dir)
             program.train()
             teacher = program.teacher_pass
             if program.compile_mode is not None:
