@@ -12,7 +12,7 @@ import torch
 
 from vitkdl import pipeline
 from vitkdl.cli import main
-from vitkdl.planner import Plan
+from vitkdl.planner import Plan, without_cache
 from vitkdl.program import build
 from vitkdl.train.cache import CacheError, CacheReader, fill, topk_logits
 from vitkdl.train.data import build_loaders, build_mixup, set_epoch, step_key
@@ -280,11 +280,31 @@ def test_a_run_fills_only_the_epochs_it_reaches_and_reports_the_passes_top1(tmp_
 def test_probe_bench_and_compile_report_build_the_teacher_of_a_cached_plan(tmp_path) -> None:
     """What measures the teacher builds it: the plan without its cache, its cost counting the
     teacher's forward again."""
-    from vitkdl.planner import without_cache
-
     plan = plan_of(recipe(tmp_path))
     full = without_cache(plan)
     assert plan.cost.teacher_forward == 0 and full.cache is None
     assert full.cost.teacher_forward == plan.teacher.forward_flops  # type: ignore[union-attr]
     assert full.cost.total == plan.cost.total + full.cost.teacher_forward
     assert build(full, CPU, load=False).teacher is not None
+
+
+def test_a_cache_for_two_devices_holds_each_ranks_batches(tmp_path) -> None:
+    """``--world-size 2``: the pass stores each rank's batches (its shard of the order, its
+    mixup), as each process of the run will see them."""
+    path = recipe(tmp_path, epochs=1)
+    plan = pipeline.plan(pipeline.load(path), world_size=2)
+    fill(plan, CPU, runs_dir=tmp_path)
+    torch.manual_seed(plan.seed)
+    program = build(without_cache(plan), CPU)
+    for rank in (0, 1):
+        reader = CacheReader(plan, CPU, rank)
+        train, _, classes = build_loaders(plan.data, distributed=True, rank=rank, world_size=2)
+        mixup = build_mixup(plan.data, classes)
+        assert mixup is not None and reader.steps_per_epoch == len(train) == 1437 // 128
+        set_epoch(train, 0, seed=plan.data.seed, rank=rank)
+        for batch, (x, y) in enumerate(train):
+            x, _ = mixup(x, y, step_key(plan.data.seed, 0, batch, rank))
+            with torch.no_grad():
+                assert torch.equal(reader.logits(0, batch), program.teacher_pass(x)[0])
+    with pytest.raises(CacheError, match=r"world_size \(built: 2, now: 1\)"):
+        CacheReader(plan_of(path), CPU)

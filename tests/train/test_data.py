@@ -752,3 +752,20 @@ def test_device_erasing_replays_per_batch() -> None:
     set_epoch(train, 0, seed=cfg.seed)
     plain = [x for x, _ in train]
     assert any(not torch.equal(u, v) for u, v in zip(first, plain, strict=True))
+
+
+def test_randaugment_replays_whatever_the_workers(tmp_path: Path) -> None:
+    """DeiT's imagefolder transform (random resized crop, flip, RandAugment, colour and random
+    erasing: Python's, numpy's and torch's streams) gives the same batches in the main process
+    and in two workers, under different global states."""
+    root = _make_imagefolder(tmp_path / "data", per_class=6)
+    cfg = _folder_cfg(root, augment="deit", batch_size=4, seed=2)
+    torch.manual_seed(0)
+    here = _stream(cfg)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    there = _stream(cfg.model_copy(update={"workers": 2}), noise=False)
+    assert len(here) == len(there) == 2 * 3
+    for left, right in zip(here, there, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(left, right, strict=True))
+    assert not torch.equal(here[0][0], here[3][0])
