@@ -735,7 +735,9 @@ class Replayed(Dataset):
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, tuple):
             epoch, index = key
-            with seeded_streams(sample_key(self.seed, epoch, index)):
+            # In a worker nothing else draws from its streams: no state to give back.
+            restore = torch.utils.data.get_worker_info() is None
+            with seeded_streams(sample_key(self.seed, epoch, index), restore):
                 return self.dataset[index]
         return self.dataset[key]
 
