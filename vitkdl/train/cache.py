@@ -200,10 +200,17 @@ def _check_key(root: Path, manifest: dict[str, Any], key: dict[str, Any]) -> Non
     differs = key_differences(manifest.get("key"), key)
     if differs:
         listed = "; ".join(differs[:6]) + ("; ..." if len(differs) > 6 else "")
+        seeds = any(d.startswith("seed ") for d in differs)
+        hint = (
+            " (students of several train seeds share one stream, and one cache, when the "
+            "recipe writes data { seed = N })"
+            if seeds
+            else ""
+        )
         raise CacheError(
             f"the teacher cache {root} was built for another teacher, data or stream: "
             f"{listed}. Delete the folder (or point teacher.cache elsewhere) and run "
-            "`vitkdl cache` again"
+            f"`vitkdl cache` again{hint}"
         )
 
 
