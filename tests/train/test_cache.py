@@ -194,6 +194,9 @@ def test_a_killed_pass_resumes_from_the_first_missing_epoch(tmp_path) -> None:
         b = torch.load(tmp_path / "fresh" / f"epoch-{epoch:05d}.pt", weights_only=True)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert fill(plan, CPU, runs_dir=tmp_path).computed == []
+    (tmp_path / "cache" / "manifest.json").unlink()  # files of an unknown key
+    with pytest.raises(CacheError, match=r"no manifest\.json"):
+        fill(plan, CPU, runs_dir=tmp_path)
 
 
 def test_topk_keeps_the_top_k_and_spreads_the_rest_as_tinyvit_does(tmp_path) -> None:

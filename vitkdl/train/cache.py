@@ -283,6 +283,11 @@ def fill(
     manifest = _read_manifest(root)
     if manifest is not None:
         _check_key(root, manifest, key)
+    elif any(root.glob("epoch-*.pt")):  # files whose key is unknown: never taken on trust
+        raise CacheError(
+            f"the teacher cache {root} holds epoch files but no {MANIFEST} (their key is "
+            "unknown); delete the folder and run `vitkdl cache` again"
+        )
     epochs = plan.epochs if epochs is None else epochs
     have = complete_epochs(root, epochs)
     todo = [e for e in range(epochs) if e not in have]
