@@ -321,8 +321,9 @@ def fill(
                 )
                 for r in range(world)
             ]
-            if top1 is None and evaluate is not None:
-                top1 = evaluate(program.teacher_logits, loaders[0][1])
+            if top1 is None and evaluate is not None:  # on the whole split, as a run sums it
+                val = loaders[0][1] if world == 1 else build_loaders(plan.data)[1]
+                top1 = evaluate(program.teacher_logits, val)
             mixup = build_mixup(plan.data, loaders[0][2])
             dtype: str | None = manifest.get("dtype") if manifest is not None else None
             steps = len(loaders[0][0])
