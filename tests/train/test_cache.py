@@ -263,6 +263,9 @@ def test_explain_and_the_cache_command(tmp_path, capsys) -> None:
 
     assert main(["cache", str(path), "--set", "data.augment=none", "--quiet"]) == 2
     assert "transform.augment" in " ".join(capsys.readouterr().err.split())
+    assert main(["cache", str(path), "--device", "tpu"]) == 2
+    assert main(["cache", str(path), "--epochs", "0"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
     plain = recipe(tmp_path, "plain", cache=None)
     assert main(["cache", str(plain)]) == 2
     assert "has no teacher cache" in " ".join(capsys.readouterr().err.split())

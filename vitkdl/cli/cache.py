@@ -62,6 +62,13 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             err.print(f"vitkdl cache: error: --{name.replace('_', '-')} must be at least 1")
             return USAGE
+    if args.device is not None:
+        from vitkdl.program import device_problem
+
+        problem = device_problem(args.device)
+        if problem is not None:
+            err.print(f"vitkdl cache: error: {problem}", highlight=False, markup=False)
+            return USAGE
     spec, diags, sources = vitkdl.validate(args.recipe, args.overrides, strict=True)
     print_diagnostics(err, diags, sources)
     if spec is None or any(d.is_error for d in diags):
@@ -96,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             err.print(f"vitkdl cache: error: {exc}", markup=False, highlight=False)
             return USAGE
     except Exception as exc:
-        if exit_of(exc).status == INTERNAL and not isinstance(exc, (VkdError, ValueError)):
+        if exit_of(exc).status == INTERNAL and not isinstance(exc, VkdError):
             raise
         return print_exit(err, "vitkdl cache", exc)
     kept = f", {len(report.kept)} already there" if report.kept else ""
