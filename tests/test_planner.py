@@ -156,7 +156,10 @@ def test_a_data_field_reaches_the_plan_under_its_own_name() -> None:
     plan = vitkdl.plan(vitkdl.load(RECIPES / "quickstart.vkd", sets))
     assert {k: getattr(plan.data, k) for k in written} == written
     shared = set(DataPlan.model_fields) & set(DataSpec.model_fields)
-    assert set(written) | {"source", "image_size", "workers"} == shared  # all of them
+    # All of them; the seed is resolved (data.seed, else train.seed).
+    assert set(written) | {"source", "image_size", "workers", "seed"} == shared
+    seeded = vitkdl.plan(vitkdl.load(RECIPES / "quickstart.vkd", ["data.seed=7"]))
+    assert (seeded.data.seed, seeded.seed) == (7, plan.seed)
 
 
 def test_a_model_field_is_declared_once_with_its_timm_name() -> None:

@@ -103,7 +103,7 @@ from vitkdl.bench_options import (
     options_problem,
 )
 from vitkdl.errors import VkdError
-from vitkdl.planner import Plan, TapPoint, teacher_flops
+from vitkdl.planner import Plan, TapPoint, teacher_flops, without_cache
 from vitkdl.program import (
     Program,
     build,
@@ -506,10 +506,12 @@ def _program_timer(
     plan = plan or work.plan
     torch.manual_seed(plan.seed)
     if compiled and work.backend == "inductor":
-        program = build(plan, work.device, load=False, compile=work.mode or "default")
+        program = build(
+            without_cache(plan), work.device, load=False, compile=work.mode or "default"
+        )
         step = program.step
     else:
-        program = build(plan, work.device, load=False, compile="off")
+        program = build(without_cache(plan), work.device, load=False, compile="off")
         step = work.compile(program.forward) if compiled else program.forward
     program.train()
     update = _update(plan, program.terms.named_parameters(), program.student, work)
@@ -526,7 +528,7 @@ def _cached_timer(work: _Workload, plan: Plan) -> _Timer:
     forward: what a run that reads them from a cache pays. The logits are the teacher's on
     the batch, computed once; the teacher is then dropped, as a cached run never loads it."""
     torch.manual_seed(plan.seed)
-    program = build(plan, work.device, load=False, compile="off")
+    program = build(without_cache(plan), work.device, load=False, compile="off")
     program.train()
     logits = program.teacher_logits(work.images).detach()
     program.teacher = None

@@ -233,6 +233,62 @@ def check_teacher(ctx: Context) -> Iterable[Diagnostic]:
         )
 
 
+def check_cache(ctx: Context) -> Iterable[Diagnostic]:
+    """A teacher cache (``cache``, ``topk``) stores the teacher's logits alone: a teacher's
+    field, for recipes whose terms read only those logits, over a stream that replays."""
+    spec = ctx.spec
+    if spec.student is not None:
+        for name in ("cache", "topk"):
+            if getattr(spec.student, name) is not None:
+                yield error(
+                    f"{name} says how the teacher's outputs are stored; the student has none",
+                    spec.student.at(name),
+                    hint=f"move {name} to the teacher block",
+                )
+    t = spec.teacher
+    if t is None:
+        return
+    if t.cache is None:
+        if t.topk is not None:
+            yield error(
+                "topk is how many of the teacher's logits a cache keeps, and there is no cache",
+                t.at("topk"),
+                hint='add cache = "path/to/cache" to the teacher block, or remove topk',
+            )
+        return
+    live = [x for x in spec.terms if x.weight > 0 and KINDS[x.kind].needs_teacher]
+    for x in live:
+        kind = KINDS[x.kind]
+        if kind.paired or not kind.reads_teacher_logits:
+            yield error(
+                f"the {x.kind} term '{x.name}' reads the teacher's features, and a cache "
+                "stores only its logits",
+                t.at("cache"),
+                expected="terms that read only the teacher's logits (kd, nkd, token, ...)",
+                hint=f"remove cache from the teacher, or the {x.kind} term",
+            )
+    if not live:
+        yield error(
+            "no term reads the teacher's logits: there is nothing to cache",
+            t.at("cache"),
+            hint="remove cache from the teacher block",
+        )
+    if source(spec.data.source).streamed:
+        yield error(
+            f"a {spec.data.source} stream is read in the order its shards arrive, which a "
+            "cache cannot replay",
+            t.at("cache"),
+            hint="use a map-style source (imagefolder, hfds), or remove cache",
+        )
+    classes = ctx.teacher.num_classes if ctx.teacher is not None else None
+    if isinstance(t.topk, int) and classes is not None and t.topk > classes:
+        yield error(
+            f"topk = {t.topk} is more than the teacher's {classes} classes",
+            t.at("topk"),
+            hint="topk = all keeps every class",
+        )
+
+
 def check_tap_counts(ctx: Context) -> Iterable[Diagnostic]:
     """Both sides of ``->`` name the same number of taps (checked once both resolved)."""
     for t in _paired(ctx.spec):
@@ -773,6 +829,7 @@ def check_unused_fields(ctx: Context) -> Iterable[Diagnostic]:
 CHECKS: tuple[Check, ...] = (
     check_models,
     check_teacher,
+    check_cache,
     check_tap_counts,
     check_pooled_taps,
     check_sharded_taps,

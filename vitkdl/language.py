@@ -311,14 +311,12 @@ def describe_type(model: type[BaseModel], name: str) -> str:
     """A field's type in words: ``a number > 0``, ``one of linear, identity, mlp``."""
     info = model.model_fields[name]
     choices = literal_choices(model, name)
-    if choices:
-        return "one of " + ", ".join(choices)
     nested = nested_model(model, name)
-    if nested is not None:
+    if nested is not None and not choices:
         return "a call: " + " | ".join(literal_choices(nested, "name")) + "(...)"
     words = []
     for a, meta in _members(info.annotation, tuple(info.metadata)):
-        if a is type(None):
+        if a is type(None) or typing.get_origin(a) is typing.Literal:
             continue
         if a is bool:
             word = "true or false"
@@ -339,6 +337,8 @@ def describe_type(model: type[BaseModel], name: str) -> str:
             if getattr(m, attr, None) is not None
         ]
         words.append(word + (" " + " and ".join(bounds) if bounds else ""))
+    if choices:  # a number or a word (`topk = 100`, `topk = all`)
+        words = [w for w in words if w != 'a string "..."'] + ["one of " + ", ".join(choices)]
     return " or ".join(dict.fromkeys(words)) or "a value"
 
 

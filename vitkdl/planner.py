@@ -115,7 +115,9 @@ class DataPlan(_Plain):
     std: tuple[float, ...]
     interpolation: str
     crop_pct: float
-    seed: int  # shuffling, samplers, worker seeds and ``synthetic`` content
+    # The data stream's (data.seed, else train.seed): the order, each sample's augmentation,
+    # each batch's mixup/cutmix and ``synthetic`` content; never the student's.
+    seed: int
     # hfds / wds (see vitkdl.sources): hub name, splits, validation shards, columns
     name: str | None = None
     split: str = "train"
@@ -154,6 +156,62 @@ class CostPlan(_Plain):
     total: int
 
 
+#: The logits a teacher cache keeps per sample when ``topk`` is not written (TinyViT's).
+CACHE_TOPK = 100
+
+
+class CachePlan(_Plain):
+    """A teacher-output cache (``teacher { cache = PATH  topk = K }``), resolved: where it
+    lies, what it keeps per sample and how big it is (:mod:`vitkdl.train.cache`)."""
+
+    path: str
+    topk: int | None  # None: every class, fp32 (exact); else the top k (fp16 values + indices)
+    classes: int
+    bytes_per_sample: int
+    samples_per_epoch: int | None  # None: known once the data is read
+    epochs: int
+
+    @property
+    def exact(self) -> bool:
+        """Whether the cache keeps every logit, as computed (``topk = all``)."""
+        return self.topk is None
+
+    @property
+    def total_bytes(self) -> int | None:
+        """The cache's size over the run's epochs (None: the data's size is not known yet)."""
+        if self.samples_per_epoch is None:
+            return None
+        return self.bytes_per_sample * self.samples_per_epoch * self.epochs
+
+
+def cache_bytes_per_sample(topk: int | None, classes: int) -> int:
+    """What one sample costs in a cache: every logit in fp32, or the top k as fp16 values with
+    int16 indices (int32 beyond 32767 classes)."""
+    if topk is None:
+        return 4 * classes
+    return topk * (2 + (2 if classes <= 32767 else 4))
+
+
+def cache_plan(spec: RecipeSpec, data: DataPlan, classes: int) -> CachePlan | None:
+    """The cache of the recipe's teacher, or None when it has none."""
+    t = spec.teacher
+    if t is None or t.cache is None:
+        return None
+    k = CACHE_TOPK if t.topk is None else t.topk
+    topk = None if k == "all" or int(k) >= classes else int(k)
+    samples = None
+    if data.train_images is not None:  # drop_last: whole global batches per epoch
+        samples = data.train_images // data.global_batch * data.global_batch
+    return CachePlan(
+        path=t.cache,
+        topk=topk,
+        classes=classes,
+        bytes_per_sample=cache_bytes_per_sample(topk, classes),
+        samples_per_epoch=samples,
+        epochs=spec.train.epochs,
+    )
+
+
 class Plan(_Plain):
     """Everything the compiler will build and run, resolved."""
 
@@ -190,6 +248,8 @@ class Plan(_Plain):
     world_size: int
     cost: CostPlan
     checkpoint_unit: Literal["epochs", "steps", "minutes"] = "epochs"
+    # The teacher's logits read from a cache instead of computed in the step (None: none).
+    cache: CachePlan | None = None
 
 
 PRECISION = {
@@ -271,7 +331,7 @@ def data_plan(spec: RecipeSpec, student: ModelPlan, world_size: int = 1) -> Data
         "std": student.std,
         "interpolation": student.interpolation,
         "crop_pct": student.crop_pct,
-        "seed": spec.train.seed,
+        "seed": spec.train.seed if data.seed is None else data.seed,
     }
     # Every other field of the plan is the spec's field of that name, as written.
     written = {
@@ -302,6 +362,12 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
     depth = teacher_depth(teacher, terms) if teacher_used else 0
     keep = teacher_keep(teacher) if teacher_used else None
     teacher_fwd = teacher_flops(teacher, depth, keep) if teacher is not None and teacher_used else 0
+    data_resolved = data_plan(spec, student, world_size)
+    cache = (
+        cache_plan(spec, data_resolved, teacher.num_classes) if teacher_used and teacher else None
+    )
+    if cache is not None:  # the step reads the teacher's logits from the cache
+        teacher_fwd = 0
     adapter_flops = sum(t.adapter_flops for t in terms)
     cost = CostPlan(
         teacher_forward=teacher_fwd,
@@ -321,7 +387,7 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
         teacher_depth=depth,
         teacher_keep=keep,
         terms=terms,
-        data=data_plan(spec, student, world_size),
+        data=data_resolved,
         optimizer=OptimizerPlan(
             name=opt.name,
             lr=opt.lr,
@@ -353,7 +419,23 @@ def make_plan(spec: RecipeSpec, ctx: Context, world_size: int = 1) -> Plan:
         log_every=spec.train.log_every,
         world_size=world_size,
         cost=cost,
+        cache=cache,
     )
+
+
+def without_cache(plan: Plan) -> Plan:
+    """``plan`` with its teacher run in the step rather than read from a cache (what the
+    cache pass, the probe and bench build), its cost counting the teacher's forward again."""
+    if plan.cache is None or plan.teacher is None:
+        return plan
+    flops = teacher_flops(plan.teacher, plan.teacher_depth)
+    cost = plan.cost.model_copy(
+        update={
+            "teacher_forward": flops,
+            "total": plan.cost.total - plan.cost.teacher_forward + flops,
+        }
+    )
+    return plan.model_copy(update={"cache": None, "cost": cost})
 
 
 def teacher_depth(teacher: ModelPlan | None, terms: list[TermPlan]) -> int:

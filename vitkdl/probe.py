@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vitkdl.planner import Plan
+from vitkdl.planner import Plan, without_cache
 from vitkdl.program import Program, _autocast, build
 from vitkdl.terms import KINDS
 
@@ -205,7 +205,7 @@ def probe(
     random.seed(plan.seed)
     np.random.seed(plan.seed % 2**32)
     torch.manual_seed(plan.seed)
-    program = build(plan, device, load=load, runs_dir=runs_dir, compile="off")
+    program = build(without_cache(plan), device, load=load, runs_dir=runs_dir, compile="off")
     dev = next(program.student.parameters()).device
     cfg = plan.data.model_copy(update={"workers": 0})  # a few batches: no workers
     loader, _, num_classes = build_loaders(cfg)

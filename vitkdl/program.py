@@ -705,7 +705,7 @@ class Program(nn.Module):
             buffer = None if values is None else torch.tensor(values).view(1, -1, 1, 1)
             self.register_buffer(name, buffer, persistent=False)
         self.teacher_resize = teacher_resize(plan)
-        self.step: Callable[[Tensor, Tensor], dict[str, Tensor]] = self.forward
+        self.step: Callable[..., dict[str, Tensor]] = self.forward
         if compile_mode is not None:
             self.step = torch.compile(self.forward, fullgraph=True, mode=compile_mode)
         # Evaluation runs the student in eval mode: a graph of its own, so switching between
@@ -751,8 +751,10 @@ class Program(nn.Module):
         core = torch.compile(ddp, mode=self.compile_mode)
         teacher = torch.compile(self.teacher_pass, fullgraph=True, mode=self.compile_mode)
 
-        def step(images: Tensor, targets: Tensor) -> dict[str, Tensor]:
-            t_logits, t_taps = teacher(images)
+        def step(
+            images: Tensor, targets: Tensor, cached: Tensor | None = None
+        ) -> dict[str, Tensor]:
+            t_logits, t_taps = (cached, {}) if cached is not None else teacher(images)
             return core(images, targets, t_logits, t_taps)
 
         self.step = step
@@ -878,8 +880,15 @@ class Program(nn.Module):
             seen = self.teacher_input(images)
             return single_logits(masked_pass(self.teacher, seen, keep, self._teacher_prefix))
 
-    def forward(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        t_logits, t_taps = self.teacher_pass(images)
+    def forward(
+        self, images: Tensor, targets: Tensor, cached: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``cached``: the teacher's logits for the batch from a teacher cache
+        (:mod:`vitkdl.train.cache`); the teacher then does not run."""
+        if cached is not None:
+            t_logits, t_taps = cached, {}
+        else:
+            t_logits, t_taps = self.teacher_pass(images)
         core = self._dist.ddp if self._dist.ddp is not None else self.core
         return core(images, targets, t_logits, t_taps)
 
@@ -944,9 +953,13 @@ def build(
     if load and plan.student.weights:
         load_weights(student, plan.student.weights, "student")
     teacher = None
-    if plan.teacher is not None:
+    if plan.teacher is not None and plan.cache is None:  # cached: its logits are read
         pretrained = load and plan.teacher.pretrained and plan.teacher.from_recipe is None
-        teacher = (pretrained_model if pretrained else create_model)(plan.teacher, dev)
+        # Off the student's random stream (the teacher's initialisation draws from a fork):
+        # what follows (adapters, drop path, masks) is the same with a teacher, a cached one
+        # or another one.
+        with torch.random.fork_rng(devices=[]):
+            teacher = (pretrained_model if pretrained else create_model)(plan.teacher, dev)
         path = teacher_weights_path(plan.teacher, runs_dir)
         if load and path is not None and not pretrained:
             if not path.is_file() and plan.teacher.from_recipe is not None:

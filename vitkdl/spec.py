@@ -85,6 +85,12 @@ class ModelSpec(Node):
     # of the patch tokens, those the student's last block's class-token attention ranks highest
     # (None: all of them). Checked in vitkdl.checks.check_masked_teacher.
     keep: Annotated[Annotated[float, Field(gt=0, le=1)] | None, ModelField()] = None
+    # `cache = "PATH"` (a teacher whose logits alone the terms read): its logits over every
+    # epoch's augmented batches, stored once (`vitkdl cache`, or before training) and
+    # replayed; the step then skips the teacher. `topk = 100`: the logits kept per sample
+    # (`all`: every class in fp32, exact; the default 100, or all when there are fewer).
+    cache: Annotated[str | None, ModelField()] = None
+    topk: Annotated[Annotated[int, Field(gt=0)] | Literal["all"] | None, ModelField()] = None
     extra: dict[str, Any] = Field(default_factory=dict)
     # `teacher from "PATH"`: the recipe whose final student this teacher is.
     from_recipe: str | None = None
@@ -150,6 +156,11 @@ class DataSpec(Node):
     val_root: str | None = None
     image_key: str | None = None
     label_key: str | None = None
+    # The data stream's seed: the order, every sample's augmentation and each batch's
+    # mixup/cutmix (and synthetic's content). None: train.seed. Kept apart from train.seed
+    # (the student's initialisation, drop path, masks), students of several seeds see one
+    # stream, which a teacher cache (teacher { cache = ... }) replays.
+    seed: Annotated[int, Field(ge=0)] | None = None
 
 
 OPTIMIZERS = (

@@ -386,7 +386,9 @@ def test_distributed_samplers_partition() -> None:
         assert isinstance(train.sampler, torch.utils.data.DistributedSampler)
         assert train.sampler.shuffle
         set_epoch(train, 0, seed=cfg.seed, rank=rank)
-        idx = list(iter(train.sampler))
+        pairs = list(iter(train.sampler))  # (epoch, index): the epoch travels with a sample
+        assert {e for e, _ in pairs} == {0}
+        idx = [i for _, i in pairs]
         assert len(idx) == 21
         seen += idx
         assert all(len(y) == 4 for _, y in train)
@@ -631,3 +633,138 @@ def test_a_validation_loader_that_raises_or_yields_nothing_is_a_clean_error() ->
     with pytest.raises(DataError, match="yields no image"):
         check_val_readable(empty, "(/data/val)")
     check_val_readable(empty, "(/data/val)", allow_empty=True)  # a rank's empty shard
+
+
+# ------------------------------------------------------------------------ a replayable stream
+
+
+def _stream(cfg: DataPlan, epochs: int = 2, noise: bool = True) -> list[tuple[torch.Tensor, ...]]:
+    """Every training batch of ``epochs`` epochs after mixup, as the loop makes them; the
+    global streams are stirred between batches (as a student's drop path would)."""
+    import random
+
+    from vitkdl.train.data import step_key
+
+    train, _, classes = build_loaders(cfg)
+    mixup = build_mixup(cfg, classes)
+    out = []
+    for epoch in range(epochs):
+        set_epoch(train, epoch, seed=cfg.seed)
+        for batch, (x, y) in enumerate(train):
+            if noise:
+                torch.rand(7)
+                np.random.rand(3)
+                random.random()
+            key = step_key(cfg.seed, epoch, batch)
+            mixed, soft = mixup(x, y, key) if mixup is not None else (x, y)
+            out.append((x, y, mixed, soft))
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_training_stream_replays_bit_for_bit_whatever_the_global_streams(
+    workers: int,
+) -> None:
+    """Crop, random erasing, mixup/cutmix pairing and lambda are a function of (data seed,
+    epoch, sample / step) only: two loaders built twice, under different global RNG states and
+    with the global streams stirred between batches, give identical batches for 2 epochs."""
+    cfg = data_plan(
+        source="digits",
+        image_size=8,
+        batch_size=64,
+        augment="deit",
+        mixup=0.8,
+        cutmix=1.0,
+        seed=5,
+        workers=workers,
+    )
+    torch.manual_seed(1)
+    a = _stream(cfg)
+    torch.manual_seed(2)
+    np.random.seed(3)
+    b = _stream(cfg, noise=False)
+    assert len(a) == 2 * (1437 // 64)
+    for left, right in zip(a, b, strict=True):
+        for u, v in zip(left, right, strict=True):
+            assert torch.equal(u, v)
+    # The epochs differ (order and augmentation), and augmentation is on.
+    assert not torch.equal(a[0][0], a[len(a) // 2][0])
+    plain = _stream(cfg.model_copy(update={"augment": "none", "mixup": 0.0, "cutmix": 0.0}))
+    assert not torch.equal(torch.sort(a[0][0].flatten())[0], torch.sort(plain[0][0].flatten())[0])
+
+
+def test_the_stream_leaves_the_global_streams_where_they_were() -> None:
+    """Reading the training stream never moves the student's random streams, torch's and
+    Python's (workers=0, augmentation in the main process)."""
+    import random
+
+    cfg = data_plan(source="digits", image_size=8, batch_size=64, augment="deit", mixup=0.8)
+    train, _, classes = build_loaders(cfg)
+    mixup = build_mixup(cfg, classes)
+    set_epoch(train, 0, seed=cfg.seed)
+    torch.manual_seed(11)
+    random.seed(11)
+    np.random.seed(11)
+    x, y = next(iter(train))
+    assert mixup is not None
+    mixup(x, y, 123)
+    # The next draws are the first of seed 11's streams: nothing was drawn from them.
+    assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(11)))
+    assert random.random() == random.Random(11).random()
+
+
+def test_the_stream_depends_on_the_data_seed_not_the_students(tmp_path: Path) -> None:
+    """data.seed decides the stream; train.seed only when data.seed is not written."""
+    from vitkdl import pipeline
+
+    def spec_plan(body: str):  # type: ignore[no-untyped-def]
+        path = tmp_path / "r.vkd"
+        path.write_text(
+            "recipe r\nstudent vit_tiny_patch16_224 { img_size = 8 patch_size = 2 in_chans = 1 "
+            "depth = 1 embed_dim = 16 num_heads = 2 num_classes = 10 }\n" + body + "\n"
+        )
+        return pipeline.plan(pipeline.load(path))
+
+    a = spec_plan("train { seed = 1 }\ndata digits { seed = 7 }")
+    b = spec_plan("train { seed = 2 }\ndata digits { seed = 7 }")
+    c = spec_plan("train { seed = 3 }")
+    assert (a.data.seed, b.data.seed, a.seed, b.seed) == (7, 7, 1, 2)
+    assert c.data.seed == 3
+
+
+def test_device_erasing_replays_per_batch() -> None:
+    """Random erasing done on the device side (after the loader) is keyed per batch: the
+    same boxes and noise on every pass, and the global streams untouched."""
+    from vitkdl.train.data import DeviceErasing
+
+    cfg = data_plan(source="digits", image_size=8, batch_size=64, seed=3)
+    train, _, _ = build_loaders(cfg)
+    wrapped = DeviceErasing(train, cfg.seed, 0, torch.device("cpu"))
+    set_epoch(train, 0, seed=cfg.seed)
+    first = [x.clone() for x, _ in wrapped]
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    set_epoch(train, 0, seed=cfg.seed)
+    second = [x for x, _ in wrapped]
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(torch.equal(u, v) for u, v in zip(first, second, strict=True))
+    set_epoch(train, 0, seed=cfg.seed)
+    plain = [x for x, _ in train]
+    assert any(not torch.equal(u, v) for u, v in zip(first, plain, strict=True))
+
+
+def test_randaugment_replays_whatever_the_workers(tmp_path: Path) -> None:
+    """DeiT's imagefolder transform (random resized crop, flip, RandAugment, colour and random
+    erasing: Python's, numpy's and torch's streams) gives the same batches in the main process
+    and in two workers, under different global states."""
+    root = _make_imagefolder(tmp_path / "data", per_class=6)
+    cfg = _folder_cfg(root, augment="deit", batch_size=4, seed=2)
+    torch.manual_seed(0)
+    here = _stream(cfg)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    there = _stream(cfg.model_copy(update={"workers": 2}), noise=False)
+    assert len(here) == len(there) == 2 * 3
+    for left, right in zip(here, there, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(left, right, strict=True))
+    assert not torch.equal(here[0][0], here[3][0])

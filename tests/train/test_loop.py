@@ -814,6 +814,7 @@ def test_a_headless_teacher_has_no_top1_rather_than_zero() -> None:
     run = SimpleNamespace(
         plan=SimpleNamespace(teacher_used=True, teacher=SimpleNamespace(num_classes=0)),
         teacher_top1=None,
+        cache=None,  # no teacher cache: the teacher itself is evaluated
         progress=SimpleNamespace(note=notes.append),
     )
     Run.evaluate_teacher(run)  # type: ignore[arg-type]

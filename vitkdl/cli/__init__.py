@@ -1,5 +1,5 @@
-"""The ``vitkdl`` command: one module per subcommand (validate, explain, run, bench, fmt,
-docs, init, ls, cp, lsp)."""
+"""The ``vitkdl`` command: one module per subcommand (validate, explain, run, cache, bench,
+fmt, docs, init, ls, cp, lsp)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitkdl.cli import bench, cp, docs, explain, fmt, init, ls, lsp, run, validate
+    from vitkdl.cli import bench, cache, cp, docs, explain, fmt, init, ls, lsp, run, validate
 
     parser = _Parser(
         prog="vitkdl",
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vitkdl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (validate, explain, run, bench, fmt, docs, init, ls, cp, lsp):
+    for module in (validate, explain, run, cache, bench, fmt, docs, init, ls, cp, lsp):
         module.add_parser(sub)
     return parser
 

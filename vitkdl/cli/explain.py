@@ -15,7 +15,7 @@ from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
 from vitkdl.counts import count_words
 from vitkdl.experiment import Grid, read_sweep
 from vitkdl.optim import NO_DECAY_WORDS
-from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan
+from vitkdl.planner import COMPILE, PRECISION, ModelPlan, Plan, without_cache
 from vitkdl.sources import source, teacher_affine
 from vitkdl.terms import KINDS
 from vitkdl.terms.base import adapter_words, points_words
@@ -308,6 +308,11 @@ def _add_data_rows(plan: Plan, setup: Table) -> None:
     setup.add_row(
         "mixing", f"mixup {d.mixup:g}, cutmix {d.cutmix:g}, label smoothing {d.smoothing:g}"
     )
+    setup.add_row(
+        "seeds",
+        f"data {d.seed} (data.seed, else train.seed: order, augmentation, mixup/cutmix), "
+        f"student {plan.seed} (train.seed: initialisation, drop path, masks)",
+    )
 
 
 def _add_training_rows(plan: Plan, setup: Table, origins: dict[str, dict[str, str]] | None) -> None:
@@ -341,7 +346,7 @@ def _add_training_rows(plan: Plan, setup: Table, origins: dict[str, dict[str, st
     setup.add_row(
         "training",
         f"clip_grad {plan.clip_grad if plan.clip_grad else 'off'}, "
-        f"ema {plan.ema if plan.ema else 'off'}, seed {plan.seed}, eval "
+        f"ema {plan.ema if plan.ema else 'off'}, eval "
         f"every {plan.eval_every}, checkpoint every "
         + (
             f"{plan.checkpoint_every} epoch(s)"
@@ -371,7 +376,8 @@ def _render_cost(plan: Plan, out: Console) -> None:
     )
     cost.add_column("part")
     cost.add_column("FLOPs", justify="right")
-    cost.add_row("teacher forward", _n(c.teacher_forward))
+    cached = " (cached: not run)" if plan.cache is not None else ""
+    cost.add_row(f"teacher forward{cached}", _n(c.teacher_forward))
     cost.add_row("student forward + backward", _n(c.student_forward_backward))
     cost.add_row("adapters forward + backward", _n(c.adapters_forward_backward))
     cost.add_row("total", _n(c.total))
@@ -428,6 +434,7 @@ def run(args: argparse.Namespace) -> int:
         render_teacher_depth(plan, out)
         render_teacher_precision(plan, out)
         render_teacher_keep(plan, out)
+        render_teacher_cache(plan, out)
         if not grid.empty:
             render_sweep(grid, out)
         if report is not None:
@@ -552,6 +559,42 @@ def render_teacher_keep(plan: Plan, out: Console) -> None:
     )
 
 
+def byte_words(n: int) -> str:
+    """A byte count as people read it: ``4.0 KB``, ``16.1 GB`` (powers of 1000)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def render_teacher_cache(plan: Plan, out: Console) -> None:
+    """``teacher cache: PATH, ...``: where the teacher's logits are stored, what each sample
+    keeps, the cache's size over the run, and what the step then skips."""
+    c = plan.cache
+    if c is None:
+        return
+    kept = (
+        f"all {c.classes} logits in fp32 (exact)"
+        if c.exact
+        else f"the top {c.topk} of {c.classes} logits (fp16 values, int"
+        f"{16 if c.classes <= 32767 else 32} indices; the rest of the distribution spread "
+        "evenly, as TinyViT does)"
+    )
+    total = c.total_bytes
+    size = (
+        f"{byte_words(total)} for {c.epochs} epochs of {c.samples_per_epoch:,} samples"
+        if total is not None
+        else f"{c.epochs} epochs of the data's samples (its size is known once it is read)"
+    )
+    out.print(
+        f"[bold]teacher cache[/]: {escape(c.path)}, {kept}: {c.bytes_per_sample:,} bytes per "
+        f"sample, {size}; keyed by the teacher's weights, the data, the transforms, the "
+        f"batch, the world size and data seed {plan.data.seed}. The step reads the teacher's "
+        "logits from it and never runs (or builds) the teacher; `vitkdl cache` fills it "
+        "(a run fills what is missing first)."
+    )
+
+
 def render_teacher_depth(plan: Plan, out: Console) -> None:
     """``teacher depth: 2 of 12 blocks ...``: printed only when the teacher stops early (no term
     reads its logits or any point after its deepest tapped block), with the FLOPs of the depth
@@ -608,7 +651,7 @@ def compile_report(plan: Plan) -> dict[str, object]:
 
     from vitkdl.program import build
 
-    program = build(plan, "cpu", load=False)  # the step is traced, never run compiled
+    program = build(without_cache(plan), "cpu", load=False)  # traced, never run compiled
     batch = 2
     images = torch.randn(batch, plan.student.in_chans, plan.data.image_size, plan.data.image_size)
     targets = torch.randint(0, plan.student.num_classes, (batch,))

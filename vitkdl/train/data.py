@@ -38,7 +38,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from vitkdl.planner import DataPlan
 from vitkdl.sources import DEIT_AUTO_AUGMENT, DEIT_RE_PROB, DIGITS_MEAN, DIGITS_STD, source
-from vitkdl.train.samples import UNREADABLE, WarnedOnce, mix_seed, unreadable_stand_in
+from vitkdl.train.samples import (
+    UNREADABLE,
+    WarnedOnce,
+    mix_seed,
+    seeded_streams,
+    unreadable_stand_in,
+)
 
 __all__ = [
     "DEIT_AUTO_AUGMENT",
@@ -49,7 +55,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
     "DigitsDataset",
+    "EpochSampler",
     "ImageFolderDataset",
+    "Replayed",
+    "StreamMixup",
     "SyntheticDataset",
     "build_datasets",
     "build_loaders",
@@ -59,7 +68,9 @@ __all__ = [
     "mix_seed",
     "patch_timm_posterize",
     "posterize",
+    "sample_key",
     "set_epoch",
+    "step_key",
     "unwrap",
 ]
 
@@ -124,8 +135,8 @@ class DigitsDataset(Dataset):
     one pixel (``augment`` in ``basic``/``deit``: zero-pad by 1 then random 8x8 crop; ``deit``
     additionally applies timm ``RandomErasing`` with p=0.25), resized with bilinear
     interpolation when ``image_size != 8``, repeated to ``in_chans`` channels and normalised
-    with ``(x - mean) / std``.  Randomness uses torch's global RNG, which DataLoader workers
-    seed deterministically.
+    with ``(x - mean) / std``.  Randomness uses torch's and Python's global RNGs, which the
+    training loader seeds per sample (:class:`Replayed`).
     """
 
     def __init__(
@@ -339,7 +350,7 @@ def _prefetch(cfg: DataPlan, prefetch_device: str | None) -> bool:
 
 
 def _device_side(
-    cfg: DataPlan, prefetch_device: str, train: DataLoader, val: DataLoader
+    cfg: DataPlan, prefetch_device: str, train: DataLoader, val: DataLoader, rank: int = 0
 ) -> tuple[Any, Any]:
     """Both loaders wrapped in timm's ``PrefetchLoader``: the copy of the next batch overlaps
     the step on a side stream; normalisation (and DeiT's random erasing, for training) runs
@@ -359,7 +370,40 @@ def _device_side(
             re_mode=DEIT_RE_MODE,
         )
 
-    return wrap(train, DEIT_RE_PROB if cfg.augment == "deit" else 0.0), wrap(val, 0.0)
+    train_side = wrap(train, 0.0)
+    if cfg.augment == "deit":  # erased under the batch's key, not the global streams
+        train_side = DeviceErasing(train_side, cfg.seed, rank, device)
+    return train_side, wrap(val, 0.0)
+
+
+class DeviceErasing:
+    """DeiT's random erasing on the device, on the batches of a (prefetching) loader, under
+    each batch's :func:`step_key`: the erased boxes and their noise replay on every pass, and
+    the global streams (Python's, torch's CPU and the device's) are left as they were."""
+
+    def __init__(self, inner: Any, seed: int, rank: int, device: torch.device) -> None:
+        self.inner, self.seed, self.rank, self.device = inner, seed, rank, device
+        self.erase = RandomErasing(probability=DEIT_RE_PROB, mode=DEIT_RE_MODE, device=str(device))
+
+    @property
+    def loader(self) -> DataLoader:
+        """The torch ``DataLoader`` inside (see :func:`unwrap`)."""
+        return unwrap(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Any:
+        sampler = self.loader.sampler
+        epoch = getattr(sampler, "epoch", 0)
+        devices = [self.device] if self.device.type == "cuda" else []
+        for batch, (images, labels) in enumerate(self.inner):
+            key = step_key(self.seed, epoch, batch, self.rank)
+            with seeded_streams(key), torch.random.fork_rng(devices=devices):
+                if devices:
+                    torch.cuda.manual_seed(key)
+                images = self.erase(images)
+            yield images, labels
 
 
 def unwrap(loader: Any) -> DataLoader:
@@ -589,15 +633,17 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader, int]:
     """Build ``(train_loader, val_loader, num_classes)`` of a plan's data block.
 
-    Train: shuffled by a ``DistributedSampler(shuffle=True, seed=cfg.seed)`` (one replica
+    Train: shuffled by an :class:`EpochSampler` (``DistributedSampler(shuffle=True,
+    seed=cfg.seed)``, one replica
     when not ``distributed``) and
     ``drop_last`` so every step sees exactly ``cfg.batch_size`` samples.  Val: in order,
     incomplete last batch kept; with ``distributed`` each rank takes every ``world_size``-th
     image (nothing padded, so counts summed over ranks are exact).  Call :func:`set_epoch` at
     the start of every epoch for a per-epoch order that is reproducible and resumable.
-    Worker RNGs (torch, ``random``, numpy) are seeded by torch from the loader's generator
-    (per rank and epoch); with ``workers=0`` augmentation draws from the global RNGs, which
-    the trainer seeds and checkpoints. The workers are :func:`loader_workers`.
+    Every training sample is augmented under its own :func:`sample_key` of ``(cfg.seed,
+    epoch, index)`` (:class:`Replayed`, fed by :class:`EpochSampler`), in a worker or in
+    the main process alike: the stream replays bit for bit and never draws from (or
+    disturbs) the student's random streams. The workers are :func:`loader_workers`.
 
     ``prefetch_device``: for sources that decode files, a device (``"cuda:0"``) to which the
     workers' uint8 batches are copied on a side stream and normalised (and randomly erased)
@@ -628,7 +674,7 @@ def build_loaders(
             cfg, train_ds, val_ds, common, distributed, rank, world_size, drop_last
         )
     if prefetch_device is not None and uint8:
-        train, val = _device_side(cfg, prefetch_device, train, val)
+        train, val = _device_side(cfg, prefetch_device, train, val, rank)
     return train, val, num_classes
 
 
@@ -647,6 +693,60 @@ def _loader_args(cfg: DataPlan, uint8: bool) -> dict[str, Any]:
     return common
 
 
+def sample_key(seed: int, epoch: int, index: int) -> int:
+    """The seed of every random choice made for sample ``index`` of the training split in
+    ``epoch`` (its crop, flip, RandAugment, random erasing): a function of the data seed, the
+    epoch and the index alone."""
+    return mix_seed(seed, 0x5A, epoch, index)
+
+
+def step_key(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
+    """The seed of a training batch's mixup/cutmix choice and lambda (and of its random
+    erasing where the device does it): a function of the data seed, the epoch, the batch's
+    position in the epoch and the rank alone."""
+    return mix_seed(seed, 0xB7, epoch, batch, rank)
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` that yields ``(epoch, index)``: the sample and the epoch it is
+    drawn in travel to the dataset (:class:`Replayed`) together, so a loader worker, which
+    keeps its own copy of the dataset across epochs (persistent workers), still knows the
+    epoch of every sample it reads."""
+
+    def __iter__(self) -> Any:
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
+
+
+class Replayed(Dataset):
+    """A training dataset whose every sample is augmented under :func:`sample_key`: item
+    ``(epoch, index)`` is ``dataset[index]`` with the global random streams seeded from
+    ``(seed, epoch, index)`` (and restored after), so two passes over an epoch give the same
+    images bit for bit, whatever the workers, the world size or the student drew before. A
+    plain ``index`` reads the item without seeding. Other attributes are the dataset's."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, tuple):
+            epoch, index = key
+            # In a worker nothing else draws from its streams: no state to give back.
+            restore = torch.utils.data.get_worker_info() is None
+            with seeded_streams(sample_key(self.seed, epoch, index), restore):
+                return self.dataset[index]
+        return self.dataset[key]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "dataset":  # unpickling: no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 def _map_loaders(
     cfg: DataPlan,
     train_ds: Dataset,
@@ -661,7 +761,8 @@ def _map_loaders(
     # The train order is DistributedSampler's even on one process: the permutation of epoch e
     # is randperm(n, seed + e) whatever the world size, so N processes at batch B / N see the
     # same global batches as one process at batch B (and a resumed run replays the order).
-    train_sampler = DistributedSampler(
+    train_ds = Replayed(train_ds, cfg.seed)
+    train_sampler = EpochSampler(
         train_ds,
         num_replicas=world_size if distributed else 1,
         rank=rank if distributed else 0,
@@ -713,7 +814,7 @@ def set_epoch(loader: DataLoader, epoch: int, *, seed: int, rank: int = 0) -> No
     """
     inner = unwrap(loader)
     sampler = inner.sampler
-    if isinstance(sampler, DistributedSampler):
+    if isinstance(sampler, DistributedSampler):  # an EpochSampler: the samples' epoch too
         sampler.set_epoch(epoch)
     dataset_epoch = getattr(inner.dataset, "set_epoch", None)
     if callable(dataset_epoch):  # a streamed source shuffles per epoch itself
@@ -722,15 +823,15 @@ def set_epoch(loader: DataLoader, epoch: int, *, seed: int, rank: int = 0) -> No
         inner.generator.manual_seed(mix_seed(seed, rank, epoch))
 
 
-def build_mixup(cfg: DataPlan, num_classes: int) -> Callable[..., Any] | None:
+def build_mixup(cfg: DataPlan, num_classes: int) -> StreamMixup | None:
     """timm ``Mixup`` for ``cfg.mixup``/``cfg.cutmix`` alphas, or ``None`` when both are 0.
 
     Configured as in DeiT: ``switch_prob=0.5``, ``mode="batch"``, ``prob=1.0``,
     ``label_smoothing=cfg.smoothing``.  Call it as ``images, soft_targets = mixup(images,
-    labels)`` on each train batch (before teacher and student see it); ``soft_targets`` is a
-    float ``[B, num_classes]`` tensor.  timm requires an even batch size, so an odd
-    ``cfg.batch_size`` raises :class:`DataError` (train loaders use ``drop_last``, so every
-    batch has ``cfg.batch_size`` samples).
+    labels, step_key(...))`` on each train batch (before teacher and student see it);
+    ``soft_targets`` is a float ``[B, num_classes]`` tensor (:class:`StreamMixup`).  timm
+    requires an even batch size, so an odd ``cfg.batch_size`` raises :class:`DataError`
+    (train loaders use ``drop_last``, so every batch has ``cfg.batch_size`` samples).
     """
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
@@ -742,15 +843,36 @@ def build_mixup(cfg: DataPlan, num_classes: int) -> Callable[..., Any] | None:
         )
     if num_classes < 1:
         raise DataError(f"mixup needs num_classes >= 1, got {num_classes}")
-    return Mixup(
-        mixup_alpha=cfg.mixup,
-        cutmix_alpha=cfg.cutmix,
-        prob=1.0,
-        switch_prob=0.5,
-        mode="batch",
-        label_smoothing=cfg.smoothing,
-        num_classes=num_classes,
+    return StreamMixup(
+        Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=1.0,
+            switch_prob=0.5,
+            mode="batch",
+            label_smoothing=cfg.smoothing,
+            num_classes=num_classes,
+        )
     )
+
+
+class StreamMixup:
+    """timm's ``Mixup`` whose choices for a batch (mixup or cutmix, lambda, the box) are drawn
+    under a key: ``mixup(images, targets, key)`` with ``key`` :func:`step_key` of the batch
+    replays the same mixing on every pass over the stream, and leaves the global random
+    streams (which timm draws from) as they were. Without a key it draws from them as timm
+    does."""
+
+    def __init__(self, mixup: Mixup) -> None:
+        self.mixup = mixup
+
+    def __call__(
+        self, images: torch.Tensor, targets: torch.Tensor, key: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if key is None:
+            return self.mixup(images, targets)
+        with seeded_streams(key):
+            return self.mixup(images, targets)
 
 
 def check_val_readable(loader: Any, where: str, *, allow_empty: bool = False) -> None:

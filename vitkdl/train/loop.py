@@ -8,6 +8,7 @@ bookkeeping that makes a run resumable to the exact same numbers.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -30,6 +31,8 @@ from vitkdl.program import Program, build, precision_name, resolve_device
 from vitkdl.runs import checkpoint_files, write_atomic
 from vitkdl.settings import RunSettings
 from vitkdl.train import distributed
+from vitkdl.train.cache import CacheError, CacheReader, needed_epochs
+from vitkdl.train.cache import fill as cache_pass
 from vitkdl.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -46,6 +49,7 @@ from vitkdl.train.data import (
     check_val_readable,
     mix_seed,
     set_epoch,
+    step_key,
     unwrap,
 )
 from vitkdl.train.report import PLOTS_MISSING, MetricsLog, write_curves
@@ -287,6 +291,10 @@ class Run:
     # ---- set-up ------------------------------------------------------------------------
 
     def __init__(self, plan: Plan, opts: RunOptions, console: Console) -> None:
+        if plan.cache is not None and not opts.load_weights:
+            # A smoke run (random weights, synthetic data) runs its teacher: a cache of it
+            # would stand in the recipe's cache folder under another key.
+            plan = plan.model_copy(update={"cache": None})
         self.plan, self.opts = plan, opts
         self.graphs_before = 0  # graphs dynamo had compiled in this process before the run
         job = self.job = distributed.current()
@@ -300,6 +308,11 @@ class Run:
         self.ckpt_path = self.out / "last.pt"
         self.checkpoint = _resume_point(plan, opts, console if job.is_main else None)
 
+        # A teacher cache is completed (for the epochs this run reaches) before anything
+        # else is built; the step then reads the teacher's logits from it.
+        self.cache: CacheReader | None = None
+        if plan.cache is not None:
+            self.cache = _teacher_cache(plan, opts, device, job, console)
         _seed_everything(plan.seed)
         if device.type == "cpu" and plan.cost.total * plan.data.batch_size < SMALL_STEP_FLOPS:
             # Tiny models: thread hand-offs cost more than the maths (measured 5x on 2 cores).
@@ -351,6 +364,12 @@ class Run:
             else None
         )
         self.steps_per_epoch = len(self.train_loader)
+        if self.cache is not None and self.cache.steps_per_epoch != self.steps_per_epoch:
+            raise TrainError(
+                f"the teacher cache {self.cache.root} holds {self.cache.steps_per_epoch} steps "
+                f"per epoch and the data gives {self.steps_per_epoch}: the data changed since "
+                "it was built; delete the folder and run `vitkdl cache` again"
+            )
         self.total_steps = plan.epochs * self.steps_per_epoch
         if opts.max_steps is not None:
             self.total_steps = min(self.total_steps, opts.max_steps)
@@ -444,6 +463,11 @@ class Run:
     def evaluate_teacher(self) -> None:
         """The teacher's accuracy on the validation split, once per run."""
         if self.plan.teacher_used and self.teacher_top1 is None:
+            if self.cache is not None:  # measured by the cache pass (the teacher is not here)
+                self.teacher_top1 = self.cache.teacher_top1
+                shown = f"{self.teacher_top1:.2f}%" if self.teacher_top1 is not None else "n/a"
+                self.progress.note(f"  teacher top-1 {shown} (from the cache)")
+                return
             if self.plan.teacher is not None and not self.plan.teacher.num_classes:
                 # A headless teacher's "logits" are its pooled features: no accuracy to report.
                 self.progress.note("  teacher top-1 n/a (the teacher has no classifier head)")
@@ -592,8 +616,13 @@ class Run:
         images = images.to(self.device, non_blocking=True)
         targets = labels.to(self.device, non_blocking=True)
         if self.mixup is not None:  # teacher and student see the same mixed batch
-            images, targets = self.mixup(images, targets)
-        result = train_step(self.program.step, self.update, images, targets, self.step + 1)
+            key = step_key(self.plan.data.seed, self.epoch, self.batch_in_epoch, self.job.rank)
+            images, targets = self.mixup(images, targets, key)
+        forward = self.program.step
+        if self.cache is not None:  # the teacher's logits of this very batch, from the cache
+            cached = self.cache.logits(self.epoch, self.batch_in_epoch)
+            forward = functools.partial(self.program.step, cached=cached)
+        result = train_step(forward, self.update, images, targets, self.step + 1)
         # The first step at which each term was NaN/Inf is remembered on the device (no sync
         # per step) and checked at every log line and before anything is evaluated or saved.
         flags = torch.stack([~torch.isfinite(v.detach()) for v in result.values()])
@@ -867,6 +896,73 @@ class Run:
             self.progress.note(f"  curves.png skipped: {PLOTS_MISSING}")
         distributed.barrier()
         return summary
+
+
+def fill_cache(
+    plan: Plan,
+    device: torch.device,
+    *,
+    runs_dir: Path,
+    epochs: int | None = None,
+    load: bool = True,
+    max_eval_batches: int | None = None,
+    note: Any = None,
+    on_epoch: Any = None,
+) -> Any:
+    """Complete ``plan``'s teacher cache (:func:`vitkdl.train.cache.fill`), the teacher's top-1
+    on the validation split measured as a run measures it."""
+
+    def top1(logits: Any, loader: Any) -> float | None:
+        if plan.teacher is not None and not plan.teacher.num_classes:
+            return None
+        return evaluate(logits, loader, device, max_eval_batches).top1
+
+    return cache_pass(
+        plan,
+        device,
+        runs_dir=runs_dir,
+        epochs=epochs,
+        load=load,
+        evaluate=top1,
+        note=note,
+        on_epoch=on_epoch,
+    )
+
+
+def _teacher_cache(
+    plan: Plan, opts: RunOptions, device: torch.device, job: Any, console: Console
+) -> CacheReader:
+    """The reader of the run's teacher cache, completed first for the epochs the run reaches
+    (by the one process of a run; under torch.distributed it must be complete already)."""
+    assert plan.cache is not None
+    per_epoch = plan.cache.samples_per_epoch
+    steps = per_epoch // plan.data.global_batch if per_epoch else 1
+    epochs = needed_epochs(plan, steps, opts.max_steps) if per_epoch else plan.epochs
+    try:
+        if not job.enabled:
+            quiet = opts.quiet
+
+            def note(text: str) -> None:
+                if not quiet:
+                    console.print(text, highlight=False, markup=False)
+
+            report = fill_cache(
+                plan,
+                device,
+                runs_dir=opts.out_root,
+                epochs=epochs,
+                load=opts.load_weights,
+                max_eval_batches=opts.max_eval_batches,
+                note=note,
+            )
+            if report.computed:
+                note(
+                    f"  teacher cache {report.path}: computed epoch(s) "
+                    f"{report.computed[0]}-{report.computed[-1]} in {report.seconds:.1f} s"
+                )
+        return CacheReader(plan, device, job.rank, opts.out_root, epochs)
+    except CacheError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def _restore_rng(
