@@ -200,6 +200,13 @@ def test_keep_outside_zero_one_is_refused_at_the_field(tmp_path: Path, value: st
     assert err.span is not None and err.span.line == 2  # the teacher block's line
 
 
+def test_keep_with_a_teacher_cache_is_refused_at_keep(tmp_path: Path) -> None:
+    # A cached teacher never runs, so a mask would silently mean nothing.
+    (err,) = errors(recipe(tmp_path, teacher('keep = 0.5  cache = "c"  topk = all')))
+    assert "cached teacher never runs" in err.message
+    assert err.span is not None and err.span.line == 2 and err.span.column > 1
+
+
 def test_a_cnn_teacher_is_refused(tmp_path: Path) -> None:
     t = "test_resnet { img_size = 32  num_classes = 10  keep = 0.5 }"
     errs = errors(recipe(tmp_path, t))

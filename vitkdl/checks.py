@@ -431,6 +431,13 @@ def check_masked_teacher(ctx: Context) -> Iterable[Diagnostic]:
     if teacher is None or teacher.keep is None:
         return
     at = teacher.at("keep")  # its range, (0, 1], is the spec's (a positioned error there)
+    if teacher.cache is not None:
+        yield error(
+            "keep masks the teacher's input at every step, and a cached teacher never runs: "
+            "its logits come from the cache, computed on whole images",
+            at,
+            hint="remove keep, or cache: a masked teacher is cheaper, a cached one is free",
+        )
     t, s = ctx.teacher, ctx.student
     if t is not None and not t.sub_taps:
         why = t.not_vit or "blocks vitkdl cannot run on a subset of the tokens"
