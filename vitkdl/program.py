@@ -513,6 +513,11 @@ class StudentSide(nn.Module):
         self.dist_head = any(KINDS[t.kind].reads_dist_logits for t in plan.terms)
         if self.dist_head:
             student.set_distilled_training(True)
+        # The epoch the step is in, counted from 1 (what warm-up terms read): a buffer, so a
+        # compiled step reads it as an input and a new epoch never recompiles; not persistent
+        # (the loop sets it from the checkpoint's position).
+        self.epoch: Tensor
+        self.register_buffer("epoch", torch.ones((), dtype=torch.float32), persistent=False)
 
     def logits(self, images: Tensor) -> Tensor:
         """The student's logits (evaluation of a sharded student goes through here)."""
@@ -546,7 +551,7 @@ class StudentSide(nn.Module):
             s_logits, s_dist = distilled_heads(out)
         else:
             s_logits = single_logits(out)
-        return StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist)
+        return StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist, self.epoch)
 
 
 def fsdp_policy(dtype: torch.dtype | None) -> Any:
@@ -649,6 +654,12 @@ class Program(nn.Module):
             return
         self.teacher.to(dtype)
         self.teacher_dtype = dtype
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the terms which epoch the next steps belong to, counted from 1 (the loop's
+        first epoch is 1): an in-place update of a buffer the step reads, so it never
+        recompiles."""
+        self.core.epoch.fill_(float(epoch))
 
     @property
     def student(self) -> nn.Module:
