@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_kind_declares_everything() -> None:
-    assert list(KINDS) == ["mimic", "generate", "kd", "nkd", "token", "labels", "dkd"]
+    assert list(KINDS) == ["mimic", "generate", "kd", "nkd", "token", "labels", "dkd", "dist"]
     for keyword, kind in KINDS.items():
         assert kind.keyword == keyword and kind.summary
         assert issubclass(kind.spec, PairedTermSpec if kind.paired else TermSpec)
@@ -160,6 +160,7 @@ distill {
     token { }
     labels { }
     dkd { }
+    dist { }
 }
 """
 
