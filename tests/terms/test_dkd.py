@@ -190,7 +190,8 @@ def test_get_strategy_with_the_issues_call() -> None:
 DKD_TERM = "dkd { alpha = 1.0  beta = 8.0  temperature = 4.0  warmup_epochs = 20  weight = 0.5 }"
 
 
-def test_the_program_feeds_the_epoch_without_recompiling(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_the_program_feeds_the_epoch_without_recompiling(tmp_path: Path, backend: str) -> None:
     """The epoch reaches the term as a buffer of the program: a compiled step called at two
     epochs compiles once, and the term follows the ramp."""
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -202,7 +203,7 @@ def test_the_program_feeds_the_epoch_without_recompiling(tmp_path: Path) -> None
     images, labels = torch.randn(4, 3, 16, 16), torch.tensor([1, 2, 3, 4])
     eager = program.forward(images, labels)["dkd"]  # a program before training: epoch 1
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend(backend)
     step = torch.compile(program.forward, backend=counter, fullgraph=True)
     first = step(images, labels)["dkd"]
     program.set_epoch(10)
