@@ -269,3 +269,29 @@ def test_explain_checks_and_refusals(tmp_path: Path, monkeypatch, capsys) -> Non
         "warmup_epochs 5 is longer than the training (2 epochs): dkd never reaches its full weight"
     ]
     assert_refuses_an_untrained_teacher_head(tmp_path, monkeypatch, "dkd { }")
+
+
+def test_the_benchmarks_hand_written_configuration_computes_what_the_program_does(
+    tmp_path: Path,
+) -> None:
+    """``vitkdl bench``'s hooks configuration feeds each kind's hand-written reference through
+    the kind (:class:`~vitkdl.bench.HandWrittenLoss`): the three logit kinds agree with the
+    program's own terms on one batch, at an epoch inside DKD's warm-up."""
+    from vitkdl.bench import HandWrittenLoss
+    from vitkdl.terms import StepInputs
+
+    path = tmp_path / "all.vkd"
+    path.write_text(logit_recipe(f"{DKD_TERM}\n    dist {{ weight = 2.0 }}\n    wsld {{ }}"))
+    plan = vitkdl.plan(vitkdl.load(path))
+    program = vitkdl.build(plan, "cpu", load=False)
+    program.eval()
+    program.set_epoch(4)
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([1, 2, 3, 4])
+    out = program.forward(images, labels)
+    with torch.no_grad():
+        s_logits, t_logits = program.student(images), program.teacher(images)
+    hand = HandWrittenLoss(plan)(
+        StepInputs(s_logits, {}, t_logits, {}, labels, None, torch.tensor(4.0))
+    )
+    for name in ("dkd", "dist", "wsld", "labels"):
+        torch.testing.assert_close(hand[name], out[name], rtol=1e-5, atol=1e-6)
