@@ -94,3 +94,21 @@ def test_explain_checks_and_refusals(tmp_path: Path, monkeypatch, capsys) -> Non
     assert errors == {"temperature must be > 0, got 0.0", "gamma must be >= 0, got -1.0"}
     assert all(d.span is not None and d.span.line == 6 for d in diags if d.is_error)
     assert_refuses_an_untrained_teacher_head(tmp_path, monkeypatch, "dist { }")
+
+
+def test_no_kinds_folder_is_ignored_by_git() -> None:
+    """``dist/`` (a build's output) was ignored anywhere, and hid ``vitkdl/terms/dist/`` from
+    ``git add``: every kind's files must be committable."""
+    import shutil
+    import subprocess
+
+    from vitkdl.terms import KINDS
+
+    root = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [f"vitkdl/terms/{k}/{name}" for k in KINDS for name in ("__init__.py", "module.py")]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *files], cwd=root, capture_output=True, text=True
+    )
+    assert ignored.stdout.split() == []
