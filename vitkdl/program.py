@@ -580,6 +580,11 @@ class StudentSide(nn.Module):
         # submodule: the teacher is never part of the trainable side).
         self.masked_teacher: Callable[[Tensor, Tensor], Tensor] | None = None
         self.last_block = plan.student.depth - 1
+        # The epoch the step is in, counted from 1 (what warm-up terms read): a buffer, so a
+        # compiled step reads it as an input and a new epoch never recompiles; not persistent
+        # (the loop sets it from the checkpoint's position).
+        self.epoch: Tensor
+        self.register_buffer("epoch", torch.ones((), dtype=torch.float32), persistent=False)
 
     def logits(self, images: Tensor) -> Tensor:
         """The student's logits (evaluation of a sharded student goes through here)."""
@@ -617,7 +622,7 @@ class StudentSide(nn.Module):
             s_logits, s_dist = distilled_heads(out)
         else:
             s_logits = single_logits(out)
-        return StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist)
+        return StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist, self.epoch)
 
 
 def fsdp_policy(dtype: torch.dtype | None) -> Any:
@@ -725,6 +730,12 @@ class Program(nn.Module):
             return
         self.teacher.to(dtype)
         self.teacher_dtype = dtype
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the terms which epoch the next steps belong to, counted from 1 (the loop's
+        first epoch is 1): an in-place update of a buffer the step reads, so it never
+        recompiles."""
+        self.core.epoch.fill_(float(epoch))
 
     @property
     def student(self) -> nn.Module:

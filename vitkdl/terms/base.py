@@ -134,7 +134,12 @@ class StepInputs:
 
     ``s_dist_logits`` is the student's distillation head (DeiT's distillation token) when a
     kind that reads it (:attr:`Kind.reads_dist_logits`) is in the recipe; ``s_logits`` is then
-    the class head alone, otherwise the heads' mean (timm's inference rule)."""
+    the class head alone, otherwise the heads' mean (timm's inference rule).
+
+    ``epoch`` is the training epoch the step belongs to, counted from 1 (a 0-dim float32
+    tensor: a new epoch changes its value, never the compiled graph), for kinds whose weight
+    follows the schedule (a warm-up); None where no training loop sets it (a lone loss call,
+    the benchmark), which such kinds read as past their warm-up."""
 
     s_logits: Tensor
     s_taps: dict[str, Tensor]
@@ -142,6 +147,7 @@ class StepInputs:
     t_taps: dict[str, Tensor]
     targets: Tensor
     s_dist_logits: Tensor | None = None
+    epoch: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------

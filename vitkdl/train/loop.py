@@ -505,6 +505,7 @@ class Run:
     def _epoch(self, epoch: int) -> bool:
         """One epoch's steps; True when ``--max-steps`` stopped the run."""
         set_epoch(self.train_loader, epoch, seed=self.plan.data.seed, rank=self.job.rank)
+        self.program.set_epoch(epoch + 1)  # terms count epochs from 1 (warm-ups: DKD's authors)
         batches = iter(self.train_loader)
         self.batch_in_epoch = 0
         if self.checkpoint is not None and epoch == self.start_epoch:
