@@ -1102,6 +1102,8 @@ def _translate(
     }
     if error_type in bounds:
         limit = next(iter(ctx.values())) if ctx else "?"
+        if isinstance(limit, float):  # a float field's bound as written: >= 0, not >= 0.0
+            limit = f"{limit:g}"
         return error(f"{name} must be {bounds[error_type]} {limit}, got {shown}", span)
     if error_type == "value_error" and "error" in ctx:  # a field's own check, in words
         return error(f"{name}: {ctx['error']}", span)
