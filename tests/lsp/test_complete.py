@@ -38,7 +38,7 @@ def labels(text_with_cursor: str) -> list[str]:
         ("distill {\n  generate student.norm -> teacher.n|\n}", ["norm"]),
         (
             "distill {\n  mimic student.blocks[0] -> teacher.norm {\n    |\n  }\n}",
-            ["align", "loss", "heads", "resample", "weight"],
+            ["align", "loss", "heads", "resample", "intra", "inter", "random", "samples", "weight"],
         ),
         (
             "distill {\n  mimic student.blocks[0] -> teacher.norm { align = |",
