@@ -30,6 +30,7 @@ from vitkdl.planner import ModelPlan, Plan, TapPoint, TermPlan
 from vitkdl.runs import run_dir
 from vitkdl.sources import teacher_affine
 from vitkdl.terms import KINDS, StepInputs
+from vitkdl.terms.base import END_POINTS
 
 # --------------------------------------------------------------------------------------------
 # Devices, precision, compile mode
@@ -385,7 +386,7 @@ def head_pass(
     probabilities computed explicitly where ``attn_map`` is tapped), every other block whole,
     so it keeps its fused attention. No hooks: one graph.
     """
-    if all(p.point in ("mlp", "norm", "fc_norm") for p in points):
+    if all(p.point in ("mlp", *END_POINTS) for p in points):
         blocks = sorted({p.block for p in points if p.point == "mlp" and p.block is not None})
         if blocks:
             final, feats = model.forward_intermediates(images, indices=blocks, output_fmt="NLC")
@@ -398,6 +399,13 @@ def head_pass(
     taps["norm"] = final[:, prefix:]
     if any(p.point == "fc_norm" for p in points):  # the pooled, normalised feature: one token
         taps["fc_norm"] = model.fc_norm(model.pool(final)).unsqueeze(1)
+    if any(p.point == "pre_logits" for p in points):
+        # The feature the head reads (after pooling, fc_norm, head_drop), and the logits from
+        # it: the head runs once, on the very tensor the tap hands over.
+        taps["pre_logits"] = model.forward_head(final, pre_logits=True)
+        head = model.get_classifier()
+        if isinstance(head, nn.Module):  # a distilled DeiT's two heads: its own forward_head
+            return head(taps["pre_logits"]), taps
     return model.forward_head(final), taps
 
 
@@ -513,6 +521,9 @@ class StudentSide(nn.Module):
         self.dist_head = any(KINDS[t.kind].reads_dist_logits for t in plan.terms)
         if self.dist_head:
             student.set_distilled_training(True)
+        # The frozen teacher's classifier head, for a kind that runs student features through
+        # it: held in a tuple so it is no submodule here (DDP and FSDP never see the teacher).
+        self.teacher_head: tuple[nn.Module, ...] = ()
 
     def logits(self, images: Tensor) -> Tensor:
         """The student's logits (evaluation of a sharded student goes through here)."""
@@ -546,7 +557,8 @@ class StudentSide(nn.Module):
             s_logits, s_dist = distilled_heads(out)
         else:
             s_logits = single_logits(out)
-        return StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist)
+        t_head = self.teacher_head[0] if self.teacher_head else None
+        return StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist, t_head)
 
 
 def fsdp_policy(dtype: torch.dtype | None) -> Any:
@@ -611,6 +623,8 @@ class Program(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+            if any(KINDS[t.kind].reads_teacher_head for t in plan.terms):
+                self.core.teacher_head = (teacher.get_classifier(),)
         # The loader normalises for the student; a teacher with other statistics gets its own
         # input from the same tensor through a per-channel affine inside the step (no second
         # decode, no host work). None when both models normalise alike.

@@ -1226,12 +1226,12 @@ def _tap_spec(tap: syn.Tap, diags: list[Diagnostic]) -> TapSpec | None:
             error(
                 f"unknown tap point '{tap.point}'",
                 tap.point_span,
-                expected="blocks[...], norm or fc_norm",
+                expected="blocks[...], " + ", ".join(points[1:-1]) + f" or {points[-1]}",
                 hint=did_you_mean(tap.point, points),
             )
         )
         return None
-    if tap.point in ("norm", "fc_norm") and (index is not None or tap.sub is not None):
+    if tap.point != "blocks" and (index is not None or tap.sub is not None):
         diags.append(
             error(
                 f"{tap.point} is one tap and takes no index",

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_kind_declares_everything() -> None:
-    assert list(KINDS) == ["mimic", "generate", "kd", "nkd", "token", "labels"]
+    assert list(KINDS) == ["mimic", "generate", "kd", "nkd", "token", "labels", "srrl"]
     for keyword, kind in KINDS.items():
         assert kind.keyword == keyword and kind.summary
         assert issubclass(kind.spec, PairedTermSpec if kind.paired else TermSpec)
@@ -159,6 +159,7 @@ distill {
     nkd { }
     token { }
     labels { }
+    srrl student.pre_logits -> teacher.pre_logits { }
 }
 """
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from vitkdl.terms import generate, kd, labels, mimic, nkd, token
+from vitkdl.terms import generate, kd, labels, mimic, nkd, srrl, token
 from vitkdl.terms.base import Context, Kind, KindOptions, StepInputs, TapPoint, TermPlan, Words
 
 __all__ = [
@@ -42,7 +42,7 @@ def register(k: Kind) -> Kind:
     return k
 
 
-for _module in (mimic, generate, kd, nkd, token, labels):
+for _module in (mimic, generate, kd, nkd, token, labels, srrl):
     register(_module.KIND)
 
 
