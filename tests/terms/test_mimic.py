@@ -266,7 +266,7 @@ def test_manifold_plans_without_adapters_and_explains_its_coefficients(tmp_path:
     assert entry.adapters == [] and entry.coefficient == 1.0
     assert entry.student_shape == [16, 16]
     o = entry.options
-    assert (o.manifold.intra, o.manifold.inter, o.manifold.random, o.manifold.samples) == (
+    assert (o.intra, o.inter, o.random, o.samples) == (
         2.0,
         0.1,
         0.2,

@@ -92,16 +92,6 @@ class MimicSpec(PairedTermSpec):
         return data
 
 
-class ManifoldOptions(KindOptions):
-    """``loss = manifold``: the weights of the intra-image, inter-image and random-token
-    relation maps, and how many tokens the random map draws."""
-
-    intra: float
-    inter: float
-    random: float
-    samples: int
-
-
 #: The fields only ``loss = manifold`` reads.
 MANIFOLD_FIELDS = ("intra", "inter", "random", "samples")
 
@@ -112,7 +102,12 @@ class MimicOptions(KindOptions):
     heads: str | None  # how attention heads pair (loss = kl)
     layers: int
     tokens: int
-    manifold: ManifoldOptions | None = None  # loss = manifold
+    # loss = manifold: the weights of the intra-image, inter-image and random-token relation
+    # maps, and how many tokens the random map draws (None under the other losses)
+    intra: float | None = None
+    inter: float | None = None
+    random: float | None = None
+    samples: int | None = None
     # When the teacher's grid differs from the student's: how its taps are resampled.
     resample: str | None = None
     teacher_grid: tuple[int, int] | None = None
@@ -231,11 +226,11 @@ class Mimic(Kind):
             align=term.align if features else None,
             loss=term.loss,
             heads=term.heads if term.loss == "kl" else None,
-            manifold=ManifoldOptions(
-                intra=term.intra, inter=term.inter, random=term.random, samples=term.samples
-            )
-            if term.loss == "manifold"
-            else None,
+            **(
+                {name: getattr(term, name) for name in MANIFOLD_FIELDS}
+                if term.loss == "manifold"
+                else {}
+            ),
             layers=layers,
             tokens=n,
             **(
@@ -278,8 +273,8 @@ class Mimic(Kind):
                 f"sum over {o.layers} x {n} x {n} token pairs / batch",
                 notes,
             )
-        if o.loss == "manifold" and o.manifold is not None:
-            m = o.manifold
+        if o.loss == "manifold":
+            m = o
             return Words(
                 f"{w} * mean_layers({m.intra:g} * mean((R(s) - R(t))^2)_intra + "
                 f"{m.inter:g} * mean((R(s) - R(t))^2)_inter + "
@@ -314,14 +309,7 @@ class Mimic(Kind):
             heads=o.heads or "pair",
             weight=entry.weight,
             **(
-                {
-                    "intra": o.manifold.intra,
-                    "inter": o.manifold.inter,
-                    "random": o.manifold.random,
-                    "samples": o.manifold.samples,
-                }
-                if o.manifold is not None
-                else {}
+                {name: getattr(o, name) for name in MANIFOLD_FIELDS} if o.loss == "manifold" else {}
             ),
         )
 
@@ -331,11 +319,12 @@ class Mimic(Kind):
 
     def reference(self, entry: TermPlan) -> nn.Module | None:
         o = options_of(entry, MimicOptions)
-        if o.manifold is not None:
+        if o.loss == "manifold":
             from vitkdl.terms.mimic.module import HandManifold
 
-            m = o.manifold
-            return HandManifold(m.intra, m.inter, m.random, m.samples, entry.weight)
+            assert o.intra is not None and o.inter is not None
+            assert o.random is not None and o.samples is not None
+            return HandManifold(o.intra, o.inter, o.random, o.samples, entry.weight)
         if o.loss not in ("mse", "mse_mean") or entry.teacher_width is None:
             return None
         from vitkdl.terms.mimic.module import HandMimic
