@@ -290,3 +290,22 @@ def test_the_hand_reference_is_the_mse_the_authors_write() -> None:
     c = hand.conector(f_s)
     want = F.mse_loss(c, f_t) + F.mse_loss(head(c), z_t)
     torch.testing.assert_close(hand(f_s, f_t, z_t, head), want)
+
+
+@pytest.mark.slow
+def test_bench_times_srrl_and_says_why_hooks_cannot(tmp_path: Path) -> None:
+    """``vitkdl bench``'s breakdown feeds the teacher's head to the term like the step does;
+    its hook-based peer cannot tap pre_logits and says so."""
+    from vitkdl.bench import run_bench
+
+    result = run_bench(
+        _recipe(tmp_path, SRRL_TERM),
+        steps=1,
+        warmup=1,
+        device="cpu",
+        compile_backend="eager",
+        batch=4,
+        loader=False,
+    )
+    assert result.breakdown is not None and result.breakdown["adapters_losses_ms"] > 0
+    assert any("pre_logits" in note for note in result.notes)
