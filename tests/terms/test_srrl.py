@@ -309,3 +309,27 @@ def test_bench_times_srrl_and_says_why_hooks_cannot(tmp_path: Path) -> None:
     )
     assert result.breakdown is not None and result.breakdown["adapters_losses_ms"] > 0
     assert any("pre_logits" in note for note in result.notes)
+
+
+def test_srrl_with_a_cnn_teacher_one_graph(tmp_path: Path) -> None:
+    """The paper's teachers are ResNets: pre_logits needs no ViT blocks (a ResNet's is its
+    pooled feature, 512 wide for resnet18), and the step stays one graph."""
+    path = tmp_path / "cnn.vkd"
+    path.write_text(
+        "teacher resnet18 { num_classes = 10  head = random  img_size = 32 }\n"
+        "student deit_tiny_patch16_224 { img_size = 32  patch_size = 8  depth = 1  "
+        "embed_dim = 16  num_heads = 2  num_classes = 10 }\n"
+        f"data synthetic {{ image_size = 32 }}\ndistill {{ {SRRL_TERM} }}\n"
+    )
+    plan = vitkdl.plan(vitkdl.load(path))
+    assert plan.terms[0].teacher_shape == [512]
+    program = vitkdl.build(plan, device="cpu", load=False)
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    torch._dynamo.reset()
+    e = torch._dynamo.explain(program.forward)(images, labels)
+    assert (e.graph_count, e.graph_break_count) == (1, 0)
+    torch._dynamo.reset()
+    assert program.core.teacher_head[0] is program.teacher.fc
+    out = program.forward(images, labels)
+    out["loss"].backward()
+    assert program.terms["srrl"].connector.weight.grad is not None
