@@ -16,8 +16,14 @@ os.environ.setdefault("VITKDL_CACHE_DIR", str(ROOT / ".pytest_cache" / "vitkdl")
 
 
 def shipped_recipes() -> list[Path]:
-    """Every runnable recipe we ship, the ablations included (bases are only ever extended)."""
-    return sorted(RECIPES.glob("*.vkd")) + sorted(RECIPES.glob("ablations/*.vkd"))
+    """Every runnable recipe we ship, the ablations and the methods included (bases are only
+    ever extended)."""
+    return (
+        sorted(RECIPES.glob("*.vkd"))
+        + sorted(RECIPES.glob("ablations/*.vkd"))
+        + sorted(RECIPES.glob("methods/*.vkd"))
+        + sorted(RECIPES.glob("methods/imagenet/*.vkd"))
+    )
 
 
 def check_golden(path: Path, text: str) -> None:

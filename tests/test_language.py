@@ -71,5 +71,5 @@ def test_choices_types_and_defaults() -> None:
         "0.5",
         "300",
     ]
-    assert language.tap_points() == ("blocks", "norm", "fc_norm")
+    assert language.tap_points() == ("blocks", "norm", "fc_norm", "pre_logits")
     assert language.tap_subpoints() == spec.TAP_SUBPOINTS

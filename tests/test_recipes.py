@@ -13,8 +13,12 @@ from vitkdl.spec import load_spec
 def test_shipped_recipe_validates_and_plans(path) -> None:
     spec = vitkdl.load(path)
     plan = vitkdl.plan(spec)
-    ablation = path.parent.name == "ablations"  # runs/ablation_NAME-HASH: grouped together
-    assert plan.recipe == (f"ablation_{path.stem}" if ablation else path.stem)
+    # runs/ablation_NAME-HASH, runs/method_NAME-HASH: each folder's recipes grouped together
+    folder = path.parent.relative_to(RECIPES).as_posix()
+    prefix = {".": "", "ablations": "ablation_", "methods": "method_"}.get(
+        folder, "method_imagenet_"
+    )
+    assert plan.recipe == prefix + path.stem
     header = path.read_text().splitlines()[:6]
     assert any(line.startswith("# run: vitkdl run ") for line in header), header
 
@@ -46,3 +50,26 @@ def test_each_ablation_changes_one_thing_of_the_paper_recipe(path) -> None:
         paper.data,
         paper.train,
     )
+
+
+@pytest.mark.parametrize("name", ["srrl", "manifold"])
+def test_each_method_runs_on_the_quickstart_pair_and_on_imagenet(name) -> None:
+    """A method's quickstart recipe is the quickstart baseline plus its one term, taught by the
+    quickstart teacher; its ImageNet twin is the paper pair (DeiT-Tiny <- DeiT III-Small) on
+    DeiT's recipe, with the same term."""
+    spec = vitkdl.load(RECIPES / "methods" / f"{name}.vkd")
+    baseline = vitkdl.load(RECIPES / "quickstart_baseline.vkd")
+
+    def dump(*nodes) -> list:
+        return [n.model_dump() for n in nodes]
+
+    assert dump(spec.student, spec.data, spec.train) == dump(
+        baseline.student, baseline.data, baseline.train
+    )
+    assert spec.teacher.from_recipe.endswith("quickstart_teacher.vkd")
+    twin = vitkdl.load(RECIPES / "methods" / "imagenet" / f"{name}.vkd")
+    paper = vitkdl.load(RECIPES / "deit_tiny_vitkd.vkd")
+    assert dump(twin.teacher, twin.data, twin.train) == dump(paper.teacher, paper.data, paper.train)
+    assert twin.student.model == paper.student.model
+    kinds = [[t.kind for t in s.terms if t.kind != "labels"] for s in (spec, twin)]
+    assert kinds[0] == kinds[1] == [{"manifold": "mimic"}.get(name, name)]

@@ -561,6 +561,7 @@ def _part_functions(work: _Workload, program: Program) -> tuple[_PartFn | None, 
     t_keys = [*(p.key for p in t_points), "norm"]
     s_prefix = plan.student.prefix_tokens
     student, terms = program.student, program.terms
+    t_head = program.core.teacher_head[0] if program.core.teacher_head else None  # srrl's
 
     kept = program.plan.teacher_keep if plan.teacher_used else None
 
@@ -590,6 +591,7 @@ def _part_functions(work: _Workload, program: Program) -> tuple[_PartFn | None, 
             t_logits,
             dict(zip(t_keys, t_taps, strict=False)),
             targets,
+            t_head=t_head,
         )
         return term_losses(plan.terms, terms, inputs)["loss"]
 

@@ -93,6 +93,17 @@ def _heads_error(model: ModelSpec) -> Diagnostic:
 def resolve_tap(tap: TapSpec, facts: ModelFacts) -> tuple[list[TapPoint], list[Diagnostic]]:
     """A tap's absolute points: blocks (with the point inside them) or the final norm, with
     errors for indices out of range and points the model's blocks do not have."""
+    if tap.point == "pre_logits":  # any classifier has one: no ViT blocks needed
+        if facts.distilled and tap.side == "teacher":
+            return [], [
+                error(
+                    f"{tap.text()}: {facts.name} has two heads (DeiT's class and distillation "
+                    "tokens), each reading its own token: there is no one head to read it",
+                    tap.span,
+                    hint="use a teacher with one classifier head",
+                )
+            ]
+        return [TapPoint(point="pre_logits")], []
     if not facts.vit:
         return [], [not_a_vit_tap(tap, facts)]
     if tap.point == "norm" and facts.norm_identity:
@@ -306,9 +317,21 @@ def check_tap_counts(ctx: Context) -> Iterable[Diagnostic]:
 def check_pooled_taps(ctx: Context) -> Iterable[Diagnostic]:
     """``fc_norm`` is the pooled, normalised feature, one token per image: only a kind that
     compares features without a grid reads it (:meth:`Kind.reads_pooled`), and with fc_norm
-    on both sides of ``->`` (patch tokens have a grid, it none)."""
+    on both sides of ``->`` (patch tokens have a grid, it none). ``pre_logits``, the feature
+    the classifier head reads, is read only by a kind that says so
+    (:meth:`Kind.reads_pre_logits`)."""
     for t in _paired(ctx.spec):
         taps = (*t.student, *t.teacher)
+        head = [x for x in taps if x.point == "pre_logits"]
+        if head and not KINDS[t.kind].reads_pre_logits(t):
+            readers = ", ".join(k for k, kind in KINDS.items() if kind.reads_pre_logits(None))
+            yield error(
+                f"{head[0].text()} is the pooled feature the classifier head reads, and "
+                f"{t.kind} '{t.name}' does not read it",
+                head[0].span,
+                expected=f"pre_logits in a term that reads the head's feature ({readers})",
+                hint=f"tap {head[0].side}.norm or {head[0].side}.blocks[-1] here",
+            )
         pooled = [x for x in taps if x.point == "fc_norm"]
         resolved = all(ctx.taps.get((t.name, side)) is not None for side in ("student", "teacher"))
         if not pooled or not resolved:  # a tap that did not resolve has its own error

@@ -44,14 +44,15 @@ class SliceSpec(Node):
 
 
 class TapSpec(Node):
-    """``student.blocks[0, 1]``, ``teacher.blocks[0:2].attn`` or ``teacher.norm``.
+    """``student.blocks[0, 1]``, ``teacher.blocks[0:2].attn``, ``teacher.norm`` or
+    ``teacher.pre_logits`` (the pooled feature the classifier head reads).
 
     ``sub`` names a point inside the blocks: ``attn`` (the residual stream after the attention
     half, MHA-out), ``mlp`` (after the FFN half: the block output, FFN-out, which plain
     ``blocks[i]`` also names) or ``attn_map`` (the attention probabilities)."""
 
     side: Literal["student", "teacher"]
-    point: Literal["blocks", "norm", "fc_norm"]
+    point: Literal["blocks", "norm", "fc_norm", "pre_logits"]
     index: tuple[int | SliceSpec, ...] | None = None
     sub: Literal["attn", "mlp", "attn_map"] | None = None
 

@@ -30,6 +30,7 @@ from vitkdl.planner import ModelPlan, Plan, TapPoint, TermPlan
 from vitkdl.runs import run_dir
 from vitkdl.sources import teacher_affine
 from vitkdl.terms import KINDS, StepInputs
+from vitkdl.terms.base import END_POINTS
 
 # --------------------------------------------------------------------------------------------
 # Devices, precision, compile mode
@@ -393,7 +394,7 @@ def head_pass(
     ``[B, N]``, no gradient) is returned too, as ``cls_attn`` (MaskedKD ranks the teacher's
     patches by it).
     """
-    if cls_row is None and all(p.point in ("mlp", "norm", "fc_norm") for p in points):
+    if cls_row is None and all(p.point in ("mlp", *END_POINTS) for p in points):
         blocks = sorted({p.block for p in points if p.point == "mlp" and p.block is not None})
         if blocks:
             final, feats = model.forward_intermediates(images, indices=blocks, output_fmt="NLC")
@@ -406,6 +407,13 @@ def head_pass(
     taps["norm"] = final[:, prefix:]
     if any(p.point == "fc_norm" for p in points):  # the pooled, normalised feature: one token
         taps["fc_norm"] = model.fc_norm(model.pool(final)).unsqueeze(1)
+    if any(p.point == "pre_logits" for p in points):
+        # The feature the head reads (after pooling, fc_norm, head_drop), and the logits from
+        # it: the head runs once, on the very tensor the tap hands over.
+        taps["pre_logits"] = model.forward_head(final, pre_logits=True)
+        head = model.get_classifier()
+        if isinstance(head, nn.Module):  # a distilled DeiT's two heads: its own forward_head
+            return head(taps["pre_logits"]), taps
     return model.forward_head(final), taps
 
 
@@ -585,6 +593,9 @@ class StudentSide(nn.Module):
         # (the loop sets it from the checkpoint's position).
         self.epoch: Tensor
         self.register_buffer("epoch", torch.ones((), dtype=torch.float32), persistent=False)
+        # The frozen teacher's classifier head, for a kind that runs student features through
+        # it: held in a tuple so it is no submodule here (DDP and FSDP never see the teacher).
+        self.teacher_head: tuple[nn.Module, ...] = ()
 
     def logits(self, images: Tensor) -> Tensor:
         """The student's logits (evaluation of a sharded student goes through here)."""
@@ -622,7 +633,10 @@ class StudentSide(nn.Module):
             s_logits, s_dist = distilled_heads(out)
         else:
             s_logits = single_logits(out)
-        return StepInputs(s_logits, s_taps, t_logits, t_taps, targets, s_dist, self.epoch)
+        t_head = self.teacher_head[0] if self.teacher_head else None
+        return StepInputs(
+            s_logits, s_taps, t_logits, t_taps, targets, s_dist, epoch=self.epoch, t_head=t_head
+        )
 
 
 def fsdp_policy(dtype: torch.dtype | None) -> Any:
@@ -692,6 +706,8 @@ class Program(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+            if any(KINDS[t.kind].reads_teacher_head for t in plan.terms):
+                self.core.teacher_head = (teacher.get_classifier(),)
         # The loader normalises for the student; a teacher with other statistics gets its own
         # input from the same tensor through a per-channel affine inside the step (no second
         # decode, no host work). None when both models normalise alike.

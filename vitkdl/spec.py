@@ -1117,6 +1117,8 @@ def _translate(
     }
     if error_type in bounds:
         limit = next(iter(ctx.values())) if ctx else "?"
+        if isinstance(limit, float):  # a float field's bound as written: >= 0, not >= 0.0
+            limit = f"{limit:g}"
         return error(f"{name} must be {bounds[error_type]} {limit}, got {shown}", span)
     if error_type == "value_error" and "error" in ctx:  # a field's own check, in words
         return error(f"{name}: {ctx['error']}", span)
@@ -1239,12 +1241,12 @@ def _tap_spec(tap: syn.Tap, diags: list[Diagnostic]) -> TapSpec | None:
             error(
                 f"unknown tap point '{tap.point}'",
                 tap.point_span,
-                expected="blocks[...], norm or fc_norm",
+                expected="blocks[...], " + ", ".join(points[1:-1]) + f" or {points[-1]}",
                 hint=did_you_mean(tap.point, points),
             )
         )
         return None
-    if tap.point in ("norm", "fc_norm") and (index is not None or tap.sub is not None):
+    if tap.point != "blocks" and (index is not None or tap.sub is not None):
         diags.append(
             error(
                 f"{tap.point} is one tap and takes no index",

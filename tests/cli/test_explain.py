@@ -127,3 +127,13 @@ def test_render_plan_is_its_sections_in_order() -> None:
     assert text(explain.render_plan, None) == "".join(sections.values())
     for title, section in sections.items():
         assert section.startswith(title), (title, section[:80])
+
+
+@pytest.mark.parametrize("name", ["srrl", "manifold", "imagenet/srrl", "imagenet/manifold"])
+def test_methods_explain_golden(capsys, name) -> None:
+    """Each method's formula and coefficients as ``explain`` prints them (issue 19)."""
+    from tests.conftest import GOLDEN, check_golden
+
+    code, out, err = run(capsys, "explain", f"recipes/methods/{name}.vkd")
+    assert code == 0, err
+    check_golden(GOLDEN / "explain" / "methods" / f"{name.replace('/', '_')}.txt", out)

@@ -34,11 +34,11 @@ def labels(text_with_cursor: str) -> list[str]:
         ("train {\n  precision = b|\n}", ["bf16"]),
         ("train {\n  optimizer = adamw(|)\n}", ["lr", "weight_decay"]),
         ("train {\n  optimizer = adamw(lr = 1e-3, w|)\n}", ["weight_decay"]),
-        ("distill {\n  mimic student.|\n}", ["blocks", "norm", "fc_norm"]),
+        ("distill {\n  mimic student.|\n}", ["blocks", "norm", "fc_norm", "pre_logits"]),
         ("distill {\n  generate student.norm -> teacher.n|\n}", ["norm"]),
         (
             "distill {\n  mimic student.blocks[0] -> teacher.norm {\n    |\n  }\n}",
-            ["align", "loss", "heads", "resample", "weight"],
+            ["align", "loss", "heads", "resample", "intra", "inter", "random", "samples", "weight"],
         ),
         (
             "distill {\n  mimic student.blocks[0] -> teacher.norm { align = |",

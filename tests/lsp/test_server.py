@@ -172,12 +172,22 @@ def test_completion_inside_a_term_body_offers_its_fields_and_choices(client, tmp
     )
     uri = client.open(tmp_path / "typing.vkd", text)
     body = client.request("textDocument/completion", client.at(uri, 4, 8))
-    assert _labels(body) == ["align", "loss", "heads", "resample", "weight"]
+    assert _labels(body) == [
+        "align",
+        "loss",
+        "heads",
+        "resample",
+        "intra",
+        "inter",
+        "random",
+        "samples",
+        "weight",
+    ]
     assert body["items"][0]["kind"] == 5  # Field
     choices = client.request("textDocument/completion", client.at(uri, 5, 16))
     assert _labels(choices) == ["linear", "identity", "mlp"]
     taps = client.request("textDocument/completion", client.at(uri, 7, 21))
-    assert _labels(taps) == ["blocks", "norm", "fc_norm"]
+    assert _labels(taps) == ["blocks", "norm", "fc_norm", "pre_logits"]
     terms = client.request("textDocument/completion", client.at(uri, 7, 4))
     assert {"mimic", "generate", "nkd", "kd", "labels"} <= set(_labels(terms))
     top = client.request("textDocument/completion", client.at(uri, 9, 0))
@@ -249,6 +259,21 @@ def test_hover_on_a_norm_that_is_an_identity_and_on_fc_norm(client, tmp_path) ->
     pooled = client.request("textDocument/hover", client.at(uri, *_find(text, "student.fc_norm")))
     assert "the pooled, normalised feature of the student" in pooled["contents"]["value"]
     assert "1 x 16 (one pooled token x channels)" in pooled["contents"]["value"]
+
+
+def test_hover_on_pre_logits(client, tmp_path) -> None:
+    model = "img_size = 16  patch_size = 4  depth = 1  embed_dim = %d  num_heads = 2"
+    text = (
+        f"student vit_tiny_patch16_224 {{ {model % 16} }}\n"
+        f"teacher vit_small_patch16_224 {{ {model % 32}  head = random }}\n"
+        "distill {\n    srrl student.pre_logits -> teacher.pre_logits\n}\n"
+    )
+    uri = client.open(tmp_path / "head.vkd", text, version=1)
+    client.diagnostics(uri, version=1)
+    hover = client.request("textDocument/hover", client.at(uri, *_find(text, "teacher.pre_logits")))
+    value = hover["contents"]["value"]
+    assert "the pooled feature the classifier head of the teacher" in value
+    assert "32 (channels)" in value
 
 
 def test_a_file_that_is_not_a_recipe_is_not_echoed_to_the_editor(tmp_path) -> None:

@@ -32,6 +32,7 @@ def test_every_kind_declares_everything() -> None:
         "dkd",
         "dist",
         "wsld",
+        "srrl",
     ]
     for keyword, kind in KINDS.items():
         assert kind.keyword == keyword and kind.summary
@@ -172,6 +173,7 @@ distill {
     dkd { }
     dist { }
     wsld { }
+    srrl student.pre_logits -> teacher.pre_logits { }
 }
 """
 

@@ -131,6 +131,8 @@ def _tap_text(analysis: Analysis, term: Any, side: str, tap: Any) -> str:
         what = f"the final norm's output of the {side} ({facts.name}, {facts.depth} blocks)"
     elif [p.point for p in points] == ["fc_norm"]:
         what = f"the pooled, normalised feature of the {side} ({facts.name})"
+    elif [p.point for p in points] == ["pre_logits"]:
+        what = f"the pooled feature the classifier head of the {side} ({facts.name}) reads"
     else:
         what = (
             f"{points_words(points) or 'no blocks'} of the {side}'s {facts.depth} blocks "
@@ -141,6 +143,8 @@ def _tap_text(analysis: Analysis, term: Any, side: str, tap: Any) -> str:
         shape = f"{facts.num_heads} x {n} x {n} (heads x queries x keys)"
     elif any(p.point == "fc_norm" for p in points):
         shape = f"1 x {facts.embed_dim} (one pooled token x channels)"
+    elif any(p.point == "pre_logits" for p in points):
+        shape = f"{facts.embed_dim} (channels)"
     else:
         shape = f"{n} x {facts.embed_dim} (tokens x channels)"
     lines = [f"{head}: {what}; {shape} per image per tap"]

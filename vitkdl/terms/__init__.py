@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from vitkdl.terms import dist, dkd, generate, kd, labels, mimic, nkd, token, wsld
+from vitkdl.terms import dist, dkd, generate, kd, labels, mimic, nkd, srrl, token, wsld
 from vitkdl.terms.base import Context, Kind, KindOptions, StepInputs, TapPoint, TermPlan, Words
 
 __all__ = [
@@ -42,7 +42,7 @@ def register(k: Kind) -> Kind:
     return k
 
 
-for _module in (mimic, generate, kd, nkd, token, labels, dkd, dist, wsld):
+for _module in (mimic, generate, kd, nkd, token, labels, dkd, dist, wsld, srrl):
     register(_module.KIND)
 
 

@@ -38,7 +38,11 @@ if TYPE_CHECKING:  # typing only; torch is imported when a module is built
 
 #: Where a tap reads, in a recipe's words (one vocabulary from the recipe to the program):
 #: the points inside a block (:data:`~vitkdl.nodes.TAP_SUBPOINTS`) and the ends of a model.
-Point = Literal["mlp", "attn", "attn_map", "norm", "fc_norm"]
+Point = Literal["mlp", "attn", "attn_map", "norm", "fc_norm", "pre_logits"]
+
+#: The points at a model's end, one per model (no block): the final norm's patch tokens, the
+#: pooled normalised feature, and the pooled feature the classifier head reads.
+END_POINTS = ("norm", "fc_norm", "pre_logits")
 
 
 class TapPoint(_Plain):
@@ -46,7 +50,10 @@ class TapPoint(_Plain):
     a recipe's ``blocks[i]`` or ``blocks[i].mlp``), the residual stream after a block's
     attention half (``attn``, MHA-out), a block's attention probabilities (``attn_map``), or
     the final norm's output (``norm``, block None): patch tokens only; or the pooled,
-    normalised feature (``fc_norm``, block None), one token per image."""
+    normalised feature (``fc_norm``, block None), one token per image; or the pooled feature
+    the classifier head reads (``pre_logits``, block None: timm's ``forward_head(x,
+    pre_logits=True)``, after pooling, ``fc_norm`` and ``head_drop``; a distilled DeiT's is
+    the mean of its two tokens, as timm's), ``[B, D]``."""
 
     block: int | None = None
     point: Point
@@ -57,7 +64,7 @@ class TapPoint(_Plain):
     @property
     def key(self) -> str:
         """The name of this tap in a model's pass: ``blocks.3``, ``blocks.3.attn``, ``norm``."""
-        if self.point in ("norm", "fc_norm"):
+        if self.point in END_POINTS:
             return self.point
         return f"blocks.{self.block}" + ("" if self.point == "mlp" else f".{self.point}")
 
@@ -139,7 +146,11 @@ class StepInputs:
     ``epoch`` is the training epoch the step belongs to, counted from 1 (a 0-dim float32
     tensor: a new epoch changes its value, never the compiled graph), for kinds whose weight
     follows the schedule (a warm-up); None where no training loop sets it (a lone loss call,
-    the benchmark), which such kinds read as past their warm-up."""
+    the benchmark), which such kinds read as past their warm-up.
+
+    ``t_head`` is the teacher's classifier head (frozen: no gradient reaches its parameters,
+    gradients flow through it) when a kind that runs features through it
+    (:attr:`Kind.reads_teacher_head`) is in the recipe, else None."""
 
     s_logits: Tensor
     s_taps: dict[str, Tensor]
@@ -148,6 +159,7 @@ class StepInputs:
     targets: Tensor
     s_dist_logits: Tensor | None = None
     epoch: Tensor | None = None
+    t_head: nn.Module | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,9 +214,9 @@ def points_words(points: Sequence[TapPoint]) -> str:
     blocks = [
         str(p.block) + ("" if p.point == "mlp" else f".{p.point}")
         for p in points
-        if p.point not in ("norm", "fc_norm")
+        if p.point not in END_POINTS
     ]
-    ends = {p.point: p for p in points if p.point in ("norm", "fc_norm")}
+    ends = {p.point: p for p in points if p.point in END_POINTS}
     parts = (["blocks " + ", ".join(blocks)] if blocks else []) + [
         f"{point} (identity on this model: the last block's output)" if p.identity else point
         for point, p in ends.items()
@@ -297,6 +309,9 @@ class Kind:
     """Compares the two models' class distributions (both heads need the same classes)."""
     default: ClassVar[bool] = False
     """Present in every recipe unless the recipe writes it (the student's label loss)."""
+    reads_teacher_head: ClassVar[bool] = False
+    """Runs student features through the teacher's frozen classifier head: the program hands
+    the head over (:attr:`StepInputs.t_head`)."""
     reads_dist_logits: ClassVar[bool] = False
     """Trains the student's distillation head (DeiT's distillation token): the program then
     hands the two heads over separately (:class:`StepInputs`)."""
@@ -304,6 +319,11 @@ class Kind:
     def reads_pooled(self, term: Any) -> bool:
         """Whether the term compares features that need no token grid, so it can read the
         pooled, normalised feature (``fc_norm``, one token per image) on both sides."""
+        return False
+
+    def reads_pre_logits(self, term: Any) -> bool:
+        """Whether the term reads the pooled feature the head reads (``pre_logits``): only
+        such a term may tap it."""
         return False
 
     def check(self, term: Any, ctx: Context) -> Iterable[Diagnostic]:

@@ -8,6 +8,19 @@
 - ``loss = relation`` (the paper's alternative): the squared error between the two models'
   token-similarity matrices (cosine similarity of every pair of patch tokens), summed / batch;
   no adapter, so any widths pair.
+- ``loss = manifold`` (Hao et al., *Learning Efficient Vision Transformers via Fine-Grained
+  Manifold Distillation*, NeurIPS 2022): on L2-normalised patch tokens, three relation maps
+  (cosine similarities), each compared by its mean squared difference: intra-image (N x N per
+  image, weight ``intra``), inter-image (B x B per token position, ``inter``) and K random
+  tokens drawn from the whole batch (K x K, ``random``, K = ``samples``; the same tokens on
+  both sides, drawn from torch's generator inside the step, whose state a checkpoint keeps).
+  ``intra * L_intra + inter * L_inter + random * L_random``, averaged over the paired layers,
+  times ``weight`` (1 by default under this loss: the three coefficients carry the scale).
+  No adapter: the maps are width-free. As the authors' code (Hao840/manifold-distillation,
+  ``layer_mf_loss``): ``F.normalize`` over channels, ``(M_t - M_s)^2`` averaged over each
+  map's entries, ``randperm(B * N)[:K]``, their ImageNet setting ``--w-patch 4 --w-sample 0.1
+  --w-rand 0.2 --K 192`` (intra 4, inter 0.1, random 0.2, 192 samples); fewer tokens than K
+  in a batch use them all.
 - ``loss = kl`` on attention maps (``blocks[i].attn_map``): KL(teacher || student) of each
   query token's attention distribution over the patch tokens, mean over batch, heads and
   queries; heads are paired when both models have as many, ``heads = mean`` averages them
@@ -24,7 +37,9 @@ the teacher computed).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, model_validator
 
 from vitkdl.errors import Diagnostic, error, warning
 from vitkdl.nodes import PairedTermSpec
@@ -57,10 +72,28 @@ class MimicSpec(PairedTermSpec):
 
     kind: Literal["mimic"] = "mimic"
     align: Literal["linear", "identity", "mlp"] = "linear"
-    loss: Literal["mse", "mse_mean", "relation", "kl"] = "mse"
+    loss: Literal["mse", "mse_mean", "relation", "kl", "manifold"] = "mse"
     heads: Literal["pair", "mean"] = "pair"
     resample: Literal["bilinear", "area", "none"] = "bilinear"
+    # loss = manifold: the weights of its three relation maps and the random tokens drawn
+    intra: float = Field(default=4.0, ge=0)
+    inter: float = Field(default=0.1, ge=0)
+    random: float = Field(default=0.2, ge=0)
+    samples: int = Field(default=192, ge=1)
     weight: float = 3e-5
+
+    @model_validator(mode="before")
+    @classmethod
+    def _manifold_weight(cls, data: Any) -> Any:
+        """Under ``loss = manifold`` an unwritten weight is 1: the three map weights carry
+        the scale (the paper's 3e-5 belongs to ``mse``'s sum over tokens and channels)."""
+        if isinstance(data, dict) and data.get("loss") == "manifold" and "weight" not in data:
+            return {**data, "weight": 1.0}
+        return data
+
+
+#: The fields only ``loss = manifold`` reads.
+MANIFOLD_FIELDS = ("intra", "inter", "random", "samples")
 
 
 class MimicOptions(KindOptions):
@@ -69,6 +102,12 @@ class MimicOptions(KindOptions):
     heads: str | None  # how attention heads pair (loss = kl)
     layers: int
     tokens: int
+    # loss = manifold: the weights of the intra-image, inter-image and random-token relation
+    # maps, and how many tokens the random map draws (None under the other losses)
+    intra: float | None = None
+    inter: float | None = None
+    random: float | None = None
+    samples: int | None = None
     # When the teacher's grid differs from the student's: how its taps are resampled.
     resample: str | None = None
     teacher_grid: tuple[int, int] | None = None
@@ -110,7 +149,15 @@ class Mimic(Kind):
                 hint="tap blocks[i].attn_map on both sides",
             )
             return
-        if term.loss in ("relation", "kl") and "align" in term.spans:
+        if term.loss != "manifold":
+            for name in MANIFOLD_FIELDS:
+                if name in term.spans:
+                    yield warning(
+                        f"{name} is read by loss = manifold only, not by loss = {term.loss}",
+                        term.at(name),
+                        hint="write loss = manifold, or remove it",
+                    )
+        if term.loss in ("relation", "kl", "manifold") and "align" in term.spans:
             yield warning(f"align is not used by loss = {term.loss} (no adapter)", term.at("align"))
         if s is None or t is None:
             return
@@ -164,6 +211,9 @@ class Mimic(Kind):
         elif term.loss == "relation":
             shapes = [n, n], [n, n]
             elements = layers * n * n
+        elif term.loss == "manifold":
+            shapes = [n, n], [n, n]
+            elements = 1  # mean-reduced maps, averaged over the layers
         else:
             heads = term.heads == "pair"
             shapes = (
@@ -176,6 +226,11 @@ class Mimic(Kind):
             align=term.align if features else None,
             loss=term.loss,
             heads=term.heads if term.loss == "kl" else None,
+            **(
+                {name: getattr(term, name) for name in MANIFOLD_FIELDS}
+                if term.loss == "manifold"
+                else {}
+            ),
             layers=layers,
             tokens=n,
             **(
@@ -218,6 +273,18 @@ class Mimic(Kind):
                 f"sum over {o.layers} x {n} x {n} token pairs / batch",
                 notes,
             )
+        if o.loss == "manifold":
+            m = o
+            return Words(
+                f"{w} * mean_layers({m.intra:g} * mean((R(s) - R(t))^2)_intra + "
+                f"{m.inter:g} * mean((R(s) - R(t))^2)_inter + "
+                f"{m.random:g} * mean((R(s) - R(t))^2)_random),  R = cos of tokens",
+                f"intra: {n} x {n} per image; inter: B x B per token position; random: "
+                f"{m.samples} x {m.samples} over {m.samples} tokens drawn from the batch (the "
+                "same on both sides); each map's mean, averaged over "
+                f"{o.layers} layer{'s' if o.layers != 1 else ''}",
+                notes,
+            )
         maps = "per-head maps" if o.heads == "pair" else "maps averaged over heads"
         return Words(
             f"{w} * mean(KL(A_t || A_s))",
@@ -241,6 +308,9 @@ class Mimic(Kind):
             loss=o.loss,
             heads=o.heads or "pair",
             weight=entry.weight,
+            **(
+                {name: getattr(o, name) for name in MANIFOLD_FIELDS} if o.loss == "manifold" else {}
+            ),
         )
 
     def loss(self, module: nn.Module, entry: TermPlan, inputs: StepInputs) -> Tensor:
@@ -249,6 +319,12 @@ class Mimic(Kind):
 
     def reference(self, entry: TermPlan) -> nn.Module | None:
         o = options_of(entry, MimicOptions)
+        if o.loss == "manifold":
+            from vitkdl.terms.mimic.module import HandManifold
+
+            assert o.intra is not None and o.inter is not None
+            assert o.random is not None and o.samples is not None
+            return HandManifold(o.intra, o.inter, o.random, o.samples, entry.weight)
         if o.loss not in ("mse", "mse_mean") or entry.teacher_width is None:
             return None
         from vitkdl.terms.mimic.module import HandMimic
