@@ -52,7 +52,7 @@ def test_each_ablation_changes_one_thing_of_the_paper_recipe(path) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["srrl", "manifold"])
+@pytest.mark.parametrize("name", ["srrl", "manifold", "kd", "dkd", "dist", "wsld"])
 def test_each_method_runs_on_the_quickstart_pair_and_on_imagenet(name) -> None:
     """A method's quickstart recipe is the quickstart baseline plus its one term, taught by the
     quickstart teacher; its ImageNet twin is the paper pair (DeiT-Tiny <- DeiT III-Small) on

@@ -129,7 +129,10 @@ def test_render_plan_is_its_sections_in_order() -> None:
         assert section.startswith(title), (title, section[:80])
 
 
-@pytest.mark.parametrize("name", ["srrl", "manifold", "imagenet/srrl", "imagenet/manifold"])
+METHODS = ["srrl", "manifold", "kd", "dkd", "dist", "wsld"]
+
+
+@pytest.mark.parametrize("name", [*METHODS, *(f"imagenet/{m}" for m in METHODS)])
 def test_methods_explain_golden(capsys, name) -> None:
     """Each method's formula and coefficients as ``explain`` prints them (issue 19)."""
     from tests.conftest import GOLDEN, check_golden
