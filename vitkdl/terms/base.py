@@ -261,6 +261,26 @@ def term_plan(
     )
 
 
+def logit_plan(term: TermSpec, ctx: Context, options: KindOptions) -> TermPlan:
+    """The plan entry of a term that compares the two models' class distributions: one
+    ``[classes]`` vector per image on each side (the checks made the class counts agree)."""
+    classes = ctx.student.num_classes if ctx.student else 0
+    return term_plan(term, ctx, student_shape=[classes], teacher_shape=[classes], options=options)
+
+
+def check_temperature(term: Any) -> Iterable[Diagnostic]:
+    """A softmax temperature must be > 0 (at the field)."""
+    if term.temperature <= 0:
+        yield error(f"temperature must be > 0, got {term.temperature}", term.at("temperature"))
+
+
+def check_not_negative(term: Any, *names: str) -> Iterable[Diagnostic]:
+    """Each named coefficient of a term must be >= 0 (at its field)."""
+    for name in names:
+        if getattr(term, name) < 0:
+            yield error(f"{name} must be >= 0, got {getattr(term, name)}", term.at(name))
+
+
 # --------------------------------------------------------------------------------------------
 # What a kind's checks and plan look at
 

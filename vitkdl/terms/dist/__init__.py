@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Literal
 from vitkdl.errors import Diagnostic, error
 from vitkdl.nodes import TermSpec
 from vitkdl.terms.base import (
+    logit_plan,
+    check_temperature,
+    check_not_negative,
     Context,
     Kind,
     KindOptions,
@@ -32,7 +35,6 @@ from vitkdl.terms.base import (
     TermPlan,
     Words,
     options_of,
-    term_plan,
 )
 
 if TYPE_CHECKING:
@@ -63,18 +65,12 @@ class DIST(Kind):
     reads_teacher_logits = True
 
     def check(self, term: DISTSpec, ctx: Context) -> Iterable[Diagnostic]:
-        if term.temperature <= 0:
-            yield error(f"temperature must be > 0, got {term.temperature}", term.at("temperature"))
-        for name in ("beta", "gamma"):
-            if getattr(term, name) < 0:
-                yield error(f"{name} must be >= 0, got {getattr(term, name)}", term.at(name))
+        yield from check_temperature(term)
+        yield from check_not_negative(term, "beta", "gamma")
 
     def plan(self, term: DISTSpec, ctx: Context) -> TermPlan:
-        classes = ctx.student.num_classes if ctx.student else 0
         options = DISTOptions(beta=term.beta, gamma=term.gamma, temperature=term.temperature)
-        return term_plan(
-            term, ctx, student_shape=[classes], teacher_shape=[classes], options=options
-        )
+        return logit_plan(term, ctx, options)
 
     def words(self, entry: TermPlan) -> Words:
         o = options_of(entry, DISTOptions)

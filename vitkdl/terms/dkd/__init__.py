@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
-from vitkdl.errors import Diagnostic, error, warning
+from vitkdl.errors import Diagnostic, warning
 from vitkdl.nodes import TermSpec
 from vitkdl.terms.base import (
     Context,
@@ -37,8 +37,10 @@ from vitkdl.terms.base import (
     StepInputs,
     TermPlan,
     Words,
+    check_not_negative,
+    check_temperature,
+    logit_plan,
     options_of,
-    term_plan,
 )
 
 if TYPE_CHECKING:
@@ -79,15 +81,8 @@ class DKD(Kind):
     reads_teacher_logits = True
 
     def check(self, term: DKDSpec, ctx: Context) -> Iterable[Diagnostic]:
-        if term.temperature <= 0:
-            yield error(f"temperature must be > 0, got {term.temperature}", term.at("temperature"))
-        for name in ("alpha", "beta"):
-            if getattr(term, name) < 0:
-                yield error(f"{name} must be >= 0, got {getattr(term, name)}", term.at(name))
-        if term.warmup_epochs < 0:
-            yield error(
-                f"warmup_epochs must be >= 0, got {term.warmup_epochs}", term.at("warmup_epochs")
-            )
+        yield from check_temperature(term)
+        yield from check_not_negative(term, "alpha", "beta", "warmup_epochs")
         train = getattr(ctx.spec, "train", None)
         if train is not None and term.warmup_epochs > train.epochs:
             yield warning(
@@ -97,7 +92,6 @@ class DKD(Kind):
             )
 
     def plan(self, term: DKDSpec, ctx: Context) -> TermPlan:
-        classes = ctx.student.num_classes if ctx.student else 0
         options = DKDOptions(
             alpha=term.alpha,
             beta=term.beta,
@@ -105,9 +99,7 @@ class DKD(Kind):
             warmup_epochs=term.warmup_epochs,
             target="argmax of the mixed label" if mixes(ctx.spec) else None,
         )
-        return term_plan(
-            term, ctx, student_shape=[classes], teacher_shape=[classes], options=options
-        )
+        return logit_plan(term, ctx, options)
 
     def words(self, entry: TermPlan) -> Words:
         o = options_of(entry, DKDOptions)

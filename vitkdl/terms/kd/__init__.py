@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
-from vitkdl.errors import Diagnostic, error
+from vitkdl.errors import Diagnostic
 from vitkdl.nodes import TermSpec
 from vitkdl.terms.base import (
     Context,
@@ -18,8 +18,9 @@ from vitkdl.terms.base import (
     StepInputs,
     TermPlan,
     Words,
+    check_temperature,
+    logit_plan,
     options_of,
-    term_plan,
 )
 
 if TYPE_CHECKING:
@@ -45,18 +46,10 @@ class KD(Kind):
     reads_teacher_logits = True
 
     def check(self, term: KDSpec, ctx: Context) -> Iterable[Diagnostic]:
-        if term.temperature <= 0:
-            yield error(f"temperature must be > 0, got {term.temperature}", term.at("temperature"))
+        yield from check_temperature(term)
 
     def plan(self, term: KDSpec, ctx: Context) -> TermPlan:
-        classes = ctx.student.num_classes if ctx.student else 0
-        return term_plan(
-            term,
-            ctx,
-            student_shape=[classes],
-            teacher_shape=[classes],
-            options=KDOptions(temperature=term.temperature),
-        )
+        return logit_plan(term, ctx, KDOptions(temperature=term.temperature))
 
     def words(self, entry: TermPlan) -> Words:
         t = options_of(entry, KDOptions).temperature

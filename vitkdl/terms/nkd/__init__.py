@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
-from vitkdl.errors import Diagnostic, error
+from vitkdl.errors import Diagnostic
 from vitkdl.nodes import TermSpec
 from vitkdl.terms.base import (
     Context,
@@ -21,8 +21,10 @@ from vitkdl.terms.base import (
     StepInputs,
     TermPlan,
     Words,
+    check_not_negative,
+    check_temperature,
+    logit_plan,
     options_of,
-    term_plan,
 )
 
 if TYPE_CHECKING:
@@ -50,20 +52,11 @@ class NKD(Kind):
     reads_teacher_logits = True
 
     def check(self, term: NKDSpec, ctx: Context) -> Iterable[Diagnostic]:
-        if term.temperature <= 0:
-            yield error(f"temperature must be > 0, got {term.temperature}", term.at("temperature"))
-        if term.gamma < 0:
-            yield error(f"gamma must be >= 0, got {term.gamma}", term.at("gamma"))
+        yield from check_temperature(term)
+        yield from check_not_negative(term, "gamma")
 
     def plan(self, term: NKDSpec, ctx: Context) -> TermPlan:
-        classes = ctx.student.num_classes if ctx.student else 0
-        return term_plan(
-            term,
-            ctx,
-            student_shape=[classes],
-            teacher_shape=[classes],
-            options=NKDOptions(temperature=term.temperature, gamma=term.gamma),
-        )
+        return logit_plan(term, ctx, NKDOptions(temperature=term.temperature, gamma=term.gamma))
 
     def words(self, entry: TermPlan) -> Words:
         o = options_of(entry, NKDOptions)

@@ -31,8 +31,8 @@ from vitkdl.terms.base import (
     StepInputs,
     TermPlan,
     Words,
+    logit_plan,
     options_of,
-    term_plan,
 )
 
 if TYPE_CHECKING:
@@ -81,14 +81,9 @@ class Token(Kind):
             )
 
     def plan(self, term: TokenSpec, ctx: Context) -> TermPlan:
-        classes = ctx.student.num_classes if ctx.student else 0
         soft = term.mode == "soft"
-        return term_plan(
-            term,
-            ctx,
-            student_shape=[classes],
-            teacher_shape=[classes],
-            options=TokenOptions(mode=term.mode, temperature=term.temperature if soft else None),
+        return logit_plan(
+            term, ctx, TokenOptions(mode=term.mode, temperature=term.temperature if soft else None)
         )
 
     def words(self, entry: TermPlan) -> Words:
