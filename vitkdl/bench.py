@@ -532,12 +532,7 @@ def _cached_timer(work: _Workload, plan: Plan) -> _Timer:
     program.train()
     logits = program.teacher_logits(work.images).detach()
     program.teacher = None
-    core = program.core
-
-    def forward(images: Tensor, targets: Tensor, t_logits: Tensor) -> dict[str, Tensor]:
-        return core(images, targets, t_logits, {})
-
-    step = work.compile(forward)
+    step = work.compile(program.forward)  # the cached run's step: forward(..., cached=logits)
     update = _update(plan, program.terms.named_parameters(), program.student, work)
 
     def one_step() -> None:
