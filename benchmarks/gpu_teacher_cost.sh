@@ -16,7 +16,10 @@
 #  2. shallow: the same recipe with only its shallow mimicking (blocks 0 and 1): the teacher
 #     stops after block 1 (early exit, g: the recipe's own step) against the plain teacher.
 #  3. probe: `vitkdl explain --probe` on 2 synthetic batches of 128 with a random-weights
-#     teacher file (each term's share of the loss and gradient, the teacher's top-1).
+#     teacher file (each term's share of the loss and gradient, the teacher's top-1, and the
+#     bf16-held teacher's fidelity against fp32: tap cosines, top-1 agreement), then again
+#     with `teacher.precision=fp8` (its fidelity against bf16; a clean error without torchao).
+#     Bench's (h) and (i) carry the same fidelity figures on the bench batch.
 # Then one line per figure in $OUT/gpu_teacher_cost_summary.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +51,9 @@ PY
 timeout 60 vitkdl explain "$RECIPE" --probe --batches 2 --device cuda --json \
     --set data.source=synthetic --set data.size=256 --set "teacher.weights=$WEIGHTS" \
     > "$OUT/gpu_teacher_probe.json"
+timeout 60 vitkdl explain "$RECIPE" --probe --batches 2 --device cuda --json \
+    --set data.source=synthetic --set data.size=256 --set "teacher.weights=$WEIGHTS" \
+    --set teacher.precision=fp8 > "$OUT/gpu_teacher_probe_fp8.json"
 rm -f "$WEIGHTS"
 
 python - "$OUT" <<'PY'
@@ -75,14 +81,19 @@ for tag, name in (("logits", "gpu_teacher_logits.json"), ("shallow", "gpu_teache
         if v is not None and (key.startswith("teacher") or key.endswith("_vs_plain")
                               or key == "cached_vs_student_only"):
             rows[f"{tag}: {key}"] = round(v, 3)
+        if c["details"].get("fidelity"):
+            rows[f"{tag}: {key} fidelity"] = c["details"]["fidelity"]
     rows[f"{tag}: notes"] = [n for n in r["notes"] if "not measured" in n]
-probe = load("gpu_teacher_probe.json")
-if probe and "probe" in probe:
+for tag, name in (("probe", "gpu_teacher_probe.json"), ("probe fp8", "gpu_teacher_probe_fp8.json")):
+    probe = load(name)
+    if not probe or "probe" not in probe:
+        continue
     p = probe["probe"]
-    rows["probe: terms (loss share, grad share)"] = {
+    rows[f"{tag}: terms (loss share, grad share)"] = {
         t["name"]: [round(t["loss_share"], 3), round(t["grad_share"], 3)] for t in p["terms"]
     }
-    rows["probe: teacher top-1 (random weights)"] = p.get("teacher_top1")
+    rows[f"{tag}: teacher top-1 (random weights)"] = p.get("teacher_top1")
+    rows[f"{tag}: fidelity"] = p.get("fidelity")
 (out / "gpu_teacher_cost_summary.json").write_text(json.dumps(rows, indent=2) + "\n")
 for k, v in rows.items():
     print(f"{k}: {v}")

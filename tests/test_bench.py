@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -537,3 +538,34 @@ def test_teacher_ratios_are_speed_ups_over_the_plain_teacher(tiny: Path) -> None
     assert ratios["teacher_share"] == pytest.approx(0.25)
     assert ratios["teacher_share_of_plain"] == pytest.approx(0.5)
     assert ratios["cached_vs_student_only"] == pytest.approx(6.0 / 5.0)
+
+
+def test_a_lower_precision_teacher_reports_its_fidelity(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(h) measures what bf16 changes, as the probe does, on the bench batch (bf16 is a GPU
+    configuration: allowed on the CPU here to measure it)."""
+    import vitkdl.bench as bench_module
+    from vitkdl.probe import FidelityMeter
+
+    monkeypatch.setattr(bench_module, "_precision_problem", lambda name, device: None)
+    plan = vitkdl.plan(vitkdl.load(tiny))
+    bench = Bench(plan, steps=1, warmup=1, device="cpu", compile_backend="eager")
+    bench.selected = {"compiled", "floor", "teacher_bf16"}
+    bench.breakdown = bench.loader = False
+    result = bench.run()
+    f = result.configs["teacher_bf16"].details["fidelity"]
+    assert (f["held"], f["reference"]) == ("bf16", "fp32")
+    assert set(f["cosine"]) == {"blocks.0", "norm"}  # what mimic and generate tap
+    # The probe's own measurement on the same batch and the same variant.
+    torch.manual_seed(plan.seed)
+    variant = teacher_variant(plan, "teacher_bf16", torch.device("cuda"))
+    program = vitkdl.build(variant, "cpu", load=False, compile="off", reference=True)
+    meter = FidelityMeter()
+    meter.add(program, bench.work.images)
+    assert f == asdict(meter.fidelity(program))
+    assert all(0.99 < c < 1.0 for c in f["cosine"].values())
+    out = Console(record=True, width=120)
+    render(result.to_dict(), out)
+    text = out.export_text()
+    assert "teacher in bf16 against fp32" in text and "cosine of teacher.norm" in text

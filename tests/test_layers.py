@@ -28,3 +28,23 @@ def test_the_kinds_import_neither_the_spec_nor_the_stages_above_it() -> None:
     for module in sorted(graph.find_descendants("vitkdl.terms") | {"vitkdl.terms"}):
         for stage in above:
             assert not graph.chain_exists(importer=module, imported=stage), (module, stage)
+
+
+def test_every_module_and_every_kind_has_its_place_in_the_contracts() -> None:
+    """A module left out of the layers is checked by nothing (probe and srrl once were)."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    by_name = {c["name"]: c for c in contracts["contracts"]}
+
+    def named(layers: list[str]) -> set[str]:
+        return {part.strip() for layer in layers for part in layer.split("|")}
+
+    package = ROOT / "vitkdl"
+    modules = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+    modules |= {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    stages = by_name["the stages, each importing only the layers below it"]["layers"]
+    assert modules - {"grammars", "recipes"} == named(stages)
+    kinds = {p.name for p in (package / "terms").iterdir() if (p / "__init__.py").is_file()}
+    kind_layers = by_name["the kinds, independent of each other, above what they share"]
+    assert kinds == named(kind_layers["layers"][:1])

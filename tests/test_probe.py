@@ -142,3 +142,77 @@ def test_explain_probe_names_a_missing_teacher_run(tmp_path: Path, capsys) -> No
     code = main(["explain", str(RECIPES / "quickstart.vkd"), "--probe", "--runs", str(tmp_path)])
     assert code == 2
     assert "does not exist yet" in capsys.readouterr().err
+
+
+def _hand_pass(model: torch.nn.Module, x: torch.Tensor, prefix: int) -> tuple:
+    """A timm ViT's logits and patch tokens after blocks 0 and 1 and after the final norm, by
+    timm's own forward_intermediates (what the quickstart's terms tap)."""
+    final, blocks = model.forward_intermediates(x, indices=[0, 1], output_fmt="NLC")
+    logits = model.forward_head(final)
+    return logits, {"blocks.0": blocks[0], "blocks.1": blocks[1], "norm": final[:, prefix:]}
+
+
+def test_the_fidelity_figures_equal_a_hand_computation() -> None:
+    """teacher { precision = bf16 }: the probe measures the bf16 teacher against the same
+    weights in fp32 (each tap's cosine along the feature dimension, the top-1 agreement)."""
+    program = build(RECIPES / "quickstart.vkd", ["teacher.precision=bf16"], reference=True)
+    ref = program.teacher_reference
+    assert program.teacher is not None and ref is not None
+    assert (ref.held, ref.name, ref.dtype) == ("bf16", "fp32", torch.float32)
+    # The reference is the teacher's own weights, one precision up; not in the state dict.
+    held = dict(program.teacher.named_parameters())
+    for name, p in ref.model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p.to(torch.bfloat16), held[name]), name
+    assert not any(k.startswith("teacher_reference") for k in program.state_dict())
+
+    s = program.plan.student
+    images = torch.randn(6, s.in_chans, s.img_size, s.img_size)
+    labels = torch.randint(0, s.num_classes, (6,))
+    report = probe_batches(program, [(images[:4], labels[:4]), (images[4:], labels[4:])])
+    f = report.fidelity
+    assert f is not None and (f.held, f.reference) == ("bf16", "fp32")
+
+    prefix = program.plan.teacher.prefix_tokens
+    with torch.no_grad():
+        ref_logits, ref_taps = _hand_pass(ref.model, images, prefix)
+        low_logits, low_taps = _hand_pass(program.teacher, images.to(torch.bfloat16), prefix)
+    assert set(f.cosine) == set(ref_taps)
+    for key, cos in f.cosine.items():
+        hand = F.cosine_similarity(low_taps[key].float(), ref_taps[key], dim=-1).mean()
+        assert cos == pytest.approx(float(hand), abs=1e-6), key
+        assert 0.99 < cos < 1.0  # bf16 changes the features, a little
+    agreed = int((low_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
+    assert f.agreed == agreed and f.top1_agreement == pytest.approx(100 * agreed / 6)
+
+
+def test_no_fidelity_figures_for_a_teacher_held_as_loaded() -> None:
+    program = build(RECIPES / "quickstart.vkd", reference=True)  # CPU, fp32: nothing lowered
+    assert program.teacher_reference is None
+    s = program.plan.student
+    images = torch.randn(2, s.in_chans, s.img_size, s.img_size)
+    assert probe_batches(program, [(images, torch.tensor([0, 1]))]).fidelity is None
+
+
+def test_explain_probe_prints_the_fidelity_of_a_bf16_teacher(tmp_path: Path, capsys) -> None:
+    from vitkdl.cli import main
+
+    path = write(
+        tmp_path,
+        "lowered",
+        tiny_recipe(
+            tiny_model("deit3_small_patch16_224", width=48, depth=3, extra="precision = bf16"),
+            tiny_model("vit_tiny_patch16_224", width=32, depth=2),
+            "mimic student.blocks[0] -> teacher.blocks[1] { weight = 1e-3 }\nkd { }",
+        ),
+    )
+    assert main(["explain", str(path), "--probe", "--batches", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher in bf16 against fp32" in out and "top-1 agreement" in out
+    assert "cosine of teacher.blocks.1: 0.99" in out
+    assert main(["explain", str(path), "--probe", "--batches", "1", "--json"]) == 0
+    probed = json.loads(capsys.readouterr().out)["probe"]
+    f, images = probed["fidelity"], probed["images"]
+    assert (f["held"], f["reference"], list(f["cosine"])) == ("bf16", "fp32", ["blocks.1"])
+    assert 0 <= f["agreed"] <= images and f["top1_agreement"] == pytest.approx(
+        100 * f["agreed"] / images
+    )

@@ -104,6 +104,7 @@ from vitkdl.bench_options import (
 )
 from vitkdl.errors import VkdError
 from vitkdl.planner import Plan, TapPoint, teacher_flops, without_cache
+from vitkdl.probe import FidelityMeter
 from vitkdl.program import (
     Program,
     build,
@@ -1080,6 +1081,7 @@ class Bench:
         try:
             self.build()
             self.time()
+            self.fidelity()
         finally:
             torch.set_num_threads(self.threads_before)
         return self.results()
@@ -1178,6 +1180,22 @@ class Bench:
             "teacher_forward_flops": plan.cost.teacher_forward,
         }
         return [_program_timer(self.work, True, plan, name)[0]]
+
+    def fidelity(self) -> None:
+        """What the bf16 and fp8 teachers change on the bench batch, against the same
+        weights one precision up (the probe's figures, :class:`vitkdl.probe.FidelityMeter`):
+        measured after timing, on an eager program of their own, so they cost the timed
+        configurations nothing."""
+        for name in ("teacher_bf16", "teacher_fp8"):
+            if name not in self._details:
+                continue
+            torch.manual_seed(self.plan.seed)
+            plan = without_cache(teacher_variant(self.plan, name, self.dev))
+            program = build(plan, self.dev, load=False, compile="off", reference=True)
+            meter = FidelityMeter()
+            meter.add(program, self.work.images)
+            self._details[name]["fidelity"] = asdict(meter.fidelity(program))
+            del program
 
     def _build_breakdown(self) -> None:
         """The compiled step's parts on the compiled configuration's modules (no memory

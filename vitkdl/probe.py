@@ -8,6 +8,12 @@ parameters and its share of the total gradient, and the teacher's own top-1 on t
 normalisation shows in the teacher's top-1, a term that swamps or starves the others in the
 shares: in seconds, not after a day of training.
 
+A teacher held in a lower precision than it was loaded in (``teacher { precision = bf16 }``,
+``fp8``, or bf16 autocast on CUDA, which holds it in bf16) is measured against itself one
+step up (fp32; bf16 for FP8) on the same images: the cosine of each tapped feature with the
+reference's (along the feature dimension, mean over tokens and images) and how often its top-1
+agrees with the reference's. What the lower precision changes, before anyone trains with it.
+
 The gradient share of a term is its gradient's projection on the total gradient,
 ``<g_term, g_total> / |g_total|^2``: the shares sum to 1 (the gradients sum to the total), and
 a negative share means the term pulls against the others. Each term's gradient is taken alone
@@ -26,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vitkdl.planner import Plan, without_cache
@@ -46,6 +53,20 @@ class TermProbe:
 
 
 @dataclass(frozen=True)
+class Fidelity:
+    """The teacher in its held precision against its reference precision, on the probed
+    images (before mixup)."""
+
+    held: str  # how the step runs the teacher: bf16, fp8
+    reference: str  # what it is measured against: fp32, bf16
+    # Per tapped point (its key): the mean cosine along the feature dimension.
+    cosine: dict[str, float]
+    # Percent of images whose top-1 is the reference's, and their count; None without a head.
+    top1_agreement: float | None
+    agreed: int | None
+
+
+@dataclass(frozen=True)
 class ProbeReport:
     """What :func:`probe` measured."""
 
@@ -59,6 +80,8 @@ class ProbeReport:
     # term reads the teacher or it has no classifier head.
     teacher_top1: float | None
     teacher_correct: int | None
+    # The held precision against the reference, when the teacher is held lower (else None).
+    fidelity: Fidelity | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
@@ -133,6 +156,50 @@ def teacher_correct(program: Program, images: Tensor, labels: Tensor) -> int | N
     return int((logits.argmax(dim=-1) == labels).sum())
 
 
+@dataclass
+class FidelityMeter:
+    """Running sums of the fidelity figures over batches: :meth:`add` each batch, then
+    :meth:`fidelity` (the probe's, and bench's for its bf16 and fp8 teachers)."""
+
+    cosine: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
+    agreed: int | None = 0
+    images: int = 0
+
+    def add(self, program: Program, images: Tensor) -> None:
+        """The held teacher against :attr:`Program.teacher_reference` on one batch."""
+        ref_logits, ref_taps = program.reference_pass(images)
+        with torch.no_grad():
+            _, taps = program.teacher_pass(images)  # empty for a masked teacher
+            for key, ref in ref_taps.items():
+                if key not in taps:
+                    continue
+                cos = F.cosine_similarity(taps[key].float(), ref.float(), dim=-1)
+                total, count = self.cosine.get(key, (0.0, 0))
+                self.cosine[key] = (total + float(cos.double().sum()), count + cos.numel())
+            teacher = program.plan.teacher
+            if teacher is None or not teacher.num_classes or self.agreed is None:
+                self.agreed = None
+            else:
+                held = program.teacher_logits(images)
+                self.agreed += int((held.argmax(dim=-1) == ref_logits.argmax(dim=-1)).sum())
+        self.images += int(images.shape[0])
+
+    def fidelity(self, program: Program) -> Fidelity:
+        """The means over the batches added."""
+        ref = program.teacher_reference
+        assert ref is not None
+        known = self.agreed is not None and self.images > 0
+        return Fidelity(
+            held=ref.held,
+            reference=ref.name,
+            cosine={k: total / count for k, (total, count) in self.cosine.items() if count},
+            top1_agreement=100.0 * self.agreed / self.images
+            if known and self.agreed is not None
+            else None,
+            agreed=self.agreed if known else None,
+        )
+
+
 def probe_batches(
     program: Program,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -140,19 +207,27 @@ def probe_batches(
 ) -> ProbeReport:
     """The probe on given ``(images, labels)`` batches (already on the program's device):
     ``mixup`` (timm's, as the loop applies it) mixes each batch for the terms; the teacher's
-    top-1 is taken on the images before mixing."""
+    top-1 is taken on the images before mixing. A program built with a teacher reference
+    (``build(..., reference=True)`` and a teacher held lower) is measured against it, on the
+    images before mixing too."""
     program.train()  # as the step runs: drop path, dropout, the teacher in eval mode
     seen: list[_Batch] = []
     images_seen = 0
     correct: int | None = 0
+    measured = FidelityMeter() if program.teacher_reference is not None else None
     for images, labels in batches:
         with torch.no_grad():
             right = teacher_correct(program, images, labels)
         correct = None if right is None or correct is None else correct + right
+        if measured is not None:
+            measured.add(program, images)
         x, targets = mixup(images, labels) if mixup is not None else (images, labels)
         seen.append(probe_batch(program, x, targets))
         images_seen += int(images.shape[0])
-    return _report(program, seen, images_seen, correct)
+    report = _report(program, seen, images_seen, correct)
+    if measured is None:
+        return report
+    return dataclasses.replace(report, fidelity=measured.fidelity(program))
 
 
 def _report(program: Program, seen: list[_Batch], images: int, correct: int | None) -> ProbeReport:
@@ -205,7 +280,9 @@ def probe(
     random.seed(plan.seed)
     np.random.seed(plan.seed % 2**32)
     torch.manual_seed(plan.seed)
-    program = build(without_cache(plan), device, load=load, runs_dir=runs_dir, compile="off")
+    program = build(
+        without_cache(plan), device, load=load, runs_dir=runs_dir, compile="off", reference=True
+    )
     dev = next(program.student.parameters()).device
     cfg = plan.data.model_copy(update={"workers": 0})  # a few batches: no workers
     loader, _, num_classes = build_loaders(cfg)

@@ -10,6 +10,7 @@ compile mode asks for it; backward, the optimizer step and mixup stay outside th
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import re
 import sys
@@ -665,6 +666,18 @@ def _autocast(device_type: str, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device_type, dtype=dtype)
 
 
+@dataclass
+class TeacherReference:
+    """The teacher at the precision a lower one is measured against: ``held`` (``bf16``,
+    ``fp8``) is how the program runs it, ``name`` (``fp32``, ``bf16``) how ``model`` runs,
+    its input cast to ``dtype`` and no autocast."""
+
+    model: nn.Module
+    dtype: torch.dtype
+    held: str
+    name: str
+
+
 class Program(nn.Module):
     """Teacher, student and distillation terms, with one forward that returns every loss.
 
@@ -703,6 +716,9 @@ class Program(nn.Module):
             self.core.masked_teacher = self.masked_teacher
         self._dist = _Distribution()
         self.teacher_dtype: torch.dtype | None = None
+        # The teacher at its reference precision, kept only when asked (the fidelity probe):
+        # a plain attribute, so it is not in the state dict and never trained or saved.
+        self.teacher_reference: TeacherReference | None = None
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -859,15 +875,17 @@ class Program(nn.Module):
         their mean is what :meth:`student_logits` returns)."""
         return self.core.heads(images)
 
-    def teacher_input(self, images: Tensor) -> Tensor:
+    def teacher_input(self, images: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """The student's input batch as the teacher's pretrained config wants it: normalised
-        with its statistics, then resized to its resolution with its interpolation."""
+        with its statistics, then resized to its resolution with its interpolation, in the
+        dtype the teacher is held in (or ``dtype``)."""
         if self.teacher_scale is not None and self.teacher_shift is not None:
             images = images * self.teacher_scale + self.teacher_shift
         if self.teacher_resize is not None:
             images = resize_input(images, *self.teacher_resize)
-        if self.teacher_dtype is not None:
-            images = images.to(self.teacher_dtype)
+        dtype = dtype or self.teacher_dtype
+        if dtype is not None:
+            images = images.to(dtype)
         return images
 
     def teacher_logits(self, images: Tensor) -> Tensor:
@@ -896,6 +914,18 @@ class Program(nn.Module):
             return tap_pass(
                 self.teacher, self.teacher_input(images), self._teacher_points, self._teacher_prefix
             )
+
+    def reference_pass(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The :attr:`teacher_reference`'s logits and the teacher's tapped points (all of
+        them, at full depth) for a batch: its input in the reference's dtype, no autocast, no
+        gradients."""
+        ref = self.teacher_reference
+        assert ref is not None
+        with torch.no_grad():
+            x = self.teacher_input(images, ref.dtype)
+            logits, taps = tap_pass(ref.model, x, self._teacher_points, self._teacher_prefix)
+        keys = {p.key for p in self._teacher_points}
+        return logits, {k: v for k, v in taps.items() if k in keys}
 
     def masked_teacher(self, images: Tensor, scores: Tensor) -> Tensor:
         """MaskedKD: the teacher's logits on the :attr:`~vitkdl.planner.Plan.teacher_keep`
@@ -956,6 +986,29 @@ class Program(nn.Module):
         )
 
 
+def build_teacher(
+    m: ModelPlan, device: torch.device, *, load: bool = True, runs_dir: str | Path = "runs"
+) -> nn.Module:
+    """The teacher model of a plan on ``device``, its weights loaded (``load``), in fp32 as
+    loaded: what :func:`build` holds (then in its precision) and the fidelity probe's
+    reference."""
+    pretrained = load and m.pretrained and m.from_recipe is None
+    # Off the student's random stream (the teacher's initialisation draws from a fork):
+    # what follows (adapters, drop path, masks) is the same with a teacher, a cached one
+    # or another one.
+    with torch.random.fork_rng(devices=[]):
+        teacher = (pretrained_model if pretrained else create_model)(m, device)
+    path = teacher_weights_path(m, runs_dir)
+    if load and path is not None and not pretrained:
+        if not path.is_file() and m.from_recipe is not None:
+            source = m.from_recipe
+            message = f"the teacher is the final student of {source}, and {path} does not exist yet"
+            hint = f"vitkdl run {source} (or `vitkdl run` this recipe, which trains it first)"
+            raise VkdError([error(message, hint=hint)])
+        load_weights(teacher, path, "teacher")
+    return teacher
+
+
 def build(
     plan: Plan,
     device: str | torch.device | None = None,
@@ -963,8 +1016,13 @@ def build(
     load: bool = True,
     runs_dir: str | Path = "runs",
     compile: str | None = None,
+    reference: bool = False,
 ) -> Program:
     """Build the :class:`Program` of a plan on ``device``.
+
+    ``reference``: when the teacher is held in a lower precision than it was loaded in (bf16,
+    or FP8 linears), keep a copy at the precision one step up (fp32, or bf16 for FP8) as
+    :attr:`Program.teacher_reference`, for the fidelity probe.
 
     ``load`` reads the weight files the plan names (the teacher's, or the exported student of
     the recipe it is taken ``from`` under ``runs_dir``); ``compile`` overrides the plan's
@@ -981,22 +1039,7 @@ def build(
         load_weights(student, plan.student.weights, "student")
     teacher = None
     if plan.teacher is not None and plan.cache is None:  # cached: its logits are read
-        pretrained = load and plan.teacher.pretrained and plan.teacher.from_recipe is None
-        # Off the student's random stream (the teacher's initialisation draws from a fork):
-        # what follows (adapters, drop path, masks) is the same with a teacher, a cached one
-        # or another one.
-        with torch.random.fork_rng(devices=[]):
-            teacher = (pretrained_model if pretrained else create_model)(plan.teacher, dev)
-        path = teacher_weights_path(plan.teacher, runs_dir)
-        if load and path is not None and not pretrained:
-            if not path.is_file() and plan.teacher.from_recipe is not None:
-                source = plan.teacher.from_recipe
-                message = (
-                    f"the teacher is the final student of {source}, and {path} does not exist yet"
-                )
-                hint = f"vitkdl run {source} (or `vitkdl run` this recipe, which trains it first)"
-                raise VkdError([error(message, hint=hint)])
-            load_weights(teacher, path, "teacher")
+        teacher = build_teacher(plan.teacher, dev, load=load, runs_dir=runs_dir)
     terms = nn.ModuleDict({t.name: KINDS[t.kind].module(t) for t in plan.terms}).to(dev)
     mode = resolve_compile(compile or plan.compile, dev)
     autocast_dtype = resolve_precision(plan.precision, dev)
@@ -1009,7 +1052,16 @@ def build(
         compile_mode=mode,
     ).to(dev)
     written = plan.teacher.precision if plan.teacher is not None else "auto"
-    program.hold_teacher(teacher_precision(dev, autocast_dtype, written))
+    held = teacher_precision(dev, autocast_dtype, written)
+    if reference and program.teacher is not None and held is not None and written != "fp8":
+        program.teacher_reference = TeacherReference(
+            copy.deepcopy(program.teacher), torch.float32, precision_name(held), "fp32"
+        )
+    program.hold_teacher(held)
     if written == "fp8" and program.teacher is not None:
+        if reference:
+            program.teacher_reference = TeacherReference(
+                copy.deepcopy(program.teacher), torch.bfloat16, "fp8", "bf16"
+            )
         float8_teacher(program.teacher, dev)
     return program

@@ -21,6 +21,7 @@ from vitkdl.bench_options import (
     TEACHER_CONFIGURATIONS,
 )
 from vitkdl.cli.common import add_recipe_options, consoles, print_diagnostics
+from vitkdl.cli.explain import render_fidelity
 
 HELP = """Measure, in one process on the recipe's real models (random weights) and synthetic
 batches of its shapes: (a) vitkdl's compiled step, (b) the same step eager, (c) a plain eager
@@ -202,7 +203,7 @@ def _pct(x: float | None) -> float | None:
 def render(r: dict[str, Any], out: Console) -> None:
     """The bench result (``BenchResult.to_dict()``) as rich tables and lines."""
     _render_header(r, out)
-    _render_configs(r["configs"], out)
+    _render_configs(r["configs"], out, r["batch"])
     _render_ratios(r["ratios"], out)
     if r["breakdown"]:
         _render_breakdown(r["breakdown"], out)
@@ -227,7 +228,7 @@ def _render_header(r: dict[str, Any], out: Console) -> None:
     )
 
 
-def _render_configs(c: dict[str, Any], out: Console) -> None:
+def _render_configs(c: dict[str, Any], out: Console, batch: int) -> None:
     """One row per configuration measured (in the order measured), then the floor's parts."""
     a_ms = c["compiled"]["ms_per_step"]
     table = Table(title="training step", title_justify="left")
@@ -256,6 +257,10 @@ def _render_configs(c: dict[str, Any], out: Console) -> None:
         f"({d['student_mode']}) + teacher inference "
         f"{_f(d['teacher_inference_ms'], '.2f')} ms ({d['teacher_mode'] or 'no teacher'})"
     )
+    for key, v in c.items():
+        if v["details"].get("fidelity") is not None:
+            out.print(f"  {LABELS.get(key, key)}, on the bench batch:")
+            render_fidelity(v["details"]["fidelity"], batch, out, indent="    ")
 
 
 def _render_ratios(q: dict[str, Any], out: Console) -> None:

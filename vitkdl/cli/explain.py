@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -514,6 +515,21 @@ def render_probe(report: Any, out: Console) -> None:
             f"  teacher top-1 on these images: {report.teacher_top1:.1f}% "
             f"({report.teacher_correct}/{report.images}; before mixup, eval mode)"
         )
+    if report.fidelity is not None:
+        render_fidelity(dataclasses.asdict(report.fidelity), report.images, out)
+
+
+def render_fidelity(f: dict[str, Any], images: int, out: Console, indent: str = "  ") -> None:
+    """What holding the teacher in a lower precision changes (:class:`vitkdl.probe.Fidelity`
+    as data): its top-1 agreement with the reference precision and each tap's cosine."""
+    out.print(
+        f"{indent}teacher in {f['held']} against {f['reference']} (the same weights, "
+        f"{images} images):"
+    )
+    if f["top1_agreement"] is not None:
+        out.print(f"{indent}  top-1 agreement {f['top1_agreement']:.1f}% ({f['agreed']}/{images})")
+    for key, cos in f["cosine"].items():
+        out.print(f"{indent}  cosine of teacher.{escape(key)}: {cos:.6f}")
 
 
 #: How a teacher's ``precision`` holds its weights, in words.
