@@ -23,6 +23,20 @@ def test_every_shipped_recipe_is_listed_with_its_first_header_line() -> None:
     assert (recipes_root() / "quickstart.vkd").is_file()
 
 
+def test_every_shipped_recipe_is_in_the_wheels_package_data() -> None:
+    """A recipe folder missing from pyproject's package data is in a checkout and not in an
+    installed wheel (recipes/methods once was)."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((RECIPES.parent / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["vitkdl.recipes"]
+    for path in RECIPES.rglob("*.vkd"):
+        name = path.relative_to(RECIPES).as_posix()
+        matched = any(fnmatch.fnmatch(name, g) and g.count("/") == name.count("/") for g in globs)
+        assert matched, name
+
+
 def test_names_resolve_with_or_without_suffix_and_folder() -> None:
     for name in ("quickstart", "quickstart.vkd", "recipes/quickstart.vkd"):
         assert find(name).name == "quickstart"
