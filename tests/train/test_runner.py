@@ -229,6 +229,19 @@ def test_a_held_run_that_needs_no_training_is_reused_but_not_forced(
     assert main([*args, "--force"]) == 0 and len(trained) == 2
 
 
+def test_a_plain_run_after_seeds_shows_its_own_overrides(recipes: Path, trained, capsys) -> None:
+    """The folders `--seeds 0` trained are reused by `vitkdl run R`; its tables show what this
+    command gave (nothing), not the `train.seed=0` the seeds experiment recorded."""
+    args = ["run", str(recipes / "student.vkd"), "--out", str(recipes / "runs"), "--max-steps", "3"]
+    assert main([*args, "--seeds", "0", "--quiet"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    trained.clear()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert trained == [] and "comparison" in out
+    assert "train.seed" not in out
+
+
 def test_a_run_is_an_experiment_of_one_cell_and_one_seed(recipes: Path, trained, capsys) -> None:
     """`vitkdl run R` and `vitkdl run R --seeds S` (S the recipe's seed) are one experiment:
     the same runs in the same folders (the second trains nothing), and every run is planned

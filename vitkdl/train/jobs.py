@@ -892,7 +892,12 @@ def run_plain(
         for run, task in tasks:  # a refusal comes before any work (its teacher's included)
             if run.role == "recipe":
                 check_start(task.path, task)
-        summaries = {run.key: launcher.run(task, console) for run, task in tasks}
+        # Shown with this command's overrides: a folder trained first by another command
+        # (`--seeds`, a sweep) records that command's (`train.seed=0`).
+        summaries = {
+            run.key: {**launcher.run(task, console), "overrides": list(run.overrides)}
+            for run, task in tasks
+        }
         if not job.is_main:
             continue
         for run, _ in tasks:
