@@ -1091,7 +1091,7 @@ class Bench:
 
     def setup(self) -> None:
         """The device, the thread count, the precision, the batch and the memory meter."""
-        from vitkdl.train.loop import SMALL_STEP_FLOPS
+        from vitkdl.train.step import cpu_threads
 
         plan = self.plan
         self.dev = dev = _bench_device(self.device_option)
@@ -1100,8 +1100,8 @@ class Bench:
         self.threads_before = torch.get_num_threads()
         self.used_threads: int | None = None
         if dev.type == "cpu":
-            small = plan.cost.total * plan.data.batch_size < SMALL_STEP_FLOPS
-            self.used_threads = self.threads_option or (1 if small else self.threads_before)
+            rule = cpu_threads(plan, dev)
+            self.used_threads = self.threads_option or rule or self.threads_before
             torch.set_num_threads(self.used_threads)
         self.dtype = resolve_precision(plan.precision, dev)
         images, targets = _batch(plan, dev)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 from vitkdl import pipeline
 from vitkdl.cli import main
 from vitkdl.planner import Plan, without_cache
-from vitkdl.program import build
+from vitkdl.program import Program, build
 from vitkdl.train.cache import CacheError, CacheReader, fill, topk_logits
 from vitkdl.train.data import build_loaders, build_mixup, set_epoch, step_key
 
@@ -61,6 +63,19 @@ def plan_of(path: Path, *overrides: str) -> Plan:
 CPU = torch.device("cpu")
 
 
+@contextlib.contextmanager
+def as_the_step(plan: Plan) -> Iterator[None]:
+    """Compute with the thread count a run's step of ``plan`` uses (the sums' order)."""
+    from vitkdl.train.step import cpu_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(plan, CPU) or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_cache_holds_the_teachers_logits_of_every_batch_bit_for_bit(tmp_path) -> None:
     """With ``topk = all`` each step's stored logits are those the step's own teacher pass
     computes on that step's batch (augmentation, random erasing, mixup/cutmix on), for two
@@ -82,7 +97,7 @@ def test_the_cache_holds_the_teachers_logits_of_every_batch_bit_for_bit(tmp_path
         for batch, (x, y) in enumerate(train):
             torch.rand(3), random.random(), np.random.rand()
             x, _ = mixup(x, y, step_key(plan.data.seed, epoch, batch))
-            with torch.no_grad():
+            with torch.no_grad(), as_the_step(plan):
                 logits, _ = program.teacher_pass(x)
             assert logits is not None
             assert torch.equal(reader.logits(epoch, batch), logits)
@@ -115,6 +130,33 @@ def test_a_cached_run_trains_exactly_as_an_uncached_one(tmp_path) -> None:
         load_file(out / "plain" / "student.safetensors"),
     )
     assert s.keys() == t.keys() and all(torch.equal(s[k], t[k]) for k in s)
+
+
+def test_the_cache_pass_computes_with_the_threads_of_the_run(tmp_path, monkeypatch) -> None:
+    """The thread count changes the order of float sums (the teacher's logits moved by 4e-8
+    when the pass ran on 2 threads and the step on 1): the pass, a cached and an uncached run
+    of one recipe all compute with the count the uncached step would use."""
+    from vitkdl.train import step
+
+    cached = plan_of(recipe(tmp_path))
+    assert step.cpu_threads(cached, CPU) == step.cpu_threads(without_cache(cached), CPU) == 1
+    assert step.cpu_threads(cached, torch.device("meta")) is None  # only the CPU's count
+    seen: list[int] = []
+    teacher_pass = Program.teacher_pass
+
+    def record(self, images):
+        seen.append(torch.get_num_threads())
+        return teacher_pass(self, images)
+
+    monkeypatch.setattr(Program, "teacher_pass", record)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fill(cached, CPU, runs_dir=tmp_path, epochs=1)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2  # given back
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_cached_program_has_no_teacher_and_takes_the_logits_from_the_batch(tmp_path) -> None:
@@ -312,7 +354,7 @@ def test_a_cache_for_two_devices_holds_each_ranks_batches(tmp_path) -> None:
         set_epoch(train, 0, seed=plan.data.seed, rank=rank)
         for batch, (x, y) in enumerate(train):
             x, _ = mixup(x, y, step_key(plan.data.seed, 0, batch, rank))
-            with torch.no_grad():
+            with torch.no_grad(), as_the_step(plan):
                 assert torch.equal(reader.logits(0, batch), program.teacher_pass(x)[0])
     with pytest.raises(CacheError, match=r"world_size \(built: 2, now: 1\)"):
         CacheReader(plan_of(path), CPU)

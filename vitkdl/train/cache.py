@@ -274,6 +274,7 @@ def fill(
 
     from vitkdl.program import build
     from vitkdl.train.data import build_loaders, build_mixup, set_epoch, step_key
+    from vitkdl.train.step import cpu_threads
 
     cache = plan.cache
     if cache is None:
@@ -297,8 +298,11 @@ def fill(
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     py, np_state = random.getstate(), np.random.get_state()
+    threads_before, threads = torch.get_num_threads(), cpu_threads(plan, device)
     with torch.random.fork_rng(devices=[]):
         try:
+            if threads is not None:  # the run's count: the teacher's sums in the same order
+                torch.set_num_threads(threads)
             # As a run builds it: the student's seed, then the models (a random teacher is
             # the one an uncached run would build), then the teacher alone is used.
             random.seed(plan.seed)
@@ -359,6 +363,7 @@ def fill(
         finally:
             random.setstate(py)
             np.random.set_state(np_state)
+            torch.set_num_threads(threads_before)
     return FillReport(root, todo, have, top1, time.perf_counter() - start)
 
 

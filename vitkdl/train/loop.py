@@ -58,9 +58,13 @@ from vitkdl.train.signals import (
     interrupt_stops,
     stop_signals,
 )
-from vitkdl.train.step import Update, configure_optimizer, model_param_groups, train_step
-
-SMALL_STEP_FLOPS = 5e9  # below this per step, one CPU thread beats several
+from vitkdl.train.step import (
+    Update,
+    configure_optimizer,
+    cpu_threads,
+    model_param_groups,
+    train_step,
+)
 
 
 class TrainError(Exception):
@@ -311,12 +315,12 @@ class Run:
         # A teacher cache is completed (for the epochs this run reaches) before anything
         # else is built; the step then reads the teacher's logits from it.
         self.cache: CacheReader | None = None
+        threads = cpu_threads(plan, device)
+        if threads is not None:
+            torch.set_num_threads(threads)
         if plan.cache is not None:
             self.cache = _teacher_cache(plan, opts, device, job, console)
         _seed_everything(plan.seed)
-        if device.type == "cpu" and plan.cost.total * plan.data.batch_size < SMALL_STEP_FLOPS:
-            # Tiny models: thread hand-offs cost more than the maths (measured 5x on 2 cores).
-            torch.set_num_threads(1)
         program = self.program = build(plan, device, load=opts.load_weights, runs_dir=opts.out_root)
         # On a GPU, batches of decoded images travel as uint8 and are normalised there.
         self.train_loader, self.val_loader, num_classes = build_loaders(

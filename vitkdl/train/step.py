@@ -16,7 +16,23 @@ import torch
 from torch import Tensor, nn
 
 from vitkdl.optim import decays
-from vitkdl.planner import Plan
+from vitkdl.planner import Plan, without_cache
+
+SMALL_STEP_FLOPS = 5e9  # below this per step, one CPU thread beats several
+
+
+def cpu_threads(plan: Plan, device: torch.device) -> int | None:
+    """The CPU thread count a run of ``plan`` computes with (``None``: the process's own).
+
+    Tiny models run on one thread: hand-offs cost more than the maths (measured 5x on 2
+    cores). The teacher counts when its logits come from a cache too: the thread count
+    changes the order of float sums, so the cache pass, a cached run and an uncached run of
+    the same recipe all use this one count, and a cached run equals an uncached one bit for
+    bit."""
+    if device.type != "cpu":
+        return None
+    size = without_cache(plan).cost.total * plan.data.batch_size
+    return 1 if size < SMALL_STEP_FLOPS else None
 
 
 def param_groups(
