@@ -254,6 +254,7 @@ def test_ratios_are_keyed_by_configuration_name(tiny: Path) -> None:
     assert _ratios(plan, measured, None)["overhead_vs_floor_plus_losses"] is None
 
 
+@pytest.mark.slow
 def test_configurations_are_named_and_built_in_order(tiny: Path) -> None:
     """The bench is a class: setup, build (each named configuration), time, results; a
     configuration that cannot be built for this recipe is left out by name."""
@@ -308,6 +309,7 @@ def test_bad_options_raise_bench_error(tiny: Path) -> None:
         run_bench(tiny, ["data.batch_size=4"], batch=2)
 
 
+@pytest.mark.slow
 def test_recipes_without_a_hand_written_peer_are_benched_without_it(tmp_path: Path) -> None:
     """Taps inside blocks have no hook-based equivalent: (c) is left out and the result says
     why; (a), (b) and (d) are measured as ever."""
@@ -456,6 +458,7 @@ def _teacher_bench(path: Path, overrides: list[str] | None = None) -> Bench:
     return bench
 
 
+@pytest.mark.slow
 def test_teacher_configurations_are_measured_where_the_recipe_allows_them(tiny: Path) -> None:
     """A logit-only recipe: the cached step and the masked teacher are built; early exit is
     not (the logits need the whole teacher), bf16 and fp8 not on a CPU. The plain teacher is
@@ -482,6 +485,7 @@ def test_teacher_configurations_are_measured_where_the_recipe_allows_them(tiny: 
     assert masked.cost.teacher_forward < plan.cost.teacher_forward
 
 
+@pytest.mark.slow
 def test_feature_recipes_get_early_exit_and_no_cache_or_mask(tiny: Path) -> None:
     """Only shallow mimicking: the recipe's step already stops early (early exit is the
     compiled step); the plain teacher runs whole; logits cannot stand for the features."""
@@ -495,6 +499,7 @@ def test_feature_recipes_get_early_exit_and_no_cache_or_mask(tiny: Path) -> None
     assert plain.teacher_depth == 2 and bench.plan.teacher_depth == 1
 
 
+@pytest.mark.slow
 def test_a_recipe_that_keeps_tokens_is_its_own_masked_configuration(tiny: Path) -> None:
     over = ["~distill.mimic", "~distill.generate", "teacher.keep=0.25"]
     bench = _teacher_bench(tiny, over)
@@ -540,6 +545,7 @@ def test_teacher_ratios_are_speed_ups_over_the_plain_teacher(tiny: Path) -> None
     assert ratios["cached_vs_student_only"] == pytest.approx(6.0 / 5.0)
 
 
+@pytest.mark.slow
 def test_a_lower_precision_teacher_reports_its_fidelity(
     tiny: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

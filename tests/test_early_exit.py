@@ -130,6 +130,7 @@ def test_a_recipe_with_a_logit_term_runs_the_full_teacher() -> None:
     assert "norm" in taps
 
 
+@pytest.mark.slow
 def test_the_early_teacher_pass_and_the_step_stay_one_graph() -> None:
     program = build(RECIPES / "quickstart.vkd", SHALLOW)
     images, targets = batch(program)

@@ -264,6 +264,7 @@ def generated_recipe(draw: st.DrawFn) -> str:
     return text
 
 
+@pytest.mark.slow
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=generated_recipe())
 def test_generated_recipes_keep_their_meaning_and_format_idempotently(text) -> None:

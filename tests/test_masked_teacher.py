@@ -158,6 +158,7 @@ def test_keep_one_is_the_full_teacher_and_all_patches_give_its_logits(tmp_path: 
     torch.testing.assert_close(masked, full, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_graph_no_gradient_through_the_choice_or_the_teacher(tmp_path: Path) -> None:
     program = program_of(recipe(tmp_path, teacher(), "kd { }\n nkd { }"))
     program.train()

@@ -212,9 +212,11 @@ def test_compile_report_one_graph_no_breaks(acceptance: Program) -> None:
 # term changed (each kind of change is in the fast tier through
 # test_sub_block_taps_relation_maps_and_generators_are_one_graph); the token recipes'
 # RegNetY-16GF takes 6-9 s to trace (the token term's graph is in the fast tier through
-# tests/terms/test_token.py, a CNN teacher's through test_a_cnn_teacher_...).
+# tests/terms/test_token.py, a CNN teacher's through test_a_cnn_teacher_...); the methods'
+# recipes put one kind each on the quickstart or DeiT-Tiny pair (each kind's module is one
+# graph in the fast tier through tests/terms/).
 def _fast(path: Path) -> bool:
-    top = path.parent.name != "ablations"
+    top = path.parent.name not in ("ablations", "methods", "imagenet")
     return (
         top
         and not path.stem.endswith("_token")
@@ -382,6 +384,7 @@ def _pinned_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Generate, "make_mask", make_mask)
 
 
+@pytest.mark.slow
 def test_aot_eager_matches_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _pinned_mask(monkeypatch)
     program = many_terms_program(tmp_path)
@@ -488,6 +491,7 @@ def test_resolve_precision_and_compile() -> None:
     assert resolve_compile("off", cpu) is None
 
 
+@pytest.mark.slow
 def test_bf16_autocast_step_is_one_graph(tmp_path: Path) -> None:
     path = write(
         tmp_path,

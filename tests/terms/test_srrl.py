@@ -311,6 +311,7 @@ def test_bench_times_srrl_and_says_why_hooks_cannot(tmp_path: Path) -> None:
     assert any("pre_logits" in note for note in result.notes)
 
 
+@pytest.mark.slow
 def test_srrl_with_a_cnn_teacher_one_graph(tmp_path: Path) -> None:
     """The paper's teachers are ResNets: pre_logits needs no ViT blocks (a ResNet's is its
     pooled feature, 512 wide for resnet18), and the step stays one graph."""

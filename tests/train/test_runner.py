@@ -57,6 +57,7 @@ def summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_overrides_reach_the_baseline_and_each_run_trains_once(
     recipes: Path, trained, capsys
 ) -> None:
@@ -98,6 +99,7 @@ def test_overrides_reach_the_baseline_and_each_run_trains_once(
     assert (runs / "base").resolve() == run_dir(runs, "base", seed0[1]).resolve()  # latest
 
 
+@pytest.mark.slow
 def test_distill_overrides_do_not_reach_the_baseline(recipes: Path, trained) -> None:
     runs = recipes / "runs"
     assert (
